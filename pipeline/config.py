@@ -139,6 +139,7 @@ class TrainConfig:
     grad_clip: float = _help(1.0, "max gradient norm; 0 = off")
     seed: int = _help(0, "seed for initialisation, data order and noise")
     log_every: int = _help(10, "steps between progress lines")
+    checkpoint_every: int = _help(50, "steps between checkpoints; 0 = only at the end")
 
     def __post_init__(self):
         _one_of(self.objective, ("bootstrap",), "train.objective")
@@ -148,6 +149,7 @@ class TrainConfig:
         _check(0 < self.ema_rate <= 1, "train.ema_rate", "must be in (0, 1]")
         _check(self.consistency_weight >= 0, "train.consistency_weight", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
 
 
 @dataclass

