@@ -265,6 +265,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     types = tuple(t for t in get_args(hint) if t is not type(None)) or (hint,)
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if float in types and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if bool in types and not isinstance(value, bool):
         raise ConfigError(f"{name}: expected true/false, got {value!r}")
     if int in types and (isinstance(value, bool) or not isinstance(value, int)):

@@ -117,6 +117,7 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        initializer_range=0.2,  # a wider init than 0.02 so greedy outputs vary between prompts
     )
     return LlamaForCausalLM(config)
 
@@ -126,6 +127,7 @@ def tiny_t5(vocab_size: int, seed: int = 0) -> T5ForConditionalGeneration:
     config = T5Config(
         vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
         num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        initializer_factor=5.0,  # wider than the default so greedy outputs vary between prompts
     )
     return T5ForConditionalGeneration(config)
 

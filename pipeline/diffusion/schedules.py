@@ -15,9 +15,10 @@ from torch import nn
 
 def linear_betas(timesteps: int) -> torch.Tensor:
     """DDPM's linear betas (1e-4 to 0.02 at T=1000), rescaled by 1000/T so that any T
-    reaches the same final noise level (as in improved DDPM / lucidrains)."""
+    reaches the same final noise level (as in improved DDPM / lucidrains); clipped at 0.999 so
+    that very short chains (T < 50) stay valid."""
     scale = 1000.0 / timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
 
 
 def cosine_betas(timesteps: int, s: float = 0.008) -> torch.Tensor:

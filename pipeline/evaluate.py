@@ -1,0 +1,55 @@
+"""Score a prompt method on examples: held-out code cross-entropy, greedy generations, metrics."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.data.example import Example
+from pipeline.frozen_lm import FrozenCodeLM
+from pipeline.metrics import compute_metrics
+from pipeline.results import ResultStore
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def heldout_code_loss(lm: FrozenCodeLM, examples: list[Example], delta: torch.Tensor | None,
+                      batch_size: int) -> float:
+    """Mean over examples of each example's mean cross-entropy on its code tokens."""
+    losses = []
+    for chunk in _batches(lm.encode(examples), batch_size):
+        batch = lm.collate(chunk).to(lm.device)
+        losses.append(lm.code_loss(batch, delta, per_example=True).cpu())
+    return torch.cat(losses).mean().item()
+
+
+def generate_into(store: ResultStore, method: str, lm: FrozenCodeLM, examples: list[Example],
+                  delta: torch.Tensor | None, batch_size: int, max_new_tokens: int,
+                  progress: bool = True) -> int:
+    """Generate for the examples the store does not yet hold for ``method``; append each batch
+    as soon as it is done. Returns how many were generated now."""
+    done = store.done_ids(method)
+    todo = [e for e in examples if e.id not in done]
+    chunks = _batches(todo, batch_size)
+    for chunk in tqdm(chunks, desc=f"generate {method}", disable=not progress):
+        generations = lm.generate(chunk, delta, max_new_tokens)
+        store.append(
+            {"id": e.id, "method": method, "generation": g, "reference": e.output}
+            for e, g in zip(chunk, generations)
+        )
+    return len(todo)
+
+
+def score_method(store: ResultStore, method: str, examples: list[Example],
+                 metric_names: list[str]) -> dict[str, float]:
+    """Metrics over the stored generations of ``method`` for exactly these examples."""
+    records = {r["id"]: r for r in store.by_method().get(method, [])}
+    missing = [e.id for e in examples if e.id not in records]
+    if missing:
+        raise RuntimeError(f"{store.path}: method {method!r} lacks {len(missing)} examples, "
+                           f"e.g. {missing[:3]}")
+    predictions = [records[e.id]["generation"] for e in examples]
+    references = [e.output for e in examples]
+    return compute_metrics(predictions, references, metric_names)

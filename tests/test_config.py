@@ -1,0 +1,59 @@
+"""The configuration: validation names the field, conversions round-trip."""
+import pytest
+
+from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
+
+
+def test_defaults_follow_method_md():
+    config = RunConfig()
+    assert config.diffusion.timesteps == 2000 and config.diffusion.schedule == "linear"
+    assert config.train.objective == "bootstrap" and config.denoiser.bottleneck == 16
+    assert config.prompt.context.startswith("Below is an instruction that describes a task.")
+
+
+def test_flat_round_trip():
+    config = build_config("smoke", overrides=["denoiser.bottleneck=8", "train.lr=3e-4"])
+    flat = config.to_flat()
+    assert flat["denoiser.bottleneck"] == 8 and flat["train.lr"] == 3e-4
+    assert RunConfig.from_flat(flat) == config
+
+
+def test_file_round_trip(tmp_path):
+    config = build_config("smoke", overrides=["eval.metrics=[bleu4, chrf]"])
+    config.save(tmp_path / "c.yaml")
+    assert RunConfig.load(tmp_path / "c.yaml") == config
+
+
+def test_config_file_applies_on_top_of_preset(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\ndiffusion:\n  schedule: cosine\n")
+    config = build_config("smoke", str(path))
+    assert config.train.steps == 7 and config.diffusion.schedule == "cosine"
+    assert config.model.name == PRESETS["smoke"]["model"]["name"]  # the preset stays under it
+
+
+@pytest.mark.parametrize("override, message", [
+    ("diffusion.schedule=quadratic", "diffusion.schedule: 'quadratic' is not one of"),
+    ("train.steps=0", "train.steps: must be > 0"),
+    ("train.steps=1.5", "train.steps: expected an integer"),
+    ("train.ema_rate=2", r"train.ema_rate: must be in \(0, 1\]"),
+    ("denoiser.width=3", r"unknown field\(s\) \['denoiser.width'\]"),
+    ("trainer.steps=3", "unknown section 'trainer'"),
+    ("model.trust_remote_code=maybe", "model.trust_remote_code: expected true/false"),
+    ("steps=3", "expected 'section.field'"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("default", overrides=[override])
+
+
+def test_bad_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        build_config("default", str(path))
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown field\(s\) \['train.stepz'\]"):
+        build_config("default", str(path))
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        build_config("default", str(tmp_path / "missing.yaml"))

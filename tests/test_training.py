@@ -1,0 +1,102 @@
+"""DDPT training on tiny models: the LM stays frozen, the denoiser learns, resume is exact."""
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import EXAMPLES, make_lm
+from pipeline.checkpoint import load_prompt_model, read_state
+from pipeline.config import PRESETS, RunConfig, SampleConfig
+from pipeline.ddpt import build_prompt_model
+from pipeline.train import batch_indices, train_ddpt
+
+
+def tiny_config(model: str, steps: int = 6, **train) -> RunConfig:
+    config = RunConfig.from_dict(PRESETS["smoke"])
+    config.model = dataclasses.replace(config.model, name=model)
+    config.train = dataclasses.replace(config.train, steps=steps, batch_size=3, lr=1e-2,
+                                       checkpoint_every=0, **train)
+    return config
+
+
+def test_denoiser_output_shapes_and_zero_start(tiny_lm):
+    config = tiny_config("tiny-llama")
+    model = build_prompt_model(tiny_lm, config.denoiser, config.diffusion, seed=0)
+    n, k, d = tiny_lm.context_length, config.denoiser.bottleneck, tiny_lm.hidden_size
+    x_t, t = torch.randn(5, n, k), torch.randint(0, 100, (5,))
+    assert model.denoiser(x_t, t).shape == (5, n, k)
+    assert model.direction(torch.randn(5, n, k)).shape == (5, n, d)
+    # zero-initialised output layer: training starts exactly at the manual prompt
+    assert torch.equal(model.denoiser(x_t, t), torch.zeros(5, n, k))
+    assert model.sample_directions(2, SampleConfig(ddim_steps=5)).shape == (2, n, d)
+
+
+def test_fixed_up_projection_has_the_configured_scale(tiny_lm):
+    config = tiny_config("tiny-llama")
+    model = build_prompt_model(tiny_lm, config.denoiser, config.diffusion, seed=0)
+    latents = torch.randn(4000, 1, config.denoiser.bottleneck)
+    norm = model.direction(latents).norm(dim=-1).pow(2).mean().sqrt().item()
+    expected = config.denoiser.up_scale * tiny_lm.mean_token_norm()
+    assert norm == pytest.approx(expected, rel=0.05)
+    assert not any(p is model.up.weight for p in model.parameters())  # a buffer, never trained
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_training_changes_only_the_denoiser(name):
+    tiny_lm = make_lm(name)
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    config = tiny_config(name, steps=4)
+    init = build_prompt_model(tiny_lm, config.denoiser, config.diffusion, config.train.seed)
+    result = train_ddpt(config, tiny_lm, EXAMPLES, progress=False)
+    after = tiny_lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "an LM weight changed"
+    assert all(p.grad is None for p in tiny_lm.model.parameters()), "an LM weight got a gradient"
+    changed = [k for k, v in result.model.denoiser.state_dict().items()
+               if not torch.equal(v, init.denoiser.state_dict()[k])]
+    assert "out.weight" in changed and len(changed) > 5
+    assert result.model.x0_bar.abs().sum() > 0  # the bootstrap target moved off the manual prompt
+
+
+def test_code_loss_falls():
+    lm = make_lm("tiny-llama")
+    config = tiny_config("tiny-llama", steps=40, consistency_weight=0.01)
+    config.train = dataclasses.replace(config.train, batch_size=6)  # the whole set every step
+    history = train_ddpt(config, lm, EXAMPLES, progress=False).history
+    first = sum(h["code_loss"] for h in history[:5]) / 5
+    last = sum(h["code_loss"] for h in history[-5:]) / 5
+    assert last < first - 0.1, (first, last)
+
+
+def test_resume_continues_exactly(tmp_path):
+    lm = make_lm("tiny-llama")
+    straight = train_ddpt(tiny_config("tiny-llama", steps=6), lm, EXAMPLES, progress=False)
+    ckpt = tmp_path / "ckpt"
+    train_ddpt(tiny_config("tiny-llama", steps=3), lm, EXAMPLES, checkpoint_dir=ckpt,
+               progress=False)
+    assert read_state(ckpt)["step"] == 3
+    resumed = train_ddpt(tiny_config("tiny-llama", steps=6), lm, EXAMPLES, checkpoint_dir=ckpt,
+                         resume=True, progress=False)
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]  # no step counted twice
+    assert [h["code_loss"] for h in resumed.history] == pytest.approx(
+        [h["code_loss"] for h in straight.history[3:]], rel=1e-5)
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_round_trip_samples_the_same_prompt(tmp_path):
+    lm = make_lm("tiny-llama")
+    result = train_ddpt(tiny_config("tiny-llama", steps=3), lm, EXAMPLES,
+                        checkpoint_dir=tmp_path / "c", progress=False)
+    loaded, config, state = load_prompt_model(tmp_path / "c")
+    assert state["step"] == 3 and config.model.name == "tiny-llama"
+    sample = SampleConfig(ddim_steps=5)
+    a = result.model.sample_directions(2, sample, torch.Generator().manual_seed(0))
+    b = loaded.sample_directions(2, sample, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_batch_indices_visit_every_example_once_per_epoch():
+    seen = [i for step in range(5) for i in batch_indices(10, 2, step, seed=3)]
+    assert sorted(seen) == list(range(10))
+    assert batch_indices(10, 4, 7, seed=3) == batch_indices(10, 4, 7, seed=3)
+    assert len(batch_indices(3, 8, 0, seed=0)) == 8  # batches larger than the data wrap around
