@@ -16,6 +16,7 @@ def ddpt(*args, check=True):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_metrics_and_samples(tmp_path):
     out = tmp_path / "run"
     proc = ddpt("run", "--preset", "smoke", "--output", str(out), "--no-progress")
