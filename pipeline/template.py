@@ -102,4 +102,7 @@ def extract_code(generation: str, template_kind: str = "chat") -> str:
         return match.group(1).strip()
     if template_kind == "plain":
         generation = generation.split("\n### ")[0]
-    return generation.strip()
+    generation = generation.strip()
+    if len(generation) > 1 and generation[0] == generation[-1] == "`" and "\n" not in generation:
+        generation = generation.strip("`")  # inline code: `x = 1`
+    return generation

@@ -105,3 +105,21 @@ def test_context_tokens_pads_or_cuts():
     assert make_lm("tiny-llama", context_tokens=5).context_length == 5
     lm = make_lm("tiny-llama", context_tokens=300)
     assert lm.context_length == 300 and lm.template.context_ids[-1] == lm.pad_id
+
+
+@pytest.mark.parametrize("text, code", [
+    ("Here you go:\n```python\nx = 1\n```\nDone.", "x = 1"),
+    ("```\ny = 2\n", "y = 2"),  # an unclosed fence (generation cut by the length limit)
+    ("`len(xs)`", "len(xs)"),
+    ("  a + b  ", "a + b"),
+])
+def test_extract_code(text, code):
+    from pipeline.template import extract_code
+
+    assert extract_code(text) == code
+
+
+def test_extract_code_plain_template_stops_at_a_new_section():
+    from pipeline.template import extract_code
+
+    assert extract_code("a + b\n### Instruction:\nmore", "plain") == "a + b"
