@@ -180,6 +180,40 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    backend: str = _help("ray", "'ray': Ray Train + DeepSpeed ZeRO-3; 'local': this process")
+    num_workers: int = _help(2, "Ray Train workers (one per GPU on a cluster)")
+    use_gpu: bool = _help(False, "one GPU per worker, NCCL; else CPU workers with gloo")
+    cpus_per_worker: float = _help(
+        0.5, "CPUs Ray reserves per training worker (logical; 0.5 lets 2 workers and the "
+        "tokenizer share a 2-core machine)"
+    )
+    data_cpus: float = _help(0.5, "CPUs Ray reserves for the tokenizing Ray Data actor")
+    deepspeed_config: str | None = _help(
+        None,
+        "DeepSpeed JSON; default cluster/deepspeed/zero3_cpu.json (CPU) or zero3_gpu_bf16.json",
+    )
+    max_failures: int = _help(2, "worker failures a run survives (restarts from the checkpoint)")
+
+    def __post_init__(self):
+        _one_of(self.backend, ("ray", "local"), "distributed.backend")
+        _check(self.num_workers >= 1, "distributed.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "distributed.cpus_per_worker", "must be > 0")
+        _check(self.data_cpus > 0, "distributed.data_cpus", "must be > 0")
+        _check(self.max_failures >= 0, "distributed.max_failures", "must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = _help(None, "MLflow URI; default $MLFLOW_TRACKING_URI, else SQLite in output")
+    experiment: str | None = _help(None, "MLflow experiment; default 'ddpt-<dataset>-<model>'")
+
+    def experiment_name(self, config: "RunConfig") -> str:
+        model = Path(config.model.name).name or config.model.name
+        return self.experiment or f"ddpt-{Path(config.data.dataset).stem}-{model}"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -189,6 +223,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # ---- conversions -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -293,6 +329,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"steps": 4, "batch_size": 4, "log_every": 1},
         "sample": {"ddim_steps": 10},
         "eval": {"max_new_tokens": 16, "batch_size": 4},
+        "distributed": {"num_workers": 1},
     },
 }
 

@@ -105,14 +105,38 @@ class BootstrapObjective:
 
     @torch.no_grad()
     def after_step(self, model: DiffusionPrompt) -> None:
-        model.x0_bar.lerp_(self._last_x0_hat.mean(0), self.rate)
+        mean = self._last_x0_hat.mean(0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must keep the same target: average the ranks' batch means.
+            torch.distributed.all_reduce(mean)
+            mean /= torch.distributed.get_world_size()
+        model.x0_bar.lerp_(mean.to(model.x0_bar.dtype), self.rate)
 
 
 OBJECTIVES = {"bootstrap": BootstrapObjective}
 
 
+class DDPTLoss(nn.Module):
+    """The prompt model and the frozen LM in one module, returning the objective's loss.
+
+    DeepSpeed wraps exactly one module; with ZeRO-3 its hooks gather the partitioned LM layers
+    as they run, so the LM must be a submodule here.
+    """
+
+    def __init__(self, prompt_model: DiffusionPrompt, lm: FrozenCodeLM, objective):
+        super().__init__()
+        self.prompt = prompt_model
+        self.lm_model = lm.model  # registered, so DeepSpeed sees (and partitions) it
+        self._lm, self.objective = lm, objective
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None):
+        return self.objective.loss(self.prompt, self._lm, batch, generator)
+
+
 def build_prompt_model(lm: FrozenCodeLM, denoiser: DenoiserConfig, diffusion: DiffusionConfig,
-                       seed: int) -> DiffusionPrompt:
+                       seed: int, token_norm: float | None = None) -> DiffusionPrompt:
+    """``token_norm`` defaults to the LM's mean token-embedding norm (pass it when the table is
+    partitioned and has to be gathered first)."""
     torch.manual_seed(seed)
-    return DiffusionPrompt(lm.context_length, lm.hidden_size, lm.mean_token_norm(), denoiser,
-                           diffusion, seed=seed)
+    norm = lm.mean_token_norm() if token_norm is None else token_norm
+    return DiffusionPrompt(lm.context_length, lm.hidden_size, norm, denoiser, diffusion, seed=seed)

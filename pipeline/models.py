@@ -18,12 +18,11 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    PretrainedConfig,
     T5Config,
-    T5ForConditionalGeneration,
 )
 
 from pipeline.config import ModelConfig
@@ -111,58 +110,87 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
         initializer_range=0.2,  # a wider init than 0.02 so greedy outputs vary between prompts
     )
-    return LlamaForCausalLM(config)
 
 
-def tiny_t5(vocab_size: int, seed: int = 0) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = T5Config(
+def tiny_t5_config(vocab_size: int) -> T5Config:
+    return T5Config(
         vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
         num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
         initializer_factor=5.0,  # wider than the default so greedy outputs vary between prompts
     )
-    return T5ForConditionalGeneration(config)
 
 
-TINY_MODELS = {"tiny-llama": tiny_llama, "tiny-t5": tiny_t5}
+TINY_MODELS = {"tiny-llama": tiny_llama_config, "tiny-t5": tiny_t5_config}
 
 
 # ---- the loader -------------------------------------------------------------------------------
-def load_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)`` in eval mode with gradients off, on CPU, in ``config.dtype``."""
-    dtype = DTYPES[config.dtype]
+def _model_path(config: ModelConfig) -> str:
+    return str(prepare_embedded()) if config.name == "embedded" else config.name
+
+
+def _hub_error(config: ModelConfig, err: Exception) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"model.name={config.name!r}: not a model folder here, and it could not be fetched from "
+        f"the Hugging Face hub ({err}). Use 'embedded', a tiny test model "
+        f"({', '.join(TINY_MODELS)}), or a local folder."
+    )
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (Ray Data's tokenize actors need nothing else)."""
     if config.name in TINY_MODELS:
         tokenizer = tiny_tokenizer()
-        model = TINY_MODELS[config.name](len(tokenizer)).to(dtype)
     else:
-        path = str(prepare_embedded()) if config.name == "embedded" else config.name
         try:
-            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-            model_cls = (
-                AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
-            )
             tokenizer = AutoTokenizer.from_pretrained(
-                path, trust_remote_code=config.trust_remote_code
-            )
-            model = model_cls.from_pretrained(
-                path, dtype=dtype, trust_remote_code=config.trust_remote_code
+                _model_path(config), trust_remote_code=config.trust_remote_code
             )
         except OSError as err:
-            raise FileNotFoundError(
-                f"model.name={config.name!r}: not a model folder here, and it could not be "
-                f"fetched from the Hugging Face hub ({err}). Use 'embedded', a tiny test model "
-                f"({', '.join(TINY_MODELS)}), or a local folder."
-            ) from err
+            raise _hub_error(config, err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_hf_config(config: ModelConfig) -> PretrainedConfig:
+    if config.name in TINY_MODELS:
+        return TINY_MODELS[config.name](len(tiny_tokenizer()))
+    try:
+        return AutoConfig.from_pretrained(
+            _model_path(config), trust_remote_code=config.trust_remote_code
+        )
+    except OSError as err:
+        raise _hub_error(config, err) from err
+
+
+def load_model(config: ModelConfig, seed: int = 0
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)`` in eval mode with gradients off, in ``config.dtype``.
+
+    Under a live ``transformers.integrations.HfDeepSpeedConfig`` with ZeRO-3, transformers
+    builds the model inside ``deepspeed.zero.Init``: each rank only ever holds its shard.
+    """
+    dtype = DTYPES[config.dtype]
+    tokenizer = load_tokenizer(config)
+    hf_config = load_hf_config(config)
+    model_cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
+    if config.name in TINY_MODELS:
+        torch.manual_seed(seed)  # random weights, reproducible
+        model = model_cls.from_config(hf_config, dtype=dtype)
+    else:
+        try:
+            model = model_cls.from_pretrained(
+                _model_path(config), dtype=dtype, trust_remote_code=config.trust_remote_code
+            )
+        except OSError as err:
+            raise _hub_error(config, err) from err
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

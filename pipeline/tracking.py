@@ -1,22 +1,17 @@
-"""A small, explicit MLflow tracking layer for the training job, the sampler and the sweeps.
-
-Everything goes through ``MlflowClient(tracking_uri=...)``; nothing touches MLflow's global
-state (``mlflow.set_tracking_uri``, the active-run stack), so trackers for different URIs can
-live in one process and a tracker can be rebuilt in a Ray worker from ``(uri, run_id)``.
-"""
+"""MLflow tracking for the training job, the sampler and the sweeps, on ``MlflowClient`` only:
+no global MLflow state, so trackers for several URIs coexist and pickle to Ray workers."""
 from __future__ import annotations
 
 import json
 import logging
-import math
 import numbers
 import os
 import re
 import time
 import urllib.error
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
 
@@ -33,7 +28,6 @@ MAX_ERROR_CHARS = 5000     # what the `error` tag keeps of an exception message
 PARAMS_PER_BATCH = 100     # MLflow's limit on params in one log_batch
 METRICS_PER_BATCH = 1000   # MLflow's limit on metrics in one log_batch
 HTTP_TIMEOUT_S = 3.0
-_DB_SCHEMES = {"postgresql", "mysql", "mssql"}
 
 
 class TrackingError(ValueError):
@@ -42,10 +36,8 @@ class TrackingError(ValueError):
 
 def resolve_tracking_uri(output_dir: str | Path | None, uri: str | None = None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir or cwd>/mlflow.db``."""
-    if uri:
+    if uri := uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
     folder = Path(output_dir if output_dir is not None else Path.cwd()).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
@@ -61,13 +53,12 @@ def check_tracking_uri(uri: str) -> None:
     """Fail fast (a few seconds at most) with a TrackingError if ``uri`` cannot be used."""
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+", 1)[0].lower()
-    if uri.startswith("databricks") or scheme in _DB_SCHEMES:
+    if uri.startswith("databricks") or scheme in ("postgresql", "mysql", "mssql"):
         return  # credentials and drivers are MLflow's business; don't connect here
     if scheme == "sqlite":
         if not (uri.startswith("sqlite:///") or uri == "sqlite://"):
             raise TrackingError(f"tracking URI {uri!r}: a sqlite URI is 'sqlite:///PATH'")
-        path = _sqlite_path(uri)
-        if path is None:
+        if (path := _sqlite_path(uri)) is None:
             return
         if path.is_dir():
             raise TrackingError(f"tracking URI {uri!r}: {path} is a folder, not a database file")
@@ -84,9 +75,8 @@ def check_tracking_uri(uri: str) -> None:
     elif scheme == "file" or (scheme == "" and ":" not in uri and uri.strip()):
         if not MLFLOW_ALLOW_FILE_STORE.get():
             raise TrackingError(
-                f"tracking URI {uri!r}: MLflow 3 keeps the file store (./mlruns) in maintenance "
-                "mode and refuses it unless MLFLOW_ALLOW_FILE_STORE=true; use a "
-                "'sqlite:///PATH/mlflow.db' URI or set that variable")
+                f"tracking URI {uri!r}: MLflow 3 refuses the file store (./mlruns) unless "
+                "MLFLOW_ALLOW_FILE_STORE=true; set it or use 'sqlite:///PATH/mlflow.db'")
     else:
         raise TrackingError(
             f"tracking URI {uri!r}: unknown or missing scheme {parsed.scheme!r}; expected "
@@ -105,9 +95,8 @@ def _check_server(uri: str) -> None:
                 return  # it answers; MLflow's client sends the credentials
             status = f"answered HTTP {e.code} at {route}"
         except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
             raise TrackingError(
-                f"tracking URI {uri!r}: no MLflow server answers ({reason}); "
+                f"tracking URI {uri!r}: no MLflow server answers ({getattr(e, 'reason', e)}); "
                 "start one with `mlflow server` or fix the URI") from e
     raise TrackingError(f"tracking URI {uri!r}: the server {status}; is it an MLflow server?")
 
@@ -117,10 +106,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
+        out.update(flatten(value, name) if isinstance(value, dict) else {name: value})
     return out
 
 
@@ -132,11 +118,9 @@ def _param_value(value: Any) -> str:
 
 def _metric_value(key: str, value: Any) -> float | None:
     """A float for MLflow (NaN kept), None (with a warning unless None) when not numeric."""
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        try:
+    if callable(getattr(value, "item", None)):  # numpy / torch scalars
+        with suppress(TypeError, ValueError):
             value = value.item()
-        except (TypeError, ValueError):
-            pass
     if isinstance(value, numbers.Real):
         return float(value)
     if value is not None:
@@ -149,10 +133,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         db = _sqlite_path(uri) if uri.startswith("sqlite:") else None
-        location = None
-        if db is not None:
-            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
-            location = (db.parent / "mlartifacts" / safe).as_uri()
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
+        location = (db.parent / "mlartifacts" / safe).as_uri() if db else None
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException:  # another process created it in between
@@ -167,10 +149,11 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
 class RunTracker:
     """One MLflow run; as a context manager it ends FINISHED, or FAILED on an exception."""
 
-    def __init__(self, client: MlflowClient, uri: str, run: Run) -> None:
-        self.client, self.uri = client, uri
-        self._run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
-        self._ended = False
+    def __init__(self, uri: str, run_id: str, experiment_id: str,
+                 client: MlflowClient | None = None) -> None:
+        """Wrap an existing run; use ``start`` or ``resume`` rather than this."""
+        self.uri, self.client = uri, client or MlflowClient(tracking_uri=uri)
+        self.run_id, self.experiment_id, self._ended = run_id, experiment_id, False
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str | None = None,
@@ -184,9 +167,8 @@ class RunTracker:
             run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = client.create_run(_experiment_id(client, uri, experiment),
                                 tags=run_tags, run_name=run_name)
-        tracker = cls(client, uri, run)
-        if params:
-            tracker.log_params(params)
+        tracker = cls(uri, run.info.run_id, run.info.experiment_id, client)
+        tracker.log_params(params or {})
         return tracker
 
     @classmethod
@@ -199,25 +181,17 @@ class RunTracker:
         except MlflowException as e:
             raise TrackingError(f"tracking URI {uri!r}: cannot resume run {run_id}: {e}") from e
         client.update_run(run_id, status="RUNNING")
-        return cls(client, uri, run)
+        return cls(uri, run_id, run.info.experiment_id, client)
 
     def __reduce__(self) -> tuple:
-        """Pickle as ``(uri, run_id)`` so a Ray worker gets a fresh client."""
-        return (_reattach, (self.uri, self._run_id))
-
-    @property
-    def run_id(self) -> str:
-        return self._run_id
-
-    @property
-    def experiment_id(self) -> str:
-        return self._experiment_id
+        """Pickle as ``(uri, run_id, experiment_id)``: a Ray worker builds its own client."""
+        return (RunTracker, (self.uri, self.run_id, self.experiment_id))
 
     def log_params(self, flat: dict) -> None:
         """Log params (nested dicts flattened, values stringified and cut to 6000 chars)."""
         params = [Param(k, _param_value(v)) for k, v in flatten(flat).items()]
         for i in range(0, len(params), PARAMS_PER_BATCH):
-            self.client.log_batch(self._run_id, params=params[i:i + PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=params[i:i + PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Log numeric metrics (nested dicts flattened); None and non-numbers are skipped."""
@@ -225,48 +199,40 @@ class RunTracker:
         rows = [Metric(k, v, now, step or 0) for k, raw in flatten(metrics).items()
                 if (v := _metric_value(k, raw)) is not None]
         for i in range(0, len(rows), METRICS_PER_BATCH):
-            self.client.log_batch(self._run_id, metrics=rows[i:i + METRICS_PER_BATCH])
+            self.client.log_batch(self.run_id, metrics=rows[i:i + METRICS_PER_BATCH])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self._run_id, str(path), artifact_path)
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self._run_id, str(directory), artifact_path)
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
     def log_dict(self, obj: Any, name: str) -> None:
         """Store ``obj`` as artifact ``name`` (JSON, or YAML for .yaml/.yml)."""
-        self.client.log_dict(self._run_id, obj, name)
+        self.client.log_dict(self.run_id, obj, name)
 
     def set_tag(self, key: str, value: Any) -> None:
-        self.client.set_tag(self._run_id, key, str(value))
+        self.client.set_tag(self.run_id, key, str(value))
 
     def end(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED (once; later calls do nothing)."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"run status must be FINISHED, FAILED or KILLED, not {status!r}")
         if not self._ended:
-            self.client.set_terminated(self._run_id, status)
+            self.client.set_terminated(self.run_id, status)
             self._ended = True
 
     def __enter__(self) -> RunTracker:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         if exc is None:
-            self.end("FINISHED")
-            return
+            return self.end("FINISHED")
         try:  # never hide the original exception behind a tracking error
             self.set_tag("error", f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
             self.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         except Exception:  # noqa: BLE001
-            log.exception("could not mark MLflow run %s as failed", self._run_id)
-
-
-def _reattach(uri: str, run_id: str) -> RunTracker:
-    """Unpickling helper: a tracker on an existing run, without changing its status."""
-    client = MlflowClient(tracking_uri=uri)
-    return RunTracker(client, uri, client.get_run(run_id))
+            log.exception("could not mark MLflow run %s as failed", self.run_id)
 
 
 def child_runs(uri: str, parent_run_id: str) -> list[Run]:
@@ -278,7 +244,6 @@ def child_runs(uri: str, parent_run_id: str) -> list[Run]:
     while True:
         page = client.search_runs(ids, f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_run_id}'",
                                   order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
+        runs += page
+        if not (token := page.token):
             return runs

@@ -1,8 +1,9 @@
-"""Single-process DDPT training: the core loop that the Ray Train glue wraps.
+"""DDPT training: one step loop shared by the single-process path and the Ray/DeepSpeed path.
 
-Deterministic given the config: step s always sees the same batch (a seeded stream of
-permutations, see :func:`batch_indices`) and the same noise (a generator seeded by (seed, s)), so
-a run resumed from a checkpoint at step s continues exactly where it stopped.
+A path supplies a *step function* (forward, backward, optimizer step, target update) and a batch
+source; :func:`run_steps` does the rest. Single-process training (:func:`train_ddpt`) is
+deterministic given the config: step s always sees the same batch (:func:`batch_indices`) and the
+same noise (:func:`step_generator`), so a run resumed at step s continues exactly.
 """
 from __future__ import annotations
 
@@ -11,19 +12,20 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import load_optimizer_state, load_prompt_model, save_checkpoint
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.example import Example
-from pipeline.ddpt import OBJECTIVES, DiffusionPrompt, build_prompt_model
-from pipeline.frozen_lm import FrozenCodeLM
-from pipeline.template import EncodedExample
+from pipeline.ddpt import OBJECTIVES, DDPTLoss, DiffusionPrompt, StepStats, build_prompt_model
+from pipeline.frozen_lm import Batch, FrozenCodeLM
 
 log = logging.getLogger(__name__)
+
+StepFn = Callable[[Batch, torch.Generator], StepStats]
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -41,10 +43,60 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> l
     return out
 
 
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The noise (t, eps) of a step: a function of (seed, step, rank) only, so resumes repeat it
+    and data-parallel ranks draw different noise."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+
+
+def run_steps(step_fn: StepFn, batches: Iterator[Batch], start: int, steps: int, seed: int,
+              rank: int = 0, on_step: Callable[[int, dict], None] | None = None,
+              progress: bool = True, device: torch.device | None = None) -> list[dict]:
+    """Run optimizer steps ``start+1 .. steps``; returns one record per step. ``on_step(step,
+    record)`` runs after each (logging, checkpoints, Ray reports). Records carry
+    ``data_seconds``, the time spent waiting for the batch."""
+    history = []
+    bar = tqdm(range(start, steps), desc="train ddpt", disable=not progress, initial=start,
+               total=steps)
+    for step in bar:
+        waited = time.perf_counter()
+        batch = next(batches)
+        if device is not None:
+            batch = batch.to(device)
+        began = time.perf_counter()
+        stats = step_fn(batch, step_generator(seed, step, rank))
+        done = time.perf_counter()
+        record = {"step": step + 1, **asdict(stats), "step_seconds": done - began,
+                  "data_seconds": began - waited}
+        history.append(record)
+        bar.set_postfix(loss=f"{stats.code_loss:.3f}")
+        if on_step:
+            on_step(step + 1, record)
+    return history
+
+
+def local_step_fn(module: DDPTLoss, config: TrainConfig) -> tuple[StepFn, torch.optim.Optimizer]:
+    """Plain AdamW on the prompt model's trainable parameters, in this process."""
+    params = [p for p in module.prompt.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def step(batch: Batch, generator: torch.Generator) -> StepStats:
+        loss, stats = module(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        module.objective.after_step(module.prompt)
+        return stats
+
+    return step, optimizer
+
+
 @dataclass
 class TrainResult:
     model: DiffusionPrompt
-    history: list[dict] = field(default_factory=list)  # one dict of StepStats per step
+    history: list[dict] = field(default_factory=list)  # one record per step run now
     seconds: float = 0.0
     checkpoint: Path | None = None
 
@@ -54,20 +106,18 @@ def train_ddpt(
     checkpoint_dir: str | Path | None = None, resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
 ) -> TrainResult:
-    """Train the diffusion prompt model on ``examples`` for ``config.train.steps`` steps.
+    """Train the diffusion prompt model in this process for ``config.train.steps`` steps.
 
     Saves a checkpoint to ``checkpoint_dir`` every ``train.checkpoint_every`` steps and at the
-    end; with ``resume`` it continues from the checkpoint there. ``on_step(step, stats)`` is
-    called after each step (MLflow logging, Ray reports).
+    end; with ``resume`` it continues from the checkpoint there.
     """
     tc = config.train
     if not examples:
         raise ValueError("no training examples")
-    encoded: list[EncodedExample] = lm.encode(examples)
+    encoded = lm.encode(examples)
     model = build_prompt_model(lm, config.denoiser, config.diffusion, tc.seed).to(lm.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    objective = OBJECTIVES[tc.objective](tc)
+    module = DDPTLoss(model, lm, OBJECTIVES[tc.objective](tc))
+    step_fn, optimizer = local_step_fn(module, tc)
     start = 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if resume and checkpoint_dir and (checkpoint_dir / "state.json").is_file():
@@ -77,30 +127,24 @@ def train_ddpt(
         start = state["step"]
         log.info("resumed from %s at step %d", checkpoint_dir, start)
 
+    def batches() -> Iterator[Batch]:
+        for step in range(start, tc.steps):
+            yield lm.collate([encoded[i] for i in batch_indices(len(encoded), tc.batch_size,
+                                                                 step, tc.seed)])
+
     result = TrainResult(model)
+
+    def after(step: int, record: dict) -> None:
+        every = tc.checkpoint_every
+        if checkpoint_dir and (step == tc.steps or (every and step % every == 0)):
+            result.checkpoint = save_checkpoint(checkpoint_dir, model, config, step, optimizer)
+        if on_step:  # after the checkpoint: what it reports is already safe
+            on_step(step, record)
+
     began = time.perf_counter()
     model.train()
-    bar = tqdm(range(start, tc.steps), desc="train ddpt", disable=not progress,
-               initial=start, total=tc.steps)
-    for step in bar:
-        indices = batch_indices(len(encoded), tc.batch_size, step, tc.seed)
-        batch = lm.collate([encoded[i] for i in indices]).to(lm.device)
-        generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        loss, stats = objective.loss(model, lm, batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        optimizer.step()
-        objective.after_step(model)
-        record = {"step": step + 1, **asdict(stats)}
-        result.history.append(record)
-        bar.set_postfix(loss=f"{stats.code_loss:.3f}")
-        if on_step:
-            on_step(step + 1, record)
-        done = step + 1 == tc.steps
-        if checkpoint_dir and (done or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0)):
-            result.checkpoint = save_checkpoint(checkpoint_dir, model, config, step + 1, optimizer)
+    result.history = run_steps(step_fn, batches(), start, tc.steps, tc.seed, on_step=after,
+                               progress=progress, device=lm.device)
     result.seconds = time.perf_counter() - began
     model.eval()
     return result

@@ -109,6 +109,10 @@ def test_failure_marks_run_failed_and_reraises(uri):
     assert run.info.status == "FAILED"
     assert run.data.tags["error"].startswith("RuntimeError: boom")
     assert len(run.data.tags["error"]) == 5000
+    with pytest.raises(KeyboardInterrupt):
+        with RunTracker.start(uri, "failures", "interrupted") as t:
+            raise KeyboardInterrupt
+    assert MlflowClient(tracking_uri=uri).get_run(t.run_id).info.status == "KILLED"
 
 
 def test_resume_appends_to_the_same_run(uri):

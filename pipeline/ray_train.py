@@ -1,0 +1,247 @@
+"""Ray Train glue: DDPT training on a TorchTrainer, with DeepSpeed ZeRO-3 sharding the frozen LM.
+
+Each worker builds the LM under a live ``HfDeepSpeedConfig`` so that ZeRO-3 partitions it while
+it is built (no worker ever holds the whole model), wraps LM + prompt model in one
+:class:`~pipeline.ddpt.DDPTLoss`, hands only the prompt model's parameters to DeepSpeed's
+optimizer, and runs the shared step loop (:func:`pipeline.train.run_steps`) on batches streamed
+from its Ray Data shard.
+
+Checkpoints (reported with ``ray.train.report``) hold, never the LM:
+    deepspeed/           DeepSpeed's per-rank shards of the prompt model + optimizer
+                         (``exclude_frozen_parameters``)
+    prompt_model/        the gathered prompt model in the portable format of pipeline.checkpoint
+    train_state.json     step and data position (epoch, next batch index)
+Metrics reach MLflow from rank 0 only once the checkpoint that covers them is reported, so a
+restart after a failure never logs a step twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.data.example import Example
+from pipeline.ddpt import OBJECTIVES, DDPTLoss, build_prompt_model
+from pipeline.frozen_lm import FrozenCodeLM
+from pipeline.models import load_model, prepare_embedded
+from pipeline.ray_data import shard_batches, tokenized_dataset
+from pipeline.template import PromptTemplate
+from pipeline.tracking import RunTracker
+from pipeline.train import run_steps
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
+                      True: "cluster/deepspeed/zero3_gpu_bf16.json"}
+RUN_NAME = "train"  # the Ray run's name inside <output>/ray; fixed so that a restart finds it
+
+
+def deepspeed_config(config: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, with batch size, clipping and optimizer settings taken
+    from the project config (one source of truth)."""
+    dc, tc = config.distributed, config.train
+    path = Path(dc.deepspeed_config or PROJECT_ROOT / DEEPSPEED_DEFAULTS[dc.use_gpu])
+    if not path.is_file():
+        raise ConfigError(f"distributed.deepspeed_config: {path} not found")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        log.warning("%s: zero_optimization.stage is not 3; the LM will not be sharded", path)
+    ds["train_micro_batch_size_per_gpu"] = tc.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = tc.grad_clip
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    ds["optimizer"].setdefault("params", {}).update(lr=tc.lr, weight_decay=tc.weight_decay)
+    if config.model.dtype == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+# ---- inside each Ray Train worker ----------------------------------------------------------------
+def train_worker(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from pipeline.checkpoint import save_checkpoint
+
+    config = RunConfig.from_dict(loop_config["config"])
+    tc = config.train
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    ds_config = loop_config["deepspeed"]
+    # Alive while the model is built: transformers then builds it inside deepspeed.zero.Init.
+    hf_deepspeed = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model, tokenizer = load_model(config.model, seed=tc.seed)
+    lm = FrozenCodeLM(model, tokenizer,
+                      PromptTemplate(tokenizer, config.prompt, model.config.is_encoder_decoder))
+    embedding = model.get_input_embeddings()
+    with deepspeed.zero.GatheredParameters([embedding.weight]):  # partitioned outside forward
+        token_norm = embedding.weight.float().norm(dim=-1).mean().item()
+    prompt_model = build_prompt_model(lm, config.denoiser, config.diffusion, tc.seed, token_norm)
+    module = DDPTLoss(prompt_model, lm, OBJECTIVES[tc.objective](tc))
+    trainable = [p for p in prompt_model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable,
+                                           config=ds_config)
+    shard_share = _shard_share(model)
+
+    start, epoch, next_index = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="ddpt",
+                                   load_module_strict=False)
+            state = json.loads(Path(folder, "train_state.json").read_text())
+            x0_bar = json.loads(Path(folder, "x0_bar.json").read_text())
+        prompt_model.x0_bar.copy_(torch.tensor(x0_bar))
+        start, epoch, next_index = state["step"], state["epoch"], state["next_index"]
+        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, start, epoch,
+                 next_index)
+
+    position = {"epoch": epoch, "next_index": next_index}
+    stream = shard_batches(ray.train.get_dataset_shard("train"), lm, tc.batch_size, tc.seed,
+                           epoch, next_index)
+
+    def batches():
+        for epoch_now, index, batch in stream:
+            position.update(epoch=epoch_now, next_index=index + 1)
+            yield batch
+
+    def step_fn(batch, generator):
+        loss, stats = engine(batch, generator)
+        engine.backward(loss)
+        engine.step()
+        module.objective.after_step(prompt_model)
+        return stats
+
+    tracker: RunTracker | None = loop_config["tracker"] if rank == 0 else None
+    pending: list[dict] = []
+
+    def on_step(step: int, record: dict) -> None:
+        record = {**record, "examples_per_second": tc.batch_size * world / record["step_seconds"],
+                  "shard_share": shard_share}
+        pending.append(record)
+        every = tc.checkpoint_every
+        if step == tc.steps or (every and step % every == 0):
+            with tempfile.TemporaryDirectory() as folder:
+                engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag="ddpt",
+                                       exclude_frozen_parameters=True)
+                with deepspeed.zero.GatheredParameters(list(prompt_model.parameters())):
+                    if rank == 0:
+                        save_checkpoint(Path(folder, "prompt_model"), prompt_model, config, step)
+                if rank == 0:
+                    Path(folder, "train_state.json").write_text(
+                        json.dumps({"step": step, **position}))
+                    Path(folder, "x0_bar.json").write_text(
+                        json.dumps(prompt_model.x0_bar.tolist()))
+                ray.train.report(_report_metrics(record),
+                                 checkpoint=Checkpoint.from_directory(folder))
+            if tracker:  # only now: these steps can no longer be re-run
+                for item in pending:
+                    tracker.log_metrics({k: v for k, v in item.items() if k != "step"},
+                                        step=item["step"])
+            pending.clear()
+        elif step % tc.log_every == 0:
+            ray.train.report(_report_metrics(record))
+
+    run_steps(step_fn, batches(), start, tc.steps, tc.seed, rank=rank, on_step=on_step,
+              progress=False, device=lm.device)
+
+
+def _shard_share(model: torch.nn.Module) -> float:
+    """The share of the LM's elements this rank holds (1/world under ZeRO-3)."""
+    params = list(model.parameters())
+    if not all(hasattr(p, "ds_numel") for p in params):
+        return 1.0
+    return sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
+
+
+def _report_metrics(record: dict) -> dict:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float))}
+
+
+# ---- on the driver -------------------------------------------------------------------------------
+@dataclass
+class RayTrainOutcome:
+    checkpoint: Path  # the portable prompt-model checkpoint, exported into the output folder
+    metrics: dict[str, float]  # the last reported metrics
+    ray_checkpoint: str  # where Ray keeps the full (DeepSpeed) checkpoint
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def _check_resources(config: RunConfig) -> None:
+    """Fail now, not hang later: the workers and the tokenizer actor must fit at once."""
+    dc = config.distributed
+    cpus = ray.cluster_resources().get("CPU", 0)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    need = dc.num_workers * dc.cpus_per_worker + dc.data_cpus
+    if need > cpus:
+        raise ConfigError(f"distributed: {dc.num_workers} workers x cpus_per_worker "
+                          f"{dc.cpus_per_worker} + data_cpus {dc.data_cpus} = {need} CPUs, but "
+                          f"the Ray cluster has {cpus}")
+    if dc.use_gpu and dc.num_workers > gpus:
+        raise ConfigError(f"distributed: {dc.num_workers} GPU workers, but the Ray cluster has "
+                          f"{gpus} GPUs")
+
+
+def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | Path,
+                 tracker: RunTracker | None = None, resume: bool = False) -> RayTrainOutcome:
+    """Train on a TorchTrainer; blocks until done. Raises if the run failed for good."""
+    dc, tc = config.distributed, config.train
+    output = Path(output_dir).resolve()
+    needed = dc.num_workers * tc.batch_size
+    if len(examples) < needed:
+        raise ConfigError(f"train.batch_size x distributed.num_workers = {needed} examples per "
+                          f"step, but the training split has {len(examples)}")
+    ds_config = deepspeed_config(config)
+    storage = output / "ray"
+    if (storage / RUN_NAME).exists() and not resume:
+        raise ConfigError(f"{storage / RUN_NAME} holds an earlier training run: pass --resume "
+                          "to continue it, or choose another --output")
+    if config.model.name == "embedded":
+        prepare_embedded()  # convert once here, not in every worker at the same time
+    ensure_ray()
+    _check_resources(config)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.to_dict(), "deepspeed": ds_config,
+                           "tracker": tracker},
+        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
+                                     resources_per_worker={"CPU": dc.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=dc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": tokenized_dataset(examples, config)},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("Ray Train run finished without a checkpoint")
+    exported = output / "checkpoint"
+    with result.checkpoint.as_directory() as folder:
+        if exported.exists():
+            shutil.rmtree(exported)
+        shutil.copytree(Path(folder) / "prompt_model", exported)
+    return RayTrainOutcome(exported, dict(result.metrics or {}), result.checkpoint.path)

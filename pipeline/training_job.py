@@ -1,0 +1,105 @@
+"""The training job: validate everything cheap, open the MLflow run, train (on Ray by default),
+export the checkpoint and log it. Used by ``ddpt train``, ``jobs/train.py`` and ``ddpt run``."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.data.example import Example
+from pipeline.data.loaders import load_examples
+from pipeline.tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+RUN_FILE = "mlflow_run.json"  # {"uri", "run_id"}: lets --resume continue the same MLflow run
+
+
+@dataclass
+class TrainOutcome:
+    checkpoint: Path  # portable prompt-model checkpoint (pipeline.checkpoint format)
+    run_id: str  # the MLflow run
+    tracking_uri: str
+    seconds: float
+
+
+def load_train_examples(config: RunConfig) -> list[Example]:
+    dc = config.data
+    return load_examples(dc.dataset, dc.train_split, dc.data_dir, dc.max_train_examples or None)
+
+
+def open_tracker(config: RunConfig, output: Path, resume: bool, run_name: str) -> RunTracker:
+    """Start the job's MLflow run, or re-attach to it on resume."""
+    run_file = output / RUN_FILE
+    if resume and run_file.is_file():
+        saved = json.loads(run_file.read_text())
+        return RunTracker.resume(saved["uri"], saved["run_id"])
+    uri = resolve_tracking_uri(output, config.tracking.uri)
+    tracker = RunTracker.start(uri, config.tracking.experiment_name(config), run_name,
+                               params=config.to_flat(),
+                               tags={"ddpt.backend": config.distributed.backend,
+                                     "ddpt.output": str(output)})
+    run_file.write_text(json.dumps({"uri": uri, "run_id": tracker.run_id}) + "\n")
+    return tracker
+
+
+def check_output(output: Path, resume: bool) -> None:
+    if resume or not output.exists():
+        return
+    if (output / "checkpoint").exists() or (output / "ray").exists():
+        raise ConfigError(f"{output} holds an earlier run: pass --resume to continue it, or "
+                          "choose another --output")
+
+
+def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False,
+                 examples: list[Example] | None = None, progress: bool = True,
+                 lm=None) -> TrainOutcome:
+    """Train the prompt model; the checkpoint lands in ``<output>/checkpoint``.
+
+    ``distributed.backend='ray'`` trains on a Ray TorchTrainer with DeepSpeed ZeRO-3;
+    ``'local'`` trains in this process (``lm`` may be passed to reuse a loaded model).
+    """
+    output = Path(output_dir).resolve()
+    check_output(output, resume)
+    examples = examples if examples is not None else load_train_examples(config)
+    check_tracking_uri(resolve_tracking_uri(output, config.tracking.uri))  # creates output
+    config.save(output / "config.yaml")
+    began = time.perf_counter()
+    with open_tracker(config, output, resume, run_name="train") as tracker:
+        if config.distributed.backend == "ray":
+            from pipeline.ray_train import train_on_ray  # Ray only where it is used
+
+            checkpoint = train_on_ray(config, examples, output, tracker, resume).checkpoint
+        else:
+            checkpoint = _train_local(config, examples, output, tracker, resume, progress, lm)
+        tracker.log_artifacts(checkpoint, "checkpoint")
+        tracker.log_artifact(output / "config.yaml")
+    return TrainOutcome(checkpoint, tracker.run_id, tracker.uri, time.perf_counter() - began)
+
+
+def _train_local(config, examples, output, tracker, resume, progress, lm) -> Path:
+    from pipeline.run import build_lm
+    from pipeline.train import train_ddpt
+
+    lm = lm or build_lm(config)
+    checkpoint = output / "checkpoint"
+    pending: list[dict] = []
+    every = config.train.checkpoint_every
+
+    def on_step(step: int, record: dict) -> None:
+        # Like the Ray path: metrics reach MLflow once a checkpoint covers their step.
+        pending.append(record)
+        if step == config.train.steps or (every and step % every == 0):
+            for item in pending:
+                tracker.log_metrics({k: v for k, v in item.items() if k != "step"},
+                                    step=item["step"])
+            pending.clear()
+
+    if not resume and checkpoint.exists():
+        shutil.rmtree(checkpoint)
+    train_ddpt(config, lm, examples, checkpoint_dir=checkpoint, resume=resume, on_step=on_step,
+               progress=progress)
+    return checkpoint
