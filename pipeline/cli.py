@@ -7,6 +7,7 @@ import sys
 
 from pipeline.config import PRESETS, ConfigError, build_config
 from pipeline.data.loaders import DataError
+from pipeline.tracking import TrackingError
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.output}/metrics.json and {args.output}/samples.jsonl")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.training_job import run_training
+
+    outcome = run_training(_config(args), args.output, resume=args.resume,
+                           progress=not args.no_progress)
+    print(f"checkpoint: {outcome.checkpoint}\nMLflow run {outcome.run_id} at "
+          f"{outcome.tracking_uri} ({outcome.seconds:.0f}s)")
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     print(_config(args))
 
@@ -60,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
+    train = sub.add_parser("train", help="train the DDPT prompt model (Ray Train + DeepSpeed)")
+    _config_args(train)
+    train.add_argument("--output", default="runs/train", help="output folder")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the output folder's latest checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
     show = sub.add_parser("config", help="print the resolved configuration")
     _config_args(show)
     show.set_defaults(func=cmd_config)
@@ -77,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's import chatter
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, TrackingError, FileNotFoundError) as err:
         print(f"ddpt {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -189,6 +189,10 @@ class DistributedConfig:
         "tokenizer share a 2-core machine)"
     )
     data_cpus: float = _help(0.5, "CPUs Ray reserves for the tokenizing Ray Data actor")
+    cache_tokenized: bool = _help(
+        True, "tokenize once into Ray's object store (later epochs re-read it); false streams "
+        "and re-tokenizes every epoch, for data larger than the object store"
+    )
     deepspeed_config: str | None = _help(
         None,
         "DeepSpeed JSON; default cluster/deepspeed/zero3_cpu.json (CPU) or zero3_gpu_bf16.json",
@@ -326,7 +330,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"max_train_examples": 64, "max_eval_examples": 8},
         "diffusion": {"timesteps": 100},
         "denoiser": {"bottleneck": 4, "hidden_dim": 32},
-        "train": {"steps": 4, "batch_size": 4, "log_every": 1},
+        "train": {"steps": 4, "batch_size": 4},
         "sample": {"ddim_steps": 10},
         "eval": {"max_new_tokens": 16, "batch_size": 4},
         "distributed": {"num_workers": 1},

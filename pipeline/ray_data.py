@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import ray.data
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.config import RunConfig
 from pipeline.data.example import Example
@@ -42,10 +43,22 @@ class TokenizeExamples:
 def tokenized_dataset(examples: list[Example], config: RunConfig) -> ray.data.Dataset:
     rows = [{"id": e.id, "instruction": e.instruction, "input": e.input, "output": e.output}
             for e in examples]
-    return ray.data.from_items(rows).map_batches(
+    dataset = ray.data.from_items(rows).map_batches(
         TokenizeExamples, fn_constructor_kwargs={"config": config.to_dict()}, batch_size=256,
-        concurrency=1, num_cpus=config.distributed.data_cpus,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=config.distributed.data_cpus,
     )
+    # Each epoch of a streamed dataset re-runs the pipeline, tokenizer actor start included.
+    return dataset.materialize() if config.distributed.cache_tokenized else dataset
+
+
+class CollateEncoded(NumpyBatchCollateFn):
+    """Token-id rows -> a padded :class:`Batch` (runs on the training worker)."""
+
+    def __init__(self, lm: FrozenCodeLM):
+        self.lm = lm
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+        return self.lm.collate(to_encoded(batch))
 
 
 def to_encoded(batch: dict[str, np.ndarray]) -> list[EncodedExample]:
@@ -65,7 +78,7 @@ def shard_batches(shard, lm: FrozenCodeLM, batch_size: int, seed: int, epoch: in
     while True:
         index = 0
         iterator = shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, collate_fn=lambda b: lm.collate(to_encoded(b)),
+            batch_size=batch_size, drop_last=True, collate_fn=CollateEncoded(lm),
             local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed * 7919 + epoch,
         )
         for batch in iterator:

@@ -97,7 +97,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     trainable = [p for p in prompt_model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable,
                                            config=ds_config)
-    shard_share = _shard_share(model)
+    # The largest share of the LM that any rank holds: 1/world when ZeRO-3 shards it evenly.
+    shares = [None] * world
+    torch.distributed.all_gather_object(shares, _shard_share(model))
+    shard_share = max(shares)
 
     start, epoch, next_index = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -109,6 +112,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             x0_bar = json.loads(Path(folder, "x0_bar.json").read_text())
         prompt_model.x0_bar.copy_(torch.tensor(x0_bar))
         start, epoch, next_index = state["step"], state["epoch"], state["next_index"]
+        if rank == 0 and loop_config["tracker"]:
+            loop_config["tracker"].set_tag("ddpt.resumed_from_step", start)
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, start, epoch,
                  next_index)
 
@@ -133,7 +138,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     def on_step(step: int, record: dict) -> None:
         record = {**record, "examples_per_second": tc.batch_size * world / record["step_seconds"],
-                  "shard_share": shard_share}
+                  "lm_shard_share": shard_share}
         pending.append(record)
         every = tc.checkpoint_every
         if step == tc.steps or (every and step % every == 0):
@@ -204,7 +209,8 @@ def _check_resources(config: RunConfig) -> None:
 
 
 def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | Path,
-                 tracker: RunTracker | None = None, resume: bool = False) -> RayTrainOutcome:
+                 tracker: RunTracker | None = None, resume: bool = False,
+                 progress: bool = True) -> RayTrainOutcome:
     """Train on a TorchTrainer; blocks until done. Raises if the run failed for good."""
     dc, tc = config.distributed, config.train
     output = Path(output_dir).resolve()
@@ -221,6 +227,7 @@ def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | P
         prepare_embedded()  # convert once here, not in every worker at the same time
     ensure_ray()
     _check_resources(config)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "deepspeed": ds_config,

@@ -3,15 +3,15 @@
 Writes into the output folder:
     config.yaml        the resolved configuration
     checkpoint/        the trained diffusion prompt model (never the LM)
-    history.jsonl      one line of training statistics per step
+    ray/               Ray Train's own checkpoints (DeepSpeed shards), for resuming
+    mlflow.db, mlartifacts/, mlflow_run.json   the MLflow run (unless MLFLOW_TRACKING_URI is set)
     samples.jsonl      one line per (method, example): id, method, generation, reference
     metrics.json       {method: {metric: value}}, plus ``code_ce`` (held-out code cross-entropy)
-Re-running with ``resume=True`` continues training from the checkpoint and skips generations
-already in samples.jsonl.
+Re-running with ``resume=True`` continues training from the last checkpoint and skips
+generations already in samples.jsonl.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ import torch
 from pipeline.config import ConfigError, RunConfig, save_json
 from pipeline.data.example import Example
 from pipeline.data.loaders import load_examples
+from pipeline.checkpoint import load_prompt_model
 from pipeline.ddpt import DiffusionPrompt
 from pipeline.evaluate import generate_into, heldout_code_loss, score_method
 from pipeline.frozen_lm import FrozenCodeLM
@@ -30,7 +31,8 @@ from pipeline.metrics import METRICS
 from pipeline.models import load_model, resolve_device
 from pipeline.results import ResultStore
 from pipeline.template import PromptTemplate
-from pipeline.train import train_ddpt
+from pipeline.tracking import RunTracker
+from pipeline.training_job import check_output, run_training
 
 log = logging.getLogger(__name__)
 
@@ -96,33 +98,24 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
 
 def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
              methods: tuple[str, ...] = ("manual", "ddpt"), progress: bool = True) -> dict:
-    """Train, sample, generate, score. Returns ``{method: {metric: value}}``."""
-    output = Path(output_dir)
+    """Train (through :func:`run_training`: Ray + DeepSpeed by default), sample, generate,
+    score. Returns ``{method: {metric: value}}``; also logged to the training's MLflow run."""
+    output = Path(output_dir).resolve()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    check_output(output, resume)
     train_examples, eval_examples = load_data(config)  # data errors surface before any work
     check_before_work(config)
-    output.mkdir(parents=True, exist_ok=True)
-    config.save(output / "config.yaml")
     torch.manual_seed(config.train.seed)
 
     began = time.perf_counter()
     lm = build_lm(config)
     log.info("model %s (%s template, context n=%d, d=%d) loaded in %.1fs", config.model.name,
              lm.template.kind, lm.context_length, lm.hidden_size, time.perf_counter() - began)
-
-    history_file = output / "history.jsonl"
-    if not resume and history_file.exists():
-        history_file.unlink()
-
-    def on_step(step: int, record: dict) -> None:
-        with open(history_file, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    result = train_ddpt(config, lm, train_examples, checkpoint_dir=output / "checkpoint",
-                        resume=resume, on_step=on_step, progress=progress)
-    ctx = RunContext(config, lm, result.model)
+    trained = run_training(config, output, resume, train_examples, progress, lm=lm)
+    prompt_model, _, _ = load_prompt_model(trained.checkpoint, map_location=lm.device)
+    ctx = RunContext(config, lm, prompt_model)
 
     store = ResultStore(output / "samples.jsonl")
     if not resume and store.path.exists():
@@ -138,4 +131,10 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
         metrics[method] = {**score_method(store, method, eval_examples, config.eval.metrics),
                            "code_ce": code_ce, "prompt_seconds": prompt_seconds}
         save_json(output / "metrics.json", metrics)  # partial results survive a later crash
+    tracker = RunTracker.resume(trained.tracking_uri, trained.run_id)
+    with tracker:
+        tracker.log_metrics({f"{m}.{k}": v for m, values in metrics.items()
+                             for k, v in values.items()})
+        tracker.log_artifact(output / "metrics.json")
+        tracker.log_artifact(store.path)
     return metrics

@@ -1,0 +1,132 @@
+"""DDPT training through real Ray Train workers with DeepSpeed ZeRO-3 on CPU (gloo), tracked
+in MLflow on SQLite. Slow: each Ray start costs tens of seconds here."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--preset", "smoke", "--no-progress", "--set", "model.name=tiny-llama",
+        "--set", "data.max_train_examples=12", "--set", "train.batch_size=3",
+        "--set", "train.lr=1e-2", "--set", "distributed.num_workers=2"]
+
+
+def ddpt_train(output: Path, *extra: str, wait: bool = True):
+    command = [sys.executable, "-m", "pipeline.cli", "train", "--output", str(output), *TINY,
+               *extra]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def mlflow_run(output: Path):
+    saved = json.loads((output / "mlflow_run.json").read_text())
+    client = MlflowClient(saved["uri"])
+    return client, client.get_run(saved["run_id"])
+
+
+def steps_of(client, run, key="code_loss"):
+    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_zero3_two_workers_shard_learn_and_resume(tmp_path):
+    out = tmp_path / "run"
+    ddpt_train(out, "--set", "train.steps=24", "--set", "train.checkpoint_every=12")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 24
+
+    # A full restart: a longer schedule, continued from the last checkpoint.
+    ddpt_train(out, "--resume", "--set", "train.steps=36", "--set", "train.checkpoint_every=12")
+    client, run = mlflow_run(out)
+    assert run.data.tags["ddpt.resumed_from_step"] == "24"
+    assert steps_of(client, run) == list(range(1, 37))  # every step once, none twice
+    # ZeRO-3: each of the 2 ranks holds exactly half of the frozen LM's elements.
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "lm_shard_share")} == {0.5}
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "code_loss")]
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 - 0.1, losses
+
+    # The MLflow run: flattened config as params, per-step curves, checkpoint and config.
+    params = run.data.params
+    assert params["distributed.num_workers"] == "2" and params["model.name"] == "tiny-llama"
+    assert {"code_loss", "loss", "examples_per_second", "step_seconds"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "config.yaml"} <= artifacts
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert "checkpoint/model.safetensors" in files and "checkpoint/optimizer.pt" not in files
+    assert run.info.status == "FINISHED"
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = ddpt_train(out, "--set", "train.steps=300", "--set", "train.checkpoint_every=25",
+                      "--set", "train.log_every=100",
+                      "--set", "distributed.max_failures=2", wait=False)
+    try:
+        victim = None
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            checkpoints = list((out / "ray" / "train").glob("checkpoint_*"))
+            if checkpoints:  # training is under way: kill a worker process for real
+                workers = [p for p in psutil.process_iter(["cmdline"])
+                           if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                if workers:
+                    victim = workers[-1]
+                    victim.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.2)
+        assert victim is not None, "never saw a training worker to kill"
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-5000:]
+    client, run = mlflow_run(out)
+    assert "ddpt.resumed_from_step" in run.data.tags  # it really restarted from a checkpoint
+    assert steps_of(client, run) == list(range(1, 301))  # and counted no step twice
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 300
+
+
+def test_bad_tracking_uri_fails_before_ray_starts(tmp_path):
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--output", str(tmp_path / "o"), *TINY,
+         "--set", "tracking.uri=foo://nowhere"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "foo://nowhere" in proc.stderr
+    assert time.time() - started < 30 and not (tmp_path / "o" / "ray").exists()
+
+
+def test_ray_job_submit_runs_the_training_job(tmp_path):
+    """`ray start --head`, then `ray job submit --working-dir . -- python jobs/train.py`."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "DDPT_DATA_DIR": str(Path(os.environ.get("DDPT_DATA_DIR", REPO.parent / "shared" /
+                                                    "data")).resolve())}
+    dashboard = 8265 + (os.getpid() % 500)
+    subprocess.run([str(bin_dir / "ray"), "start", "--head", "--num-cpus", "2",
+                    "--dashboard-port", str(dashboard), "--port", str(6379 + os.getpid() % 500),
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True,
+                   timeout=180)
+    try:
+        out = tmp_path / "job"
+        proc = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+             "--working-dir", str(REPO), "--", "python", "jobs/train.py", "--output", str(out),
+             *TINY, "--set", "train.steps=4"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "succeeded" in proc.stdout.lower()
+        assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)
