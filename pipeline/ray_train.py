@@ -11,8 +11,8 @@ Checkpoints (reported with ``ray.train.report``) hold, never the LM:
                          (``exclude_frozen_parameters``)
     prompt_model/        the gathered prompt model in the portable format of pipeline.checkpoint
     train_state.json     step and data position (epoch, next batch index)
-Metrics reach MLflow from rank 0 only once the checkpoint that covers them is reported, so a
-restart after a failure never logs a step twice.
+Metrics reach MLflow (rank 0's, through :class:`MLflowCommit` on the controller) only once the
+checkpoint that covers them is persisted, so a restart after a failure never logs a step twice.
 """
 from __future__ import annotations
 
@@ -112,8 +112,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             x0_bar = json.loads(Path(folder, "x0_bar.json").read_text())
         prompt_model.x0_bar.copy_(torch.tensor(x0_bar))
         start, epoch, next_index = state["step"], state["epoch"], state["next_index"]
-        if rank == 0 and loop_config["tracker"]:
-            loop_config["tracker"].set_tag("ddpt.resumed_from_step", start)
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, start, epoch,
                  next_index)
 
@@ -133,8 +131,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         module.objective.after_step(prompt_model)
         return stats
 
-    tracker: RunTracker | None = loop_config["tracker"] if rank == 0 else None
-    pending: list[dict] = []
+    pending: list[dict] = []  # per-step records since the last checkpoint
 
     def on_step(step: int, record: dict) -> None:
         record = {**record, "examples_per_second": tc.batch_size * world / record["step_seconds"],
@@ -153,15 +150,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                         json.dumps({"step": step, **position}))
                     Path(folder, "x0_bar.json").write_text(
                         json.dumps(prompt_model.x0_bar.tolist()))
-                ray.train.report(_report_metrics(record),
-                                 checkpoint=Checkpoint.from_directory(folder))
-            if tracker:  # only now: these steps can no longer be re-run
-                for item in pending:
-                    tracker.log_metrics({k: v for k, v in item.items() if k != "step"},
-                                        step=item["step"])
+                # The records ride along; MLflowCommit logs them once the checkpoint commits.
+                metrics = {**_report_metrics(record), "resumed_from_step": start,
+                           "history": list(pending) if rank == 0 else []}
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
             pending.clear()
         elif step % tc.log_every == 0:
-            ray.train.report(_report_metrics(record))
+            ray.train.report({**_report_metrics(record), "resumed_from_step": start})
 
     run_steps(step_fn, batches(), start, tc.steps, tc.seed, rank=rank, on_step=on_step,
               progress=False, device=lm.device)
@@ -177,6 +172,25 @@ def _shard_share(model: torch.nn.Module) -> float:
 
 def _report_metrics(record: dict) -> dict:
     return {k: v for k, v in record.items() if isinstance(v, (int, float))}
+
+
+class MLflowCommit(ray.train.UserCallback):
+    """Logs the per-step records of rank 0 to MLflow when Ray has persisted the checkpoint
+    that covers them (runs on the Train controller, after *all* workers reported). Steps after
+    the last committed checkpoint are re-run after a failure, and only then logged: MLflow sees
+    every step exactly once."""
+
+    def __init__(self, tracker: RunTracker):
+        self.tracker = tracker
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if checkpoint is None or not metrics:
+            return
+        if metrics[0].get("resumed_from_step"):
+            self.tracker.set_tag("ddpt.resumed_from_step", metrics[0]["resumed_from_step"])
+        for record in metrics[0].get("history", []):
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
+                                     step=record["step"])
 
 
 # ---- on the driver -------------------------------------------------------------------------------
@@ -230,14 +244,14 @@ def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | P
     ray.data.DataContext.get_current().enable_progress_bars = progress
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.to_dict(), "deepspeed": ds_config,
-                           "tracker": tracker},
+        train_loop_config={"config": config.to_dict(), "deepspeed": ds_config},
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
                                      resources_per_worker={"CPU": dc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=dc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[MLflowCommit(tracker)] if tracker else [],
         ),
         datasets={"train": tokenized_dataset(examples, config)},
     )
@@ -251,4 +265,5 @@ def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | P
         if exported.exists():
             shutil.rmtree(exported)
         shutil.copytree(Path(folder) / "prompt_model", exported)
-    return RayTrainOutcome(exported, dict(result.metrics or {}), result.checkpoint.path)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k != "history"}
+    return RayTrainOutcome(exported, metrics, result.checkpoint.path)

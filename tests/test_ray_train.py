@@ -77,7 +77,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
             checkpoints = list((out / "ray" / "train").glob("checkpoint_*"))
-            if checkpoints:  # training is under way: kill a worker process for real
+            if len(checkpoints) >= 2:  # the first is committed: kill a worker process for real
                 workers = [p for p in psutil.process_iter(["cmdline"])
                            if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
                 if workers:
