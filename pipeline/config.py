@@ -131,7 +131,7 @@ class DenoiserConfig:
 class TrainConfig:
     objective: str = _help("bootstrap", "training objective (method.md section 1)")
     steps: int = _help(80, "optimizer steps")
-    batch_size: int = _help(8, "examples per step")
+    batch_size: int = _help(8, "examples per step and worker (global: x distributed.num_workers)")
     lr: float = _help(1e-3, "AdamW learning rate")
     weight_decay: float = _help(0.0, "AdamW weight decay")
     ema_rate: float = _help(0.1, "rate of the stop-gradient target x0_bar's moving average")
@@ -198,6 +198,10 @@ class DistributedConfig:
         "DeepSpeed JSON; default cluster/deepspeed/zero3_cpu.json (CPU) or zero3_gpu_bf16.json",
     )
     max_failures: int = _help(2, "worker failures a run survives (restarts from the checkpoint)")
+    torch_threads: int = _help(
+        0, "CPU threads per worker; 0 = this node's cores / num_workers (Ray would otherwise "
+        "give a worker as many threads as whole CPUs it reserved)"
+    )
 
     def __post_init__(self):
         _one_of(self.backend, ("ray", "local"), "distributed.backend")
@@ -205,6 +209,7 @@ class DistributedConfig:
         _check(self.cpus_per_worker > 0, "distributed.cpus_per_worker", "must be > 0")
         _check(self.data_cpus > 0, "distributed.data_cpus", "must be > 0")
         _check(self.max_failures >= 0, "distributed.max_failures", "must be >= 0")
+        _check(self.torch_threads >= 0, "distributed.torch_threads", "must be >= 0")
 
 
 @dataclass

@@ -11,6 +11,8 @@ Checkpoints (reported with ``ray.train.report``) hold, never the LM:
                          (``exclude_frozen_parameters``)
     prompt_model/        the gathered prompt model in the portable format of pipeline.checkpoint
     train_state.json     step and data position (epoch, next batch index)
+    x0_bar.json          the bootstrap target
+    history.jsonl        per-step records since the previous checkpoint
 Metrics reach MLflow (rank 0's, through :class:`MLflowCommit` on the controller) only once the
 checkpoint that covers them is persisted, so a restart after a failure never logs a step twice.
 """
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
                       True: "cluster/deepspeed/zero3_gpu_bf16.json"}
+HISTORY_FILE = "history.jsonl"  # in each checkpoint: the per-step records it covers
 RUN_NAME = "train"  # the Ray run's name inside <output>/ray; fixed so that a restart finds it
 
 
@@ -81,8 +84,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     config = RunConfig.from_dict(loop_config["config"])
     tc = config.train
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if not config.distributed.use_gpu:
+        per_node = max(1, context.get_local_world_size())
+        torch.set_num_threads(config.distributed.torch_threads
+                              or max(1, (os.cpu_count() or 1) // per_node))
     ds_config = loop_config["deepspeed"]
     # Alive while the model is built: transformers then builds it inside deepspeed.zero.Init.
     hf_deepspeed = HfDeepSpeedConfig(ds_config)  # noqa: F841
@@ -150,10 +157,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                         json.dumps({"step": step, **position}))
                     Path(folder, "x0_bar.json").write_text(
                         json.dumps(prompt_model.x0_bar.tolist()))
-                # The records ride along; MLflowCommit logs them once the checkpoint commits.
-                metrics = {**_report_metrics(record), "resumed_from_step": start,
-                           "history": list(pending) if rank == 0 else []}
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+                    # The steps since the last checkpoint; MLflowCommit logs them from here.
+                    Path(folder, HISTORY_FILE).write_text(
+                        "".join(json.dumps(item) + "\n" for item in pending))
+                ray.train.report({**_report_metrics(record), "resumed_from_step": start},
+                                 checkpoint=Checkpoint.from_directory(folder))
             pending.clear()
         elif step % tc.log_every == 0:
             ray.train.report({**_report_metrics(record), "resumed_from_step": start})
@@ -188,7 +196,9 @@ class MLflowCommit(ray.train.UserCallback):
             return
         if metrics[0].get("resumed_from_step"):
             self.tracker.set_tag("ddpt.resumed_from_step", metrics[0]["resumed_from_step"])
-        for record in metrics[0].get("history", []):
+        with checkpoint.as_directory() as folder:
+            lines = Path(folder, HISTORY_FILE).read_text().splitlines()
+        for record in map(json.loads, lines):
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
                                      step=record["step"])
 
@@ -265,5 +275,4 @@ def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | P
         if exported.exists():
             shutil.rmtree(exported)
         shutil.copytree(Path(folder) / "prompt_model", exported)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if k != "history"}
-    return RayTrainOutcome(exported, metrics, result.checkpoint.path)
+    return RayTrainOutcome(exported, dict(result.metrics or {}), result.checkpoint.path)

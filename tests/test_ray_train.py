@@ -109,7 +109,9 @@ def test_bad_tracking_uri_fails_before_ray_starts(tmp_path):
 def test_ray_job_submit_runs_the_training_job(tmp_path):
     """`ray start --head`, then `ray job submit --working-dir . -- python jobs/train.py`."""
     bin_dir = Path(sys.executable).parent
+    # The entrypoint's `python` must be this environment's (as with an activated venv).
     env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "DDPT_DATA_DIR": str(Path(os.environ.get("DDPT_DATA_DIR", REPO.parent / "shared" /
                                                     "data")).resolve())}
     dashboard = 8265 + (os.getpid() % 500)
