@@ -28,7 +28,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 run: install  ## the main job on the embedded model and the shipped data
-	$(BIN)/ddpt run --output $(OUTPUT) $(ARGS)
+	@# --resume: a second `make run` continues (or just reprints) instead of refusing
+	$(BIN)/ddpt run --output $(OUTPUT) --resume $(ARGS)
 
 smoke: install  ## the whole path on a tiny random model, in seconds
 	$(BIN)/ddpt run --preset smoke --output runs/smoke $(ARGS)

@@ -1,4 +1,6 @@
-"""The ``ddpt`` command. Thin: parse, build the config, call the library."""
+"""ddpt: diffusion-driven prompt tuning for frozen code LLMs, on Ray, DeepSpeed and MLflow.
+
+The command is thin: it parses, builds the config and calls the library."""
 from __future__ import annotations
 
 import argparse
@@ -62,21 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="the main job: train DDPT, sample, compare with manual")
-    _config_args(run)
-    run.add_argument("--output", default="runs/main", help="output folder")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the output folder's checkpoint and samples")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.set_defaults(func=cmd_run)
-
-    train = sub.add_parser("train", help="train the DDPT prompt model (Ray Train + DeepSpeed)")
-    _config_args(train)
-    train.add_argument("--output", default="runs/train", help="output folder")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the output folder's latest checkpoint")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.set_defaults(func=cmd_train)
+    jobs = [("run", cmd_run, "runs/main", "the main job: train DDPT, sample, compare methods"),
+            ("train", cmd_train, "runs/train", "train the prompt model (Ray Train + DeepSpeed)")]
+    for name, func, output, text in jobs:
+        job = sub.add_parser(name, help=text)
+        _config_args(job)
+        job.add_argument("--output", default=output, help="output folder")
+        job.add_argument("--resume", action="store_true",
+                         help="continue from the output folder's last checkpoint (and samples)")
+        job.add_argument("--no-progress", action="store_true", help="no progress bars")
+        job.set_defaults(func=func)
 
     show = sub.add_parser("config", help="print the resolved configuration")
     _config_args(show)

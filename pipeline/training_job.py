@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +63,11 @@ def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False
     """
     output = Path(output_dir).resolve()
     check_output(output, resume)
+    done = _finished(output, config) if resume else None
+    if done:
+        log.info("%s already holds step %d of %d: nothing to train", done.checkpoint,
+                 config.train.steps, config.train.steps)
+        return done
     examples = examples if examples is not None else load_train_examples(config)
     check_tracking_uri(resolve_tracking_uri(output, config.tracking.uri))  # creates output
     config.save(output / "config.yaml")
@@ -79,6 +83,17 @@ def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False
         tracker.log_artifacts(checkpoint, "checkpoint")
         tracker.log_artifact(output / "config.yaml")
     return TrainOutcome(checkpoint, tracker.run_id, tracker.uri, time.perf_counter() - began)
+
+
+def _finished(output: Path, config: RunConfig) -> TrainOutcome | None:
+    """The outcome of an earlier run in ``output`` that already reached ``train.steps``."""
+    state, run_file = output / "checkpoint" / "state.json", output / RUN_FILE
+    if not (state.is_file() and run_file.is_file()):
+        return None
+    if json.loads(state.read_text())["step"] < config.train.steps:
+        return None
+    saved = json.loads(run_file.read_text())
+    return TrainOutcome(output / "checkpoint", saved["run_id"], saved["uri"], 0.0)
 
 
 def _train_local(config, examples, output, tracker, resume, progress, lm) -> Path:
@@ -99,8 +114,6 @@ def _train_local(config, examples, output, tracker, resume, progress, lm) -> Pat
                                     step=item["step"])
             pending.clear()
 
-    if not resume and checkpoint.exists():
-        shutil.rmtree(checkpoint)
     train_ddpt(config, lm, examples, checkpoint_dir=checkpoint, resume=resume, on_step=on_step,
                progress=progress)
     return checkpoint
