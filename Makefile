@@ -32,7 +32,7 @@ run: install  ## the main job on the embedded model and the shipped data
 	$(BIN)/ddpt run --output $(OUTPUT) --resume $(ARGS)
 
 smoke: install  ## the whole path on a tiny random model, in seconds
-	$(BIN)/ddpt run --preset smoke --output runs/smoke $(ARGS)
+	$(BIN)/ddpt run --preset smoke --output runs/smoke --resume $(ARGS)
 
 test: install  ## the whole suite, slow end-to-end tests included
 	$(BIN)/python -m pytest -q $(ARGS)
