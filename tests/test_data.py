@@ -32,7 +32,7 @@ def assert_unique(examples: list[Example]) -> None:
 
 def test_default_data_dir_is_shared_folder():
     assert SHARED.is_dir(), f"shared data folder missing at {SHARED}"
-    assert resolve_data_dir() == SHARED.resolve()
+    assert resolve_data_dir().resolve() == SHARED.resolve()
 
 
 def test_registry_and_splits_agree():
