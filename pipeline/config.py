@@ -131,7 +131,10 @@ class DenoiserConfig:
 class TrainConfig:
     objective: str = _help("bootstrap", "training objective (method.md section 1)")
     steps: int = _help(80, "optimizer steps")
-    batch_size: int = _help(8, "examples per step and worker (global: x distributed.num_workers)")
+    batch_size: int = _help(
+        8, "examples per optimizer step, over all workers (each Ray worker takes "
+        "batch_size / distributed.num_workers)"
+    )
     lr: float = _help(1e-3, "AdamW learning rate")
     weight_decay: float = _help(0.0, "AdamW weight decay")
     ema_rate: float = _help(0.1, "rate of the stop-gradient target x0_bar's moving average")
@@ -292,6 +295,12 @@ class RunConfig:
                 raise ConfigError(f"--set {item!r}: expected section.field=value")
             flat[key.strip()] = yaml.safe_load(raw)
         return type(self).from_flat(flat, base=self)
+
+    def __post_init__(self):
+        workers = self.distributed.num_workers
+        if self.distributed.backend == "ray" and self.train.batch_size % workers:
+            raise ConfigError(f"train.batch_size: {self.train.batch_size} does not split evenly "
+                              f"over distributed.num_workers={workers}")
 
     def __str__(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False).rstrip()

@@ -65,7 +65,7 @@ def deepspeed_config(config: RunConfig) -> dict[str, Any]:
         raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
     if ds.get("zero_optimization", {}).get("stage") != 3:
         log.warning("%s: zero_optimization.stage is not 3; the LM will not be sharded", path)
-    ds["train_micro_batch_size_per_gpu"] = tc.batch_size
+    ds["train_micro_batch_size_per_gpu"] = tc.batch_size // dc.num_workers
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = tc.grad_clip
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
@@ -123,8 +123,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                  next_index)
 
     position = {"epoch": epoch, "next_index": next_index}
-    stream = shard_batches(ray.train.get_dataset_shard("train"), lm, tc.batch_size, tc.seed,
-                           epoch, next_index)
+    stream = shard_batches(ray.train.get_dataset_shard("train"), lm, tc.batch_size // world,
+                           tc.seed, epoch, next_index)
 
     def batches():
         for epoch_now, index, batch in stream:
@@ -141,7 +141,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     pending: list[dict] = []  # per-step records since the last checkpoint
 
     def on_step(step: int, record: dict) -> None:
-        record = {**record, "examples_per_second": tc.batch_size * world / record["step_seconds"],
+        record = {**record, "examples_per_second": tc.batch_size / record["step_seconds"],
                   "lm_shard_share": shard_share}
         pending.append(record)
         every = tc.checkpoint_every
@@ -238,10 +238,9 @@ def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | P
     """Train on a TorchTrainer; blocks until done. Raises if the run failed for good."""
     dc, tc = config.distributed, config.train
     output = Path(output_dir).resolve()
-    needed = dc.num_workers * tc.batch_size
-    if len(examples) < needed:
-        raise ConfigError(f"train.batch_size x distributed.num_workers = {needed} examples per "
-                          f"step, but the training split has {len(examples)}")
+    if len(examples) < tc.batch_size:
+        raise ConfigError(f"train.batch_size is {tc.batch_size} examples per step, but the "
+                          f"training split has {len(examples)}")
     ds_config = deepspeed_config(config)
     storage = output / "ray"
     if (storage / RUN_NAME).exists() and not resume:

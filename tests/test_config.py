@@ -57,3 +57,9 @@ def test_bad_file_names_the_file(tmp_path):
         build_config("default", str(path))
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         build_config("default", str(tmp_path / "missing.yaml"))
+
+
+def test_batch_must_split_over_ray_workers():
+    with pytest.raises(ConfigError, match="does not split evenly over distributed.num_workers=2"):
+        build_config("default", overrides=["train.batch_size=7"])
+    build_config("default", overrides=["train.batch_size=7", "distributed.backend=local"])

@@ -18,7 +18,7 @@ def test_gpu_deepspeed_config_is_bf16_zero3():
                                                  "model.dtype=bfloat16", "train.batch_size=4"])
     ds = deepspeed_config(config)
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
-    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == 4 // config.distributed.num_workers
 
 
 def test_cpu_deepspeed_config_is_fp32_zero3():

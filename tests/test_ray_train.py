@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--preset", "smoke", "--no-progress", "--set", "model.name=tiny-llama",
-        "--set", "data.max_train_examples=12", "--set", "train.batch_size=3",
+        "--set", "data.max_train_examples=12", "--set", "train.batch_size=6",
         "--set", "train.lr=1e-2", "--set", "distributed.num_workers=2"]
 
 
