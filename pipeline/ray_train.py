@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,13 +203,6 @@ class MLflowCommit(ray.train.UserCallback):
 
 
 # ---- on the driver -------------------------------------------------------------------------------
-@dataclass
-class RayTrainOutcome:
-    checkpoint: Path  # the portable prompt-model checkpoint, exported into the output folder
-    metrics: dict[str, float]  # the last reported metrics
-    ray_checkpoint: str  # where Ray keeps the full (DeepSpeed) checkpoint
-
-
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one."""
     if not ray.is_initialized():
@@ -234,8 +226,9 @@ def _check_resources(config: RunConfig) -> None:
 
 def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | Path,
                  tracker: RunTracker | None = None, resume: bool = False,
-                 progress: bool = True) -> RayTrainOutcome:
-    """Train on a TorchTrainer; blocks until done. Raises if the run failed for good."""
+                 progress: bool = True) -> Path:
+    """Train on a TorchTrainer; blocks until done and returns the exported portable checkpoint
+    (``<output>/checkpoint``). Raises if the run failed for good."""
     dc, tc = config.distributed, config.train
     output = Path(output_dir).resolve()
     if len(examples) < tc.batch_size:
@@ -274,4 +267,4 @@ def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | P
         if exported.exists():
             shutil.rmtree(exported)
         shutil.copytree(Path(folder) / "prompt_model", exported)
-    return RayTrainOutcome(exported, dict(result.metrics or {}), result.checkpoint.path)
+    return exported

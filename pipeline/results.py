@@ -58,9 +58,9 @@ class ResultStore:
 
     def _drop_torn_tail(self) -> None:
         """Cut a final line that a crash left without its newline, before appending after it."""
-        if not self.path.is_file():
+        if not self.path.is_file() or self.path.stat().st_size == 0:
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(data.rfind(b"\n") + 1)
+        with open(self.path, "r+b") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":  # rare: only then read the whole file
+                handle.truncate(self.path.read_bytes().rfind(b"\n") + 1)

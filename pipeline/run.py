@@ -12,6 +12,7 @@ generations already in samples.jsonl.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.config import ConfigError, RunConfig, save_json
+from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
 from pipeline.data.loaders import load_examples
 from pipeline.checkpoint import load_prompt_model
@@ -32,7 +33,7 @@ from pipeline.models import load_model, resolve_device
 from pipeline.results import ResultStore
 from pipeline.template import PromptTemplate
 from pipeline.tracking import RunTracker
-from pipeline.training_job import check_output, run_training
+from pipeline.training_job import check_output, load_train_examples, run_training
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,9 @@ METHODS: dict[str, Callable[[RunContext], torch.Tensor | None]] = {
 
 def load_data(config: RunConfig) -> tuple[list[Example], list[Example]]:
     dc = config.data
-    train = load_examples(dc.dataset, dc.train_split, dc.data_dir, dc.max_train_examples or None)
     evaluation = load_examples(dc.dataset, dc.eval_split, dc.data_dir,
                                dc.max_eval_examples or None)
-    return train, evaluation
+    return load_train_examples(config), evaluation
 
 
 def check_before_work(config: RunConfig) -> None:
@@ -85,6 +85,10 @@ def build_lm(config: RunConfig) -> FrozenCodeLM:
     model.to(resolve_device(config.model.device))
     template = PromptTemplate(tokenizer, config.prompt, model.config.is_encoder_decoder)
     return FrozenCodeLM(model, tokenizer, template)
+
+
+def save_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

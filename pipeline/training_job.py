@@ -76,8 +76,7 @@ def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False
         if config.distributed.backend == "ray":
             from pipeline.ray_train import train_on_ray  # Ray only where it is used
 
-            checkpoint = train_on_ray(config, examples, output, tracker, resume,
-                                      progress).checkpoint
+            checkpoint = train_on_ray(config, examples, output, tracker, resume, progress)
         else:
             checkpoint = _train_local(config, examples, output, tracker, resume, progress, lm)
         tracker.log_artifacts(checkpoint, "checkpoint")
