@@ -128,7 +128,11 @@ class DenoiserConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = _help("bootstrap", "training objective (method.md section 1)")
+    method: str = _help(
+        "ddpt", "what is trained: 'ddpt' (the diffusion prompt model) or 'prompt_tuning' (the "
+        "baseline: the n context embeddings learned directly, same loss, data and steps)"
+    )
+    objective: str = _help("bootstrap", "DDPT's training objective (method.md section 1)")
     steps: int = _help(80, "optimizer steps")
     batch_size: int = _help(
         8, "examples per optimizer step, over all workers (each Ray worker takes "
@@ -144,6 +148,7 @@ class TrainConfig:
     checkpoint_every: int = _help(50, "steps between checkpoints; 0 = only at the end")
 
     def __post_init__(self):
+        _one_of(self.method, ("ddpt", "prompt_tuning"), "train.method")
         _one_of(self.objective, ("bootstrap",), "train.objective")
         for name in ("steps", "batch_size", "log_every"):
             _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
@@ -160,9 +165,14 @@ class SampleConfig:
     ddim_steps: int = _help(50, "S, DDIM steps")
     eta: float = _help(0.0, "DDIM noise: 0 = deterministic, 1 = DDPM-like")
     seed: int = _help(0, "seed of x_T")
+    prompts: str = _help(
+        "shared", "'shared': one sampled prompt for every example; 'per_example': a prompt per "
+        "example (seeded by the example id, so a retried batch gets the same prompts)"
+    )
 
     def __post_init__(self):
         _one_of(self.sampler, ("ddim", "ddpm"), "sample.sampler")
+        _one_of(self.prompts, ("shared", "per_example"), "sample.prompts")
         _check(self.ddim_steps >= 1, "sample.ddim_steps", "must be >= 1")
         _check(0 <= self.eta <= 1, "sample.eta", "must be in [0, 1]")
 
@@ -179,6 +189,69 @@ class EvalConfig:
         _check(len(self.metrics) > 0, "eval.metrics", "must name at least one metric")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
+
+
+@dataclass
+class DecodingConfig:
+    strategy: str = _help(
+        "greedy", "'greedy' (plain), 'sample' (temperature sampling, for pass@k with n > 1) or "
+        "'spa' (selective prompt anchoring, method.md section 2)"
+    )
+    temperature: float = _help(0.8, "sampling temperature (strategy 'sample')")
+    top_p: float = _help(0.95, "nucleus sampling mass (strategy 'sample')")
+    spa_omega: float = _help(1.1, "SPA anchoring strength; 1 = plain greedy")
+    spa_anchors: list[str] = _help(
+        ["instruction"], "spans SPA anchors: 'instruction', 'input', 'context' (the tuned prompt)"
+    )
+    seed: int = _help(0, "seed of sampled decoding")
+
+    def __post_init__(self):
+        _one_of(self.strategy, ("greedy", "sample", "spa"), "decoding.strategy")
+        _check(self.temperature > 0, "decoding.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "decoding.top_p", "must be in (0, 1]")
+        _check(len(self.spa_anchors) > 0, "decoding.spa_anchors", "must name at least one span")
+        for anchor in self.spa_anchors:
+            _one_of(anchor, ("instruction", "input", "context"), "decoding.spa_anchors")
+
+
+@dataclass
+class ExecutionConfig:
+    timeout_s: float = _help(10.0, "wall-clock limit per program")
+    cpu_s: int = _help(10, "CPU-time limit per program (RLIMIT_CPU)")
+    memory_mb: int = _help(1024, "address-space limit per program (RLIMIT_AS)")
+    max_file_mb: int = _help(16, "largest file a program may write (RLIMIT_FSIZE)")
+    max_processes: int = _help(16, "processes a program may have at once (RLIMIT_NPROC)")
+    workers: int = _help(0, "programs run in parallel; 0 = this machine's cores")
+    num_samples: int = _help(1, "n: generations per task for pass@k (n > 1 samples)")
+    ks: list[int] = _help([1], "k values for pass@k (each <= num_samples)")
+
+    def __post_init__(self):
+        _check(self.timeout_s > 0, "execution.timeout_s", "must be > 0")
+        for name in ("cpu_s", "memory_mb", "max_file_mb", "max_processes", "num_samples"):
+            _check(getattr(self, name) > 0, f"execution.{name}", "must be > 0")
+        _check(self.workers >= 0, "execution.workers", "must be >= 0")
+        _check(len(self.ks) > 0, "execution.ks", "must name at least one k")
+        for k in self.ks:
+            _check(1 <= k <= self.num_samples, "execution.ks",
+                   f"k={k} must be in [1, execution.num_samples={self.num_samples}]")
+
+
+@dataclass
+class PoolConfig:
+    backend: str = _help("ray", "'ray': a pool of sampler actors; 'local': this process")
+    num_actors: int = _help(2, "sampler actors, each holding the LM and the prompt models once")
+    cpus_per_actor: float = _help(1.0, "CPUs Ray reserves per actor")
+    gpus_per_actor: float = _help(0.0, "GPUs per actor on a cluster (fractions share a GPU)")
+    torch_threads: int = _help(0, "CPU threads per actor; 0 = this node's cores / num_actors")
+    max_restarts: int = _help(2, "times Ray restarts a dead actor (its batch is retried)")
+
+    def __post_init__(self):
+        _one_of(self.backend, ("ray", "local"), "pool.backend")
+        _check(self.num_actors >= 1, "pool.num_actors", "must be >= 1")
+        _check(self.cpus_per_actor > 0, "pool.cpus_per_actor", "must be > 0")
+        _check(self.gpus_per_actor >= 0, "pool.gpus_per_actor", "must be >= 0")
+        _check(self.torch_threads >= 0, "pool.torch_threads", "must be >= 0")
+        _check(self.max_restarts >= 0, "pool.max_restarts", "must be >= 0")
 
 
 @dataclass
@@ -234,7 +307,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # ---- conversions -------------------------------------------------------------------------
