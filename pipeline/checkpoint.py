@@ -1,9 +1,10 @@
-"""Checkpoints of the trainable part only: the diffusion prompt model, its optimizer, the config
-and the step. Never the LM. Weights in safetensors; written atomically (temp folder + rename).
+"""Checkpoints of the trainable part only: the prompt model (DDPT's DiffusionPrompt or the
+prompt-tuning SoftPrompt, per ``train.method``), its optimizer, the config and the step. Never the LM. Weights in safetensors; written atomically (temp folder + rename).
 
 Layout of a checkpoint folder::
 
-    model.safetensors   DiffusionPrompt state (denoiser, up-projection, x0_bar)
+    model.safetensors   the prompt model's state (DDPT: denoiser, up-projection, x0_bar;
+                        prompt tuning: P and X_ctx)
     optimizer.pt        optimizer state (absent in an export)
     config.yaml         the RunConfig that made it
     state.json          {"step", "context_tokens", "hidden_size", "token_norm", ...}
@@ -20,10 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import RunConfig
-from pipeline.ddpt import DiffusionPrompt
+from torch import nn
+
+from pipeline.ddpt import DiffusionPrompt, SoftPrompt
 
 
-def save_checkpoint(path: str | Path, model: DiffusionPrompt, config: RunConfig, step: int,
+def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, step: int,
                     optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,14 +57,18 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def load_prompt_model(path: str | Path, map_location: str | torch.device = "cpu"
-                      ) -> tuple[DiffusionPrompt, RunConfig, dict[str, Any]]:
-    """Rebuild the DiffusionPrompt saved at ``path``; returns (model, config, state)."""
+                      ) -> tuple[DiffusionPrompt | SoftPrompt, RunConfig, dict[str, Any]]:
+    """Rebuild the prompt model saved at ``path``; returns (model, config, state)."""
     path = Path(path)
     meta = read_state(path)
     config = RunConfig.load(path / "config.yaml")
-    model = DiffusionPrompt(meta["context_tokens"], meta["hidden_size"], meta["token_norm"],
-                            config.denoiser, config.diffusion, seed=config.train.seed)
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(map_location)))
+    weights = load_file(str(path / "model.safetensors"), device=str(map_location))
+    if config.train.method == "prompt_tuning":
+        model = SoftPrompt(weights["context"], meta["token_norm"])
+    else:
+        model = DiffusionPrompt(meta["context_tokens"], meta["hidden_size"], meta["token_norm"],
+                                config.denoiser, config.diffusion, seed=config.train.seed)
+    model.load_state_dict(weights)
     return model.to(map_location), config, meta
 
 

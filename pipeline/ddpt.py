@@ -1,8 +1,12 @@
-"""DDPT: the diffusion prompt model and its training objective (method.md section 1).
+"""The trainable prompt models and their training objectives.
 
-:class:`DiffusionPrompt` bundles the noise schedule, the denoiser, the up-projection and the
-bootstrap target ``x0_bar``. Latents are (n, k); directions are (n, d); the prompt the LM sees is
-``X_ctx + direction``.
+:class:`DiffusionPrompt` (DDPT, method.md section 1) bundles the noise schedule, the denoiser,
+the up-projection and the bootstrap target ``x0_bar``. Latents are (n, k); directions are (n, d);
+the prompt the LM sees is ``X_ctx + direction``.
+
+:class:`SoftPrompt` is the prompt-tuning baseline: the same n context positions, learned directly
+with the same loss, data and steps. Both offer ``sample_directions(num, config, generator)``, so
+sampling and evaluation treat them alike.
 """
 from __future__ import annotations
 
@@ -11,7 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import DenoiserConfig, DiffusionConfig, SampleConfig, TrainConfig
+from pipeline.config import (
+    DenoiserConfig,
+    DiffusionConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from pipeline.diffusion.denoiser import PromptDenoiser, UpProjection
 from pipeline.diffusion.samplers import sample
 from pipeline.diffusion.schedules import NoiseSchedule
@@ -66,6 +76,45 @@ class DiffusionPrompt(nn.Module):
         return self.direction(self.sample_latents(num, config, generator))
 
 
+class SoftPrompt(nn.Module):
+    """Prompt tuning (Lester et al. 2021) on the context span: the n prompt embeddings P (n, d)
+    are the parameters, initialised from the manual context's embeddings (PEFT's TEXT init), and
+    the direction is ``P - X_ctx``, so the LM sees P exactly where DDPT's prompt goes.
+
+    P lives in PEFT's ``PromptEmbedding``. PEFT's ``PeftModel`` wrapper is not used: it prepends
+    virtual tokens before the whole input (in front of the chat template's system header), which
+    would put the baseline's prompt somewhere else than DDPT's, and it wraps the forward that
+    DeepSpeed's ZeRO-3 hooks and our KV-cache decoding drive directly.
+    """
+
+    def __init__(self, context: torch.Tensor, token_norm: float):
+        from peft import PromptTuningConfig
+        from peft.tuners.prompt_tuning import PromptEmbedding
+
+        super().__init__()
+        self.context_tokens, self.hidden_size = context.shape
+        self.token_norm = token_norm
+        peft_config = PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init="RANDOM",
+                                         num_virtual_tokens=self.context_tokens,
+                                         token_dim=self.hidden_size, num_transformer_submodules=1)
+        self.prompt = PromptEmbedding(peft_config, word_embeddings=None)
+        with torch.no_grad():
+            self.prompt.embedding.weight.copy_(context.float())
+        self.register_buffer("context", context.detach().float().clone())  # X_ctx, (n, d)
+        self.register_buffer("positions", torch.arange(self.context_tokens), persistent=False)
+
+    def direction(self) -> torch.Tensor:
+        """P - X_ctx: (n, d). P is read through the embedding's forward, where ZeRO-3's hooks
+        gather it when DeepSpeed has partitioned it."""
+        return self.prompt(self.positions) - self.context
+
+    @torch.no_grad()
+    def sample_directions(self, num: int, config: SampleConfig | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """The one learned direction, ``num`` times: (num, n, d). Nothing is random."""
+        return self.direction().detach().expand(num, -1, -1).clone()
+
+
 @dataclass
 class StepStats:
     loss: float  # total objective
@@ -113,17 +162,36 @@ class BootstrapObjective:
         model.x0_bar.lerp_(mean.to(model.x0_bar.dtype), self.rate)
 
 
+class PromptTuningObjective:
+    """The baseline's loss: the LM's code cross-entropy given P; nothing else to update."""
+
+    def __init__(self, config: TrainConfig):
+        pass
+
+    def loss(self, model: SoftPrompt, lm: FrozenCodeLM, batch: Batch,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, StepStats]:
+        direction = model.direction()
+        code_loss = lm.code_loss(batch, direction)
+        stats = StepStats(code_loss.item(), code_loss.item(), 0.0,
+                          direction.detach().norm(dim=-1).mean().item())
+        return code_loss, stats
+
+    def after_step(self, model: SoftPrompt) -> None:
+        pass
+
+
 OBJECTIVES = {"bootstrap": BootstrapObjective}
 
 
 class DDPTLoss(nn.Module):
-    """The prompt model and the frozen LM in one module, returning the objective's loss.
+    """A prompt model (DDPT's or the soft prompt) and the frozen LM in one module, returning the
+    objective's loss.
 
     DeepSpeed wraps exactly one module; with ZeRO-3 its hooks gather the partitioned LM layers
     as they run, so the LM must be a submodule here.
     """
 
-    def __init__(self, prompt_model: DiffusionPrompt, lm: FrozenCodeLM, objective):
+    def __init__(self, prompt_model: nn.Module, lm: FrozenCodeLM, objective):
         super().__init__()
         self.prompt = prompt_model
         self.lm_model = lm.model  # registered, so DeepSpeed sees (and partitions) it
@@ -140,3 +208,18 @@ def build_prompt_model(lm: FrozenCodeLM, denoiser: DenoiserConfig, diffusion: Di
     torch.manual_seed(seed)
     norm = lm.mean_token_norm() if token_norm is None else token_norm
     return DiffusionPrompt(lm.context_length, lm.hidden_size, norm, denoiser, diffusion, seed=seed)
+
+
+def build_trainable(lm: FrozenCodeLM, config: RunConfig, token_norm: float | None = None,
+                    context: torch.Tensor | None = None) -> tuple[nn.Module, object]:
+    """The prompt model and objective that ``train.method`` trains. ``token_norm`` and
+    ``context`` (X_ctx, (n, d)) default to the LM's; pass them when its embedding table is
+    partitioned (ZeRO-3) and has to be gathered first."""
+    tc = config.train
+    if tc.method == "prompt_tuning":
+        torch.manual_seed(tc.seed)
+        context = lm.context_embedding() if context is None else context
+        norm = lm.mean_token_norm() if token_norm is None else token_norm
+        return SoftPrompt(context, norm), PromptTuningObjective(tc)
+    model = build_prompt_model(lm, config.denoiser, config.diffusion, tc.seed, token_norm)
+    return model, OBJECTIVES[tc.objective](tc)

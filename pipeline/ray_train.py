@@ -11,7 +11,7 @@ Checkpoints (reported with ``ray.train.report``) hold, never the LM:
                          (``exclude_frozen_parameters``)
     prompt_model/        the gathered prompt model in the portable format of pipeline.checkpoint
     train_state.json     step and data position (epoch, next batch index)
-    x0_bar.json          the bootstrap target
+    x0_bar.json          the bootstrap target (DDPT only)
     history.jsonl        per-step records since the previous checkpoint
 Metrics reach MLflow (rank 0's, through :class:`MLflowCommit` on the controller) only once the
 checkpoint that covers them is persisted, so a restart after a failure never logs a step twice.
@@ -34,7 +34,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
-from pipeline.ddpt import OBJECTIVES, DDPTLoss, build_prompt_model
+from pipeline.ddpt import DDPTLoss, build_trainable
 from pipeline.frozen_lm import FrozenCodeLM
 from pipeline.models import load_model, prepare_embedded
 from pipeline.ray_data import shard_batches, tokenized_dataset
@@ -98,8 +98,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     embedding = model.get_input_embeddings()
     with deepspeed.zero.GatheredParameters([embedding.weight]):  # partitioned outside forward
         token_norm = embedding.weight.float().norm(dim=-1).mean().item()
-    prompt_model = build_prompt_model(lm, config.denoiser, config.diffusion, tc.seed, token_norm)
-    module = DDPTLoss(prompt_model, lm, OBJECTIVES[tc.objective](tc))
+        context = lm.context_embedding().clone()
+    prompt_model, objective = build_trainable(lm, config, token_norm, context)
+    module = DDPTLoss(prompt_model, lm, objective)
     trainable = [p for p in prompt_model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable,
                                            config=ds_config)
@@ -115,8 +116,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="ddpt",
                                    load_module_strict=False)
             state = json.loads(Path(folder, "train_state.json").read_text())
-            x0_bar = json.loads(Path(folder, "x0_bar.json").read_text())
-        prompt_model.x0_bar.copy_(torch.tensor(x0_bar))
+            x0_bar_file = Path(folder, "x0_bar.json")
+            if x0_bar_file.is_file():  # DDPT only; the soft prompt has no target
+                prompt_model.x0_bar.copy_(torch.tensor(json.loads(x0_bar_file.read_text())))
         start, epoch, next_index = state["step"], state["epoch"], state["next_index"]
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, start, epoch,
                  next_index)
@@ -154,8 +156,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     Path(folder, "train_state.json").write_text(
                         json.dumps({"step": step, **position}))
-                    Path(folder, "x0_bar.json").write_text(
-                        json.dumps(prompt_model.x0_bar.tolist()))
+                    if hasattr(prompt_model, "x0_bar"):
+                        Path(folder, "x0_bar.json").write_text(
+                            json.dumps(prompt_model.x0_bar.tolist()))
                     # The steps since the last checkpoint; MLflowCommit logs them from here.
                     Path(folder, HISTORY_FILE).write_text(
                         "".join(json.dumps(item) + "\n" for item in pending))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from pipeline.checkpoint import load_optimizer_state, load_prompt_model, save_checkpoint
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.example import Example
-from pipeline.ddpt import OBJECTIVES, DDPTLoss, DiffusionPrompt, StepStats, build_prompt_model
+from pipeline.ddpt import DDPTLoss, DiffusionPrompt, SoftPrompt, StepStats, build_trainable
 from pipeline.frozen_lm import Batch, FrozenCodeLM
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def local_step_fn(module: DDPTLoss, config: TrainConfig) -> tuple[StepFn, torch.
 
 @dataclass
 class TrainResult:
-    model: DiffusionPrompt
+    model: DiffusionPrompt | SoftPrompt
     history: list[dict] = field(default_factory=list)  # one record per step run now
     seconds: float = 0.0
     checkpoint: Path | None = None
@@ -106,7 +106,7 @@ def train_ddpt(
     checkpoint_dir: str | Path | None = None, resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
 ) -> TrainResult:
-    """Train the diffusion prompt model in this process for ``config.train.steps`` steps.
+    """Train the prompt model (``train.method``) in this process for ``config.train.steps`` steps.
 
     Saves a checkpoint to ``checkpoint_dir`` every ``train.checkpoint_every`` steps and at the
     end; with ``resume`` it continues from the checkpoint there.
@@ -115,8 +115,9 @@ def train_ddpt(
     if not examples:
         raise ValueError("no training examples")
     encoded = lm.encode(examples)
-    model = build_prompt_model(lm, config.denoiser, config.diffusion, tc.seed).to(lm.device)
-    module = DDPTLoss(model, lm, OBJECTIVES[tc.objective](tc))
+    model, objective = build_trainable(lm, config)
+    model = model.to(lm.device)
+    module = DDPTLoss(model, lm, objective)
     step_fn, optimizer = local_step_fn(module, tc)
     start = 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None

@@ -100,3 +100,21 @@ def test_batch_indices_visit_every_example_once_per_epoch():
     assert sorted(seen) == list(range(10))
     assert batch_indices(10, 4, 7, seed=3) == batch_indices(10, 4, 7, seed=3)
     assert len(batch_indices(3, 8, 0, seed=0)) == 8  # batches larger than the data wrap around
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_prompt_tuning_baseline_learns_only_its_prompt(name, tmp_path):
+    lm = make_lm(name)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    config = tiny_config(name, steps=30, method="prompt_tuning")
+    config.train = dataclasses.replace(config.train, batch_size=6, lr=5e-2)
+    result = train_ddpt(config, lm, EXAMPLES, checkpoint_dir=tmp_path / "pt", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    history = result.history
+    assert history[0]["consistency"] == 0.0
+    # Step 1 starts at the manual prompt (P = X_ctx), and the loss falls from there.
+    assert history[-1]["code_loss"] < history[0]["code_loss"] - 0.1
+    assert history[0]["direction_norm"] == 0.0 and history[-1]["direction_norm"] > 0
+    loaded, saved_config, _ = load_prompt_model(tmp_path / "pt")
+    assert saved_config.train.method == "prompt_tuning"
+    torch.testing.assert_close(loaded.sample_directions(3)[2], result.model.direction())
