@@ -32,7 +32,7 @@ def main() -> None:
 
     from pipeline.config import build_config
     from pipeline.ddpt import OBJECTIVES, DDPTLoss, build_prompt_model
-    from pipeline.run import build_lm
+    from pipeline.models import build_lm
     from pipeline.train import batch_indices, local_step_fn, run_steps
     from pipeline.training_job import load_train_examples, run_training
 

@@ -10,6 +10,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -18,15 +19,18 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    PretrainedConfig,
     T5Config,
 )
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, RunConfig
 from pipeline.paths import cache_dir
+
+if TYPE_CHECKING:
+    from pipeline.frozen_lm import FrozenCodeLM
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +206,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("model.device='cuda' but no CUDA device is visible")
     return torch.device(name)
+
+
+def build_lm(config: RunConfig) -> FrozenCodeLM:
+    """The frozen LM of a run: model, tokenizer and prompt template, on ``model.device``."""
+    from pipeline.frozen_lm import FrozenCodeLM
+    from pipeline.template import PromptTemplate
+
+    model, tokenizer = load_model(config.model)
+    model.to(resolve_device(config.model.device))
+    template = PromptTemplate(tokenizer, config.prompt, model.config.is_encoder_decoder)
+    return FrozenCodeLM(model, tokenizer, template)

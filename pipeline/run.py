@@ -1,65 +1,50 @@
-"""The main job, in one process: train DDPT, sample a prompt, compare it with the manual prompt.
+"""The main job: train DDPT and the prompt-tuning baseline, then compare every method.
 
 Writes into the output folder:
     config.yaml        the resolved configuration
-    checkpoint/        the trained diffusion prompt model (never the LM)
-    ray/               Ray Train's own checkpoints (DeepSpeed shards), for resuming
-    mlflow.db, mlartifacts/, mlflow_run.json   the MLflow run (unless MLFLOW_TRACKING_URI is set)
-    samples.jsonl      one line per (method, example): id, method, generation, reference
-    metrics.json       {method: {metric: value}}, plus ``code_ce`` (held-out code cross-entropy)
-Re-running with ``resume=True`` continues training from the last checkpoint and skips
+    ddpt/, prompt_tuning/   one training job each (``ddpt train``'s layout: checkpoint/, ray/)
+    samples.jsonl      one line per (method, example): id, method, generation, reference, ...
+    metrics.json       {method: {metric: value}}: text metrics, ``code_ce`` (held-out code
+                       cross-entropy), prompt/generation seconds
+    interpret/         nearest tokens and a t-SNE map per trained prompt model
+    mlflow.db, mlartifacts/, mlflow_comparison.json   the MLflow comparison (unless
+                       MLFLOW_TRACKING_URI or tracking.uri says otherwise): a parent run with a
+                       child per training job and per method
+Re-running with ``resume=True`` continues training from the last checkpoints and skips
 generations already in samples.jsonl.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from pipeline.comparison import (
+    COMPARISON_FILE,
+    interpret,
+    log_methods,
+    open_comparison,
+    sample_into,
+    score,
+)
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
 from pipeline.data.loaders import load_examples
-from pipeline.checkpoint import load_prompt_model
-from pipeline.ddpt import DiffusionPrompt
-from pipeline.evaluate import generate_into, heldout_code_loss, score_method
 from pipeline.frozen_lm import FrozenCodeLM
 from pipeline.metrics import METRICS
-from pipeline.models import load_model, resolve_device
+from pipeline.models import build_lm
 from pipeline.results import ResultStore
-from pipeline.template import PromptTemplate
-from pipeline.tracking import RunTracker
-from pipeline.training_job import check_output, load_train_examples, run_training
+from pipeline.sampler import check_methods, prompt_models_needed
+from pipeline.tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
+from pipeline.training_job import load_train_examples, run_training
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class RunContext:
-    config: RunConfig
-    lm: FrozenCodeLM
-    prompt_model: DiffusionPrompt | None = None
-
-
-def _manual(ctx: RunContext) -> None:
-    return None
-
-
-def _ddpt(ctx: RunContext) -> torch.Tensor:
-    """One prompt sampled from the reverse chain (seeded), shared by every example: (n, d)."""
-    generator = torch.Generator().manual_seed(ctx.config.sample.seed)
-    return ctx.prompt_model.sample_directions(1, ctx.config.sample, generator)[0]
-
-
-# A method maps the trained context to the direction `delta` it decodes with (None = manual).
-METHODS: dict[str, Callable[[RunContext], torch.Tensor | None]] = {
-    "manual": _manual,
-    "ddpt": _ddpt,
-}
+DEFAULT_METHODS = ("manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa")
 
 
 def load_data(config: RunConfig) -> tuple[list[Example], list[Example]]:
@@ -80,13 +65,6 @@ def check_before_work(config: RunConfig) -> None:
         ensure_wordnet()
 
 
-def build_lm(config: RunConfig) -> FrozenCodeLM:
-    model, tokenizer = load_model(config.model)
-    model.to(resolve_device(config.model.device))
-    template = PromptTemplate(tokenizer, config.prompt, model.config.is_encoder_decoder)
-    return FrozenCodeLM(model, tokenizer, template)
-
-
 def save_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -94,51 +72,69 @@ def save_json(path: Path, data: dict) -> None:
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
     names = list(dict.fromkeys(name for values in metrics.values() for name in values))
     widths = [max(10, len(n) + 2) for n in names]
-    header = f"{'method':<12}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
-    rows = [f"{m:<12}" + "".join(f"{v.get(n, float('nan')):>{w}.4f}" for n, w in zip(names, widths))
+    header = f"{'method':<14}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
+    rows = [f"{m:<14}" + "".join(f"{v.get(n, float('nan')):>{w}.4f}" for n, w in zip(names, widths))
             for m, v in metrics.items()]
     return "\n".join([header, "-" * len(header), *rows])
 
 
-def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
-             methods: tuple[str, ...] = ("manual", "ddpt"), progress: bool = True) -> dict:
-    """Train (through :func:`run_training`: Ray + DeepSpeed by default), sample, generate,
-    score. Returns ``{method: {metric: value}}``; also logged to the training's MLflow run."""
-    output = Path(output_dir).resolve()
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
-    check_output(output, resume)
-    train_examples, eval_examples = load_data(config)  # data errors surface before any work
-    check_before_work(config)
-    torch.manual_seed(config.train.seed)
+def with_tracking_uri(config: RunConfig, output: Path) -> RunConfig:
+    """Pin the resolved MLflow URI, so that every job of the run (training jobs in their own
+    folders included) logs into the same store."""
+    uri = resolve_tracking_uri(output, config.tracking.uri)
+    check_tracking_uri(uri)  # a bad URI fails here, before any work
+    return dataclasses.replace(
+        config, tracking=dataclasses.replace(config.tracking, uri=uri))
 
-    began = time.perf_counter()
-    lm = build_lm(config)
-    log.info("model %s (%s template, context n=%d, d=%d) loaded in %.1fs", config.model.name,
-             lm.template.kind, lm.context_length, lm.hidden_size, time.perf_counter() - began)
-    trained = run_training(config, output, resume, train_examples, progress, lm=lm)
-    prompt_model, _, _ = load_prompt_model(trained.checkpoint, map_location=lm.device)
-    ctx = RunContext(config, lm, prompt_model)
 
+def compare_methods(config: RunConfig, output: Path, methods: list[str],
+                    checkpoints: dict[str, Path], examples: list[Example], parent: RunTracker,
+                    resume: bool, progress: bool = True, lm: FrozenCodeLM | None = None
+                    ) -> dict[str, dict[str, float]]:
+    """Sample and generate with every method, score, and log one MLflow child per method."""
     store = ResultStore(output / "samples.jsonl")
     if not resume and store.path.exists():
         store.path.unlink()
-    metrics: dict[str, dict[str, float]] = {}
-    for method in methods:
-        started = time.perf_counter()
-        delta = METHODS[method](ctx)
-        prompt_seconds = time.perf_counter() - started
-        code_ce = heldout_code_loss(lm, eval_examples, delta, config.eval.batch_size)
-        generate_into(store, method, lm, eval_examples, delta, config.eval.batch_size,
-                      config.eval.max_new_tokens, progress)
-        metrics[method] = {**score_method(store, method, eval_examples, config.eval.metrics),
-                           "code_ce": code_ce, "prompt_seconds": prompt_seconds}
-        save_json(output / "metrics.json", metrics)  # partial results survive a later crash
-    tracker = RunTracker.resume(trained.tracking_uri, trained.run_id)
-    with tracker:
-        tracker.log_metrics({f"{m}.{k}": v for m, values in metrics.items()
-                             for k, v in values.items()})
-        tracker.log_artifact(output / "metrics.json")
-        tracker.log_artifact(store.path)
+    began = time.perf_counter()
+    sample_into(store, config, methods, examples, checkpoints, progress, lm)
+    log.info("generated in %.0fs", time.perf_counter() - began)
+    metrics = score(store, config, methods, examples)
+    save_json(output / "metrics.json", metrics)
+    lm = lm or build_lm(config)
+    interpreted = interpret(config, checkpoints, lm, output / "interpret")
+    log_methods(parent, config, metrics, store, checkpoints, interpreted)
+    parent.log_artifact(output / "metrics.json")
+    parent.log_artifact(store.path)
+    parent.log_dict({"text": format_table(metrics)}, "table.json")
     return metrics
+
+
+def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
+             methods: tuple[str, ...] = DEFAULT_METHODS, progress: bool = True) -> dict:
+    """Train the prompt models the methods need (through :func:`run_training`: Ray + DeepSpeed
+    by default), then compare the methods. Returns ``{method: {metric: value}}``."""
+    output = Path(output_dir).resolve()
+    check_methods(methods)
+    if not resume and (output / COMPARISON_FILE).exists():
+        raise ConfigError(f"{output} holds an earlier run: pass --resume to continue it, or "
+                          "choose another --output")
+    train_examples, eval_examples = load_data(config)  # data errors surface before any work
+    check_before_work(config)
+    config = with_tracking_uri(config, output)
+    torch.manual_seed(config.train.seed)
+    config.save(output / "config.yaml")
+
+    with open_comparison(config, output, resume, list(methods)) as parent:
+        began = time.perf_counter()
+        lm = build_lm(config)
+        log.info("model %s (%s template, context n=%d, d=%d) loaded in %.1fs",
+                 config.model.name, lm.template.kind, lm.context_length, lm.hidden_size,
+                 time.perf_counter() - began)
+        checkpoints = {}
+        for name in prompt_models_needed(methods):
+            job = config.with_overrides([f"train.method={name}"])
+            trained = run_training(job, output / name, resume, train_examples, progress, lm=lm,
+                                   parent_run_id=parent.run_id, run_name=f"train-{name}")
+            checkpoints[name] = trained.checkpoint
+        return compare_methods(config, output, list(methods), checkpoints, eval_examples,
+                               parent, resume, progress, lm)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
-from pipeline.data.loaders import load_examples
+from pipeline.data.loaders import DataError, load_examples
 from pipeline.tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,25 @@ def load_train_examples(config: RunConfig) -> list[Example]:
     return load_examples(dc.dataset, dc.train_split, dc.data_dir, dc.max_train_examples or None)
 
 
-def open_tracker(config: RunConfig, output: Path, resume: bool, run_name: str) -> RunTracker:
-    """Start the job's MLflow run, or re-attach to it on resume."""
+def load_dev_examples(config: RunConfig) -> list[Example]:
+    """The first ``data.max_dev_examples`` of ``data.dev_split``: the held-out set of the dev
+    loss (``train.eval_every``, sweeps). A missing split fails here, before any training."""
+    dc = config.data
+    try:
+        examples = load_examples(dc.dataset, dc.dev_split, dc.data_dir,
+                                 dc.max_dev_examples or None)
+    except DataError as err:
+        raise DataError(f"data.dev_split={dc.dev_split!r}: {err}; set data.dev_split to "
+                        "another split") from err
+    if not examples:
+        raise DataError(f"data.dev_split={dc.dev_split!r}: the split of {dc.dataset} is empty")
+    return examples
+
+
+def open_tracker(config: RunConfig, output: Path, resume: bool, run_name: str,
+                 parent_run_id: str | None = None) -> RunTracker:
+    """Start the job's MLflow run (a child of ``parent_run_id`` if given), or re-attach to it on
+    resume."""
     run_file = output / RUN_FILE
     if resume and run_file.is_file():
         saved = json.loads(run_file.read_text())
@@ -40,7 +57,9 @@ def open_tracker(config: RunConfig, output: Path, resume: bool, run_name: str) -
     tracker = RunTracker.start(uri, config.tracking.experiment_name(config), run_name,
                                params=config.to_flat(),
                                tags={"ddpt.backend": config.distributed.backend,
-                                     "ddpt.output": str(output)})
+                                     "ddpt.output": str(output), "ddpt.role": "train",
+                                     "ddpt.train_method": config.train.method},
+                               parent_run_id=parent_run_id)
     run_file.write_text(json.dumps({"uri": uri, "run_id": tracker.run_id}) + "\n")
     return tracker
 
@@ -55,11 +74,14 @@ def check_output(output: Path, resume: bool) -> None:
 
 def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False,
                  examples: list[Example] | None = None, progress: bool = True,
-                 lm=None) -> TrainOutcome:
+                 lm=None, parent_run_id: str | None = None, run_name: str = "train",
+                 callbacks: list | None = None) -> TrainOutcome:
     """Train the prompt model; the checkpoint lands in ``<output>/checkpoint``.
 
     ``distributed.backend='ray'`` trains on a Ray TorchTrainer with DeepSpeed ZeRO-3;
-    ``'local'`` trains in this process (``lm`` may be passed to reuse a loaded model).
+    ``'local'`` trains in this process (``lm`` may be passed to reuse a loaded model). The
+    MLflow run is a child of ``parent_run_id`` when given (a comparison or a sweep).
+    ``callbacks`` are extra Ray Train ``UserCallback`` s (a sweep's report to Tune).
     """
     output = Path(output_dir).resolve()
     check_output(output, resume)
@@ -69,14 +91,19 @@ def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False
                  config.train.steps, config.train.steps)
         return done
     examples = examples if examples is not None else load_train_examples(config)
-    check_tracking_uri(resolve_tracking_uri(output, config.tracking.uri))  # creates output
+    dev = load_dev_examples(config) if config.train.eval_every else []
+    if dev and config.distributed.backend != "ray":
+        log.warning("train.eval_every: the dev loss is computed on the Ray backend only")
+    check_tracking_uri(resolve_tracking_uri(output, config.tracking.uri))
+    output.mkdir(parents=True, exist_ok=True)
     config.save(output / "config.yaml")
     began = time.perf_counter()
-    with open_tracker(config, output, resume, run_name="train") as tracker:
+    with open_tracker(config, output, resume, run_name, parent_run_id) as tracker:
         if config.distributed.backend == "ray":
             from pipeline.ray_train import train_on_ray  # Ray only where it is used
 
-            checkpoint = train_on_ray(config, examples, output, tracker, resume, progress)
+            checkpoint = train_on_ray(config, examples, output, tracker, resume, progress,
+                                      dev_examples=dev, callbacks=callbacks)
         else:
             checkpoint = _train_local(config, examples, output, tracker, resume, progress, lm)
         tracker.log_artifacts(checkpoint, "checkpoint")
@@ -96,7 +123,7 @@ def _finished(output: Path, config: RunConfig) -> TrainOutcome | None:
 
 
 def _train_local(config, examples, output, tracker, resume, progress, lm) -> Path:
-    from pipeline.run import build_lm
+    from pipeline.models import build_lm
     from pipeline.train import train_ddpt
 
     lm = lm or build_lm(config)

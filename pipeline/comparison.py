@@ -1,0 +1,201 @@
+"""The comparison harness: every method on the same examples, scored the same way, side by side
+in MLflow.
+
+MLflow layout, one experiment per data set and model (``tracking.experiment_name``)::
+
+    compare                      parent run (tag ddpt.role=comparison): config, metrics.json,
+    |                            samples.jsonl, the table
+    |-- train-ddpt               (ddpt.role=train, ``ddpt run`` only) training curves, checkpoint
+    |-- train-prompt_tuning      (ddpt.role=train)
+    |-- manual, ddpt, ...        (ddpt.role=method) one child per method, all with the same metric
+                                 names, so MLflow's compare view lines them up
+
+``ddpt compare`` reads the table back from MLflow (:func:`comparison_table`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from mlflow import MlflowClient
+
+from pipeline.config import RunConfig
+from pipeline.data.example import Example
+from pipeline.evaluate import score_method
+from pipeline.frozen_lm import FrozenCodeLM
+from pipeline.results import ResultStore
+from pipeline.sampler import METHODS, BatchSampler, method_sample_config
+from pipeline.tracking import RunTracker, TrackingError, child_runs, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+COMPARISON_FILE = "mlflow_comparison.json"  # {"uri", "run_id"} of the parent run
+ROLE = "ddpt.role"
+
+
+def open_comparison(config: RunConfig, output: Path, resume: bool,
+                    methods: list[str]) -> RunTracker:
+    """The comparison's parent run; re-attached on resume."""
+    run_file = output / COMPARISON_FILE
+    if resume and run_file.is_file():
+        saved = json.loads(run_file.read_text())
+        return RunTracker.resume(saved["uri"], saved["run_id"])
+    uri = resolve_tracking_uri(output, config.tracking.uri)
+    tracker = RunTracker.start(uri, config.tracking.experiment_name(config), "compare",
+                               params=config.to_flat(),
+                               tags={ROLE: "comparison", "ddpt.methods": ",".join(methods),
+                                     "ddpt.output": str(output)})
+    output.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"uri": uri, "run_id": tracker.run_id}) + "\n")
+    return tracker
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def sample_into(store: ResultStore, config: RunConfig, methods: list[str],
+                examples: list[Example], checkpoints: dict[str, Path], progress: bool = True,
+                lm: FrozenCodeLM | None = None) -> None:
+    """Generate every (method, example) the store lacks, on the actor pool (``pool.backend:
+    ray``) or in this process; each batch is appended to the store as it finishes."""
+    done = {m: store.done_ids(m) for m in methods}
+    tasks = [(m, chunk) for m in methods
+             for chunk in _batches([e for e in examples if e.id not in done[m]],
+                                   config.eval.batch_size)]
+    if not tasks:
+        return
+    if config.pool.backend == "ray":
+        import ray
+
+        from pipeline.ray_sampler import run_pool, start_pool
+
+        actors = start_pool(config, checkpoints)
+        try:
+            run_pool(actors, tasks, store.append, progress)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        return
+    from tqdm.auto import tqdm
+
+    sampler = BatchSampler(config, checkpoints, lm=lm)
+    for method, chunk in tqdm(tasks, desc="sample", disable=not progress):
+        store.append(sampler.run(method, chunk))
+
+
+def score(store: ResultStore, config: RunConfig, methods: list[str],
+          examples: list[Example]) -> dict[str, dict[str, float]]:
+    """Per method: the text metrics, ``code_ce`` (mean held-out cross-entropy of the reference
+    code under the method's prompt), time spent sampling prompts vs generating, and, when the
+    examples carry tests, execution-based pass@k."""
+    records = store.by_method()
+    ids = {e.id for e in examples}
+    metrics = {}
+    for method in methods:
+        rows = [r for r in records.get(method, []) if r["id"] in ids]
+        values = score_method(store, method, examples, config.eval.metrics)
+        # Batch-level timings are repeated on each of the batch's records.
+        prompt = sum(r["prompt_seconds"] / r["batch_size"] for r in rows)
+        generate = sum(r["generate_seconds"] / r["batch_size"] for r in rows)
+        values.update(code_ce=sum(r["code_ce"] for r in rows) / len(rows),
+                      prompt_seconds=prompt, generate_seconds=generate,
+                      prompt_share=prompt / max(prompt + generate, 1e-9))
+        metrics[method] = values
+    return metrics
+
+
+def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
+              folder: Path, num_prompts: int = 8) -> dict[str, Path]:
+    """Nearest tokens and a t-SNE map per trained prompt model, in ``folder/<model>/``."""
+    from pipeline.checkpoint import load_prompt_model
+    from pipeline.interpret import nearest_tokens, tsne_plot
+
+    written = {}
+    for name, path in checkpoints.items():
+        model, _, _ = load_prompt_model(path, map_location=lm.device)
+        generator = torch.Generator().manual_seed(config.sample.seed)
+        directions = model.sample_directions(num_prompts, config.sample, generator)
+        prompts = lm.context_embedding().float() + directions.float()  # (m, n, d)
+        out = folder / name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nearest_tokens.json").write_text(
+            json.dumps(nearest_tokens(lm, prompts[0]), indent=1, ensure_ascii=False) + "\n")
+        tsne_plot(lm, {f"{name} prompts": prompts}, out / "tsne.png", seed=config.sample.seed)
+        written[name] = out
+    return written
+
+
+def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path]) -> dict:
+    spec = METHODS[method]
+    params = {"method": method, "decoding": spec.decoding, "prompt": spec.prompt or "manual"}
+    if spec.prompt:
+        sample = method_sample_config(spec, config.sample)
+        params.update(sampler=sample.sampler, prompts=sample.prompts,
+                      checkpoint=str(checkpoints.get(spec.prompt, "")),
+                      steps=sample.ddim_steps if sample.sampler == "ddim"
+                      else config.diffusion.timesteps)
+    if spec.decoding == "spa":
+        params.update(spa_omega=config.decoding.spa_omega,
+                      spa_anchors=",".join(config.decoding.spa_anchors))
+    return params
+
+
+def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[str, float]],
+                store: ResultStore, checkpoints: dict[str, Path],
+                interpreted: dict[str, Path]) -> dict[str, str]:
+    """One child run per method under ``parent`` (re-used on resume); returns method -> run id."""
+    existing = {run.data.tags.get("ddpt.method"): run.info.run_id
+                for run in child_runs(parent.uri, parent.run_id)
+                if run.data.tags.get(ROLE) == "method"}
+    by_method = store.by_method()
+    run_ids = {}
+    for method, values in metrics.items():
+        if method in existing:
+            child = RunTracker.resume(parent.uri, existing[method])
+        else:
+            child = RunTracker.start(parent.uri, config.tracking.experiment_name(config), method,
+                                     params=_method_params(config, method, checkpoints),
+                                     tags={ROLE: "method", "ddpt.method": method},
+                                     parent_run_id=parent.run_id)
+        with child:
+            child.log_metrics(values)
+            child.log_dict(sorted(by_method.get(method, []), key=lambda r: str(r["id"])),
+                           "samples.json")
+            if METHODS[method].prompt in interpreted:
+                child.log_artifacts(interpreted[METHODS[method].prompt], "interpret")
+        run_ids[method] = child.run_id
+    return run_ids
+
+
+def comparison_table(uri: str, parent_run_id: str) -> dict[str, dict[str, float]]:
+    """{method: {metric: value}} of a comparison, read back from MLflow."""
+    runs = [r for r in child_runs(uri, parent_run_id) if r.data.tags.get(ROLE) == "method"]
+    order = MlflowClient(tracking_uri=uri).get_run(parent_run_id).data.tags.get(
+        "ddpt.methods", "").split(",")
+    runs.sort(key=lambda r: (order.index(r.data.tags["ddpt.method"])
+                             if r.data.tags["ddpt.method"] in order else len(order)))
+    return {r.data.tags["ddpt.method"]: dict(r.data.metrics) for r in runs}
+
+
+def find_comparison(uri: str, experiment: str | None = None, output: str | Path | None = None
+                    ) -> str:
+    """The parent run id: from ``output``'s run file, else the latest comparison in
+    ``experiment``."""
+    if output is not None:
+        run_file = Path(output) / COMPARISON_FILE
+        if not run_file.is_file():
+            raise FileNotFoundError(f"{run_file}: no comparison was run in {output}")
+        return json.loads(run_file.read_text())["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment) if experiment else None
+    if found is None:
+        names = [e.name for e in client.search_experiments()]
+        raise TrackingError(f"{uri}: no experiment {experiment!r}; there are {names}")
+    runs = client.search_runs([found.experiment_id], f"tags.`{ROLE}` = 'comparison'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise TrackingError(f"{uri}: experiment {experiment!r} holds no comparison run")
+    return runs[0].info.run_id

@@ -1,0 +1,105 @@
+"""Ray glue for batch sampling: a pool of actors, each holding the LM and the prompt models once.
+
+The driver cuts the work into ``(method, batch of examples)`` tasks, keeps one task in flight per
+actor, and appends each finished batch to the results store as it arrives (nothing finished is
+ever lost). An actor that dies is restarted by Ray (``pool.max_restarts``) and its task retried;
+an actor that is gone for good hands its task to the others. A task's records depend only on its
+examples (:mod:`pipeline.sampler`), so a retried task returns the same records, and the driver
+writes a task's records once, when it first returns: every example appears exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError
+from tqdm.auto import tqdm
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.data.example import Example
+
+log = logging.getLogger(__name__)
+Task = tuple[str, list[Example]]  # (method, examples)
+
+
+@ray.remote
+class SamplerActor:
+    """One :class:`~pipeline.sampler.BatchSampler` per actor, loaded when the actor starts."""
+
+    def __init__(self, config: dict, checkpoints: dict[str, str], torch_threads: int):
+        import torch
+
+        from pipeline.sampler import BatchSampler
+
+        torch.set_num_threads(torch_threads)
+        self.sampler = BatchSampler(RunConfig.from_dict(config), checkpoints)
+
+    def run(self, method: str, examples: list[Example]) -> list[dict]:
+        records = self.sampler.run(method, examples)
+        return [{**r, "actor_pid": os.getpid()} for r in records]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _check_resources(config: RunConfig) -> None:
+    pool = config.pool
+    available = ray.cluster_resources()
+    for resource, each in (("CPU", pool.cpus_per_actor), ("GPU", pool.gpus_per_actor)):
+        if each and each > available.get(resource, 0):
+            raise ConfigError(f"pool.{resource.lower()}s_per_actor: one actor needs {each} "
+                              f"{resource}s, but the Ray cluster has "
+                              f"{available.get(resource, 0)}")
+
+
+def start_pool(config: RunConfig, checkpoints: dict[str, Path]) -> list:
+    """Start ``pool.num_actors`` actors (Ray queues any that the cluster cannot fit yet)."""
+    from pipeline.ray_train import ensure_ray
+
+    pool = config.pool
+    ensure_ray()
+    _check_resources(config)
+    cores = os.cpu_count() or 1
+    threads = pool.torch_threads or max(1, cores // pool.num_actors)
+    options = {"num_cpus": pool.cpus_per_actor, "num_gpus": pool.gpus_per_actor,
+               "max_restarts": pool.max_restarts, "max_task_retries": -1}
+    paths = {name: str(Path(path).resolve()) for name, path in checkpoints.items()}
+    return [SamplerActor.options(**options).remote(config.to_dict(), paths, threads)
+            for _ in range(pool.num_actors)]
+
+
+def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]], None],
+             progress: bool = True) -> None:
+    """Run every task on the pool; ``on_records`` gets each task's records once, as it
+    finishes. Raises if every actor is gone for good (what finished is already handed over)."""
+    queue: deque[Task] = deque(tasks)
+    idle = list(actors)
+    in_flight: dict = {}  # ObjectRef -> (actor, task)
+    bar = tqdm(total=sum(len(examples) for _, examples in tasks), desc="sample",
+               disable=not progress)
+    try:
+        while queue or in_flight:
+            while queue and idle:
+                actor, task = idle.pop(), queue.popleft()
+                in_flight[actor.run.remote(*task)] = (actor, task)
+            if not in_flight:
+                raise RuntimeError(f"every sampler actor died; {len(queue)} batches left")
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, task = in_flight.pop(ref)
+            try:
+                records = ray.get(ref)
+            except RayActorError as err:
+                # Ray already restarted and retried as configured: this actor is gone for good.
+                log.warning("sampler actor died for good (%s); its batch goes to another",
+                            type(err).__name__)
+                queue.appendleft(task)
+                continue
+            on_records(records)
+            bar.update(len(records))
+            idle.append(actor)
+    finally:
+        bar.close()

@@ -1,0 +1,140 @@
+"""Batch sampling, in one process: prompts for a method, code for a batch of examples.
+
+A *method* says which prompt the frozen LM gets and how it decodes (:data:`METHODS`). A
+:class:`BatchSampler` loads the LM and the trained prompt models once and turns
+``(method, examples)`` into one result record per example. The Ray pool
+(:mod:`pipeline.ray_sampler`) runs one BatchSampler per actor; ``pool.backend: local`` runs one
+here. Everything a record holds is a function of (config, checkpoints, method, example), never
+of the batch or the actor it ran on, so a retried batch reproduces its records exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, DecodingConfig, RunConfig, SampleConfig
+from pipeline.data.example import Example
+from pipeline.frozen_lm import FrozenCodeLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    """prompt: None (the manual prompt) or the trained prompt model it samples from
+    ('ddpt' or 'prompt_tuning'); sampler: the reverse chain for DDPT prompts; decoding: the
+    decoding strategy ('greedy' or 'spa')."""
+
+    prompt: str | None = None
+    sampler: str | None = None
+    decoding: str = "greedy"
+    help: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "manual": Method(help="the manual prompt (delta = 0), greedy"),
+    "prompt_tuning": Method("prompt_tuning", help="the soft prompt learned directly, greedy"),
+    "ddpt": Method("ddpt", "ddpm", help="DDPT, prompts from the DDPM chain (T steps), greedy"),
+    "ddpt_ddim": Method("ddpt", "ddim", help="DDPT, prompts from DDIM (S steps), greedy"),
+    "spa": Method(decoding="spa", help="the manual prompt, SPA decoding"),
+    "ddpt_spa": Method("ddpt", "ddim", "spa", help="DDPT (DDIM prompts) with SPA decoding"),
+}
+PROMPT_MODELS = ("ddpt", "prompt_tuning")
+
+
+def check_methods(methods: list[str] | tuple[str, ...]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+
+
+def prompt_models_needed(methods: list[str] | tuple[str, ...]) -> list[str]:
+    """The trained prompt models these methods sample from, in PROMPT_MODELS order."""
+    return [p for p in PROMPT_MODELS if any(METHODS[m].prompt == p for m in methods)]
+
+
+def example_seed(seed: int, example_id: str) -> int:
+    """A per-example seed that does not depend on the batch the example lands in."""
+    return zlib.crc32(f"{seed}:{example_id}".encode())
+
+
+def method_sample_config(method: Method, config: SampleConfig) -> SampleConfig:
+    return dataclasses.replace(config, sampler=method.sampler or config.sampler)
+
+
+def method_decoding(method: Method, config: DecodingConfig) -> DecodingConfig:
+    return dataclasses.replace(config, strategy=method.decoding)
+
+
+class BatchSampler:
+    """The LM and the prompt models, loaded once; generates for batches of examples.
+
+    Args:
+        config: the run's configuration (model, prompt, sample, decoding, eval).
+        checkpoints: prompt model name ('ddpt', 'prompt_tuning') -> checkpoint folder.
+        lm: an already loaded LM to reuse (the local backend); built from ``config`` if None.
+    """
+
+    def __init__(self, config: RunConfig, checkpoints: dict[str, str | Path],
+                 lm: FrozenCodeLM | None = None):
+        from pipeline.checkpoint import load_prompt_model
+        from pipeline.models import build_lm
+
+        self.config = config
+        self.lm = lm or build_lm(config)
+        self.prompt_models = {}
+        for name, path in checkpoints.items():
+            model, saved, _ = load_prompt_model(path, map_location=self.lm.device)
+            if saved.model.name != config.model.name:
+                log.warning("%s was trained with model %r, sampling with %r", path,
+                            saved.model.name, config.model.name)
+            if model.hidden_size != self.lm.hidden_size:
+                raise ConfigError(f"{path}: prompt model width {model.hidden_size} does not "
+                                  f"match model.name={config.model.name!r} ({self.lm.hidden_size})")
+            self.prompt_models[name] = model.eval()
+        self._shared: dict[str, torch.Tensor] = {}  # method -> its one shared direction
+
+    def directions(self, method_name: str, examples: list[Example]) -> torch.Tensor | None:
+        """The prompt direction per example, (B, n, d), or None for the manual prompt."""
+        method = METHODS[method_name]
+        if method.prompt is None:
+            return None
+        if method.prompt not in self.prompt_models:
+            raise ConfigError(f"method {method_name!r} needs a trained {method.prompt!r} "
+                              "checkpoint")
+        model = self.prompt_models[method.prompt]
+        sample = method_sample_config(method, self.config.sample)
+        if sample.prompts == "shared":
+            if method_name not in self._shared:
+                generator = torch.Generator().manual_seed(sample.seed)
+                self._shared[method_name] = model.sample_directions(1, sample, generator)[0]
+            return self._shared[method_name].expand(len(examples), -1, -1)
+        rows = [model.sample_directions(1, sample, torch.Generator().manual_seed(
+            example_seed(sample.seed, e.id)))[0] for e in examples]
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def run(self, method_name: str, examples: list[Example]) -> list[dict]:
+        """One record per example: id, method, generation, reference, code_ce (the reference
+        code's cross-entropy under this prompt), and the batch's prompt/generation seconds."""
+        method = METHODS[method_name]
+        began = time.perf_counter()
+        delta = self.directions(method_name, examples)
+        prompted = time.perf_counter()
+        lm, ec = self.lm, self.config.eval
+        batch = lm.collate(lm.encode(examples)).to(lm.device)
+        code_ce = lm.code_loss(batch, delta, per_example=True).tolist()
+        scored = time.perf_counter()
+        generations = lm.generate(examples, delta, ec.max_new_tokens,
+                                  decoding=method_decoding(method, self.config.decoding))
+        done = time.perf_counter()
+        return [{"id": e.id, "method": method_name, "generation": g, "reference": e.output,
+                 "code_ce": ce, "batch_size": len(examples),
+                 "prompt_seconds": prompted - began, "generate_seconds": done - scored}
+                for e, g, ce in zip(examples, generations, code_ce)]
