@@ -4,8 +4,10 @@ The command is thin: it parses, builds the config and calls the library."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from pipeline.config import PRESETS, ConfigError, build_config
 from pipeline.data.loaders import DataError
@@ -21,11 +23,24 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data folder (default $DDPT_DATA_DIR, ../shared/data)")
 
 
-def _config(args: argparse.Namespace):
+def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    return build_config(args.preset, args.config, overrides)
+    return overrides
+
+
+def _config(args: argparse.Namespace):
+    return build_config(args.preset, args.config, _overrides(args))
+
+
+def build_config_on(base, args: argparse.Namespace):
+    """``base`` (a RunConfig), then --config, then --set."""
+    if args.config:
+        from pipeline.config import merge_file
+
+        base = merge_file(base, args.config)
+    return base.with_overrides(_overrides(args))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -45,6 +60,53 @@ def cmd_train(args: argparse.Namespace) -> None:
                            progress=not args.no_progress)
     print(f"checkpoint: {outcome.checkpoint}\nMLflow run {outcome.run_id} at "
           f"{outcome.tracking_uri} ({outcome.seconds:.0f}s)")
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from pipeline.config import RunConfig
+    from pipeline.run import format_table, run_sample
+
+    sources = {name: value for name, value in
+               (("ddpt", args.checkpoint), ("prompt_tuning", args.prompt_tuning)) if value}
+    if args.preset is None and args.checkpoint and Path(args.checkpoint, "config.yaml").is_file():
+        # Sample with the model and template the prompt model was trained with.
+        # Its tracking URI was the training run's: this comparison gets its own.
+        base = RunConfig.load(Path(args.checkpoint, "config.yaml")).with_overrides(
+            ["tracking.uri=null"])
+        config = build_config_on(base, args)
+    else:
+        args.preset = args.preset or "default"
+        config = _config(args)
+    metrics = run_sample(config, args.output, sources, _methods(args.methods),
+                         resume=args.resume, progress=not args.no_progress)
+    print(format_table(metrics))
+    print(f"\nwrote {args.output}/metrics.json and {args.output}/samples.jsonl")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from pipeline.comparison import comparison_table, find_comparison
+    from pipeline.run import format_table
+    from pipeline.tracking import resolve_tracking_uri
+
+    if args.output:
+        saved = json.loads((Path(args.output) / "mlflow_comparison.json").read_text()) \
+            if (Path(args.output) / "mlflow_comparison.json").is_file() else {}
+        uri = args.tracking_uri or saved.get("uri") or resolve_tracking_uri(args.output)
+    else:
+        uri = resolve_tracking_uri(None, args.tracking_uri)
+    run_id = args.run_id or find_comparison(uri, args.experiment,
+                                            None if args.experiment else args.output)
+    table = comparison_table(uri, run_id)
+    if not table:
+        raise FileNotFoundError(f"MLflow run {run_id} at {uri} has no method runs")
+    print(f"comparison {run_id} ({uri}):")
+    print(format_table({m: {k: v for k, v in values.items()
+                            if not args.metrics or k in args.metrics.split(",")}
+                        for m, values in table.items()}))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -74,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue from the output folder's last checkpoint (and samples)")
         job.add_argument("--no-progress", action="store_true", help="no progress bars")
         job.set_defaults(func=func)
+
+    sample = sub.add_parser("sample", help="sample prompts and generate code with trained "
+                            "prompt models on a pool of Ray actors; compare methods in MLflow")
+    _config_args(sample)
+    sample.set_defaults(preset=None)
+    sample.add_argument("--checkpoint", help="DDPT checkpoint folder or MLflow run id (its "
+                        "config is the base configuration unless --preset is given)")
+    sample.add_argument("--prompt-tuning", help="prompt-tuning checkpoint folder or run id")
+    sample.add_argument("--methods", default="manual,ddpt,ddpt_ddim",
+                        help="comma-separated methods (manual, prompt_tuning, ddpt, ddpt_ddim, "
+                        "spa, ddpt_spa)")
+    sample.add_argument("--output", default="runs/sample", help="output folder")
+    sample.add_argument("--resume", action="store_true", help="skip what samples.jsonl holds")
+    sample.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sample.set_defaults(func=cmd_sample)
+
+    compare = sub.add_parser("compare", help="print a comparison's table from MLflow")
+    compare.add_argument("--output", help="the output folder of a `ddpt run` or `ddpt sample`")
+    compare.add_argument("--tracking-uri", help="MLflow URI (default: the output folder's, "
+                         "$MLFLOW_TRACKING_URI)")
+    compare.add_argument("--experiment", help="latest comparison in this MLflow experiment")
+    compare.add_argument("--run-id", help="the comparison's parent run id")
+    compare.add_argument("--metrics", help="comma-separated metrics to show (default: all)")
+    compare.set_defaults(func=cmd_compare)
 
     show = sub.add_parser("config", help="print the resolved configuration")
     _config_args(show)

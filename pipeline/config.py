@@ -88,11 +88,18 @@ class DataConfig:
     eval_split: str = _help("test", "split generations are scored on")
     max_train_examples: int = _help(0, "0 = all")
     max_eval_examples: int = _help(64, "0 = all; the first N of the eval split, a fixed subset")
+    dev_split: str = _help(
+        "validation", "held-out split of the dev loss (train.eval_every, sweeps); HumanEval has "
+        "only 'test'"
+    )
+    max_dev_examples: int = _help(32, "0 = all; the first N of the dev split")
 
     def __post_init__(self):
         _check(bool(self.dataset), "data.dataset", "must not be empty")
         _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0")
         _check(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
+        _check(bool(self.dev_split), "data.dev_split", "must not be empty")
+        _check(self.max_dev_examples >= 0, "data.max_dev_examples", "must be >= 0")
 
 
 @dataclass
@@ -146,6 +153,11 @@ class TrainConfig:
     seed: int = _help(0, "seed for initialisation, data order and noise")
     log_every: int = _help(10, "steps between progress lines")
     checkpoint_every: int = _help(50, "steps between checkpoints; 0 = only at the end")
+    eval_every: int = _help(
+        0, "steps between dev-loss evaluations, and one at the last step (code cross-entropy "
+        "on data.dev_split with a prompt sampled as for evaluation; logged as dev_loss; Ray "
+        "backend only); 0 = off"
+    )
 
     def __post_init__(self):
         _one_of(self.method, ("ddpt", "prompt_tuning"), "train.method")
@@ -157,6 +169,7 @@ class TrainConfig:
         _check(self.consistency_weight >= 0, "train.consistency_weight", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
 
 
 @dataclass
@@ -202,6 +215,10 @@ class DecodingConfig:
     spa_omega: float = _help(1.1, "SPA anchoring strength; 1 = plain greedy")
     spa_anchors: list[str] = _help(
         ["instruction"], "spans SPA anchors: 'instruction', 'input', 'context' (the tuned prompt)"
+    )
+    spa_sample: bool = _help(
+        False, "SPA draws from its logits with temperature/top_p instead of the argmax (pass@k "
+        "with n > 1 for SPA)"
     )
     seed: int = _help(0, "seed of sampled decoding")
 
@@ -435,14 +452,19 @@ def build_config(
         raise ConfigError(f"unknown preset {preset!r}; known: {list(PRESETS)}")
     config = RunConfig.from_dict(PRESETS[preset], source=f"preset {preset}")
     if config_file:
-        merged = config.to_dict()
-        for section, values in _read_yaml(config_file).items():
-            if section in merged and isinstance(values, dict):
-                merged[section].update(values)
-            else:
-                merged[section] = values  # from_dict reports it with the file's name
-        config = RunConfig.from_dict(merged, source=str(config_file))
+        config = merge_file(config, config_file)
     return config.with_overrides(overrides or [])
+
+
+def merge_file(config: RunConfig, config_file: str | Path) -> RunConfig:
+    """``config`` with the fields a YAML/JSON file sets replaced."""
+    merged = config.to_dict()
+    for section, values in _read_yaml(config_file).items():
+        if section in merged and isinstance(values, dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values  # from_dict reports it with the file's name
+    return RunConfig.from_dict(merged, source=str(config_file))
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -47,11 +48,12 @@ log = logging.getLogger(__name__)
 DEFAULT_METHODS = ("manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa")
 
 
-def load_data(config: RunConfig) -> tuple[list[Example], list[Example]]:
+def load_data(config: RunConfig, train: bool = True) -> tuple[list[Example], list[Example]]:
+    """(training examples, evaluation examples); the training list is empty if not ``train``."""
     dc = config.data
     evaluation = load_examples(dc.dataset, dc.eval_split, dc.data_dir,
                                dc.max_eval_examples or None)
-    return load_train_examples(config), evaluation
+    return (load_train_examples(config) if train else []), evaluation
 
 
 def check_before_work(config: RunConfig) -> None:
@@ -121,6 +123,7 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
     train_examples, eval_examples = load_data(config)  # data errors surface before any work
     check_before_work(config)
     config = with_tracking_uri(config, output)
+    output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.train.seed)
     config.save(output / "config.yaml")
 
@@ -138,3 +141,57 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
             checkpoints[name] = trained.checkpoint
         return compare_methods(config, output, list(methods), checkpoints, eval_examples,
                                parent, resume, progress, lm)
+
+
+def resolve_checkpoint(source: str, name: str, config: RunConfig, output: Path) -> Path:
+    """A checkpoint folder, or an MLflow run id (``<id>`` or ``runs:/<id>``) whose
+    ``checkpoint`` artifact is downloaded into ``output/checkpoints/<name>``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json)")
+        return path.resolve()
+    run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise FileNotFoundError(f"--{name.replace('_', '-')} {source!r}: neither a checkpoint "
+                                "folder nor an MLflow run id")
+    target = output / "checkpoints" / name
+    if (target / "checkpoint" / "state.json").is_file():
+        return target / "checkpoint"
+    target.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    try:
+        return Path(client.download_artifacts(run_id, "checkpoint", str(target)))
+    except MlflowException as err:
+        raise FileNotFoundError(f"MLflow run {run_id} at {config.tracking.uri}: no checkpoint "
+                                f"artifact ({err})") from err
+
+
+def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str],
+               methods: tuple[str, ...], resume: bool = False, progress: bool = True) -> dict:
+    """Compare ``methods`` with already trained prompt models (``sources``: 'ddpt' /
+    'prompt_tuning' -> checkpoint folder or MLflow run id). Returns ``{method: metrics}``."""
+    output = Path(output_dir).resolve()
+    check_methods(methods)
+    missing = [p for p in prompt_models_needed(methods) if p not in sources]
+    if missing:
+        flags = ", ".join(f"--{p.replace('_', '-')}" for p in missing)
+        raise ConfigError(f"methods {list(methods)} need trained prompt models: pass {flags}")
+    if not resume and (output / COMPARISON_FILE).exists():
+        raise ConfigError(f"{output} holds an earlier comparison: pass --resume to continue "
+                          "it, or choose another --output")
+    _, examples = load_data(config, train=False)
+    check_before_work(config)
+    config = with_tracking_uri(config, output)
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoints = {name: resolve_checkpoint(sources[name], name, config, output)
+                   for name in prompt_models_needed(methods)}
+    config.save(output / "config.yaml")
+    with open_comparison(config, output, resume, list(methods)) as parent:
+        for name, path in checkpoints.items():
+            parent.set_tag(f"ddpt.checkpoint.{name}", path)
+        return compare_methods(config, output, list(methods), checkpoints, examples, parent,
+                               resume, progress)
