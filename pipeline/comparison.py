@@ -108,7 +108,7 @@ def score(store: ResultStore, config: RunConfig, methods: list[str],
 
 
 def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
-              folder: Path, num_prompts: int = 8) -> dict[str, Path]:
+              folder: Path, num_prompts: int = 4) -> dict[str, Path]:
     """Nearest tokens and a t-SNE map per trained prompt model, in ``folder/<model>/``."""
     from pipeline.checkpoint import load_prompt_model
     from pipeline.interpret import nearest_tokens, tsne_plot

@@ -45,6 +45,7 @@ from pipeline.training_job import load_train_examples, run_training
 
 log = logging.getLogger(__name__)
 
+SOURCE_FLAGS = {"ddpt": "--checkpoint", "prompt_tuning": "--prompt-tuning"}  # ddpt sample's
 DEFAULT_METHODS = ("manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa")
 
 
@@ -156,7 +157,7 @@ def resolve_checkpoint(source: str, name: str, config: RunConfig, output: Path) 
         return path.resolve()
     run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
     if not re.fullmatch(r"[0-9a-f]{32}", run_id):
-        raise FileNotFoundError(f"--{name.replace('_', '-')} {source!r}: neither a checkpoint "
+        raise FileNotFoundError(f"{SOURCE_FLAGS[name]} {source!r}: neither a checkpoint "
                                 "folder nor an MLflow run id")
     target = output / "checkpoints" / name
     if (target / "checkpoint" / "state.json").is_file():
@@ -178,7 +179,7 @@ def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str
     check_methods(methods)
     missing = [p for p in prompt_models_needed(methods) if p not in sources]
     if missing:
-        flags = ", ".join(f"--{p.replace('_', '-')}" for p in missing)
+        flags = ", ".join(SOURCE_FLAGS[p] for p in missing)
         raise ConfigError(f"methods {list(methods)} need trained prompt models: pass {flags}")
     if not resume and (output / COMPARISON_FILE).exists():
         raise ConfigError(f"{output} holds an earlier comparison: pass --resume to continue "

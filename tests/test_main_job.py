@@ -4,8 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from mlflow import MlflowClient
 
 from pipeline.results import ResultStore
+from pipeline.run import DEFAULT_METHODS
+from pipeline.tracking import child_runs
 
 DDPT = [sys.executable, "-m", "pipeline.cli"]
 METRICS = {"bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match", "code_ce"}
@@ -18,26 +21,44 @@ def ddpt(*args, check=True):
 
 @pytest.mark.slow
 def test_smoke_run_writes_metrics_and_samples(tmp_path):
+    """The default path: both prompt models trained on Ray Train + ZeRO-3, every method
+    generated on the Ray actor pool, one MLflow comparison."""
     out = tmp_path / "run"
     proc = ddpt("run", "--preset", "smoke", "--output", str(out), "--no-progress")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"manual", "ddpt"}
+    assert list(metrics) == list(DEFAULT_METHODS)
     for values in metrics.values():
         assert METRICS <= set(values)
         assert all(0 <= values[m] <= 1 for m in METRICS - {"code_ce"})
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert {s["method"] for s in samples} == {"manual", "ddpt"}
-    assert len(samples) == 2 * 8 and {"id", "method", "generation", "reference"} <= set(samples[0])
-    assert "manual" in proc.stdout and "codebleu" in proc.stdout  # the printed table
-    assert (out / "checkpoint" / "model.safetensors").is_file()
+    assert {s["method"] for s in samples} == set(DEFAULT_METHODS)
+    total = len(DEFAULT_METHODS) * 8
+    assert len(samples) == total and {"id", "method", "generation", "reference"} <= set(samples[0])
+    assert "prompt_tuning" in proc.stdout and "codebleu" in proc.stdout  # the printed table
+    for name in ("ddpt", "prompt_tuning"):
+        assert (out / name / "checkpoint" / "model.safetensors").is_file()
+        assert (out / "interpret" / name / "tsne.png").is_file()
+
+    # MLflow: the parent comparison run holds the training runs and one run per method.
+    saved = json.loads((out / "mlflow_comparison.json").read_text())
+    client = MlflowClient(saved["uri"])
+    children = child_runs(saved["uri"], saved["run_id"])
+    roles = sorted((c.data.tags["ddpt.role"], c.info.run_name) for c in children)
+    assert roles == sorted([("train", "train-ddpt"), ("train", "train-prompt_tuning")]
+                           + [("method", m) for m in DEFAULT_METHODS])
+    train = next(c for c in children if c.info.run_name == "train-ddpt")
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "code_loss")] == \
+        [1, 2, 3, 4]
 
     # A re-run with --resume keeps the samples and regenerates nothing that is done.
     store = ResultStore(out / "samples.jsonl")
     store.path.write_text("".join(line + "\n" for line in
                                   store.path.read_text().splitlines()[:-3]))
-    ddpt("run", "--preset", "smoke", "--output", str(out), "--no-progress", "--resume")
+    ddpt("run", "--preset", "smoke", "--output", str(out), "--no-progress", "--resume",
+         "--set", "pool.backend=local")
     again = ResultStore(out / "samples.jsonl").load()
-    assert len(again) == 16 and len({(s["method"], s["id"]) for s in again}) == 16
+    assert len(again) == total and len({(s["method"], s["id"]) for s in again}) == total
+    assert len(child_runs(saved["uri"], saved["run_id"])) == len(children)  # runs re-used
 
 
 @pytest.mark.parametrize("args, message", [
@@ -50,7 +71,7 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, args, message):
     proc = ddpt("run", "--preset", "smoke", "--output", str(tmp_path / "o"), *args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
-    assert not (tmp_path / "o" / "checkpoint").exists()  # nothing expensive started
+    assert not (tmp_path / "o" / "ddpt").exists()  # nothing expensive started
 
 
 def test_help_lists_subcommands():

@@ -1,0 +1,138 @@
+"""The comparison harness in one process: methods, per-example prompts that do not depend on the
+batch, interpretability, and the MLflow parent/child layout read back through MlflowClient."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import EXAMPLES, make_lm
+from pipeline.cli import main
+from pipeline.config import PRESETS, RunConfig
+from pipeline.interpret import nearest_tokens
+from pipeline.sampler import METHODS, BatchSampler
+from pipeline.train import train_ddpt
+
+ALL_METHODS = ",".join(METHODS)
+TEXT_METRICS = {"bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"}
+
+
+def smoke_config(**sections) -> RunConfig:
+    config = RunConfig.from_dict(PRESETS["smoke"]).with_overrides(
+        ["pool.backend=local", "distributed.backend=local", "train.steps=3",
+         "train.batch_size=3", "data.max_eval_examples=4"])
+    return dataclasses.replace(config, **sections)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny DDPT and prompt-tuning checkpoints, trained for a few steps in this process."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    lm = make_lm("tiny-llama")
+    paths = {}
+    for method in ("ddpt", "prompt_tuning"):
+        config = smoke_config().with_overrides([f"train.method={method}", "train.lr=5e-2"])
+        config.prompt = lm.template.config  # the template the tiny LM was built with
+        train_ddpt(config, lm, EXAMPLES, checkpoint_dir=folder / method, progress=False)
+        paths[method] = folder / method
+    return paths
+
+
+def sampler_for(checkpoints, **sample) -> BatchSampler:
+    config = smoke_config()
+    config.sample = dataclasses.replace(config.sample, **sample)
+    return BatchSampler(config, checkpoints, lm=make_lm("tiny-llama"))
+
+
+def test_records_do_not_depend_on_the_batch(checkpoints):
+    sampler = sampler_for(checkpoints, prompts="per_example")
+    whole = sampler.run("ddpt_ddim", EXAMPLES)
+    pieces = [r for i in range(0, 6, 2) for r in sampler.run("ddpt_ddim", EXAMPLES[i:i + 2])]
+    assert [r["generation"] for r in whole] == [r["generation"] for r in pieces]
+    assert [r["code_ce"] for r in whole] == pytest.approx([r["code_ce"] for r in pieces],
+                                                          rel=1e-5)
+    deltas = sampler.directions("ddpt_ddim", EXAMPLES[:2])
+    assert not torch.equal(deltas[0], deltas[1])  # per example: different prompts
+
+
+def test_methods_get_their_prompts(checkpoints):
+    sampler = sampler_for(checkpoints)
+    assert sampler.directions("manual", EXAMPLES) is None
+    shared = sampler.directions("ddpt", EXAMPLES[:3])
+    assert shared.shape[0] == 3 and torch.equal(shared[0], shared[2])  # one prompt for all
+    assert not torch.equal(shared[0], sampler.directions("ddpt_ddim", EXAMPLES[:1])[0])
+    soft = sampler.prompt_models["prompt_tuning"].direction()
+    torch.testing.assert_close(sampler.directions("prompt_tuning", EXAMPLES[:2])[1], soft)
+    manual = sampler.run("manual", EXAMPLES[:2])
+    assert [r["generation"] for r in manual] == sampler.lm.generate(EXAMPLES[:2], None, 16)
+
+
+def test_nearest_tokens_of_the_manual_context_are_its_tokens():
+    lm = make_lm("tiny-llama")
+    context = lm.context_embedding()
+    found = nearest_tokens(lm, context, k=3)
+    assert found["summary"]["still_nearest"] == pytest.approx(1.0, abs=0.05)
+    moved = context.clone()
+    target = 77  # move position 0 onto another token's embedding
+    moved[0] = lm.model.get_input_embeddings().weight[target]
+    found = nearest_tokens(lm, moved, k=3)
+    assert found["positions"][0]["nearest"][0][0] == lm.tokenizer.decode([target])
+    assert found["positions"][0]["cosine_to_context"] < 0.99
+
+
+def test_sample_compares_every_method_in_mlflow(checkpoints, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["sample", "--preset", "smoke", "--checkpoint", str(checkpoints["ddpt"]),
+            "--prompt-tuning", str(checkpoints["prompt_tuning"]), "--methods", ALL_METHODS,
+            "--output", str(out), "--no-progress", "--set", "pool.backend=local",
+            "--set", "data.max_eval_examples=4"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == list(METHODS)
+    names = set(metrics["manual"])
+    assert TEXT_METRICS | {"code_ce", "prompt_seconds", "prompt_share"} <= names
+    assert all(set(values) == names for values in metrics.values())
+
+    saved = json.loads((out / "mlflow_comparison.json").read_text())
+    client = MlflowClient(saved["uri"])
+    parent = client.get_run(saved["run_id"])
+    assert parent.data.tags["ddpt.role"] == "comparison"
+    assert parent.info.status == "FINISHED"
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    assert experiment == "ddpt-conala-tiny-llama"  # one experiment per data set and model
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_method = {c.data.tags["ddpt.method"]: c for c in children}
+    assert set(by_method) == set(METHODS) and len(children) == len(METHODS)
+    for method, child in by_method.items():
+        assert child.info.run_name == method and child.data.tags["ddpt.role"] == "method"
+        assert set(child.data.metrics) == names  # the same names: MLflow's compare lines up
+        assert child.data.metrics["bleu4"] == pytest.approx(metrics[method]["bleu4"])
+    ddpt_child = by_method["ddpt"]
+    assert ddpt_child.data.params["sampler"] == "ddpm"
+    assert by_method["ddpt_ddim"].data.params["sampler"] == "ddim"
+    artifacts = {a.path for a in client.list_artifacts(ddpt_child.info.run_id, "interpret")}
+    assert {"interpret/nearest_tokens.json", "interpret/tsne.png"} <= artifacts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "metrics.json", "samples.jsonl"}
+
+    capsys.readouterr()
+    assert main(["compare", "--output", str(out), "--metrics", "bleu4,code_ce"]) == 0
+    printed = capsys.readouterr().out
+    assert all(method in printed for method in METHODS) and "code_ce" in printed
+    # Found again by experiment name alone: the latest comparison in it.
+    assert main(["compare", "--tracking-uri", saved["uri"], "--experiment", experiment]) == 0
+    assert saved["run_id"] in capsys.readouterr().out
+
+
+def test_sample_needs_the_checkpoints_its_methods_use(tmp_path, capsys):
+    code = main(["sample", "--preset", "smoke", "--methods", "manual,ddpt",
+                 "--output", str(tmp_path / "o")])
+    assert code == 2 and "--checkpoint" in capsys.readouterr().err
+    code = main(["sample", "--preset", "smoke", "--methods", "manual,ddpt", "--checkpoint",
+                 "nosuchfolder", "--output", str(tmp_path / "o")])
+    assert code == 2 and "neither a checkpoint folder nor an MLflow run id" in \
+        capsys.readouterr().err
+    assert main(["sample", "--preset", "smoke", "--methods", "bogus",
+                 "--output", str(tmp_path / "o")]) == 2
