@@ -61,14 +61,20 @@ class DiffusionPrompt(nn.Module):
     def sample_latents(self, num: int, config: SampleConfig,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """``num`` latents from the reverse chain: (num, n, k)."""
-        was_training = self.training
+        was_training, threads = self.training, torch.get_num_threads()
         self.eval()
         device = self.x0_bar.device
-        latents = sample(self.denoiser, self.schedule, (num, *self.latent_shape),
-                         sampler=config.sampler, steps=config.ddim_steps, eta=config.eta,
-                         generator=generator, device=device)
-        self.train(was_training)
-        return latents
+        if device.type == "cpu":
+            # The denoiser's matrices are tiny: one thread skips the per-op fork/join that
+            # makes each of the T small steps slow, worst on a busy machine.
+            torch.set_num_threads(1)
+        try:
+            return sample(self.denoiser, self.schedule, (num, *self.latent_shape),
+                          sampler=config.sampler, steps=config.ddim_steps, eta=config.eta,
+                          generator=generator, device=device)
+        finally:
+            torch.set_num_threads(threads)
+            self.train(was_training)
 
     def sample_directions(self, num: int, config: SampleConfig,
                           generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""Generation and prompt-sampling speed, measured side by side in one run:
+
+1. batched vs one-at-a-time greedy generation throughput (generated tokens per second), same
+   examples, same model, same token budget (goal: batched >= 4x on 2 cores);
+2. time to sample one prompt with DDPM (T = 2000 steps) vs DDIM (S = 50 steps), against the
+   DDPT paper's ~30 s per prompt;
+3. prompt sampling's share of total generation time with DDIM: a prompt per batch (the
+   ``per_example`` worst case: one DDIM prompt per example) and one shared prompt for the whole
+   evaluation set (goal: <= 2%).
+
+    python benchmarks/generation.py                         # embedded model, 16 examples
+    python benchmarks/generation.py --model tiny-llama      # seconds, for a quick look
+    python benchmarks/generation.py --checkpoint runs/main/ddpt/checkpoint   # a trained model
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Best wall time of ``repeat`` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--examples", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--checkpoint", help="a trained DDPT checkpoint (default: untrained "
+                        "weights of the default config; the sampling cost is the same)")
+    args = parser.parse_args()
+
+    from pipeline.checkpoint import load_prompt_model
+    from pipeline.config import SampleConfig, build_config
+    from pipeline.data.loaders import load_examples
+    from pipeline.ddpt import build_prompt_model
+    from pipeline.models import build_lm
+
+    config = build_config("default", overrides=[f"model.name={args.model}"])
+    lm = build_lm(config)
+    examples = load_examples("conala", "test", config.data.data_dir, args.examples)
+    if args.checkpoint:
+        prompt_model = load_prompt_model(args.checkpoint)[0]
+    else:
+        prompt_model = build_prompt_model(lm, config.denoiser, config.diffusion, seed=0)
+    tokens = args.max_new_tokens
+    print(f"model {args.model}, {len(examples)} CoNaLa test examples, up to {tokens} new tokens, "
+          f"{torch.get_num_threads()} torch threads")
+
+    # 1. Batched vs one at a time: count the tokens actually generated (rows stop early).
+    def generate(batch_size: int) -> int:
+        count = 0
+        for i in range(0, len(examples), batch_size):
+            batch = lm.collate(lm.encode(examples[i : i + batch_size]), with_targets=False)
+            count += sum(len(row) for row in lm.generate_ids(batch.to(lm.device), None, tokens))
+        return count
+
+    generate(args.batch_size)  # warm-up (allocator, first-call overheads)
+    counts = {}
+    seconds = {}
+    for size in (1, args.batch_size):
+        began = time.perf_counter()
+        counts[size] = generate(size)
+        seconds[size] = time.perf_counter() - began
+    one, many = counts[1] / seconds[1], counts[args.batch_size] / seconds[args.batch_size]
+    print(f"\n1. greedy generation: one at a time {one:.1f} tokens/s ({counts[1]} tokens, "
+          f"{seconds[1]:.1f}s); batch {args.batch_size} {many:.1f} tokens/s "
+          f"({counts[args.batch_size]} tokens, {seconds[args.batch_size]:.1f}s)")
+    print(f"   batched / one-at-a-time throughput: {many / one:.2f}x (goal >= 4x)")
+
+    # 2. One prompt: DDPM with T steps vs DDIM with S steps.
+    ddpm = SampleConfig(sampler="ddpm")
+    ddim = SampleConfig(sampler="ddim", ddim_steps=50)
+    generator = torch.Generator().manual_seed(0)
+    ddpm_s = timed(lambda: prompt_model.sample_directions(1, ddpm, generator))
+    ddim_s = timed(lambda: prompt_model.sample_directions(1, ddim, generator), repeat=3)
+    steps = prompt_model.schedule.timesteps
+    print(f"\n2. one prompt: DDPM-{steps} {ddpm_s:.3f}s, DDIM-50 {ddim_s * 1000:.1f}ms "
+          f"(DDPM/DDIM {ddpm_s / ddim_s:.0f}x); the paper: ~30 s per prompt "
+          f"(DDPM here is {30 / ddpm_s:.0f}x faster than that, DDIM {30 / ddim_s:.0f}x)")
+
+    # 3. Prompt sampling's share of generation time with DDIM.
+    batch = lm.collate(lm.encode(examples[: args.batch_size]), with_targets=False).to(lm.device)
+    generate_batch_s = timed(lambda: lm.generate_ids(batch, None, tokens))
+    per_example_s = timed(lambda: [prompt_model.sample_directions(1, ddim, generator)
+                                   for _ in range(args.batch_size)])
+    total_s = seconds[args.batch_size]
+    print(f"\n3. DDIM prompt share of generation time: one prompt per example "
+          f"{per_example_s / (per_example_s + generate_batch_s):.2%} (batch of "
+          f"{args.batch_size}: {per_example_s * 1000:.0f}ms prompts, {generate_batch_s:.1f}s "
+          f"generation); one shared prompt for the {len(examples)} examples "
+          f"{ddim_s / (ddim_s + total_s):.3%} (goal <= 2%)")
+
+
+if __name__ == "__main__":
+    main()
