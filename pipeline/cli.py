@@ -109,6 +109,44 @@ def cmd_compare(args: argparse.Namespace) -> None:
                         for m, values in table.items()}))
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from pipeline.ray_tune import run_sweep
+    from pipeline.sweep import default_space_file, format_trials, load_sweep
+
+    sweep = None
+    if args.resume:
+        if args.space or args.preset or args.config or args.overrides:
+            logging.warning("--resume continues with the space and configuration saved in %s; "
+                            "--space, --preset, --config and --set are ignored", args.output)
+    else:
+        space = args.space or default_space_file(args.preset)
+        sweep = load_sweep(space, args.preset, args.config, _overrides(args))
+    outcome = run_sweep(sweep, args.output, resume=args.resume, progress=not args.no_progress)
+    print(format_trials(outcome.sweep, outcome.trials, outcome.best))
+    print(f"\nMLflow: parent run {outcome.parent_run_id} at {outcome.tracking_uri} "
+          f"({outcome.seconds:.0f}s)")
+    if outcome.best is None:
+        raise SystemExit(f"ddpt sweep: error: no trial reported {outcome.sweep.metric}; see "
+                         f"{outcome.output}/trials.json")
+    print(f"best: trial {outcome.best.trial_id}, {outcome.sweep.metric} "
+          f"{outcome.best.metric:.4f}; train it with: ddpt train --config {outcome.best_config}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline.evaluation_job import run_evaluate
+
+    # --limit before --set (an explicit --set wins), --data last (it is the command's subject)
+    overrides = [f"data.max_eval_examples={args.limit}", *_overrides(args),
+                 f"data.dataset={args.data}"]
+    config = build_config(args.preset, args.config, overrides)
+    metrics = run_evaluate(config, args.output, methods=args.method or ["canonical"],
+                           resume=args.resume, progress=not args.no_progress)
+    for method, values in metrics.items():
+        print(f"{method}: {values['passed']}/{values['total']} passed; " + ", ".join(
+            f"{k} {v:.4f}" for k, v in values.items() if k.startswith("pass_at")))
+    print(f"wrote {args.output}/metrics.json and {args.output}/samples.jsonl")
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     print(_config(args))
 
@@ -160,6 +198,33 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--run-id", help="the comparison's parent run id")
     compare.add_argument("--metrics", help="comma-separated metrics to show (default: all)")
     compare.set_defaults(func=cmd_compare)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep of training runs (ASHA on the dev "
+                           "loss); MLflow parent run with a child run per trial")
+    _config_args(sweep)
+    sweep.set_defaults(preset=None)  # the space file's sweep.preset unless given
+    sweep.add_argument("--space", help="search-space file (default: tune/smoke.yaml with "
+                       "--preset smoke, else tune/default.yaml)")
+    sweep.add_argument("--output", default="runs/sweep", help="output folder")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --output "
+                       "after its driver died (finished trials are kept)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress tables")
+    sweep.set_defaults(func=cmd_sweep)
+
+    evaluate = sub.add_parser("evaluate", help="run a data set's programs against its tests in "
+                              "the sandbox (pass@k); `--method canonical` self-checks the data")
+    _config_args(evaluate)
+    evaluate.add_argument("--data", required=True, metavar="NAME_OR_FILE",
+                          help="humaneval, mbpp or a .jsonl file with tests (sets data.dataset)")
+    evaluate.add_argument("--method", action="append", metavar="NAME",
+                          help="what to execute (repeatable; default canonical: the reference "
+                          "solutions)")
+    evaluate.add_argument("--limit", type=int, default=0,
+                          help="only the first N examples of data.eval_split (default 0: all)")
+    evaluate.add_argument("--output", default="runs/evaluate", help="output folder")
+    evaluate.add_argument("--resume", action="store_true", help="skip ids already scored")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     show = sub.add_parser("config", help="print the resolved configuration")
     _config_args(show)

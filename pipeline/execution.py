@@ -1,0 +1,121 @@
+"""Execution-based scoring: build each task's program, run it in the sandbox, pass@k.
+
+Record format in ``samples.jsonl`` (one record per (method, id), see pipeline/results.py):
+    generation      the first (greedy) generation; the text metrics score this one
+    samples         optional, n >= execution.num_samples strings; with num_samples = n > 1 the
+                    first n are executed and `generation` is, by convention, samples[0]
+    status          passed | failed | timeout | error, of `generation`
+    statuses        with n > 1: the statuses of samples[:n], in order
+    exec_message    the sandbox's short message for `status` ("" when passed)
+Scoring re-appends the updated records (the store keeps the last one per key), chunk by chunk,
+so a crash keeps what was scored and a re-run skips it.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+from pipeline.config import ExecutionConfig
+from pipeline.data.example import Example
+from pipeline.passk import PASSED, pass_at_k_metrics
+from pipeline.results import ResultStore
+from pipeline.sandbox import run_programs
+
+log = logging.getLogger(__name__)
+CHUNK = 64  # programs per sandbox batch (and per store append)
+
+
+def build_program(example: Example, code: str) -> str:
+    """The program that runs ``code`` against ``example.tests``.
+
+    HumanEval-style examples (``meta`` holds ``prompt`` and ``entry_point``): a completion that
+    does not define the entry point is appended to the prompt; a full function is put after
+    the prompt, which keeps the prompt's imports and helper functions (HumanEval/38's tests call
+    the prompt's ``encode_cyclic``) while the generated definition replaces the stub. Other
+    data sets (MBPP, user JSONL): the code, then the tests (MBPP's setup code may use classes
+    the code defines, so it runs after the code).
+    """
+    prompt, entry = example.meta.get("prompt"), example.meta.get("entry_point")
+    if isinstance(prompt, str) and isinstance(entry, str) and entry:
+        defines = re.search(rf"^(async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE)
+        code = prompt + ("\n\n" + code if defines else code)
+    tests = example.tests or ""
+    return code.rstrip("\n") + "\n\n" + tests.rstrip("\n") + "\n" if tests.strip() else code
+
+
+def missing_tests(examples: Sequence[Example]) -> list[str]:
+    """Ids of examples that carry no tests (they cannot be executed)."""
+    return [ex.id for ex in examples if not (ex.tests or "").strip()]
+
+
+def _texts(record: dict, n: int, where: str) -> list[str]:
+    """The generations to run: [generation], or samples[:n] (+ generation if it is not the
+    first sample, whose status then comes last)."""
+    if n == 1:
+        return [record["generation"]]
+    samples = record.get("samples")
+    if not (isinstance(samples, list) and len(samples) >= n
+            and all(isinstance(s, str) for s in samples)):
+        have = len(samples) if isinstance(samples, list) else 0
+        raise ValueError(f"{where}: field 'samples' holds {have} string(s), "
+                         f"execution.num_samples={n} needs at least {n}")
+    texts = samples[:n]
+    return texts if record["generation"] == texts[0] else [*texts, record["generation"]]
+
+
+def _is_scored(record: dict, n: int) -> bool:
+    if "status" not in record:
+        return False
+    return n == 1 or len(record.get("statuses") or []) == n
+
+
+def score_execution(store: ResultStore, method: str, examples: Sequence[Example],
+                    config: ExecutionConfig, progress: bool = False) -> dict[str, float]:
+    """Run every unscored record of ``method`` (for ``examples``) in the sandbox, write the
+    statuses back into ``store``, and return pass@k over all of the method's scored records:
+    ``{"pass_at_1": ..., "pass_at_<k>": ..., "passed": tasks whose status passed, "total":
+    tasks}``. Records of examples not given are left alone."""
+    by_id = {ex.id: ex for ex in examples}
+    records = {str(r["id"]): r for r in store.load()
+               if r["method"] == method and str(r["id"]) in by_id}
+    untested = missing_tests([by_id[i] for i in records])
+    if untested:
+        raise ValueError(f"cannot execute {len(untested)} example(s) without tests, e.g. "
+                         f"{untested[:3]}: field 'tests' is empty")
+    n = config.num_samples
+    todo = [r for r in records.values() if not _is_scored(r, n)]
+    jobs = [(r, [build_program(by_id[str(r["id"])], t)
+                 for t in _texts(r, n, f"{store.path}: {method}/{r['id']}")]) for r in todo]
+    bar = None
+    if progress and jobs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(p) for _, p in jobs), desc=f"execute {method}", unit="program")
+    start = 0
+    while start < len(jobs):  # chunks of about CHUNK programs, appended as they finish
+        end, size = start, 0
+        while end < len(jobs) and (size == 0 or size + len(jobs[end][1]) <= CHUNK):
+            size += len(jobs[end][1])
+            end += 1
+        chunk = jobs[start:end]
+        results = iter(run_programs([p for _, programs in chunk for p in programs], config))
+        for record, programs in chunk:
+            outcome = [next(results) for _ in programs]
+            if n > 1:
+                record["statuses"] = [r.status for r in outcome[:n]]
+            greedy = outcome[n] if len(outcome) > n else outcome[0]  # see _texts
+            record["status"], record["exec_message"] = greedy.status, greedy.message
+        store.append(record for record, _ in chunk)
+        if bar is not None:
+            bar.update(size)
+        start = end
+    if bar is not None:
+        bar.close()
+    statuses = {i: (r["statuses"] if n > 1 else [r["status"]]) for i, r in records.items()}
+    metrics: dict[str, float] = pass_at_k_metrics(statuses, config.ks)
+    metrics["passed"] = sum(r["status"] == PASSED for r in records.values())
+    metrics["total"] = len(records)
+    log.info("%s: %d/%d passed (%s)", method, metrics["passed"], metrics["total"],
+             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("pass_at")))
+    return metrics

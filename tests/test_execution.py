@@ -1,0 +1,148 @@
+"""Programs from data, execution scoring into the results store, and ``ddpt evaluate``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import ExecutionConfig, RunConfig
+from pipeline.data.example import Example
+from pipeline.data.loaders import load_examples
+from pipeline.evaluation_job import run_evaluate
+from pipeline.execution import build_program, score_execution
+from pipeline.results import ResultStore
+
+FAST = ExecutionConfig(timeout_s=5.0, cpu_s=5, workers=2)
+PROMPT = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum."""\n'
+HUMANEVAL_LIKE = Example(
+    "he/0", "Complete", PROMPT + "    return sum(xs)\n",
+    tests="def check(candidate):\n    assert candidate([1, 2]) == 3\n\ncheck(total)\n",
+    meta={"prompt": PROMPT, "entry_point": "total"})
+
+
+def test_build_program_for_completions_and_full_functions():
+    completion = build_program(HUMANEVAL_LIKE, "    return sum(xs)\n")
+    assert completion.startswith(PROMPT + "    return sum(xs)\n")
+    assert completion.rstrip().endswith("check(total)")
+    # a full function keeps the prompt's imports (List) and replaces the stub
+    full = build_program(HUMANEVAL_LIKE, "def total(xs: List[int]) -> int:\n    return 3\n")
+    assert full.startswith(PROMPT) and "return 3" in full
+    mbpp = Example("m", "x", "def f():\n    return 1", tests="import math\nassert f() == 1\n")
+    assert build_program(mbpp, mbpp.output) == "def f():\n    return 1\n\nimport math\nassert f() == 1\n"
+    assert build_program(Example("u", "x", "y"), "print(1)") == "print(1)"  # no tests
+
+
+def test_score_execution_with_samples_writes_statuses(tmp_path):
+    examples = [HUMANEVAL_LIKE,
+                Example("m/1", "double", "def d(x):\n    return 2 * x\n", tests="assert d(2) == 4\n")]
+    store = ResultStore(tmp_path / "samples.jsonl")
+    store.append([
+        {"id": "he/0", "method": "m", "generation": "    return sum(xs)\n", "reference": "",
+         "samples": ["    return sum(xs)\n", "    return 0\n", "    return sum(xs) + 0\n"]},
+        # the greedy generation is not among the samples: it is run on its own
+        {"id": "m/1", "method": "m", "generation": "def d(x):\n    return x + x\n",
+         "reference": "", "samples": ["def d(x):\n    return x\n", "def d(x):\n    while 1: pass\n",
+                                      "def d(x):\n    return 2 * x\n"]},
+    ])
+    config = ExecutionConfig(timeout_s=2.0, cpu_s=1, workers=2, num_samples=3, ks=[1, 2, 3])
+    metrics = score_execution(store, "m", examples, config)
+    records = {r["id"]: r for r in store.load()}
+    assert records["he/0"]["statuses"] == ["passed", "failed", "passed"]
+    assert records["he/0"]["status"] == "passed" and records["he/0"]["exec_message"] == ""
+    assert records["m/1"]["statuses"] == ["failed", "timeout", "passed"]
+    assert records["m/1"]["status"] == "passed"
+    assert metrics["pass_at_1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert metrics["pass_at_2"] == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics["pass_at_3"] == 1.0
+    assert (metrics["passed"], metrics["total"]) == (2, 2)
+    # scored records are skipped on the next call: nothing is appended
+    size = store.path.stat().st_size
+    assert score_execution(store, "m", examples, config) == metrics
+    assert store.path.stat().st_size == size
+    with pytest.raises(ValueError, match="needs at least 4"):
+        score_execution(store, "m", examples,
+                        ExecutionConfig(num_samples=4, ks=[1]))
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "tasks.jsonl", [
+        {"id": "ok", "instruction": "add", "output": "def add(a, b):\n    return a + b",
+         "tests": "assert add(2, 3) == 5", "split": "test"},
+        {"id": "wrong", "instruction": "sub", "output": "def sub(a, b):\n    return a + b",
+         "tests": "assert sub(3, 2) == 1", "split": "test"},
+        {"id": "unused", "instruction": "x", "output": "x = 1", "split": "train"},
+    ])
+    out = tmp_path / "out"
+    args = ["evaluate", "--data", str(data), "--method", "canonical", "--output", str(out),
+            "--no-progress", "--set", "execution.timeout_s=5", "--set", "execution.workers=2"]
+    assert main(args) == 0
+    assert "canonical: 1/2 passed" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == {"canonical": {"pass_at_1": 0.5, "passed": 1, "total": 2}}
+    records = {r["id"]: r for r in ResultStore(out / "samples.jsonl").load()}
+    assert {i: r["status"] for i, r in records.items()} == {"ok": "passed", "wrong": "failed"}
+    assert records["wrong"]["exec_message"].startswith("AssertionError")
+    assert records["ok"]["generation"] == records["ok"]["reference"]
+
+    run = json.loads((out / "evaluate_run.json").read_text())
+    client = MlflowClient(tracking_uri=run["uri"])
+    logged = client.get_run(run["run_id"])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.metrics == {"pass_at_1": 0.5, "passed": 1.0, "total": 2.0}
+    assert logged.data.params["data.dataset"] == str(data)
+    assert logged.data.params["execution.timeout_s"] == "5.0"
+    assert logged.data.tags["ddpt.isolation"] in ("namespaces", "process")
+    assert {a.path for a in client.list_artifacts(run["run_id"])} >= {"metrics.json",
+                                                                      "samples.jsonl"}
+
+    # a second run needs --resume; with it, scored ids are skipped
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    size = (out / "samples.jsonl").stat().st_size
+    assert main([*args, "--resume"]) == 0
+    assert (out / "samples.jsonl").stat().st_size == size
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_bad_inputs_fail_before_work_naming_the_problem(tmp_path, capsys):
+    untested = _write_jsonl(tmp_path / "untested.jsonl", [
+        {"id": 1, "instruction": "a", "output": "x = 1", "tests": "assert x == 1", "split": "test"},
+        {"id": 2, "instruction": "b", "output": "y = 2", "split": "test"},
+    ])
+    cases = [(["--data", "nosuchset"], "unknown data set 'nosuchset'"),
+             (["--data", str(tmp_path / "missing.jsonl")], "user data file not found"),
+             (["--data", str(untested)], f"{untested}:2: field 'tests': 1 of 2 examples"),
+             (["--data", str(untested), "--method", "oracle"], "--method: unknown ['oracle']"),
+             (["--data", str(untested), "--set", "execution.isolation=jail"],
+              "execution.isolation: 'jail' is not one of")]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        assert main(["evaluate", *extra, "--output", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (out / "samples.jsonl").exists()
+
+
+def _canonical(dataset: str, tmp_path: Path) -> dict:
+    config = RunConfig().with_overrides([f"data.dataset={dataset}", "data.max_eval_examples=0"])
+    return run_evaluate(config, tmp_path / dataset)["canonical"]
+
+
+@pytest.mark.slow
+def test_canonical_humaneval_passes_all(tmp_path):
+    metrics = _canonical("humaneval", tmp_path)
+    assert (metrics["passed"], metrics["total"], metrics["pass_at_1"]) == (164, 164, 1.0)
+
+
+@pytest.mark.slow
+def test_canonical_mbpp_test_split_passes_all(tmp_path):
+    metrics = _canonical("mbpp", tmp_path)
+    assert len(load_examples("mbpp", "test")) == 500
+    assert (metrics["passed"], metrics["total"], metrics["pass_at_1"]) == (500, 500, 1.0)

@@ -1,0 +1,178 @@
+"""The sandbox: verdicts, and adversarial programs contained with the harness alive.
+
+Every case runs under each available layer: the default (``auto`` isolation plus the in-process
+guard), the OS layer alone (``namespaces`` without the guard) and the fallback (``process``
+isolation plus the guard). Each layer's cases run as one parallel batch to keep this fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ExecutionConfig
+from pipeline.sandbox import ExecResult, SandboxError, resolve_isolation, run_program, run_programs
+
+# memory_mb is small because first-touching memory is slow in this VM (about 300 MB/s); a
+# program starts at about 25 MB of address space
+CONFIG = ExecutionConfig(timeout_s=1.5, cpu_s=1, memory_mb=96, max_file_mb=4,
+                         max_processes=8, workers=4)
+SENTINEL_TEXT = "the caller's data\n"
+
+
+@dataclasses.dataclass
+class World:
+    """What the programs attack: a file of the caller's, a listening socket, the harness."""
+
+    sentinel: Path
+    listener: socket.socket
+    harness_pid: int
+    visible: Path  # a path in a folder the sandbox can see (the tests folder): must stay absent
+
+    @property
+    def port(self) -> int:
+        return self.listener.getsockname()[1]
+
+
+# name -> (program given the world, statuses that count as contained)
+CASES = {
+    "pass": (lambda w: "def inc(x):\n    return x + 1\n\nassert inc(1) == 2\n", {"passed"}),
+    "failing_assert": (lambda w: "def inc(x):\n    return x\n\nassert inc(1) == 2\n", {"failed"}),
+    "syntax_error": (lambda w: "def inc(x)\n    return x\n", {"error"}),
+    "exception": (lambda w: "raise KeyError('k')\n", {"error"}),
+    "infinite_loop": (lambda w: "while True:\n    pass\n", {"timeout"}),
+    "sleeping_forever": (lambda w: "import time\nwhile True:\n    time.sleep(1)\n", {"timeout"}),
+    "fork_bomb": (lambda w: "import os\nwhile True:\n    try:\n        os.fork()\n"
+                            "    except Exception:\n        pass\n", {"timeout", "error"}),
+    "memory_hog": (lambda w: "hog = []\nwhile True:\n    hog.append(bytearray(10**7))\n",
+                   {"error"}),
+    "huge_file": (lambda w: "with open('big.bin', 'wb') as f:\n    while True:\n"
+                            "        f.write(b'0' * 2**20)\n", {"error"}),
+    "write_callers_file": (lambda w: f"with open({str(w.sentinel)!r}, 'w') as f:\n"
+                                     "    f.write('pwned')\n", {"error"}),
+    "delete_callers_file": (lambda w: f"import os\nos.remove({str(w.sentinel)!r})\n", {"error"}),
+    "rename_callers_file": (lambda w: f"import os\nos.rename({str(w.sentinel)!r}, 'x')\n",
+                            {"error"}),
+    "create_file_in_visible_folder": (lambda w: f"open({str(w.visible)!r}, 'w').write('x')\n",
+                                      {"error"}),
+    # with the guard off, the namespace's init ignores the signal: the program goes on and fails
+    "kill_parent": (lambda w: "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+                              "import time\ntime.sleep(0.2)\nassert False, 'parent alive'\n",
+                    {"error", "failed"}),
+    "kill_harness": (lambda w: f"import os, signal\nos.kill({w.harness_pid}, signal.SIGKILL)\n"
+                               "assert False, 'harness alive'\n", {"error", "failed"}),
+    "network": (lambda w: "import socket\n"
+                          f"s = socket.create_connection(('127.0.0.1', {w.port}), timeout=1)\n"
+                          "s.sendall(b'pwned')\n", {"error"}),
+    "sys_exit_before_tests": (lambda w: "import sys\nsys.exit(0)\nassert False\n", {"error"}),
+    "os_exit_before_tests": (lambda w: "import os\nos._exit(0)\nassert False\n", {"error"}),
+    "fake_marker": (lambda w: "import json, os\n"
+                              "line = json.dumps({'status': 'passed', 'message': '', "
+                              "'nonce': '0' * 32})\nprint(line)\n"
+                              "for fd in range(3, 10):\n    try:\n"
+                              "        os.write(fd, line.encode() + b'\\n')\n"
+                              "    except OSError:\n        pass\nos._exit(0)\n", {"error"}),
+}
+# kill(-1) signals every process the caller may signal: only safe to try inside a pid namespace
+# or against the guard
+KILL_ALL = (lambda w: "import os, signal\nos.kill(-1, signal.SIGKILL)\nassert False\n",
+            {"error", "failed"})
+
+
+def _namespaces_work() -> bool:
+    try:
+        return resolve_isolation("namespaces") == "namespaces"
+    except SandboxError:
+        return False
+
+
+LAYERS = [
+    pytest.param(("auto", True), id="default"),
+    pytest.param(("namespaces", False), id="os_only", marks=pytest.mark.skipif(
+        not _namespaces_work(), reason="user namespaces unavailable here")),
+    pytest.param(("process", True), id="process_fallback"),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    sentinel = tmp_path_factory.mktemp("caller") / "sentinel.txt"
+    sentinel.write_text(SENTINEL_TEXT)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    visible = Path(__file__).resolve().parent / f".sandbox-probe-{os.getpid()}"
+    yield World(sentinel, listener, os.getpid(), visible)
+    listener.close()
+    visible.unlink(missing_ok=True)  # only there if the sandbox failed (the test says so)
+
+
+@pytest.fixture(scope="module", params=LAYERS)
+def outcomes(request, world) -> dict[str, ExecResult]:
+    isolation, guard = request.param
+    cases = dict(CASES)
+    if isolation == "namespaces" or guard:
+        cases["kill_all"] = KILL_ALL
+    config = dataclasses.replace(CONFIG, isolation=isolation)
+    results = run_programs([make(world) for make, _ in cases.values()], config, guard=guard)
+    return dict(zip(cases, results))
+
+
+@pytest.mark.parametrize("case", [*CASES, "kill_all"])
+def test_case_is_contained(outcomes, case):
+    if case not in outcomes:
+        pytest.skip("not run in this layer")
+    result, allowed = outcomes[case], (CASES.get(case) or KILL_ALL)[1]
+    assert result.status in allowed, result
+    assert not result.message.startswith("sandbox"), result  # the supervisor itself answered
+    assert result.seconds < CONFIG.timeout_s + 3, result  # the whole tree was killed in time
+
+
+def test_messages_say_what_happened(outcomes):
+    assert outcomes["pass"].message == ""
+    assert outcomes["failing_assert"].message.startswith("AssertionError")
+    assert "line 4" in outcomes["failing_assert"].message
+    assert outcomes["syntax_error"].message.startswith("SyntaxError")
+    assert outcomes["exception"].message.startswith("KeyError")
+    assert "SystemExit(0)" in outcomes["sys_exit_before_tests"].message
+    assert "before its tests finished" in outcomes["os_exit_before_tests"].message
+    assert "MemoryError" in outcomes["memory_hog"].message
+    assert "limit" in outcomes["infinite_loop"].message
+
+
+def test_callers_world_untouched(outcomes, world):
+    assert world.sentinel.read_text() == SENTINEL_TEXT
+    assert not world.visible.exists()
+    with pytest.raises(socket.timeout):  # nobody connected
+        world.listener.accept()
+    # the harness is alive (this runs) and the sandbox still works after the attacks
+    assert run_program("assert sum([1, 2]) == 3\n", CONFIG).status == "passed"
+
+
+def test_environment_is_minimal_and_workdir_private(monkeypatch):
+    monkeypatch.setenv("DDPT_SECRET_TOKEN", "hunter2")
+    program = ("import os, tempfile\n"
+               "assert 'DDPT_SECRET_TOKEN' not in os.environ, sorted(os.environ)\n"
+               "assert os.getcwd() == os.environ['HOME'] == tempfile.gettempdir()\n"
+               "with open('scratch.txt', 'w') as f:\n    f.write('ok')\n"
+               "assert open('scratch.txt').read() == 'ok'\n"
+               "print(os.getcwd())\n")
+    result = run_program(program, CONFIG)
+    assert result.status == "passed", result
+
+
+def test_run_programs_keeps_order_and_runs_in_parallel():
+    programs = [f"import time\ntime.sleep(0.3)\nassert {i} % 3 != 0, 'multiple of 3'\n"
+                for i in range(8)]
+    began = time.perf_counter()
+    results = run_programs(programs, CONFIG)
+    wall = time.perf_counter() - began
+    assert [r.status for r in results] == ["failed" if i % 3 == 0 else "passed"
+                                           for i in range(8)]
+    assert sum(r.seconds for r in results) > 1.3 * wall  # two at a time, not one by one
+    assert run_programs([], CONFIG) == []
