@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from pipeline.config import RunConfig
 from pipeline.data.example import Example
 from pipeline.evaluate import score_method
+from pipeline.execution import missing_tests, score_execution
 from pipeline.frozen_lm import FrozenCodeLM
 from pipeline.results import ResultStore
 from pipeline.sampler import METHODS, BatchSampler, method_sample_config
@@ -90,7 +91,11 @@ def score(store: ResultStore, config: RunConfig, methods: list[str],
           examples: list[Example]) -> dict[str, dict[str, float]]:
     """Per method: the text metrics, ``code_ce`` (mean held-out cross-entropy of the reference
     code under the method's prompt), time spent sampling prompts vs generating, and, when the
-    examples carry tests, execution-based pass@k."""
+    examples carry tests, execution-based ``pass_at_<k>`` (the sandbox; statuses go into the
+    store's records)."""
+    executable = bool(examples) and not missing_tests(examples)
+    if not executable and len(missing_tests(examples)) < len(examples):
+        log.warning("some examples carry tests and some do not: no pass@k (docs/execution.md)")
     records = store.by_method()
     ids = {e.id for e in examples}
     metrics = {}
@@ -103,6 +108,8 @@ def score(store: ResultStore, config: RunConfig, methods: list[str],
         values.update(code_ce=sum(r["code_ce"] for r in rows) / len(rows),
                       prompt_seconds=prompt, generate_seconds=generate,
                       prompt_share=prompt / max(prompt + generate, 1e-9))
+        if executable:
+            values.update(score_execution(store, method, examples, config.execution))
         metrics[method] = values
     return metrics
 

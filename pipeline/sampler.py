@@ -131,10 +131,30 @@ class BatchSampler:
         batch = lm.collate(lm.encode(examples)).to(lm.device)
         code_ce = lm.code_loss(batch, delta, per_example=True).tolist()
         scored = time.perf_counter()
-        generations = lm.generate(examples, delta, ec.max_new_tokens,
-                                  decoding=method_decoding(method, self.config.decoding))
+        decoding = method_decoding(method, self.config.decoding)
+        generations = lm.generate(examples, delta, ec.max_new_tokens, decoding=decoding)
+        samples = self._samples(examples, delta, decoding)
         done = time.perf_counter()
-        return [{"id": e.id, "method": method_name, "generation": g, "reference": e.output,
-                 "code_ce": ce, "batch_size": len(examples),
-                 "prompt_seconds": prompted - began, "generate_seconds": done - scored}
-                for e, g, ce in zip(examples, generations, code_ce)]
+        records = [{"id": e.id, "method": method_name, "generation": g, "reference": e.output,
+                    "code_ce": ce, "batch_size": len(examples),
+                    "prompt_seconds": prompted - began, "generate_seconds": done - scored}
+                   for e, g, ce in zip(examples, generations, code_ce)]
+        for record, drawn in zip(records, samples or []):
+            record["samples"] = drawn
+        return records
+
+    def _samples(self, examples: list[Example], delta: torch.Tensor | None,
+                 decoding: DecodingConfig) -> list[list[str]] | None:
+        """``execution.num_samples`` sampled generations per example for pass@k (None when
+        n = 1: greedy pass@1 scores ``generation``). SPA methods sample from SPA's logits."""
+        n = self.config.execution.num_samples
+        if n == 1:
+            return None
+        if decoding.strategy == "spa":
+            sampled = dataclasses.replace(decoding, spa_sample=True)
+        else:
+            sampled = dataclasses.replace(decoding, strategy="sample")
+        # Seeded by the batch's ids: a retried batch draws the same samples.
+        seed = example_seed(decoding.seed, ",".join(e.id for e in examples))
+        return self.lm.generate_samples(examples, n, delta, self.config.eval.max_new_tokens,
+                                        sampled, torch.Generator().manual_seed(seed))

@@ -136,3 +136,22 @@ def test_sample_needs_the_checkpoints_its_methods_use(tmp_path, capsys):
         capsys.readouterr().err
     assert main(["sample", "--preset", "smoke", "--methods", "bogus",
                  "--output", str(tmp_path / "o")]) == 2
+
+
+def test_data_with_tests_gets_pass_at_k(checkpoints, tmp_path):
+    out = tmp_path / "mbpp"
+    assert main(["sample", "--preset", "smoke", "--checkpoint", str(checkpoints["ddpt"]),
+                 "--methods", "manual,ddpt_ddim", "--output", str(out), "--no-progress",
+                 "--set", "pool.backend=local", "--set", "data.dataset=mbpp",
+                 "--set", "data.max_eval_examples=3", "--set", "execution.num_samples=2",
+                 "--set", "execution.ks=[1, 2]"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for values in metrics.values():
+        assert {"pass_at_1", "pass_at_2", "passed", "total"} <= set(values)
+        assert values["total"] == 3 and 0 <= values["pass_at_1"] <= values["pass_at_2"] <= 1
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    latest = {(r["method"], r["id"]): r for r in records}
+    assert len(latest) == 6
+    for record in latest.values():
+        assert record["status"] in {"passed", "failed", "timeout", "error"}
+        assert len(record["samples"]) == 2 and len(record["statuses"]) == 2
