@@ -6,14 +6,17 @@ flow through the LM's activations into ``delta``; the LM's own weights never get
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline import spa
+from pipeline.config import DecodingConfig
 from pipeline.data.example import Example
-from pipeline.template import EncodedExample, PromptTemplate, extract_code
+from pipeline.template import SPAN_NAMES, EncodedExample, PromptTemplate, extract_code
 
 IGNORE = -100
 
@@ -28,11 +31,26 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L)
     context_mask: torch.Tensor  # (B, L) bool, exactly n True per row
     labels: torch.Tensor | None  # causal: (B, L), enc-dec: (B, L_target); IGNORE off target
+    # (B, L) bool per anchorable span ('context', 'instruction', 'input'; template.SPAN_NAMES),
+    # in the same padded layout as input_ids; empty when the encoded examples carry no spans.
+    spans: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def to(self, device: torch.device) -> "Batch":
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    def to(self, device: torch.device) -> Batch:
+        move = lambda x: None if x is None else x.to(device)
         return Batch(self.ids, move(self.input_ids), move(self.attention_mask),
-                     move(self.context_mask), move(self.labels))
+                     move(self.context_mask), move(self.labels),
+                     {name: mask.to(device) for name, mask in self.spans.items()})
+
+    def anchor_mask(self, anchors: list[str] | tuple[str, ...]) -> torch.Tensor:
+        """(B, L) bool: the union of the named spans (several anchors share one masked stream)."""
+        missing = [name for name in anchors if name not in self.spans]
+        if missing:
+            raise ValueError(f"batch has no span {missing} (it has {sorted(self.spans)}); collate "
+                             "examples encoded by PromptTemplate.encode to anchor them")
+        mask = torch.zeros_like(self.context_mask)
+        for name in anchors:
+            mask |= self.spans[name]
+        return mask
 
 
 class FrozenCodeLM:
@@ -45,6 +63,10 @@ class FrozenCodeLM:
         model.eval()
         model.requires_grad_(False)
         self.pad_id = tokenizer.pad_token_id
+        # Prefill computes the logits of the last position only where the model allows it
+        # (the full (B, L, V) logits of a long prompt are large and unused).
+        self._keep_last = ("logits_to_keep" in inspect.signature(model.forward).parameters
+                           and not self.is_encoder_decoder)
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +108,7 @@ class FrozenCodeLM:
             input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros_like(input_ids)
             context = torch.zeros_like(input_ids, dtype=torch.bool)
+            spans = self._span_masks(encoded, input_ids.shape, [0] * len(rows))
             for i, (row, e) in enumerate(zip(rows, encoded)):
                 input_ids[i, : len(row)] = torch.tensor(row)
                 attention[i, : len(row)] = 1
@@ -96,7 +119,7 @@ class FrozenCodeLM:
                 labels = torch.full((len(rows), t_width), IGNORE, dtype=torch.long)
                 for i, e in enumerate(encoded):
                     labels[i, : len(e.target_ids)] = torch.tensor(e.target_ids)
-            return Batch([e.id for e in encoded], input_ids, attention, context, labels)
+            return Batch([e.id for e in encoded], input_ids, attention, context, labels, spans)
 
         rows = [e.prompt_ids + (e.target_ids if with_targets else []) for e in encoded]
         width = max(map(len, rows))
@@ -104,6 +127,7 @@ class FrozenCodeLM:
         attention = torch.zeros_like(input_ids)
         context = torch.zeros_like(input_ids, dtype=torch.bool)
         labels = torch.full_like(input_ids, IGNORE) if with_targets else None
+        spans = self._span_masks(encoded, input_ids.shape, [width - len(row) for row in rows])
         for i, (row, e) in enumerate(zip(rows, encoded)):
             pad = width - len(row)
             input_ids[i, pad:] = torch.tensor(row)
@@ -112,7 +136,24 @@ class FrozenCodeLM:
             if with_targets:
                 start = pad + len(e.prompt_ids)
                 labels[i, start:] = torch.tensor(e.target_ids)
-        return Batch([e.id for e in encoded], input_ids, attention, context, labels)
+        return Batch([e.id for e in encoded], input_ids, attention, context, labels, spans)
+
+    @staticmethod
+    def _span_masks(encoded: list[EncodedExample], shape: torch.Size, offsets: list[int]
+                    ) -> dict[str, torch.Tensor]:
+        """(B, L) bool mask per span name, each row's positions shifted by its left padding.
+        Empty when the examples carry no spans (e.g. rebuilt from Ray Data columns)."""
+        if not all(e.spans for e in encoded):
+            return {}
+        masks = {}
+        for name in SPAN_NAMES:
+            mask = torch.zeros(shape, dtype=torch.bool)
+            for i, (e, offset) in enumerate(zip(encoded, offsets)):
+                positions = e.spans.get(name, ())
+                if positions:
+                    mask[i, torch.tensor(positions) + offset] = True
+            masks[name] = mask
+        return masks
 
     # ---- forward -------------------------------------------------------------------------------
     def prompt_embeds(self, batch: Batch, delta: torch.Tensor | None) -> torch.Tensor:
@@ -156,46 +197,85 @@ class FrozenCodeLM:
             return token_loss.sum(-1) / counts.clamp(min=1)
         return token_loss.sum() / counts.sum().clamp(min=1)
 
-    # ---- greedy generation -----------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_ids(self, batch: Batch, delta: torch.Tensor | None = None,
-                     max_new_tokens: int = 128) -> list[list[int]]:
-        """Greedy decoding with a KV cache, the whole batch at once; each row stops at a stop
-        token (not included). Returns the new token ids per row."""
-        embeds = self.prompt_embeds(batch, delta)
-        mask = batch.attention_mask
-        bsz = embeds.shape[0]
-        stop = torch.tensor(self.template.stop_ids, device=embeds.device)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, _DecodeState]:
+        """Run R prompt rows ((R, L, d) embeddings, (R, L) mask); return the (R, V) logits of the
+        first new token and the KV-cache state to extend."""
         if self.is_encoder_decoder:
             encoder_outputs = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
             start = self.model.config.decoder_start_token_id
-            step_ids = torch.full((bsz, 1), start, dtype=torch.long, device=embeds.device)
+            step_ids = torch.full((embeds.shape[0], 1), start, dtype=torch.long,
+                                  device=embeds.device)
             out = self.model(encoder_outputs=encoder_outputs, attention_mask=mask,
                              decoder_input_ids=step_ids, use_cache=True)
-        else:
-            positions = self._positions(mask)
-            out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+            return out.logits[:, -1], _DecodeState(out.past_key_values, mask, None,
+                                                   encoder_outputs)
+        positions = self._positions(mask)
+        keep = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                         use_cache=True, **keep)
+        return out.logits[:, -1], _DecodeState(out.past_key_values, mask, positions[:, -1:] + 1)
+
+    def _extend(self, next_ids: torch.Tensor, state: _DecodeState) -> torch.Tensor:
+        """Feed one new token per row ((R,) ids) through the cache; return the next (R, V)
+        logits. Updates ``state`` in place."""
+        if self.is_encoder_decoder:
+            out = self.model(encoder_outputs=state.encoder_outputs, attention_mask=state.mask,
+                             decoder_input_ids=next_ids[:, None], past_key_values=state.past,
                              use_cache=True)
-            next_position = positions[:, -1:] + 1
+        else:
+            state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], 1)
+            out = self.model(input_ids=next_ids[:, None], attention_mask=state.mask,
+                             position_ids=state.position, past_key_values=state.past,
+                             use_cache=True)
+            state.position = state.position + 1
+        state.past = out.past_key_values
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def generate_ids(self, batch: Batch, delta: torch.Tensor | None = None,
+                     max_new_tokens: int = 128, decoding: DecodingConfig | None = None,
+                     generator: torch.Generator | None = None) -> list[list[int]]:
+        """Decode the whole batch at once with a KV cache; each row stops at a stop token (not
+        included). Returns the new token ids per row.
+
+        ``decoding.strategy`` (default greedy): 'greedy' takes the argmax; 'sample' draws with
+        ``temperature`` and ``top_p`` from ``generator`` (default: seeded with
+        ``decoding.seed``); 'spa' runs the full and the anchor-masked prompt as ONE batch of 2B
+        rows sharing the loop and the KV cache, and takes the argmax of the SPA logits (a draw
+        when ``decoding.spa_sample``). Both streams carry ``X_ctx + delta`` in the context
+        unless 'context' is an anchor.
+        """
+        decoding = decoding or DecodingConfig()
+        embeds = self.prompt_embeds(batch, delta)
+        mask = batch.attention_mask
+        bsz = embeds.shape[0]
+        use_spa = decoding.strategy == "spa"
+        if use_spa:
+            embeds, mask = spa.two_streams(embeds, mask, batch.anchor_mask(decoding.spa_anchors))
+        draw = decoding.strategy == "sample" or (use_spa and decoding.spa_sample)
+        if draw and generator is None:
+            generator = torch.Generator(embeds.device).manual_seed(decoding.seed)
+        logits, state = self._prefill(embeds, mask)
+        stop = torch.tensor(self.template.stop_ids, dtype=torch.long, device=embeds.device)
         generated = []
         done = torch.zeros(bsz, dtype=torch.bool, device=embeds.device)
         for _ in range(max_new_tokens):
-            next_ids = out.logits[:, -1].argmax(-1)
+            if use_spa:
+                logits = spa.split_combine(logits, decoding.spa_omega)
+            if draw:
+                next_ids = spa.sample(logits, decoding.temperature, decoding.top_p, generator)
+            else:
+                next_ids = logits.argmax(-1)
             next_ids = torch.where(done, torch.full_like(next_ids, self.pad_id), next_ids)
             generated.append(next_ids)
             done |= torch.isin(next_ids, stop)
             if done.all():
                 break
-            if self.is_encoder_decoder:
-                out = self.model(encoder_outputs=encoder_outputs, attention_mask=mask,
-                                 decoder_input_ids=next_ids[:, None],
-                                 past_key_values=out.past_key_values, use_cache=True)
-            else:
-                mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
-                out = self.model(input_ids=next_ids[:, None], attention_mask=mask,
-                                 position_ids=next_position, past_key_values=out.past_key_values,
-                                 use_cache=True)
-                next_position = next_position + 1
+            # Both SPA streams continue with the same (combined) token.
+            logits = self._extend(torch.cat([next_ids, next_ids]) if use_spa else next_ids, state)
         tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(bsz)]
         stops = set(self.template.stop_ids)
         result = []
@@ -204,10 +284,40 @@ class FrozenCodeLM:
             result.append(row[:cut])
         return result
 
-    def generate(self, examples: list[Example], delta: torch.Tensor | None = None,
-                 max_new_tokens: int = 128) -> list[str]:
-        """Greedy code for each example (decoded, code extracted from markdown fences)."""
-        batch = self.collate(self.encode(examples), with_targets=False).to(self.device)
-        rows = self.generate_ids(batch, delta, max_new_tokens)
+    def _texts(self, rows: list[list[int]]) -> list[str]:
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [extract_code(text, self.template.kind) for text in texts]
+
+    def generate(self, examples: list[Example], delta: torch.Tensor | None = None,
+                 max_new_tokens: int = 128, decoding: DecodingConfig | None = None,
+                 generator: torch.Generator | None = None) -> list[str]:
+        """Code for each example (decoded, code extracted from markdown fences); greedy unless
+        ``decoding`` says otherwise (see :meth:`generate_ids`)."""
+        batch = self.collate(self.encode(examples), with_targets=False).to(self.device)
+        return self._texts(self.generate_ids(batch, delta, max_new_tokens, decoding, generator))
+
+    def generate_samples(self, examples: list[Example], num_samples: int,
+                         delta: torch.Tensor | None = None, max_new_tokens: int = 128,
+                         decoding: DecodingConfig | None = None,
+                         generator: torch.Generator | None = None) -> list[list[str]]:
+        """``num_samples`` generations per example (pass@k), as one batch of B * n rows (each
+        example's row repeated n times; chunk the examples to bound memory). Use a sampling
+        decoding ('sample', or 'spa' with ``spa_sample``); greedy gives n equal copies. Draws
+        are reproducible for the same examples, order, n and seed."""
+        encoded = [e for e in self.encode(examples) for _ in range(num_samples)]
+        if delta is not None and delta.dim() == 3:  # per-example prompts follow their rows
+            delta = delta.repeat_interleave(num_samples, dim=0)
+        batch = self.collate(encoded, with_targets=False).to(self.device)
+        texts = self._texts(self.generate_ids(batch, delta, max_new_tokens, decoding, generator))
+        return [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]
+
+
+@dataclass
+class _DecodeState:
+    """What one decoding step hands the next: the KV cache, the (R, L') attention mask, the next
+    (R, 1) positions (causal) or the encoder outputs (encoder-decoder)."""
+
+    past: object
+    mask: torch.Tensor
+    position: torch.Tensor | None
+    encoder_outputs: object = None

@@ -1,8 +1,8 @@
 """The frozen LM adapter: the same tests for a causal and an encoder-decoder model."""
 import pytest
 import torch
-
 from conftest import EXAMPLES, make_lm
+
 from pipeline.frozen_lm import IGNORE
 
 
