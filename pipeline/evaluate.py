@@ -8,6 +8,7 @@ from pipeline.data.example import Example
 from pipeline.frozen_lm import FrozenCodeLM
 from pipeline.metrics import compute_metrics
 from pipeline.results import ResultStore
+from pipeline.template import EncodedExample
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -23,6 +24,30 @@ def heldout_code_loss(lm: FrozenCodeLM, examples: list[Example], delta: torch.Te
         batch = lm.collate(chunk).to(lm.device)
         losses.append(lm.code_loss(batch, delta, per_example=True).cpu())
     return torch.cat(losses).mean().item()
+
+
+@torch.no_grad()
+def sharded_code_loss(lm: FrozenCodeLM, encoded: list[EncodedExample],
+                      delta: torch.Tensor | None, batch_size: int, rank: int = 0,
+                      world: int = 1) -> float:
+    """:func:`heldout_code_loss` computed by ``world`` ranks that all call this together (the dev
+    loss of Ray Train workers): rank r scores examples r, r + world, ...; each sum is
+    all-reduced. Every rank runs the same number of forwards, because ZeRO-3's are collective:
+    a shorter share is padded with repeats that weigh 0."""
+    share = encoded[rank::world]
+    per_rank = -(-len(encoded) // world)
+    weights = [1.0] * len(share) + [0.0] * (per_rank - len(share))
+    share = share + [encoded[0]] * (per_rank - len(share))
+    total = torch.zeros(2, dtype=torch.float64, device=lm.device)  # (sum of losses, count)
+    for start in range(0, per_rank, batch_size):
+        batch = lm.collate(share[start:start + batch_size]).to(lm.device)
+        losses = lm.code_loss(batch, delta, per_example=True).double()
+        weight = torch.tensor(weights[start:start + batch_size], dtype=torch.float64,
+                              device=lm.device)
+        total += torch.stack([(losses * weight).sum(), weight.sum()])
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def generate_into(store: ResultStore, method: str, lm: FrozenCodeLM, examples: list[Example],

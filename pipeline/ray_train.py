@@ -41,6 +41,7 @@ from pipeline.ray_data import shard_batches, tokenized_dataset
 from pipeline.template import PromptTemplate
 from pipeline.tracking import RunTracker
 from pipeline.train import run_steps
+from pipeline.training_job import load_dev_examples
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     shares = [None] * world
     torch.distributed.all_gather_object(shares, _shard_share(model))
     shard_share = max(shares)
+    dev = lm.encode([Example(**item) for item in loop_config.get("dev", [])])
+
+    def dev_loss() -> float:
+        """Code cross-entropy on the dev examples given one prompt sampled as evaluation does;
+        all ranks together."""
+        from pipeline.evaluate import sharded_code_loss  # not at the top: it imports the metrics
+
+        generator = torch.Generator().manual_seed(config.sample.seed)
+        delta = prompt_model.sample_directions(1, config.sample, generator)[0]
+        return sharded_code_loss(lm, dev, delta, config.eval.batch_size, rank, world)
 
     start, epoch, next_index = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -144,6 +155,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def on_step(step: int, record: dict) -> None:
         record = {**record, "examples_per_second": tc.batch_size / record["step_seconds"],
                   "lm_shard_share": shard_share}
+        if dev and tc.eval_every and (step == tc.steps or step % tc.eval_every == 0):
+            record["dev_loss"] = dev_loss()  # in history.jsonl: MLflow gets it exactly once
         pending.append(record)
         every = tc.checkpoint_every
         if step == tc.steps or (every and step % every == 0):
@@ -229,14 +242,23 @@ def _check_resources(config: RunConfig) -> None:
 
 def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | Path,
                  tracker: RunTracker | None = None, resume: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, dev_examples: list[Example] | None = None,
+                 callbacks: list | None = None, dataset: ray.data.Dataset | None = None
+                 ) -> Path:
     """Train on a TorchTrainer; blocks until done and returns the exported portable checkpoint
-    (``<output>/checkpoint``). Raises if the run failed for good."""
+    (``<output>/checkpoint``). Raises if the run failed for good. With ``train.eval_every``
+    the workers report ``dev_loss`` on ``dev_examples`` (default: the config's dev split);
+    ``callbacks`` are extra Ray Train ``UserCallback`` s (a sweep's report to Tune);
+    ``dataset`` is ``examples`` tokenized already (:func:`tokenized_dataset`)."""
     dc, tc = config.distributed, config.train
     output = Path(output_dir).resolve()
     if len(examples) < tc.batch_size:
         raise ConfigError(f"train.batch_size is {tc.batch_size} examples per step, but the "
                           f"training split has {len(examples)}")
+    if dev_examples is None and tc.eval_every:
+        dev_examples = load_dev_examples(config)
+    dev = [{"id": e.id, "instruction": e.instruction, "input": e.input, "output": e.output}
+           for e in (dev_examples or [])] if tc.eval_every else []
     ds_config = deepspeed_config(config)
     storage = output / "ray"
     if (storage / RUN_NAME).exists() and not resume:
@@ -247,18 +269,21 @@ def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | P
     ensure_ray()
     _check_resources(config)
     ray.data.DataContext.get_current().enable_progress_bars = progress
+    if dataset is None:
+        dataset = tokenized_dataset(examples, config)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.to_dict(), "deepspeed": ds_config},
+        train_loop_config={"config": config.to_dict(), "deepspeed": ds_config, "dev": dev},
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
                                      resources_per_worker={"CPU": dc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=dc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[MLflowCommit(tracker)] if tracker else [],
+            # MLflowCommit first: a step's metrics are in MLflow before a sweep hears of it.
+            callbacks=[*([MLflowCommit(tracker)] if tracker else []), *(callbacks or [])],
         ),
-        datasets={"train": tokenized_dataset(examples, config)},
+        datasets={"train": dataset},
     )
     result = trainer.fit()
     if result.error:

@@ -75,13 +75,14 @@ def check_output(output: Path, resume: bool) -> None:
 def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False,
                  examples: list[Example] | None = None, progress: bool = True,
                  lm=None, parent_run_id: str | None = None, run_name: str = "train",
-                 callbacks: list | None = None) -> TrainOutcome:
+                 callbacks: list | None = None, dataset=None) -> TrainOutcome:
     """Train the prompt model; the checkpoint lands in ``<output>/checkpoint``.
 
     ``distributed.backend='ray'`` trains on a Ray TorchTrainer with DeepSpeed ZeRO-3;
     ``'local'`` trains in this process (``lm`` may be passed to reuse a loaded model). The
     MLflow run is a child of ``parent_run_id`` when given (a comparison or a sweep).
-    ``callbacks`` are extra Ray Train ``UserCallback`` s (a sweep's report to Tune).
+    ``callbacks`` are extra Ray Train ``UserCallback`` s (a sweep's report to Tune); ``dataset``
+    is ``examples`` already tokenized as a Ray Dataset (a sweep tokenizes once for its trials).
     """
     output = Path(output_dir).resolve()
     check_output(output, resume)
@@ -103,7 +104,7 @@ def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False
             from pipeline.ray_train import train_on_ray  # Ray only where it is used
 
             checkpoint = train_on_ray(config, examples, output, tracker, resume, progress,
-                                      dev_examples=dev, callbacks=callbacks)
+                                      dev_examples=dev, callbacks=callbacks, dataset=dataset)
         else:
             checkpoint = _train_local(config, examples, output, tracker, resume, progress, lm)
         tracker.log_artifacts(checkpoint, "checkpoint")

@@ -1,0 +1,419 @@
+"""Ray Tune glue: a sweep whose trials are Ray Train runs, early-stopped by ASHA on the dev loss.
+
+The Ray 2.60 (Train V2) pattern: a Tune *function trainable* (:func:`run_trial`) launches one
+``TorchTrainer`` per trial through the ordinary training job
+(:func:`pipeline.training_job.run_training`), whose ``TuneReportCallback`` forwards each
+``ray.train.report`` to Tune. The trainable itself holds no CPU: a trial's Train workers and
+tokenizer actor do, so ``max_concurrent_trials`` (from the cluster's resources unless set) keeps
+trials from starving each other.
+
+MLflow: one parent run for the sweep, one child run per trial (``mlflow.parentRunId``) with the
+trial's configuration as params and its per-step metrics, ``dev_loss`` included (logged exactly
+once, by :class:`~pipeline.ray_train.MLflowCommit`). The driver closes child runs that Tune
+stopped or that crashed (:class:`TrialRuns`).
+
+The output folder::
+
+    sweep.json          MLflow store, experiment and parent run: ``--resume`` re-attaches to it
+    space.yaml          the space file as given; base_config.yaml: the base configuration
+    tune/               Tune's experiment state (``Tuner.restore`` resumes from it)
+    asha_state.pkl      ASHA's rungs (Tune does not save a scheduler's state)
+    trials/<trial_id>/  each trial's training output (config.yaml, checkpoint/, ray/,
+                        mlflow_run.json)
+    best_config.yaml    the best trial's configuration, for ``ddpt train --config``
+    trials.json         one summary per trial
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.sweep import (
+    Sweep,
+    TrialSummary,
+    concurrency,
+    load_sweep,
+    pick_best,
+    trial_status,
+)
+from pipeline.tracking import (
+    MAX_ERROR_CHARS,
+    RunTracker,
+    check_tracking_uri,
+    resolve_tracking_uri,
+)
+from pipeline.training_job import (
+    RUN_FILE,
+    load_dev_examples,
+    load_train_examples,
+    open_tracker,
+    run_training,
+)
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+SPACE_COPY = "space.yaml"
+BASE_COPY = "base_config.yaml"
+BEST_FILE = "best_config.yaml"
+SUMMARY_FILE = "trials.json"
+TRIALS_DIR = "trials"
+TUNE_NAME = "tune"
+ASHA_STATE = "asha_state.pkl"
+# Tune needs some resource per trial: one byte of memory keeps the trainable off the CPUs that
+# the trial's Train run reserves, so `concurrency` fits trials exactly.
+TRAINABLE_RESOURCES = {"memory": 1}
+
+
+@dataclass
+class TrialSetup:
+    """What every trial needs from the driver (pickled into the trainable)."""
+
+    sweep: Sweep
+    output: Path
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.output / TRIALS_DIR / trial_id
+
+
+@dataclass
+class SweepOutcome:
+    sweep: Sweep
+    output: Path
+    tracking_uri: str
+    parent_run_id: str
+    trials: list[TrialSummary]
+    best: TrialSummary | None
+    best_config: Path | None  # <output>/best_config.yaml
+    seconds: float
+
+
+# ---- one trial, in its Tune actor --------------------------------------------------------------
+def run_trial(params: dict[str, Any], setup: TrialSetup,
+              dataset: ray.data.Dataset | None = None) -> None:
+    """The Tune function trainable: the training job for one sampled configuration, under the
+    sweep's parent MLflow run. A bad configuration or a crash fails the trial (Tune records it)
+    and marks its child run FAILED with the error; a restarted trial continues its Train run.
+    ``dataset``: the training data tokenized once for every trial (None: the trial tokenizes)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    folder = setup.trial_dir(trial_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    config, problem = None, None
+    try:
+        config = setup.sweep.runtime_config(params, setup.tracking_uri, setup.experiment)
+    except ConfigError as err:  # e.g. a sampled combination RunConfig rejects
+        problem = err
+    with _trial_run(setup, folder, trial_id, params, config) as tracker:
+        if problem is not None:
+            raise problem
+        steps = config.train.steps
+        if _trained_steps(folder) >= steps:  # finished before the driver died: report it again
+            metrics = tracker.client.get_run(tracker.run_id).data.metrics
+            tune.report({**metrics, "step": steps})
+            return
+        run_training(config, folder, resume=True, progress=False, run_name=trial_id,
+                     callbacks=[TuneReportCallback()], dataset=dataset)
+
+
+def _trial_run(setup: TrialSetup, folder: Path, trial_id: str, params: dict[str, Any],
+               config: RunConfig | None) -> RunTracker:
+    """The trial's child run: started once (its id kept in the trial folder), re-attached when
+    Tune restarts the trial. Without a valid config the sampled values are its params."""
+    if config is not None:  # re-attaches when the trial folder names a run already
+        tracker = open_tracker(config, folder, resume=True, run_name=trial_id,
+                               parent_run_id=setup.parent_run_id)
+    elif (folder / RUN_FILE).is_file():
+        saved = json.loads((folder / RUN_FILE).read_text())
+        tracker = RunTracker.resume(saved["uri"], saved["run_id"])
+    else:
+        tracker = RunTracker.start(setup.tracking_uri, setup.experiment, trial_id, params=params,
+                                   parent_run_id=setup.parent_run_id)
+        (folder / RUN_FILE).write_text(
+            json.dumps({"uri": setup.tracking_uri, "run_id": tracker.run_id}) + "\n")
+    tracker.set_tag("ddpt.role", "trial")
+    tracker.set_tag("ddpt.trial_id", trial_id)
+    return tracker
+
+
+def _trained_steps(folder: Path) -> int:
+    state = folder / "checkpoint" / "state.json"
+    return json.loads(state.read_text())["step"] if state.is_file() else 0
+
+
+# ---- on the driver -----------------------------------------------------------------------------
+class SweepASHA(ASHAScheduler):
+    """ASHA with two changes for sweeps of training runs.
+
+    It never stops a trial on its final report: there is nothing left to save by stopping it,
+    and Tune would kill the trial before it exports its checkpoint and closes its MLflow run.
+    And it keeps its rungs in ``state_file`` after every decision, because Tune does not save a
+    scheduler's state: after a resume, trials are still compared with those that reached a rung
+    before the driver died.
+    """
+
+    def __init__(self, final_step: int, state_file: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._final_step = final_step  # train.steps of the base configuration
+        self._state_file = state_file
+        self._loaded = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._loaded:  # the first call after a (re)start
+            if os.path.exists(self._state_file):
+                self.restore(self._state_file)
+            self._loaded = True
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        final = int(trial.config.get("train.steps", self._final_step))
+        return TrialScheduler.CONTINUE if result.get("step", 0) >= final else action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    def _save(self) -> None:
+        tmp = f"{self._state_file}.tmp"
+        self.save(tmp)
+        os.replace(tmp, self._state_file)
+
+
+class TrialRuns(tune.Callback):
+    """Closes each trial's MLflow child run from the driver. A trial ASHA stops is killed before
+    it can close its run (FINISHED here, tagged ``ddpt.trial_status: stopped_early``); a trial
+    that crashed may have left its run RUNNING, or have none yet (FAILED, with the error)."""
+
+    def __init__(self, setup: TrialSetup):
+        self._trials = setup  # not `self.setup`: tune.Callback.setup is a hook
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._close(trial, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._close(trial, error=_error_text(trial))
+
+    def _close(self, trial, error: str | None) -> None:
+        setup = self._trials
+        status = trial_status(setup.sweep, trial.config, (trial.last_result or {}).get("step"),
+                              failed=error is not None)
+        try:
+            run_file = setup.trial_dir(trial.trial_id) / RUN_FILE
+            client = MlflowClient(tracking_uri=setup.tracking_uri)
+            if run_file.is_file():
+                run_id = json.loads(run_file.read_text())["run_id"]
+            else:  # failed before its run began
+                run_id = RunTracker.start(setup.tracking_uri, setup.experiment, trial.trial_id,
+                                          params=trial.config, tags={"ddpt.role": "trial"},
+                                          parent_run_id=setup.parent_run_id).run_id
+            client.set_tag(run_id, "ddpt.trial_id", trial.trial_id)
+            client.set_tag(run_id, "ddpt.trial_status", status)
+            run = client.get_run(run_id)
+            if error and "error" not in run.data.tags:
+                client.set_tag(run_id, "error", error)
+            if run.info.status == "RUNNING" or error:
+                client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+        except Exception:  # noqa: BLE001 - bookkeeping must not stop the sweep
+            log.exception("could not close the MLflow run of trial %s", trial.trial_id)
+
+
+def _error_text(trial) -> str:
+    """``Type: message`` of the trial's error (the cause inside Ray's wrapper)."""
+    try:
+        err = trial.get_pickled_error()
+    except Exception:  # noqa: BLE001 - an unpicklable error still has its text
+        err = None
+    if err is None:
+        return (trial.get_error() or "unknown error")[-MAX_ERROR_CHARS:]
+    cause = getattr(err, "cause", None) or err
+    return f"{type(cause).__name__}: {cause}"[:MAX_ERROR_CHARS]
+
+
+def _param_space(sweep: Sweep) -> dict[str, Any]:
+    make = {"choice": lambda v: tune.choice(list(v)),
+            "grid": lambda v: tune.grid_search(list(v)),
+            "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1)}  # the file's high is included
+    return {key: make[d.kind](d.values) for key, d in sweep.space.items()}
+
+
+def _shared_dataset(sweep: Sweep) -> ray.data.Dataset | None:
+    """The training data tokenized once for all trials, when no trial changes what tokenizing
+    depends on (model, prompt, data); else None and each trial tokenizes its own."""
+    from pipeline.ray_data import tokenized_dataset
+
+    base = sweep.base
+    if not base.distributed.cache_tokenized or any(
+            key.startswith(("model.", "prompt.", "data.")) for key in sweep.space):
+        return None
+    return tokenized_dataset(load_train_examples(base), base)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _absolute_paths(sweep: Sweep) -> Sweep:
+    """Trials run in their own working folders: make the base's relative paths absolute."""
+    data = sweep.base.data
+    if data.data_dir and not Path(data.data_dir).is_absolute():
+        data.data_dir = str(Path(data.data_dir).resolve())
+    if data.dataset.endswith((".jsonl", ".jsonl.gz")) and Path(data.dataset).exists():
+        data.dataset = str(Path(data.dataset).resolve())
+    dc = sweep.base.distributed
+    if dc.deepspeed_config and Path(dc.deepspeed_config).exists():
+        dc.deepspeed_config = str(Path(dc.deepspeed_config).resolve())
+    return sweep
+
+
+def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
+              progress: bool = True) -> SweepOutcome:
+    """Run (or, with ``resume``, continue) a sweep into ``output_dir``; blocks until every trial
+    has finished, failed or been stopped. On resume the space and base configuration saved in
+    the output folder are used, finished trials are kept and unfinished ones continue."""
+    output = Path(output_dir).resolve()
+    state_file = output / SWEEP_FILE
+    if resume:
+        if not state_file.is_file():
+            raise ConfigError(f"{output}: no sweep to resume ({SWEEP_FILE} is missing)")
+        sweep = load_sweep(output / SPACE_COPY, preset="default",
+                           config_file=str(output / BASE_COPY))
+    elif state_file.exists() or (output / TUNE_NAME).exists():
+        raise ConfigError(f"{output} holds an earlier sweep: pass --resume to continue it, or "
+                          "choose another --output")
+    if sweep is None:
+        raise ValueError("run_sweep needs a sweep unless it resumes one")
+    sweep = _absolute_paths(sweep)
+    output.mkdir(parents=True, exist_ok=True)
+    load_train_examples(sweep.base)  # data problems (a missing dev split) fail before any work
+    load_dev_examples(sweep.base)
+    began = time.perf_counter()
+
+    if resume:
+        saved = json.loads(state_file.read_text())
+        uri, experiment = saved["uri"], saved["experiment"]
+        parent = RunTracker.resume(uri, saved["parent_run_id"])
+    else:
+        uri = resolve_tracking_uri(output, sweep.base.tracking.uri)
+        check_tracking_uri(uri)
+        experiment = sweep.base.tracking.experiment_name(sweep.base)
+        shutil.copyfile(sweep.source, output / SPACE_COPY)
+        sweep.base.save(output / BASE_COPY)
+        parent = RunTracker.start(uri, experiment, f"sweep {output.name}",
+                                  params={**sweep.settings(), **sweep.base.to_flat()},
+                                  tags={"ddpt.role": "sweep", "ddpt.output": str(output)})
+        state_file.write_text(json.dumps({"uri": uri, "experiment": experiment,
+                                          "parent_run_id": parent.run_id}) + "\n")
+        parent.log_artifact(output / SPACE_COPY)
+    with parent:
+        setup = TrialSetup(sweep, output, uri, experiment, parent.run_id)
+        trials = _tune(setup, resume, progress)
+        best = pick_best(sweep, trials)
+        best_file = _record(parent, setup, trials, best)
+    return SweepOutcome(sweep, output, uri, parent.run_id, trials, best, best_file,
+                        time.perf_counter() - began)
+
+
+def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]:
+    from pipeline.models import prepare_embedded
+    from pipeline.ray_train import ensure_ray
+
+    sweep = setup.sweep
+    if sweep.base.model.name == "embedded":
+        prepare_embedded()  # convert once here, not in every trial at the same time
+    # Save Tune's state often: a trial that ends just before the driver dies is then not re-run.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    ensure_ray()
+    parallel = concurrency(sweep, ray.cluster_resources())
+    log.info("sweep: %d sample(s) of %s, %d trial(s) at a time", sweep.num_samples,
+             list(sweep.space), parallel)
+    # The trainable holds no CPU: the trial's Train workers and tokenizer actor hold its CPUs.
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup, dataset=_shared_dataset(sweep)),
+        TRAINABLE_RESOURCES)
+    path = setup.output / TUNE_NAME
+    if resume and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        scheduler = SweepASHA(
+            final_step=sweep.base.train.steps, state_file=str(setup.output / ASHA_STATE),
+            time_attr="step", metric=sweep.metric,
+            mode=sweep.mode, max_t=sweep.asha.max_t, grace_period=sweep.asha.grace_period,
+            reduction_factor=sweep.asha.reduction_factor)
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(sweep),
+            tune_config=tune.TuneConfig(
+                num_samples=sweep.num_samples, scheduler=scheduler,
+                # The concurrency limit goes here: Tune ignores max_concurrent_trials when it is
+                # given a generator.
+                search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=parallel),
+                trial_dirname_creator=_trial_dirname, reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=TUNE_NAME, storage_path=str(setup.output), verbose=1 if progress else 0,
+                failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[TrialRuns(setup)]),
+        )
+    grid = tuner.fit()
+    trials = []
+    for result in grid:
+        trial_id = Path(result.path).name
+        metrics = result.metrics or {}
+        step, value = metrics.get("step"), metrics.get(sweep.metric)
+        run_file = setup.trial_dir(trial_id) / RUN_FILE
+        error = None
+        if result.error is not None:
+            cause = getattr(result.error, "cause", None) or result.error
+            error = f"{type(cause).__name__}: {cause}"[:MAX_ERROR_CHARS]
+        trials.append(TrialSummary(
+            trial_id=trial_id, params=dict(result.config or {}),
+            status=trial_status(sweep, result.config or {}, step, failed=error is not None),
+            step=step, metric=float(value) if value is not None else None, error=error,
+            run_id=json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None))
+    return sorted(trials, key=lambda t: t.trial_id)
+
+
+def _record(parent: RunTracker, setup: TrialSetup, trials: list[TrialSummary],
+            best: TrialSummary | None) -> Path | None:
+    """Summary, best configuration (file, tag, artifact) and counts on the parent run."""
+    sweep, output = setup.sweep, setup.output
+    (output / SUMMARY_FILE).write_text(json.dumps([asdict(t) for t in trials], indent=2) + "\n")
+    parent.log_artifact(output / SUMMARY_FILE)
+    counts = {status: sum(t.status == status for t in trials)
+              for status in ("completed", "stopped_early", "failed", "unfinished")}
+    parent.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    if best is None:
+        parent.set_tag("ddpt.best_trial", "none")
+        return None
+    best_file = output / BEST_FILE
+    config = sweep.trial_config(best.params)
+    config.save(best_file)
+    parent.log_artifact(best_file)
+    parent.set_tag("ddpt.best_config", best_file.read_text())
+    parent.set_tag("ddpt.best_trial", best.trial_id)
+    parent.set_tag("ddpt.best_run_id", best.run_id or "")
+    parent.set_tag("ddpt.best_params", json.dumps(best.params, sort_keys=True))
+    if best.metric is not None and math.isfinite(best.metric):
+        parent.log_metrics({f"best_{sweep.metric}": best.metric})
+    return best_file
