@@ -109,9 +109,14 @@ class SweepOutcome:
 def run_trial(params: dict[str, Any], setup: TrialSetup,
               dataset: ray.data.Dataset | None = None) -> None:
     """The Tune function trainable: the training job for one sampled configuration, under the
-    sweep's parent MLflow run. A bad configuration or a crash fails the trial (Tune records it)
-    and marks its child run FAILED with the error; a restarted trial continues its Train run.
-    ``dataset``: the training data tokenized once for every trial (None: the trial tokenizes)."""
+    sweep's parent MLflow run. A bad configuration or a crash fails the trial; a restarted trial
+    continues its Train run. ``dataset``: the training data tokenized once for every trial
+    (None: the trial tokenizes).
+
+    The trial logs into its child run but never ends it: the driver does (:class:`TrialRuns`),
+    because only the driver knows why a trial ended. A trial that ASHA stops dies with whatever
+    its teardown raises (``SystemExit`` from ``tune.report``, ``ActorDiedError`` when its Train
+    controller goes first), which must not mark the run FAILED."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
@@ -122,16 +127,16 @@ def run_trial(params: dict[str, Any], setup: TrialSetup,
         config = setup.sweep.runtime_config(params, setup.tracking_uri, setup.experiment)
     except ConfigError as err:  # e.g. a sampled combination RunConfig rejects
         problem = err
-    with _trial_run(setup, folder, trial_id, params, config) as tracker:
-        if problem is not None:
-            raise problem
-        steps = config.train.steps
-        if _trained_steps(folder) >= steps:  # finished before the driver died: report it again
-            metrics = tracker.client.get_run(tracker.run_id).data.metrics
-            tune.report({**metrics, "step": steps})
-            return
-        run_training(config, folder, resume=True, progress=False, run_name=trial_id,
-                     callbacks=[TuneReportCallback()], dataset=dataset)
+    tracker = _trial_run(setup, folder, trial_id, params, config)
+    if problem is not None:
+        raise problem
+    steps = config.train.steps
+    if _trained_steps(folder) >= steps:  # finished before the driver died: report it again
+        metrics = tracker.client.get_run(tracker.run_id).data.metrics
+        tune.report({**metrics, "step": steps})
+        return
+    run_training(config, folder, resume=True, progress=False, run_name=trial_id,
+                 callbacks=[TuneReportCallback()], dataset=dataset, tracker=tracker)
 
 
 def _trial_run(setup: TrialSetup, folder: Path, trial_id: str, params: dict[str, Any],
@@ -141,16 +146,24 @@ def _trial_run(setup: TrialSetup, folder: Path, trial_id: str, params: dict[str,
     if config is not None:  # re-attaches when the trial folder names a run already
         tracker = open_tracker(config, folder, resume=True, run_name=trial_id,
                                parent_run_id=setup.parent_run_id)
-    elif (folder / RUN_FILE).is_file():
-        saved = json.loads((folder / RUN_FILE).read_text())
-        tracker = RunTracker.resume(saved["uri"], saved["run_id"])
     else:
-        tracker = RunTracker.start(setup.tracking_uri, setup.experiment, trial_id, params=params,
-                                   parent_run_id=setup.parent_run_id)
-        (folder / RUN_FILE).write_text(
-            json.dumps({"uri": setup.tracking_uri, "run_id": tracker.run_id}) + "\n")
+        tracker = _open_bare_run(setup, trial_id, params)
     tracker.set_tag("ddpt.role", "trial")
     tracker.set_tag("ddpt.trial_id", trial_id)
+    return tracker
+
+
+def _open_bare_run(setup: TrialSetup, trial_id: str, params: dict[str, Any]) -> RunTracker:
+    """The child run of a trial without a valid configuration: its params are the sampled
+    values. Re-attached if the trial folder names one already."""
+    run_file = setup.trial_dir(trial_id) / RUN_FILE
+    if run_file.is_file():
+        saved = json.loads(run_file.read_text())
+        return RunTracker.resume(saved["uri"], saved["run_id"])
+    tracker = RunTracker.start(setup.tracking_uri, setup.experiment, trial_id, params=params,
+                               tags={"ddpt.role": "trial"}, parent_run_id=setup.parent_run_id)
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"uri": setup.tracking_uri, "run_id": tracker.run_id}) + "\n")
     return tracker
 
 
@@ -200,51 +213,64 @@ class SweepASHA(ASHAScheduler):
 
 
 class TrialRuns(tune.Callback):
-    """Closes each trial's MLflow child run from the driver. A trial ASHA stops is killed before
-    it can close its run (FINISHED here, tagged ``ddpt.trial_status: stopped_early``); a trial
-    that crashed may have left its run RUNNING, or have none yet (FAILED, with the error)."""
+    """Ends each trial's MLflow child run from the driver, the only place that knows how the
+    trial ended: FINISHED (tagged ``ddpt.trial_status``: completed or stopped_early) or FAILED
+    with the error. A trial that failed before its run began gets one here."""
 
     def __init__(self, setup: TrialSetup):
         self._trials = setup  # not `self.setup`: tune.Callback.setup is a hook
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self._close(trial, error=None)
+        end_trial_run(self._trials, trial.trial_id, trial.config,
+                      (trial.last_result or {}).get("step"), error=None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self._close(trial, error=_error_text(trial))
+        end_trial_run(self._trials, trial.trial_id, trial.config,
+                      (trial.last_result or {}).get("step"), error=_error_text(trial))
 
-    def _close(self, trial, error: str | None) -> None:
-        setup = self._trials
-        status = trial_status(setup.sweep, trial.config, (trial.last_result or {}).get("step"),
-                              failed=error is not None)
-        try:
-            run_file = setup.trial_dir(trial.trial_id) / RUN_FILE
-            client = MlflowClient(tracking_uri=setup.tracking_uri)
-            if run_file.is_file():
-                run_id = json.loads(run_file.read_text())["run_id"]
-            else:  # failed before its run began
-                run_id = RunTracker.start(setup.tracking_uri, setup.experiment, trial.trial_id,
-                                          params=trial.config, tags={"ddpt.role": "trial"},
-                                          parent_run_id=setup.parent_run_id).run_id
-            client.set_tag(run_id, "ddpt.trial_id", trial.trial_id)
-            client.set_tag(run_id, "ddpt.trial_status", status)
-            run = client.get_run(run_id)
-            if error and "error" not in run.data.tags:
-                client.set_tag(run_id, "error", error)
-            if run.info.status == "RUNNING" or error:
-                client.set_terminated(run_id, "FAILED" if error else "FINISHED")
-        except Exception:  # noqa: BLE001 - bookkeeping must not stop the sweep
-            log.exception("could not close the MLflow run of trial %s", trial.trial_id)
+
+def end_trial_run(setup: TrialSetup, trial_id: str, params: dict[str, Any], step: int | None,
+                  error: str | None) -> None:
+    """Tag the trial's child run with its outcome and end it (idempotent: the driver calls it
+    when Tune reports the trial and again once the sweep is over)."""
+    status = trial_status(setup.sweep, params, step, failed=error is not None)
+    try:
+        run_file = setup.trial_dir(trial_id) / RUN_FILE
+        if run_file.is_file():
+            run_id = json.loads(run_file.read_text())["run_id"]
+        else:  # failed before its run began
+            run_id = _open_bare_run(setup, trial_id, params).run_id
+        client = MlflowClient(tracking_uri=setup.tracking_uri)
+        run = client.get_run(run_id)
+        client.set_tag(run_id, "ddpt.trial_id", trial_id)
+        client.set_tag(run_id, "ddpt.trial_status", status)
+        if error and "error" not in run.data.tags:
+            client.set_tag(run_id, "error", error)
+        final = "FAILED" if error else "FINISHED"
+        if run.info.status != final:
+            client.set_terminated(run_id, final)
+    except Exception:  # noqa: BLE001 - bookkeeping must not stop the sweep
+        log.exception("could not close the MLflow run of trial %s", trial_id)
 
 
 def _error_text(trial) -> str:
-    """``Type: message`` of the trial's error (the cause inside Ray's wrapper)."""
-    try:
-        err = trial.get_pickled_error()
-    except Exception:  # noqa: BLE001 - an unpicklable error still has its text
-        err = None
-    if err is None:
-        return (trial.get_error() or "unknown error")[-MAX_ERROR_CHARS:]
+    """``Type: message`` of the trial's error (the cause inside Ray's wrapper). Read from the
+    driver's own copy of the error files: when Tune calls ``on_trial_error`` it has written them
+    there but not yet synced them to the trial's storage, where ``Trial.get_pickled_error``
+    looks."""
+    pickled, text = trial.pickled_error_file, trial.error_file
+    if pickled and os.path.isfile(pickled):
+        try:
+            with open(pickled, "rb") as f:
+                return _describe(ray.cloudpickle.load(f))
+        except Exception:  # noqa: BLE001 - an unpicklable error still has its text
+            pass
+    if text and os.path.isfile(text):
+        return Path(text).read_text()[-MAX_ERROR_CHARS:]
+    return "unknown error"
+
+
+def _describe(err: BaseException) -> str:
     cause = getattr(err, "cause", None) or err
     return f"{type(cause).__name__}: {cause}"[:MAX_ERROR_CHARS]
 
@@ -381,11 +407,11 @@ def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]
         trial_id = Path(result.path).name
         metrics = result.metrics or {}
         step, value = metrics.get("step"), metrics.get(sweep.metric)
+        error = _describe(result.error) if result.error is not None else None
+        # Again, now that every trial is over: a run left open (the driver died between a
+        # trial's end and its callback, before a --resume) ends as Tune saw the trial end.
+        end_trial_run(setup, trial_id, result.config or {}, step, error)
         run_file = setup.trial_dir(trial_id) / RUN_FILE
-        error = None
-        if result.error is not None:
-            cause = getattr(result.error, "cause", None) or result.error
-            error = f"{type(cause).__name__}: {cause}"[:MAX_ERROR_CHARS]
         trials.append(TrialSummary(
             trial_id=trial_id, params=dict(result.config or {}),
             status=trial_status(sweep, result.config or {}, step, failed=error is not None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def check_output(output: Path, resume: bool) -> None:
 def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False,
                  examples: list[Example] | None = None, progress: bool = True,
                  lm=None, parent_run_id: str | None = None, run_name: str = "train",
-                 callbacks: list | None = None, dataset=None) -> TrainOutcome:
+                 callbacks: list | None = None, dataset=None,
+                 tracker: RunTracker | None = None) -> TrainOutcome:
     """Train the prompt model; the checkpoint lands in ``<output>/checkpoint``.
 
     ``distributed.backend='ray'`` trains on a Ray TorchTrainer with DeepSpeed ZeRO-3;
@@ -83,6 +85,8 @@ def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False
     MLflow run is a child of ``parent_run_id`` when given (a comparison or a sweep).
     ``callbacks`` are extra Ray Train ``UserCallback`` s (a sweep's report to Tune); ``dataset``
     is ``examples`` already tokenized as a Ray Dataset (a sweep tokenizes once for its trials).
+    ``tracker``: an open MLflow run that the caller owns and ends (a sweep's trial run); by
+    default the job opens its own run and ends it FINISHED, or FAILED on an exception.
     """
     output = Path(output_dir).resolve()
     check_output(output, resume)
@@ -99,7 +103,9 @@ def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False
     output.mkdir(parents=True, exist_ok=True)
     config.save(output / "config.yaml")
     began = time.perf_counter()
-    with open_tracker(config, output, resume, run_name, parent_run_id) as tracker:
+    owned = tracker is None
+    tracker = tracker or open_tracker(config, output, resume, run_name, parent_run_id)
+    with tracker if owned else nullcontext(tracker):
         if config.distributed.backend == "ray":
             from pipeline.ray_train import train_on_ray  # Ray only where it is used
 

@@ -118,3 +118,32 @@ def test_prompt_tuning_baseline_learns_only_its_prompt(name, tmp_path):
     loaded, saved_config, _ = load_prompt_model(tmp_path / "pt")
     assert saved_config.train.method == "prompt_tuning"
     torch.testing.assert_close(loaded.sample_directions(3)[2], result.model.direction())
+
+
+def test_training_job_ends_its_own_run_but_not_a_callers(tmp_path):
+    """``run_training`` ends the MLflow run it opens; a run the caller passes in (a sweep's
+    trial run, which only the driver may end) stays open, even when training raises."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import RunTracker
+    from pipeline.training_job import run_training
+
+    config = tiny_config("tiny-llama", steps=2).with_overrides(["distributed.backend=local"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    owned = run_training(config, tmp_path / "own", examples=EXAMPLES, progress=False)
+    assert MlflowClient(tracking_uri=owned.tracking_uri).get_run(owned.run_id).info.status == \
+        "FINISHED"
+
+    caller = RunTracker.start(uri, "exp", "trial")
+    outcome = run_training(config, tmp_path / "trial", examples=EXAMPLES, progress=False,
+                           tracker=caller)
+    run = client.get_run(caller.run_id)
+    assert outcome.run_id == caller.run_id and run.info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(caller.run_id, "code_loss")] == [1, 2]
+
+    broken = RunTracker.start(uri, "exp", "broken")
+    with pytest.raises(ValueError):
+        run_training(config, tmp_path / "broken", examples=[], progress=False, tracker=broken)
+    run = client.get_run(broken.run_id)
+    assert run.info.status == "RUNNING" and "error" not in run.data.tags
