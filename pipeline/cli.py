@@ -44,9 +44,9 @@ def build_config_on(base, args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    config = _config(args)  # before the heavy imports: a bad option fails in a second
     from pipeline.run import format_table, run_main
 
-    config = _config(args)
     metrics = run_main(config, args.output, resume=args.resume, progress=not args.no_progress)
     print(f"\n{config.data.dataset} / {config.data.eval_split} ({config.model.name}):")
     print(format_table(metrics))

@@ -15,6 +15,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
+    from pipeline.ray_train import use_local_ray_env
+
+    use_local_ray_env()  # as ensure_ray starts a local Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -304,6 +304,9 @@ def local_ray():
     """A local Ray of this test's own (never a cluster someone started on this machine)."""
     import ray
 
+    from pipeline.ray_train import use_local_ray_env
+
+    use_local_ray_env()  # as ensure_ray starts a local Ray
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
