@@ -1,7 +1,8 @@
 """Generation and prompt-sampling speed, measured side by side in one run:
 
 1. batched vs one-at-a-time greedy generation throughput (generated tokens per second), same
-   examples, same model, same token budget (goal: batched >= 4x on 2 cores);
+   examples, same model, same token budget, for each batch size in ``--batch-sizes`` (goal:
+   batched >= 4x on 2 cores at the default ``eval.batch_size``);
 2. time to sample one prompt with DDPM (T = 2000 steps) vs DDIM (S = 50 steps), against the
    DDPT paper's ~30 s per prompt;
 3. prompt sampling's share of total generation time with DDIM: a prompt per batch (the
@@ -34,7 +35,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--examples", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-sizes", default="8,16",
+                        help="comma-separated batch sizes compared with one at a time; the "
+                        "last one is used for parts 2 and 3")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--checkpoint", help="a trained DDPT checkpoint (default: untrained "
                         "weights of the default config; the sampling cost is the same)")
@@ -65,18 +68,21 @@ def main() -> None:
             count += sum(len(row) for row in lm.generate_ids(batch.to(lm.device), None, tokens))
         return count
 
-    generate(args.batch_size)  # warm-up (allocator, first-call overheads)
-    counts = {}
-    seconds = {}
-    for size in (1, args.batch_size):
+    sizes = [int(size) for size in args.batch_sizes.split(",")]
+    generate(sizes[-1])  # warm-up (allocator, first-call overheads)
+    counts, seconds = {}, {}
+    for size in [1, *sizes]:
         began = time.perf_counter()
         counts[size] = generate(size)
         seconds[size] = time.perf_counter() - began
-    one, many = counts[1] / seconds[1], counts[args.batch_size] / seconds[args.batch_size]
-    print(f"\n1. greedy generation: one at a time {one:.1f} tokens/s ({counts[1]} tokens, "
-          f"{seconds[1]:.1f}s); batch {args.batch_size} {many:.1f} tokens/s "
-          f"({counts[args.batch_size]} tokens, {seconds[args.batch_size]:.1f}s)")
-    print(f"   batched / one-at-a-time throughput: {many / one:.2f}x (goal >= 4x)")
+    one = counts[1] / seconds[1]
+    print(f"\n1. greedy generation, default eval.batch_size {config.eval.batch_size}: one at a "
+          f"time {one:.1f} tokens/s ({counts[1]} tokens, {seconds[1]:.1f}s)")
+    for size in sizes:
+        many = counts[size] / seconds[size]
+        print(f"   batch {size}: {many:.1f} tokens/s ({counts[size]} tokens, "
+              f"{seconds[size]:.1f}s), {many / one:.2f}x one at a time (goal >= 4x)")
+    batch_size = sizes[-1]
 
     # 2. One prompt: DDPM with T steps vs DDIM with S steps.
     ddpm = SampleConfig(sampler="ddpm")
@@ -90,14 +96,23 @@ def main() -> None:
           f"(DDPM here is {30 / ddpm_s:.0f}x faster than that, DDIM {30 / ddim_s:.0f}x)")
 
     # 3. Prompt sampling's share of generation time with DDIM.
-    batch = lm.collate(lm.encode(examples[: args.batch_size]), with_targets=False).to(lm.device)
+    batch = lm.collate(lm.encode(examples[:batch_size]), with_targets=False).to(lm.device)
     generate_batch_s = timed(lambda: lm.generate_ids(batch, None, tokens))
-    per_example_s = timed(lambda: [prompt_model.sample_directions(1, ddim, generator)
-                                   for _ in range(args.batch_size)])
-    total_s = seconds[args.batch_size]
+
+    def seeded() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(i) for i in range(batch_size)]
+
+    # The sampler runs an evaluation batch's per-example chains as one batch (a generator per
+    # row); one chain after the other is shown next to it.
+    per_example_s = timed(lambda: prompt_model.sample_directions(batch_size, ddim, seeded()),
+                          repeat=3)
+    one_by_one_s = timed(lambda: [prompt_model.sample_directions(1, ddim, [g])
+                                  for g in seeded()])
+    total_s = seconds[batch_size]
     print(f"\n3. DDIM prompt share of generation time: one prompt per example "
           f"{per_example_s / (per_example_s + generate_batch_s):.2%} (batch of "
-          f"{args.batch_size}: {per_example_s * 1000:.0f}ms prompts, {generate_batch_s:.1f}s "
+          f"{batch_size}: {per_example_s * 1000:.0f}ms for its {batch_size} prompts as one "
+          f"batch, {one_by_one_s * 1000:.0f}ms one after the other; {generate_batch_s:.1f}s "
           f"generation); one shared prompt for the {len(examples)} examples "
           f"{ddim_s / (ddim_s + total_s):.3%} (goal <= 2%)")
 

@@ -196,7 +196,10 @@ class EvalConfig:
         ["bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"], "metrics to compute"
     )
     max_new_tokens: int = _help(128, "greedy decoding length limit")
-    batch_size: int = _help(8, "generation / loss batch size")
+    batch_size: int = _help(
+        16, "generation / loss batch size (rows per forward; on CPU, 16 decodes 1.7x faster "
+        "per row than 8: benchmarks/generation.py)"
+    )
 
     def __post_init__(self):
         _check(len(self.metrics) > 0, "eval.metrics", "must name at least one metric")

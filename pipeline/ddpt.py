@@ -11,6 +11,7 @@ sampling and evaluation treat them alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -59,8 +60,10 @@ class DiffusionPrompt(nn.Module):
 
     @torch.no_grad()
     def sample_latents(self, num: int, config: SampleConfig,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """``num`` latents from the reverse chain: (num, n, k)."""
+                       generator: torch.Generator | Sequence[torch.Generator] | None = None
+                       ) -> torch.Tensor:
+        """``num`` latents from the reverse chain: (num, n, k). ``generator``: one, or one per
+        row (see :func:`pipeline.diffusion.samplers.sample`)."""
         was_training, threads = self.training, torch.get_num_threads()
         self.eval()
         device = self.x0_bar.device
@@ -77,7 +80,8 @@ class DiffusionPrompt(nn.Module):
             self.train(was_training)
 
     def sample_directions(self, num: int, config: SampleConfig,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+                          generator: torch.Generator | Sequence[torch.Generator] | None = None
+                          ) -> torch.Tensor:
         """``num`` prompt directions: (num, n, d)."""
         return self.direction(self.sample_latents(num, config, generator))
 

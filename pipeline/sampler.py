@@ -115,9 +115,11 @@ class BatchSampler:
                 generator = torch.Generator().manual_seed(sample.seed)
                 self._shared[method_name] = model.sample_directions(1, sample, generator)[0]
             return self._shared[method_name].expand(len(examples), -1, -1)
-        rows = [model.sample_directions(1, sample, torch.Generator().manual_seed(
-            example_seed(sample.seed, e.id)))[0] for e in examples]
-        return torch.stack(rows)
+        # One chain per example, seeded by its id, all run as one batch (one denoiser call per
+        # step): an example's prompt does not depend on the other rows of its batch.
+        generators = [torch.Generator().manual_seed(example_seed(sample.seed, e.id))
+                      for e in examples]
+        return model.sample_directions(len(examples), sample, generators)
 
     @torch.no_grad()
     def run(self, method_name: str, examples: list[Example]) -> list[dict]:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -60,15 +60,28 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
 @torch.no_grad()
 def sample(
     model: Denoise, schedule: NoiseSchedule, shape: tuple[int, ...], sampler: str = "ddim",
-    steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None,
+    steps: int = 50, eta: float = 0.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     x_T: torch.Tensor | None = None, device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Run the reverse chain from x_T ~ N(0, I) (or the given ``x_T``) and return x_0.
 
     sampler 'ddpm' runs all T ancestral steps; 'ddim' runs ``steps`` DDIM steps.
+    ``generator`` may be one generator per row (``shape[0]`` of them): row i then draws all its
+    noise from generator i, so each row follows the chain it would follow alone (up to the float
+    rounding of a batched denoiser), with one denoiser call per step for all rows.
     """
-    def randn() -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device="cpu").to(device)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        row_generators = list(generator)
+
+        def randn() -> torch.Tensor:
+            draws = [torch.randn((1, *shape[1:]), generator=g) for g in row_generators]
+            return torch.cat(draws).to(device)
+    else:
+        def randn() -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device="cpu").to(device)
 
     x = randn() if x_T is None else x_T.to(device)
     batch = shape[0]
