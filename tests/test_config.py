@@ -63,3 +63,13 @@ def test_batch_must_split_over_ray_workers():
     with pytest.raises(ConfigError, match="does not split evenly over distributed.num_workers=2"):
         build_config("default", overrides=["train.batch_size=7"])
     build_config("default", overrides=["train.batch_size=7", "distributed.backend=local"])
+
+
+def test_the_written_out_default_config_matches_the_defaults():
+    """cluster/configs/embedded-cpu.yaml says every value equals the default (device pinned)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "cluster" / "configs" / "embedded-cpu.yaml"
+    written = build_config("default", str(path))
+    expected = build_config("default", overrides=["model.device=cpu"])
+    assert written.to_flat() == expected.to_flat()
