@@ -12,6 +12,7 @@
     python benchmarks/generation.py                         # embedded model, 16 examples
     python benchmarks/generation.py --model tiny-llama      # seconds, for a quick look
     python benchmarks/generation.py --checkpoint runs/main/ddpt/checkpoint   # a trained model
+    python benchmarks/generation.py --threads 1 --examples 32 --max-new-tokens 128  # as in make run
 """
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--checkpoint", help="a trained DDPT checkpoint (default: untrained "
                         "weights of the default config; the sampling cost is the same)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); a sampler actor gets the "
+                        "node's cores / pool.num_actors")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from pipeline.checkpoint import load_prompt_model
     from pipeline.config import SampleConfig, build_config
