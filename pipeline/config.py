@@ -197,8 +197,8 @@ class EvalConfig:
     )
     max_new_tokens: int = _help(128, "greedy decoding length limit")
     batch_size: int = _help(
-        16, "generation / loss batch size (rows per forward; on CPU, 16 decodes 1.7x faster "
-        "per row than 8: benchmarks/generation.py)"
+        16, "generation / loss batch size (rows per forward; on 2 CPU cores 16 rows decode 1.3-1.6x "
+        "faster per row than 8: benchmarks/README.md)"
     )
 
     def __post_init__(self):
