@@ -197,8 +197,7 @@ class EvalConfig:
     )
     max_new_tokens: int = _help(128, "greedy decoding length limit")
     batch_size: int = _help(
-        16, "generation / loss batch size (rows per forward; on 2 CPU cores 16 rows decode 1.3-1.6x "
-        "faster per row than 8: benchmarks/README.md)"
+        16, "generation / loss batch size (rows per forward; why 16 on CPU: benchmarks/README.md)"
     )
 
     def __post_init__(self):

@@ -1,4 +1,6 @@
 """The configuration: validation names the field, conversions round-trip."""
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
@@ -67,8 +69,6 @@ def test_batch_must_split_over_ray_workers():
 
 def test_the_written_out_default_config_matches_the_defaults():
     """cluster/configs/embedded-cpu.yaml says every value equals the default (device pinned)."""
-    from pathlib import Path
-
     path = Path(__file__).resolve().parent.parent / "cluster" / "configs" / "embedded-cpu.yaml"
     written = build_config("default", str(path))
     expected = build_config("default", overrides=["model.device=cpu"])

@@ -71,17 +71,15 @@ def sample(
     noise from generator i, so each row follows the chain it would follow alone (up to the float
     rounding of a batched denoiser), with one denoiser call per step for all rows.
     """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
-        row_generators = list(generator)
+    per_row = isinstance(generator, (list, tuple))
+    if per_row and len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
 
-        def randn() -> torch.Tensor:
-            draws = [torch.randn((1, *shape[1:]), generator=g) for g in row_generators]
-            return torch.cat(draws).to(device)
-    else:
-        def randn() -> torch.Tensor:
-            return torch.randn(shape, generator=generator, device="cpu").to(device)
+    def randn() -> torch.Tensor:
+        if per_row:
+            return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator]
+                             ).to(device)
+        return torch.randn(shape, generator=generator, device="cpu").to(device)
 
     x = randn() if x_T is None else x_T.to(device)
     batch = shape[0]
