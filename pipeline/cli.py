@@ -45,7 +45,7 @@ def build_config_on(base, args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> None:
     config = _config(args)  # before the heavy imports: a bad option fails in a second
-    from pipeline.run import format_table, run_main
+    from pipeline.commands.run import format_table, run_main
 
     metrics = run_main(config, args.output, resume=args.resume, progress=not args.no_progress)
     print(f"\n{config.data.dataset} / {config.data.eval_split} ({config.model.name}):")
@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pipeline.training_job import run_training
+    from pipeline.training.job import run_training
 
     outcome = run_training(_config(args), args.output, resume=args.resume,
                            progress=not args.no_progress)
@@ -68,7 +68,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from pipeline.config import RunConfig
-    from pipeline.run import format_table, run_sample
+    from pipeline.commands.run import format_table, run_sample
 
     sources = {name: value for name, value in
                (("ddpt", args.checkpoint), ("prompt_tuning", args.prompt_tuning)) if value}
@@ -88,8 +88,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from pipeline.comparison import comparison_table, find_comparison
-    from pipeline.run import format_table
+    from pipeline.evaluation.comparison import comparison_table, find_comparison
+    from pipeline.commands.run import format_table
     from pipeline.tracking import resolve_tracking_uri
 
     if args.output:
@@ -110,8 +110,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from pipeline.ray_tune import run_sweep
-    from pipeline.sweep import default_space_file, format_trials, load_sweep
+    from pipeline.distributed.tune import run_sweep
+    from pipeline.training.sweep import default_space_file, format_trials, load_sweep
 
     sweep = None
     if args.resume:
@@ -133,7 +133,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pipeline.evaluation_job import run_evaluate
+    from pipeline.commands.evaluate import run_evaluate
 
     # --limit before --set (an explicit --set wins), --data last (it is the command's subject)
     overrides = [f"data.max_eval_examples={args.limit}", *_overrides(args),
@@ -152,8 +152,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from pipeline.models import prepare_embedded
-    from pipeline.wordnet import ensure_wordnet
+    from pipeline.lm.loader import prepare_embedded
+    from pipeline.evaluation.wordnet import ensure_wordnet
 
     print(f"embedded model: {prepare_embedded(force=args.force)}")
     print(f"WordNet for METEOR: {ensure_wordnet()}")

@@ -108,7 +108,7 @@ class DiffusionConfig:
     timesteps: int = _help(2000, "T, the number of diffusion steps (the paper: 2000)")
 
     def __post_init__(self):
-        from pipeline.diffusion.schedules import SCHEDULES  # avoid a config <-> method cycle
+        from pipeline.method.schedules import SCHEDULES  # avoid a config <-> method cycle
 
         _one_of(self.schedule, tuple(SCHEDULES), "diffusion.schedule")
         _check(self.timesteps >= 2, "diffusion.timesteps", "must be >= 2")

@@ -8,9 +8,9 @@ import torch
 
 from pipeline.config import ModelConfig, PromptConfig
 from pipeline.data.example import Example
-from pipeline.frozen_lm import FrozenCodeLM
-from pipeline.models import load_model
-from pipeline.template import PromptTemplate
+from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.lm.loader import load_model
+from pipeline.lm.template import PromptTemplate
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -4,9 +4,9 @@ import torch
 
 from pipeline.config import ModelConfig, PromptConfig
 from pipeline.data.loaders import load_examples
-from pipeline.frozen_lm import FrozenCodeLM
-from pipeline.models import load_model
-from pipeline.template import PromptTemplate
+from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.lm.loader import load_model
+from pipeline.lm.template import PromptTemplate
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ from pipeline.cli import main
 from pipeline.config import ExecutionConfig, RunConfig
 from pipeline.data.example import Example
 from pipeline.data.loaders import load_examples
-from pipeline.evaluation_job import run_evaluate
-from pipeline.execution import build_program, score_execution
-from pipeline.results import ResultStore
+from pipeline.commands.evaluate import run_evaluate
+from pipeline.evaluation.execution import build_program, score_execution
+from pipeline.evaluation.results import ResultStore
 
 FAST = ExecutionConfig(timeout_s=5.0, cpu_s=5, workers=2)
 PROMPT = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum."""\n'

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import EXAMPLES, make_lm
 
-from pipeline.frozen_lm import IGNORE
+from pipeline.lm.frozen import IGNORE
 
 
 def test_context_span_is_marked_once_per_row(tiny_lm, examples):
@@ -114,12 +114,12 @@ def test_context_tokens_pads_or_cuts():
     ("  a + b  ", "a + b"),
 ])
 def test_extract_code(text, code):
-    from pipeline.template import extract_code
+    from pipeline.lm.template import extract_code
 
     assert extract_code(text) == code
 
 
 def test_extract_code_plain_template_stops_at_a_new_section():
-    from pipeline.template import extract_code
+    from pipeline.lm.template import extract_code
 
     assert extract_code("a + b\n### Instruction:\nmore", "plain") == "a + b"

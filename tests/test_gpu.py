@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import build_config
-from pipeline.ray_train import deepspeed_config
+from pipeline.distributed.train import deepspeed_config
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,8 +7,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.results import ResultStore
-from pipeline.run import DEFAULT_METHODS
+from pipeline.evaluation.results import ResultStore
+from pipeline.commands.run import DEFAULT_METHODS
 from pipeline.tracking import child_runs
 
 DDPT = [sys.executable, "-m", "pipeline.cli"]

@@ -1,4 +1,4 @@
-"""Tests for pipeline.metrics and pipeline.wordnet (offline WordNet for METEOR)."""
+"""Tests for pipeline.evaluation.metrics and pipeline.evaluation.wordnet (offline WordNet for METEOR)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import nltk
 import pytest
 
-from pipeline import metrics, wordnet
-from pipeline.metrics import METRICS, compute_metrics
+from pipeline.evaluation import metrics, wordnet
+from pipeline.evaluation.metrics import METRICS, compute_metrics
 
 CODE = [
     "def add(a, b):\n    return a + b",

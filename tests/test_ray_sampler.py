@@ -8,14 +8,14 @@ import ray
 from conftest import EXAMPLES
 from pipeline.config import PRESETS, RunConfig
 from pipeline.data.example import Example
-from pipeline.ray_sampler import run_pool, start_pool
+from pipeline.distributed.sampler_pool import run_pool, start_pool
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from pipeline.ray_train import use_local_ray_env
+    from pipeline.distributed.train import use_local_ray_env
 
     use_local_ray_env()  # as ensure_ray starts a local Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -10,9 +10,9 @@ from mlflow import MlflowClient
 from conftest import EXAMPLES, make_lm
 from pipeline.cli import main
 from pipeline.config import PRESETS, RunConfig
-from pipeline.interpret import nearest_tokens
-from pipeline.sampler import METHODS, BatchSampler
-from pipeline.train import train_ddpt
+from pipeline.evaluation.interpret import nearest_tokens
+from pipeline.evaluation.sampler import METHODS, BatchSampler
+from pipeline.training.loop import train_ddpt
 
 ALL_METHODS = ",".join(METHODS)
 TEXT_METRICS = {"bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"}

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pipeline.diffusion.samplers import ddim_timesteps, sample
-from pipeline.diffusion.schedules import NoiseSchedule
+from pipeline.method.samplers import ddim_timesteps, sample
+from pipeline.method.schedules import NoiseSchedule
 
 
 def oracle(x0: torch.Tensor):

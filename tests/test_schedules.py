@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.diffusion.schedules import SCHEDULES, NoiseSchedule
+from pipeline.method.schedules import SCHEDULES, NoiseSchedule
 
 
 # abar at t = 0, 1, 499, 999 for T = 1000 (computed once, in float64 then float32).

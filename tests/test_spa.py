@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import EXAMPLES, make_lm
 
-from pipeline import spa
+from pipeline.decoding import spa
 from pipeline.config import DecodingConfig
 from pipeline.data.example import Example
-from pipeline.frozen_lm import Batch, FrozenCodeLM
+from pipeline.lm.frozen import Batch, FrozenCodeLM
 
 ALL_ANCHORS = ["instruction", "input", "context"]
 

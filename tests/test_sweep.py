@@ -16,8 +16,8 @@ from conftest import EXAMPLES, make_lm
 from pipeline.cli import main
 from pipeline.config import ConfigError, RunConfig, build_config
 from pipeline.data.loaders import DataError
-from pipeline.evaluate import heldout_code_loss, sharded_code_loss
-from pipeline.sweep import (
+from pipeline.evaluation.heldout import heldout_code_loss, sharded_code_loss
+from pipeline.training.sweep import (
     Sweep,
     TrialSummary,
     concurrency,
@@ -26,7 +26,7 @@ from pipeline.sweep import (
     pick_best,
 )
 from pipeline.tracking import child_runs
-from pipeline.training_job import load_dev_examples
+from pipeline.training.job import load_dev_examples
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_SPACE = REPO / "tune" / "smoke.yaml"
@@ -141,7 +141,7 @@ def test_missing_dev_split_fails_before_any_work(tmp_path):
     humaneval = build_config("smoke", overrides=["data.dataset=humaneval"])
     with pytest.raises(DataError, match="humaneval has only a 'test' split"):
         load_dev_examples(humaneval)
-    from pipeline.ray_tune import run_sweep  # imports Ray; starts nothing
+    from pipeline.distributed.tune import run_sweep  # imports Ray; starts nothing
 
     sweep = load_sweep(SMOKE_SPACE, overrides=["data.dev_split=dev"])
     with pytest.raises(DataError, match="data.dev_split"):
@@ -304,7 +304,7 @@ def local_ray():
     """A local Ray of this test's own (never a cluster someone started on this machine)."""
     import ray
 
-    from pipeline.ray_train import use_local_ray_env
+    from pipeline.distributed.train import use_local_ray_env
 
     use_local_ray_env()  # as ensure_ray starts a local Ray
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -315,7 +315,7 @@ def local_ray():
 @pytest.mark.slow
 def test_resume_keeps_finished_trials(smoke_sweep, local_ray):
     """A second driver on the finished sweep (`--resume`): nothing re-runs, nothing doubles."""
-    from pipeline.ray_tune import run_sweep
+    from pipeline.distributed.tune import run_sweep
 
     _, parent, children = sweep_runs(smoke_sweep)
     states = {p: p.stat().st_mtime_ns for p in smoke_sweep.glob("trials/*/checkpoint/state.json")}

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, make_lm
-from pipeline.checkpoint import load_prompt_model, read_state
+from pipeline.training.checkpoint import load_prompt_model, read_state
 from pipeline.config import PRESETS, RunConfig, SampleConfig
-from pipeline.ddpt import build_prompt_model
-from pipeline.train import batch_indices, train_ddpt
+from pipeline.method.prompt import build_prompt_model
+from pipeline.training.loop import batch_indices, train_ddpt
 
 
 def tiny_config(model: str, steps: int = 6, **train) -> RunConfig:
@@ -126,7 +126,7 @@ def test_training_job_ends_its_own_run_but_not_a_callers(tmp_path):
     from mlflow import MlflowClient
 
     from pipeline.tracking import RunTracker
-    from pipeline.training_job import run_training
+    from pipeline.training.job import run_training
 
     config = tiny_config("tiny-llama", steps=2).with_overrides(["distributed.backend=local"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

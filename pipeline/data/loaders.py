@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.data.example import Example
+from pipeline.paths import PROJECT_ROOT
 
 ENV_VAR = "DDPT_DATA_DIR"
 SEED = 0
@@ -42,7 +43,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     elif os.environ.get(ENV_VAR):
         path, source = Path(os.environ[ENV_VAR]), ENV_VAR
     else:
-        path, source = Path(__file__).resolve().parents[2].parent / "shared" / "data", "default"
+        path, source = PROJECT_ROOT.parent / "shared" / "data", "default"
     path = path.expanduser()
     if not path.is_dir():
         raise DataError(f"data folder not found (from {source})", path, hint=_FIX_DIR)

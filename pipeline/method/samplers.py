@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.diffusion.schedules import NoiseSchedule
+from pipeline.method.schedules import NoiseSchedule
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -30,7 +30,7 @@ from pipeline.config import ModelConfig, RunConfig
 from pipeline.paths import cache_dir
 
 if TYPE_CHECKING:
-    from pipeline.frozen_lm import FrozenCodeLM
+    from pipeline.lm.frozen import FrozenCodeLM
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,8 @@ def resolve_device(name: str) -> torch.device:
 
 def build_lm(config: RunConfig) -> FrozenCodeLM:
     """The frozen LM of a run: model, tokenizer and prompt template, on ``model.device``."""
-    from pipeline.frozen_lm import FrozenCodeLM
-    from pipeline.template import PromptTemplate
+    from pipeline.lm.frozen import FrozenCodeLM
+    from pipeline.lm.template import PromptTemplate
 
     model, tokenizer = load_model(config.model)
     model.to(resolve_device(config.model.device))

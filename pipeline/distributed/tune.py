@@ -2,14 +2,14 @@
 
 The Ray 2.60 (Train V2) pattern: a Tune *function trainable* (:func:`run_trial`) launches one
 ``TorchTrainer`` per trial through the ordinary training job
-(:func:`pipeline.training_job.run_training`), whose ``TuneReportCallback`` forwards each
+(:func:`pipeline.training.job.run_training`), whose ``TuneReportCallback`` forwards each
 ``ray.train.report`` to Tune. The trainable itself holds no CPU: a trial's Train workers and
 tokenizer actor do, so ``max_concurrent_trials`` (from the cluster's resources unless set) keeps
 trials from starving each other.
 
 MLflow: one parent run for the sweep, one child run per trial (``mlflow.parentRunId``) with the
 trial's configuration as params and its per-step metrics, ``dev_loss`` included (logged exactly
-once, by :class:`~pipeline.ray_train.MLflowCommit`). Only the driver ends child runs, as Tune
+once, by :class:`~pipeline.distributed.train.MLflowCommit`). Only the driver ends child runs, as Tune
 saw each trial end (:class:`TrialRuns`, :func:`end_trial_run`).
 
 The output folder::
@@ -42,7 +42,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.sweep import (
+from pipeline.training.sweep import (
     Sweep,
     TrialSummary,
     concurrency,
@@ -56,7 +56,7 @@ from pipeline.tracking import (
     check_tracking_uri,
     resolve_tracking_uri,
 )
-from pipeline.training_job import (
+from pipeline.training.job import (
     RUN_FILE,
     load_dev_examples,
     load_train_examples,
@@ -287,7 +287,7 @@ def _param_space(sweep: Sweep) -> dict[str, Any]:
 def _shared_dataset(sweep: Sweep) -> ray.data.Dataset | None:
     """The training data tokenized once for all trials, when no trial changes what tokenizing
     depends on (model, prompt, data); else None and each trial tokenizes its own."""
-    from pipeline.ray_data import tokenized_dataset
+    from pipeline.distributed.data import tokenized_dataset
 
     base = sweep.base
     if not base.distributed.cache_tokenized or any(
@@ -362,8 +362,8 @@ def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
 
 
 def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]:
-    from pipeline.models import prepare_embedded
-    from pipeline.ray_train import ensure_ray
+    from pipeline.lm.loader import prepare_embedded
+    from pipeline.distributed.train import ensure_ray
 
     sweep = setup.sweep
     if sweep.base.model.name == "embedded":

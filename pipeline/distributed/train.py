@@ -2,14 +2,14 @@
 
 Each worker builds the LM under a live ``HfDeepSpeedConfig`` so that ZeRO-3 partitions it while
 it is built (no worker ever holds the whole model), wraps LM + prompt model in one
-:class:`~pipeline.ddpt.DDPTLoss`, hands only the prompt model's parameters to DeepSpeed's
-optimizer, and runs the shared step loop (:func:`pipeline.train.run_steps`) on batches streamed
+:class:`~pipeline.method.prompt.DDPTLoss`, hands only the prompt model's parameters to DeepSpeed's
+optimizer, and runs the shared step loop (:func:`pipeline.training.loop.run_steps`) on batches streamed
 from its Ray Data shard.
 
 Checkpoints (reported with ``ray.train.report``) hold, never the LM:
     deepspeed/           DeepSpeed's per-rank shards of the prompt model + optimizer
                          (``exclude_frozen_parameters``)
-    prompt_model/        the gathered prompt model in the portable format of pipeline.checkpoint
+    prompt_model/        the gathered prompt model in the portable format of pipeline.training.checkpoint
     train_state.json     step and data position (epoch, next batch index)
     x0_bar.json          the bootstrap target (DDPT only)
     history.jsonl        per-step records since the previous checkpoint
@@ -38,11 +38,11 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
 from pipeline.tracking import RunTracker
-from pipeline.training_job import load_dev_examples
+from pipeline.training.job import load_dev_examples
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from pipeline.paths import PROJECT_ROOT
 DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
                       True: "cluster/deepspeed/zero3_gpu_bf16.json"}
 HISTORY_FILE = "history.jsonl"  # in each checkpoint: the per-step records it covers
@@ -77,13 +77,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.ddpt import DDPTLoss, build_trainable
-    from pipeline.frozen_lm import FrozenCodeLM
-    from pipeline.models import load_model
-    from pipeline.ray_data import shard_batches
-    from pipeline.template import PromptTemplate
-    from pipeline.train import run_steps
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.method.prompt import DDPTLoss, build_trainable
+    from pipeline.lm.frozen import FrozenCodeLM
+    from pipeline.lm.loader import load_model
+    from pipeline.distributed.data import shard_batches
+    from pipeline.lm.template import PromptTemplate
+    from pipeline.training.loop import run_steps
 
     config = RunConfig.from_dict(loop_config["config"])
     tc = config.train
@@ -117,7 +117,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def dev_loss() -> float:
         """Code cross-entropy on the dev examples given one prompt sampled as evaluation does;
         all ranks together."""
-        from pipeline.evaluate import sharded_code_loss  # not at the top: it imports the metrics
+        from pipeline.evaluation.heldout import sharded_code_loss  # not at the top: it imports the metrics
 
         generator = torch.Generator().manual_seed(config.sample.seed)
         delta = prompt_model.sample_directions(1, config.sample, generator)[0]
@@ -271,8 +271,8 @@ def train_on_ray(config: RunConfig, examples: list[Example], output_dir: str | P
     the workers report ``dev_loss`` on ``dev_examples`` (default: the config's dev split);
     ``callbacks`` are extra Ray Train ``UserCallback`` s (a sweep's report to Tune);
     ``dataset`` is ``examples`` tokenized already (:func:`tokenized_dataset`)."""
-    from pipeline.models import prepare_embedded
-    from pipeline.ray_data import tokenized_dataset
+    from pipeline.lm.loader import prepare_embedded
+    from pipeline.distributed.data import tokenized_dataset
 
     dc, tc = config.distributed, config.train
     output = Path(output_dir).resolve()

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import RunConfig
 from torch import nn
 
-from pipeline.ddpt import DiffusionPrompt, SoftPrompt
+from pipeline.method.prompt import DiffusionPrompt, SoftPrompt
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, step: int,

@@ -21,8 +21,8 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
 from pipeline.data.loaders import DataError, load_examples
-from pipeline.execution import missing_tests, score_execution
-from pipeline.results import ResultStore
+from pipeline.evaluation.execution import missing_tests, score_execution
+from pipeline.evaluation.results import ResultStore
 from pipeline.sandbox import SandboxError, resolve_isolation
 from pipeline.tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline import spa
+from pipeline.decoding import spa
 from pipeline.config import DecodingConfig
 from pipeline.data.example import Example
-from pipeline.template import SPAN_NAMES, EncodedExample, PromptTemplate, extract_code
+from pipeline.lm.template import SPAN_NAMES, EncodedExample, PromptTemplate, extract_code
 
 IGNORE = -100
 

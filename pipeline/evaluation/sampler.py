@@ -3,7 +3,7 @@
 A *method* says which prompt the frozen LM gets and how it decodes (:data:`METHODS`). A
 :class:`BatchSampler` loads the LM and the trained prompt models once and turns
 ``(method, examples)`` into one result record per example. The Ray pool
-(:mod:`pipeline.ray_sampler`) runs one BatchSampler per actor; ``pool.backend: local`` runs one
+(:mod:`pipeline.distributed.sampler_pool`) runs one BatchSampler per actor; ``pool.backend: local`` runs one
 here. Everything a record holds is a function of (config, checkpoints, method, example), never
 of the batch or the actor it ran on, so a retried batch reproduces its records exactly.
 """
@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import ConfigError, DecodingConfig, RunConfig, SampleConfig
 from pipeline.data.example import Example
-from pipeline.frozen_lm import FrozenCodeLM
+from pipeline.lm.frozen import FrozenCodeLM
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class BatchSampler:
 
     def __init__(self, config: RunConfig, checkpoints: dict[str, str | Path],
                  lm: FrozenCodeLM | None = None):
-        from pipeline.checkpoint import load_prompt_model
-        from pipeline.models import build_lm
+        from pipeline.training.checkpoint import load_prompt_model
+        from pipeline.lm.loader import build_lm
 
         self.config = config
         self.lm = lm or build_lm(config)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.frozen_lm import FrozenCodeLM
+from pipeline.lm.frozen import FrozenCodeLM
 
 
 def _token(lm: FrozenCodeLM, token_id: int) -> str:

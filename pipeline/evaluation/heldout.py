@@ -5,10 +5,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data.example import Example
-from pipeline.frozen_lm import FrozenCodeLM
-from pipeline.metrics import compute_metrics
-from pipeline.results import ResultStore
-from pipeline.template import EncodedExample
+from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.evaluation.metrics import compute_metrics
+from pipeline.evaluation.results import ResultStore
+from pipeline.lm.template import EncodedExample
 
 
 def _batches(items: list, size: int) -> list[list]:

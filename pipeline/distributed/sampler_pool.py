@@ -4,7 +4,7 @@ The driver cuts the work into ``(method, batch of examples)`` tasks, keeps one t
 actor, and appends each finished batch to the results store as it arrives (nothing finished is
 ever lost). An actor that dies is restarted by Ray (``pool.max_restarts``) and its task retried;
 an actor that is gone for good hands its task to the others. A task's records depend only on its
-examples (:mod:`pipeline.sampler`), so a retried task returns the same records, and the driver
+examples (:mod:`pipeline.evaluation.sampler`), so a retried task returns the same records, and the driver
 writes a task's records once, when it first returns: every example appears exactly once.
 """
 from __future__ import annotations
@@ -28,12 +28,12 @@ Task = tuple[str, list[Example]]  # (method, examples)
 
 @ray.remote
 class SamplerActor:
-    """One :class:`~pipeline.sampler.BatchSampler` per actor, loaded when the actor starts."""
+    """One :class:`~pipeline.evaluation.sampler.BatchSampler` per actor, loaded when the actor starts."""
 
     def __init__(self, config: dict, checkpoints: dict[str, str], torch_threads: int):
         import torch
 
-        from pipeline.sampler import BatchSampler
+        from pipeline.evaluation.sampler import BatchSampler
 
         torch.set_num_threads(torch_threads)
         self.sampler = BatchSampler(RunConfig.from_dict(config), checkpoints)
@@ -58,7 +58,7 @@ def _check_resources(config: RunConfig) -> None:
 
 def start_pool(config: RunConfig, checkpoints: dict[str, Path]) -> list:
     """Start ``pool.num_actors`` actors (Ray queues any that the cluster cannot fit yet)."""
-    from pipeline.ray_train import ensure_ray
+    from pipeline.distributed.train import ensure_ray
 
     pool = config.pool
     ensure_ray()

@@ -1,5 +1,5 @@
 """Sweep specifications: which flat config keys a Ray Tune sweep searches, how, and with what
-settings. Core module (no Ray): :mod:`pipeline.ray_tune` turns a :class:`Sweep` into Tune objects.
+settings. Core module (no Ray): :mod:`pipeline.distributed.tune` turns a :class:`Sweep` into Tune objects.
 
 A space file (YAML; see ``tune/*.yaml`` and docs/sweeps.md) has three sections::
 
@@ -27,7 +27,7 @@ import yaml
 
 from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from pipeline.paths import PROJECT_ROOT
 SPACES_DIR = PROJECT_ROOT / "tune"
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 METRICS = ("dev_loss", "code_loss", "loss")  # what the Train workers report each step

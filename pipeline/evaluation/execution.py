@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from pipeline.config import ExecutionConfig
 from pipeline.data.example import Example
-from pipeline.passk import PASSED, pass_at_k_metrics
-from pipeline.results import ResultStore
+from pipeline.evaluation.passk import PASSED, pass_at_k_metrics
+from pipeline.evaluation.results import ResultStore
 from pipeline.sandbox import run_programs
 
 log = logging.getLogger(__name__)

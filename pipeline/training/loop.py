@@ -17,11 +17,11 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import load_optimizer_state, load_prompt_model, save_checkpoint
+from pipeline.training.checkpoint import load_optimizer_state, load_prompt_model, save_checkpoint
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.example import Example
-from pipeline.ddpt import DDPTLoss, DiffusionPrompt, SoftPrompt, StepStats, build_trainable
-from pipeline.frozen_lm import Batch, FrozenCodeLM
+from pipeline.method.prompt import DDPTLoss, DiffusionPrompt, SoftPrompt, StepStats, build_trainable
+from pipeline.lm.frozen import Batch, FrozenCodeLM
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.comparison import (
+from pipeline.evaluation.comparison import (
     COMPARISON_FILE,
     interpret,
     log_methods,
@@ -35,13 +35,13 @@ from pipeline.comparison import (
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
 from pipeline.data.loaders import load_examples
-from pipeline.frozen_lm import FrozenCodeLM
-from pipeline.metrics import METRICS
-from pipeline.models import build_lm
-from pipeline.results import ResultStore
-from pipeline.sampler import check_methods, prompt_models_needed
+from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.evaluation.metrics import METRICS
+from pipeline.lm.loader import build_lm
+from pipeline.evaluation.results import ResultStore
+from pipeline.evaluation.sampler import check_methods, prompt_models_needed
 from pipeline.tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
-from pipeline.training_job import load_train_examples, run_training
+from pipeline.training.job import load_train_examples, run_training
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def check_before_work(config: RunConfig) -> None:
     if unknown:
         raise ConfigError(f"eval.metrics: unknown {unknown}; known: {sorted(METRICS)}")
     if "meteor" in config.eval.metrics:
-        from pipeline.wordnet import ensure_wordnet
+        from pipeline.evaluation.wordnet import ensure_wordnet
 
         ensure_wordnet()
 

@@ -3,7 +3,7 @@
 At every generated token the LM sees the prompt twice: in full, and with the *anchored* tokens'
 embeddings replaced by a mask embedding (positions and attention kept). The anchored text's
 contribution to the logits, ``full - masked``, is scaled by ``omega``:
-``masked + omega * (full - masked)``. :class:`pipeline.frozen_lm.FrozenCodeLM` runs both streams
+``masked + omega * (full - masked)``. :class:`pipeline.lm.frozen.FrozenCodeLM` runs both streams
 as one batch of 2B rows with one KV cache; this module holds the stream building and the logit
 arithmetic, and a plain sampler shared by every strategy.
 """

@@ -1,7 +1,7 @@
 """Ray Data glue: examples -> a tokenized Dataset, and a worker's shard -> training batches.
 
 Tokenization runs in ``map_batches`` actors that build the tokenizer once each; rows carry token
-id lists, which workers pad into :class:`~pipeline.frozen_lm.Batch` es.
+id lists, which workers pad into :class:`~pipeline.lm.frozen.Batch` es.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.config import RunConfig
 from pipeline.data.example import Example
-from pipeline.frozen_lm import Batch, FrozenCodeLM
-from pipeline.models import load_hf_config, load_tokenizer
-from pipeline.template import EncodedExample, PromptTemplate
+from pipeline.lm.frozen import Batch, FrozenCodeLM
+from pipeline.lm.loader import load_hf_config, load_tokenizer
+from pipeline.lm.template import EncodedExample, PromptTemplate
 
 
 class TokenizeExamples:

@@ -23,10 +23,10 @@ from pipeline.config import (
     SampleConfig,
     TrainConfig,
 )
-from pipeline.diffusion.denoiser import PromptDenoiser, UpProjection
-from pipeline.diffusion.samplers import sample
-from pipeline.diffusion.schedules import NoiseSchedule
-from pipeline.frozen_lm import Batch, FrozenCodeLM
+from pipeline.method.denoiser import PromptDenoiser, UpProjection
+from pipeline.method.samplers import sample
+from pipeline.method.schedules import NoiseSchedule
+from pipeline.lm.frozen import Batch, FrozenCodeLM
 
 
 class DiffusionPrompt(nn.Module):
@@ -63,7 +63,7 @@ class DiffusionPrompt(nn.Module):
                        generator: torch.Generator | Sequence[torch.Generator] | None = None
                        ) -> torch.Tensor:
         """``num`` latents from the reverse chain: (num, n, k). ``generator``: one, or one per
-        row (see :func:`pipeline.diffusion.samplers.sample`)."""
+        row (see :func:`pipeline.method.samplers.sample`)."""
         was_training, threads = self.training, torch.get_num_threads()
         self.eval()
         device = self.x0_bar.device

@@ -23,11 +23,11 @@ from mlflow import MlflowClient
 
 from pipeline.config import RunConfig
 from pipeline.data.example import Example
-from pipeline.evaluate import score_method
-from pipeline.execution import missing_tests, score_execution
-from pipeline.frozen_lm import FrozenCodeLM
-from pipeline.results import ResultStore
-from pipeline.sampler import METHODS, BatchSampler, method_sample_config
+from pipeline.evaluation.heldout import score_method
+from pipeline.evaluation.execution import missing_tests, score_execution
+from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.evaluation.results import ResultStore
+from pipeline.evaluation.sampler import METHODS, BatchSampler, method_sample_config
 from pipeline.tracking import RunTracker, TrackingError, child_runs, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def sample_into(store: ResultStore, config: RunConfig, methods: list[str],
     if config.pool.backend == "ray":
         import ray
 
-        from pipeline.ray_sampler import run_pool, start_pool
+        from pipeline.distributed.sampler_pool import run_pool, start_pool
 
         actors = start_pool(config, checkpoints)
         try:
@@ -117,8 +117,8 @@ def score(store: ResultStore, config: RunConfig, methods: list[str],
 def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
               folder: Path, num_prompts: int = 4) -> dict[str, Path]:
     """Nearest tokens and a t-SNE map per trained prompt model, in ``folder/<model>/``."""
-    from pipeline.checkpoint import load_prompt_model
-    from pipeline.interpret import nearest_tokens, tsne_plot
+    from pipeline.training.checkpoint import load_prompt_model
+    from pipeline.evaluation.interpret import nearest_tokens, tsne_plot
 
     written = {}
     for name, path in checkpoints.items():

@@ -20,7 +20,7 @@ RUN_FILE = "mlflow_run.json"  # {"uri", "run_id"}: lets --resume continue the sa
 
 @dataclass
 class TrainOutcome:
-    checkpoint: Path  # portable prompt-model checkpoint (pipeline.checkpoint format)
+    checkpoint: Path  # portable prompt-model checkpoint (pipeline.training.checkpoint format)
     run_id: str  # the MLflow run
     tracking_uri: str
     seconds: float
@@ -107,7 +107,7 @@ def run_training(config: RunConfig, output_dir: str | Path, resume: bool = False
     tracker = tracker or open_tracker(config, output, resume, run_name, parent_run_id)
     with tracker if owned else nullcontext(tracker):
         if config.distributed.backend == "ray":
-            from pipeline.ray_train import train_on_ray  # Ray only where it is used
+            from pipeline.distributed.train import train_on_ray  # Ray only where it is used
 
             checkpoint = train_on_ray(config, examples, output, tracker, resume, progress,
                                       dev_examples=dev, callbacks=callbacks, dataset=dataset)
@@ -130,8 +130,8 @@ def _finished(output: Path, config: RunConfig) -> TrainOutcome | None:
 
 
 def _train_local(config, examples, output, tracker, resume, progress, lm) -> Path:
-    from pipeline.models import build_lm
-    from pipeline.train import train_ddpt
+    from pipeline.lm.loader import build_lm
+    from pipeline.training.loop import train_ddpt
 
     lm = lm or build_lm(config)
     checkpoint = output / "checkpoint"
