@@ -49,11 +49,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pipeline.checkpoint import load_prompt_model
+    from pipeline.training.checkpoint import load_prompt_model
     from pipeline.config import SampleConfig, build_config
     from pipeline.data.loaders import load_examples
-    from pipeline.ddpt import build_prompt_model
-    from pipeline.models import build_lm
+    from pipeline.method.prompt import build_prompt_model
+    from pipeline.lm.loader import build_lm
 
     config = build_config("default", overrides=[f"model.name={args.model}"])
     lm = build_lm(config)

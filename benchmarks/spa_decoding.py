@@ -27,7 +27,7 @@ import torch
 def reference_spa(lm, batch, omega: float, anchors: list[str], max_new_tokens: int
                   ) -> list[list[int]]:
     """SPA as two sequential passes per token, each stream with its own KV cache (B rows)."""
-    from pipeline import spa
+    from pipeline.decoding import spa
 
     full = lm.prompt_embeds(batch, None)
     masked = spa.masked_stream(full, batch.anchor_mask(anchors))
@@ -56,9 +56,9 @@ def main() -> None:
 
     from pipeline.config import DecodingConfig, ModelConfig, PromptConfig
     from pipeline.data.loaders import load_examples
-    from pipeline.frozen_lm import FrozenCodeLM
-    from pipeline.models import load_model
-    from pipeline.template import PromptTemplate
+    from pipeline.lm.frozen import FrozenCodeLM
+    from pipeline.lm.loader import load_model
+    from pipeline.lm.template import PromptTemplate
 
     model, tokenizer = load_model(ModelConfig(name=args.model))
     lm = FrozenCodeLM(model, tokenizer,

@@ -31,10 +31,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.config import build_config
-    from pipeline.ddpt import OBJECTIVES, DDPTLoss, build_prompt_model
-    from pipeline.models import build_lm
-    from pipeline.train import batch_indices, local_step_fn, run_steps
-    from pipeline.training_job import load_train_examples, run_training
+    from pipeline.method.prompt import OBJECTIVES, DDPTLoss, build_prompt_model
+    from pipeline.lm.loader import build_lm
+    from pipeline.training.loop import batch_indices, local_step_fn, run_steps
+    from pipeline.training.job import load_train_examples, run_training
 
     config = build_config("default", overrides=[
         f"model.name={args.model}", f"train.steps={args.steps}",
