@@ -49,11 +49,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pipeline.training.checkpoint import load_prompt_model
-    from pipeline.config import SampleConfig, build_config
+    from pipeline.config import build_config
     from pipeline.data.loaders import load_examples
-    from pipeline.method.prompt import build_prompt_model
+    from pipeline.decoding.autoregressive import generate_ids
     from pipeline.lm.loader import build_lm
+    from pipeline.training.checkpoint import load_prompt_model
+    from pipeline.training.prompt_models import build_trainable
 
     config = build_config("default", overrides=[f"model.name={args.model}"])
     lm = build_lm(config)
@@ -61,7 +62,7 @@ def main() -> None:
     if args.checkpoint:
         prompt_model = load_prompt_model(args.checkpoint)[0]
     else:
-        prompt_model = build_prompt_model(lm, config.denoiser, config.diffusion, seed=0)
+        prompt_model = build_trainable(lm, config)[0]
     tokens = args.max_new_tokens
     print(f"model {args.model}, {len(examples)} CoNaLa test examples, up to {tokens} new tokens, "
           f"{torch.get_num_threads()} torch threads")
@@ -71,7 +72,7 @@ def main() -> None:
         count = 0
         for i in range(0, len(examples), batch_size):
             batch = lm.collate(lm.encode(examples[i : i + batch_size]), with_targets=False)
-            count += sum(len(row) for row in lm.generate_ids(batch.to(lm.device), None, tokens))
+            count += sum(len(row) for row in generate_ids(lm, batch.to(lm.device), None, tokens))
         return count
 
     sizes = [int(size) for size in args.batch_sizes.split(",")]
@@ -91,11 +92,11 @@ def main() -> None:
     batch_size = sizes[-1]
 
     # 2. One prompt: DDPM with T steps vs DDIM with S steps.
-    ddpm = SampleConfig(sampler="ddpm")
-    ddim = SampleConfig(sampler="ddim", ddim_steps=50)
+    ddpm = {"sampler": "ddpm"}
+    ddim = {"sampler": "ddim", "steps": 50}
     generator = torch.Generator().manual_seed(0)
-    ddpm_s = timed(lambda: prompt_model.sample_directions(1, ddpm, generator))
-    ddim_s = timed(lambda: prompt_model.sample_directions(1, ddim, generator), repeat=3)
+    ddpm_s = timed(lambda: prompt_model.sample_directions(1, generator, **ddpm))
+    ddim_s = timed(lambda: prompt_model.sample_directions(1, generator, **ddim), repeat=3)
     steps = prompt_model.schedule.timesteps
     print(f"\n2. one prompt: DDPM-{steps} {ddpm_s:.3f}s, DDIM-50 {ddim_s * 1000:.1f}ms "
           f"(DDPM/DDIM {ddpm_s / ddim_s:.0f}x); the paper: ~30 s per prompt "
@@ -103,16 +104,16 @@ def main() -> None:
 
     # 3. Prompt sampling's share of generation time with DDIM.
     batch = lm.collate(lm.encode(examples[:batch_size]), with_targets=False).to(lm.device)
-    generate_batch_s = timed(lambda: lm.generate_ids(batch, None, tokens))
+    generate_batch_s = timed(lambda: generate_ids(lm, batch, None, tokens))
 
     def seeded() -> list[torch.Generator]:
         return [torch.Generator().manual_seed(i) for i in range(batch_size)]
 
     # The sampler runs an evaluation batch's per-example chains as one batch (a generator per
     # row); one chain after the other is shown next to it.
-    per_example_s = timed(lambda: prompt_model.sample_directions(batch_size, ddim, seeded()),
+    per_example_s = timed(lambda: prompt_model.sample_directions(batch_size, seeded(), **ddim),
                           repeat=3)
-    one_by_one_s = timed(lambda: [prompt_model.sample_directions(1, ddim, [g])
+    one_by_one_s = timed(lambda: [prompt_model.sample_directions(1, [g], **ddim)
                                   for g in seeded()])
     total_s = seconds[batch_size]
     print(f"\n3. DDIM prompt share of generation time: one prompt per example "

@@ -31,14 +31,14 @@ def reference_spa(lm, batch, omega: float, anchors: list[str], max_new_tokens: i
 
     full = lm.prompt_embeds(batch, None)
     masked = spa.masked_stream(full, batch.anchor_mask(anchors))
-    full_logits, full_state = lm._prefill(full, batch.attention_mask)
-    masked_logits, masked_state = lm._prefill(masked, batch.attention_mask)
+    full_logits, full_state = lm.prefill(full, batch.attention_mask)
+    masked_logits, masked_state = lm.prefill(masked, batch.attention_mask)
     tokens = []
     for _ in range(max_new_tokens):
         next_ids = spa.combine(full_logits.float(), masked_logits.float(), omega).argmax(-1)
         tokens.append(next_ids)
-        full_logits = lm._extend(next_ids, full_state)
-        masked_logits = lm._extend(next_ids, masked_state)
+        full_logits = lm.extend(next_ids, full_state)
+        masked_logits = lm.extend(next_ids, masked_state)
     return torch.stack(tokens, 1).tolist()
 
 
@@ -55,6 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from pipeline.config import DecodingConfig, ModelConfig, PromptConfig
+    from pipeline.decoding.autoregressive import generate_ids
     from pipeline.data.loaders import load_examples
     from pipeline.lm.frozen import FrozenCodeLM
     from pipeline.lm.loader import load_model
@@ -70,8 +71,8 @@ def main() -> None:
     spa = DecodingConfig(strategy="spa", spa_omega=args.omega, spa_anchors=anchors)
     n = args.new_tokens
     methods = {
-        "greedy": lambda: lm.generate_ids(batch, None, n),
-        "spa_batched": lambda: lm.generate_ids(batch, None, n, spa),
+        "greedy": lambda: generate_ids(lm, batch, None, n),
+        "spa_batched": lambda: generate_ids(lm, batch, None, n, spa),
         "spa_reference": lambda: reference_spa(lm, batch, args.omega, anchors, n),
     }
     print(f"model {args.model}, batch {len(examples)}, prompt width {batch.input_ids.shape[1]}, "
@@ -100,7 +101,7 @@ def main() -> None:
               + ("  (goal <= 1.3)" if name == "spa_batched" else ""))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     omega_one = DecodingConfig(strategy="spa", spa_omega=1.0, spa_anchors=anchors)
-    print("checks: spa(omega=1) == greedy:", lm.generate_ids(batch, None, n, omega_one)
+    print("checks: spa(omega=1) == greedy:", generate_ids(lm, batch, None, n, omega_one)
           == outputs["greedy"], "| spa_batched == spa_reference:",
           outputs["spa_batched"] == outputs["spa_reference"], "| spa changed the tokens:",
           outputs["spa_batched"] != outputs["greedy"])

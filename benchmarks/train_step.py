@@ -31,10 +31,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.config import build_config
-    from pipeline.method.prompt import OBJECTIVES, DDPTLoss, build_prompt_model
+    from pipeline.data.splits import train_examples
+    from pipeline.distributed.train import ray_backend
     from pipeline.lm.loader import build_lm
+    from pipeline.training.job import run_training
     from pipeline.training.loop import batch_indices, local_step_fn, run_steps
-    from pipeline.training.job import load_train_examples, run_training
+    from pipeline.training.prompt_models import PromptLoss, build_trainable
 
     config = build_config("default", overrides=[
         f"model.name={args.model}", f"train.steps={args.steps}",
@@ -42,14 +44,13 @@ def main() -> None:
         "distributed.num_workers=1", "distributed.cpus_per_worker=1",
         f"train.log_every={args.steps}", *args.set,
     ])
-    examples = load_train_examples(config)[: 64 * args.batch_size]
+    examples = train_examples(config.data)[: 64 * args.batch_size]
 
     # Single process: the same step loop, plain AdamW.
     lm = build_lm(config)
     encoded = lm.encode(examples)
-    model = build_prompt_model(lm, config.denoiser, config.diffusion, config.train.seed)
-    step_fn, _ = local_step_fn(DDPTLoss(model, lm, OBJECTIVES["bootstrap"](config.train)),
-                               config.train)
+    model, objective = build_trainable(lm, config)
+    step_fn, _ = local_step_fn(PromptLoss(model, lm, objective), config.train)
     batches = (lm.collate([encoded[i] for i in batch_indices(len(encoded), args.batch_size, s,
                                                              config.train.seed)])
                for s in range(args.steps))
@@ -59,7 +60,8 @@ def main() -> None:
     # Ray Train + DeepSpeed ZeRO-3, one worker, through the real training job.
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
-        outcome = run_training(config, Path(tmp) / "ray", examples=examples, progress=False)
+        outcome = run_training(config, Path(tmp) / "ray", ray_backend(), examples=examples,
+                               progress=False)
         wall = time.perf_counter() - began
         client = MlflowClient(outcome.tracking_uri)
         history = {key: [m.value for m in sorted(client.get_metric_history(outcome.run_id, key),

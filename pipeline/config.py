@@ -13,14 +13,33 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pipeline.method.objectives import OBJECTIVES
+from pipeline.method.schedules import SCHEDULES
+
 MANUAL_CONTEXT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
 )
 
 
+# The registry (pipeline.training.prompt_models) builds each; a test keeps the two equal.
+PROMPT_MODELS = ("ddpt", "prompt_tuning")
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field (``section.name``)."""
+
+
+def check_fresh_output(output: Path, resume: bool, markers: tuple[str, ...],
+                       what: str = "run") -> None:
+    """Refuse to start over an earlier run: ``output`` holding any of ``markers`` (names
+    inside it) needs ``--resume``, or another ``--output``."""
+    if resume:
+        return
+    for marker in markers:
+        if (Path(output) / marker).exists():
+            raise ConfigError(f"{Path(output) / marker if marker else output} holds an earlier "
+                              f"{what}: pass --resume to continue it, or choose another --output")
 
 
 def _help(default: Any, text: str) -> Any:
@@ -108,8 +127,6 @@ class DiffusionConfig:
     timesteps: int = _help(2000, "T, the number of diffusion steps (the paper: 2000)")
 
     def __post_init__(self):
-        from pipeline.method.schedules import SCHEDULES  # avoid a config <-> method cycle
-
         _one_of(self.schedule, tuple(SCHEDULES), "diffusion.schedule")
         _check(self.timesteps >= 2, "diffusion.timesteps", "must be >= 2")
 
@@ -160,8 +177,8 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        _one_of(self.method, ("ddpt", "prompt_tuning"), "train.method")
-        _one_of(self.objective, ("bootstrap",), "train.objective")
+        _one_of(self.method, PROMPT_MODELS, "train.method")
+        _one_of(self.objective, tuple(OBJECTIVES), "train.objective")
         for name in ("steps", "batch_size", "log_every"):
             _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
         _check(self.lr > 0, "train.lr", "must be > 0")

@@ -28,6 +28,9 @@ MAX_ERROR_CHARS = 5000     # what the `error` tag keeps of an exception message
 PARAMS_PER_BATCH = 100     # MLflow's limit on params in one log_batch
 METRICS_PER_BATCH = 1000   # MLflow's limit on metrics in one log_batch
 HTTP_TIMEOUT_S = 3.0
+# Tags every run of the project carries: its role (train, comparison, method, sweep, trial,
+# evaluate), so that an MLflow filter such as `tags.ddpt.role = 'method'` selects one kind.
+ROLE_TAG, OUTPUT_TAG = "ddpt.role", "ddpt.output"
 
 
 class TrackingError(ValueError):
@@ -233,6 +236,33 @@ class RunTracker:
             self.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         except Exception:  # noqa: BLE001
             log.exception("could not mark MLflow run %s as failed", self.run_id)
+
+
+def read_run_file(run_file: str | Path) -> dict[str, Any]:
+    """A run pointer file: ``{"uri", "run_id", ...}`` of the MLflow run a job logs into."""
+    saved = json.loads(Path(run_file).read_text())
+    if not {"uri", "run_id"} <= set(saved):
+        raise TrackingError(f"{run_file}: not a run pointer file (needs 'uri' and 'run_id')")
+    return saved
+
+
+def open_run(run_file: str | Path, resume: bool, uri: str, experiment: str, run_name: str,
+             role: str, output: str | Path, params: dict | None = None,
+             tags: dict | None = None, parent_run_id: str | None = None,
+             **extra: Any) -> RunTracker:
+    """A job's MLflow run: with ``resume`` and an existing ``run_file``, the run it names
+    (re-attached); else a new (child) run in ``experiment``, tagged with its ``role`` and
+    ``output`` folder, noted in ``run_file`` as ``{"uri", "run_id", **extra}``."""
+    run_file = Path(run_file)
+    if resume and run_file.is_file():
+        saved = read_run_file(run_file)
+        return RunTracker.resume(saved["uri"], saved["run_id"])
+    tracker = RunTracker.start(uri, experiment, run_name, params=params,
+                               tags={ROLE_TAG: role, OUTPUT_TAG: str(output), **(tags or {})},
+                               parent_run_id=parent_run_id)
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"uri": uri, "run_id": tracker.run_id, **extra}) + "\n")
+    return tracker
 
 
 def child_runs(uri: str, parent_run_id: str) -> list[Run]:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models built in code and a handful of examples."""
+"""Shared fixtures: tiny random models built in code and a handful of examples (tests/helpers.py)."""
 from __future__ import annotations
 
 import os
@@ -6,29 +6,11 @@ import os
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, PromptConfig
+from helpers import EXAMPLES, make_lm
 from pipeline.data.example import Example
 from pipeline.lm.frozen import FrozenCodeLM
-from pipeline.lm.loader import load_model
-from pipeline.lm.template import PromptTemplate
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-EXAMPLES = [
-    Example("a", "add two numbers `a` and `b`", "a + b"),
-    Example("b", "reverse the list `xs`", "xs[::-1]"),
-    Example("c", "sort dict `d` by value", "sorted(d.items(), key=lambda kv: kv[1])"),
-    Example("d", "join words with commas", "', '.join(words)", input="words = ['x', 'y']"),
-    Example("e", "read file `f` into a string", "open(f).read()"),
-    Example("f", "square each item", "[x * x for x in items]"),
-]
-
-
-def make_lm(name: str, template: str = "auto", **prompt) -> FrozenCodeLM:
-    model, tokenizer = load_model(ModelConfig(name=name))
-    config = PromptConfig(template=template, max_source_tokens=96, max_target_tokens=24, **prompt)
-    return FrozenCodeLM(model, tokenizer,
-                        PromptTemplate(tokenizer, config, model.config.is_encoder_decoder))
 
 
 @pytest.fixture(params=["tiny-llama", "tiny-t5"])

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from pipeline.decoding.autoregressive import generate
 from pipeline.config import ModelConfig, PromptConfig
 from pipeline.data.loaders import load_examples
 from pipeline.lm.frozen import FrozenCodeLM
@@ -29,7 +30,7 @@ def test_embedded_model_writes_code_and_scores_references(embedded_lm):
     examples = load_examples("conala", "test", limit=2)
     loss = embedded_lm.code_loss(embedded_lm.collate(embedded_lm.encode(examples)))
     assert 0.3 < loss.item() < 4.0  # a pretrained model, not a random one (that is ~10.8)
-    outputs = embedded_lm.generate(examples, max_new_tokens=24)
+    outputs = generate(embedded_lm, examples, max_new_tokens=24)
     assert len(outputs) == 2 and all(isinstance(o, str) and o for o in outputs)
     delta = torch.zeros(embedded_lm.context_length, embedded_lm.hidden_size, requires_grad=True)
     embedded_lm.code_loss(embedded_lm.collate(embedded_lm.encode(examples)), delta).backward()

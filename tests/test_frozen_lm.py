@@ -1,8 +1,9 @@
 """The frozen LM adapter: the same tests for a causal and an encoder-decoder model."""
 import pytest
 import torch
-from conftest import EXAMPLES, make_lm
+from helpers import EXAMPLES, make_lm
 
+from pipeline.decoding.autoregressive import generate_ids
 from pipeline.lm.frozen import IGNORE
 
 
@@ -64,8 +65,8 @@ def test_gradients_reach_delta_and_never_the_lm(tiny_lm, examples):
 
 def test_batched_greedy_equals_one_at_a_time(tiny_lm, examples):
     batch = tiny_lm.collate(tiny_lm.encode(examples), with_targets=False)
-    together = tiny_lm.generate_ids(batch, max_new_tokens=12)
-    alone = [tiny_lm.generate_ids(tiny_lm.collate(tiny_lm.encode([e]), with_targets=False),
+    together = generate_ids(tiny_lm, batch, max_new_tokens=12)
+    alone = [generate_ids(tiny_lm, tiny_lm.collate(tiny_lm.encode([e]), with_targets=False),
                                   max_new_tokens=12)[0] for e in examples]
     assert together == alone
     assert len({tuple(row) for row in together}) > 1  # the test model does not degenerate
@@ -81,7 +82,7 @@ def test_greedy_equals_hf_generate(tiny_lm, examples):
     new = out[1:] if tiny_lm.is_encoder_decoder else out[prompt.shape[1]:]
     new = new.tolist()
     stop = next((i for i, tok in enumerate(new) if tok in tiny_lm.template.stop_ids), len(new))
-    mine = tiny_lm.generate_ids(tiny_lm.collate([encoded], with_targets=False), max_new_tokens=12)
+    mine = generate_ids(tiny_lm, tiny_lm.collate([encoded], with_targets=False), max_new_tokens=12)
     assert mine[0] == new[:stop]
 
 
@@ -89,7 +90,7 @@ def test_delta_changes_generation(tiny_lm, examples):
     batch = tiny_lm.collate(tiny_lm.encode(examples), with_targets=False)
     delta = 3 * torch.randn(tiny_lm.context_length, tiny_lm.hidden_size,
                             generator=torch.Generator().manual_seed(0))
-    assert tiny_lm.generate_ids(batch, delta, 8) != tiny_lm.generate_ids(batch, None, 8)
+    assert generate_ids(tiny_lm, batch, delta, 8) != generate_ids(tiny_lm, batch, None, 8)
 
 
 @pytest.mark.parametrize("template", ["plain", "chat"])

@@ -5,7 +5,7 @@ import signal
 import pytest
 import ray
 
-from conftest import EXAMPLES
+from helpers import EXAMPLES
 from pipeline.config import PRESETS, RunConfig
 from pipeline.data.example import Example
 from pipeline.distributed.sampler_pool import run_pool, start_pool
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from pipeline.distributed.train import use_local_ray_env
+    from pipeline.distributed.session import use_local_ray_env
 
     use_local_ray_env()  # as ensure_ray starts a local Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

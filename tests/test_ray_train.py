@@ -112,7 +112,7 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
     """`ray start --head`, then `ray job submit --working-dir . -- python jobs/train.py`."""
     bin_dir = Path(sys.executable).parent
     # The entrypoint's `python` must be this environment's (as with an activated venv).
-    from pipeline.distributed.train import LOCAL_RAY_ENV
+    from pipeline.distributed.session import LOCAL_RAY_ENV
 
     # A one-machine cluster, tuned as `ensure_ray` tunes the Ray it starts itself.
     env = {**LOCAL_RAY_ENV, **os.environ, "RAY_AUTH_MODE": "token",

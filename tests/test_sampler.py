@@ -7,12 +7,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import EXAMPLES, make_lm
+from helpers import EXAMPLES, make_lm
+from pipeline.decoding.autoregressive import generate
 from pipeline.cli import main
 from pipeline.config import PRESETS, RunConfig
 from pipeline.evaluation.interpret import nearest_tokens
 from pipeline.evaluation.sampler import METHODS, BatchSampler
-from pipeline.training.loop import train_ddpt
+from pipeline.training.loop import train_local
 
 ALL_METHODS = ",".join(METHODS)
 TEXT_METRICS = {"bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"}
@@ -34,7 +35,7 @@ def checkpoints(tmp_path_factory):
     for method in ("ddpt", "prompt_tuning"):
         config = smoke_config().with_overrides([f"train.method={method}", "train.lr=5e-2"])
         config.prompt = lm.template.config  # the template the tiny LM was built with
-        train_ddpt(config, lm, EXAMPLES, checkpoint_dir=folder / method, progress=False)
+        train_local(config, lm, EXAMPLES, checkpoint_dir=folder / method, progress=False)
         paths[method] = folder / method
     return paths
 
@@ -65,7 +66,7 @@ def test_methods_get_their_prompts(checkpoints):
     soft = sampler.prompt_models["prompt_tuning"].direction()
     torch.testing.assert_close(sampler.directions("prompt_tuning", EXAMPLES[:2])[1], soft)
     manual = sampler.run("manual", EXAMPLES[:2])
-    assert [r["generation"] for r in manual] == sampler.lm.generate(EXAMPLES[:2], None, 16)
+    assert [r["generation"] for r in manual] == generate(sampler.lm, EXAMPLES[:2], None, 16)
 
 
 def test_nearest_tokens_of_the_manual_context_are_its_tokens():

@@ -5,9 +5,11 @@ omega = 1, so the omega = 1 tests would fail if the masked stream leaked into th
 """
 import pytest
 import torch
-from conftest import EXAMPLES, make_lm
+from helpers import EXAMPLES, make_lm
 
+from pipeline.decoding.autoregressive import generate, generate_ids, generate_samples
 from pipeline.decoding import spa
+from pipeline.decoding.sampling import top_p_filter
 from pipeline.config import DecodingConfig
 from pipeline.data.example import Example
 from pipeline.lm.frozen import Batch, FrozenCodeLM
@@ -79,7 +81,7 @@ def test_combine_is_the_paper_formula_and_exact_at_omega_one():
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    keep = lambda p: spa.top_p_filter(logits, p).isfinite()[0].tolist()
+    keep = lambda p: top_p_filter(logits, p).isfinite()[0].tolist()
     assert keep(0.5) == [True, False, False, False]
     assert keep(0.7) == [True, True, False, False]
     assert keep(0.9) == [True, True, True, False]
@@ -93,8 +95,8 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_omega_one_is_greedy_token_for_token(tiny_lm, examples, anchors, with_delta):
     batch = _batch(tiny_lm, examples)
     delta = _delta(tiny_lm) if with_delta else None
-    greedy = tiny_lm.generate_ids(batch, delta, 12)
-    assert tiny_lm.generate_ids(batch, delta, 12, _spa(1.0, anchors)) == greedy
+    greedy = generate_ids(tiny_lm, batch, delta, 12)
+    assert generate_ids(tiny_lm, batch, delta, 12, _spa(1.0, anchors)) == greedy
 
 
 def _reference_spa(lm: FrozenCodeLM, example: Example, anchors: list[str], omega: float,
@@ -135,17 +137,17 @@ def _reference_spa(lm: FrozenCodeLM, example: Example, anchors: list[str], omega
 def test_spa_equals_the_reference_and_changes_outputs(tiny_lm, omega, anchors, with_delta):
     examples = EXAMPLES[:4]  # one of them has an input
     batch, delta = _batch(tiny_lm, examples), _delta(tiny_lm, seed=1) if with_delta else None
-    mine = tiny_lm.generate_ids(batch, delta, 8, _spa(omega, anchors))
+    mine = generate_ids(tiny_lm, batch, delta, 8, _spa(omega, anchors))
     with torch.no_grad():
         reference = [_reference_spa(tiny_lm, e, anchors, omega, 8, delta) for e in examples]
     assert mine == reference
-    assert mine != tiny_lm.generate_ids(batch, delta, 8)  # SPA does something here
+    assert mine != generate_ids(tiny_lm, batch, delta, 8)  # SPA does something here
 
 
 def test_batched_spa_equals_one_at_a_time(tiny_lm, examples):
     decoding, delta = _spa(2.5, ["instruction", "input"]), _delta(tiny_lm, seed=2)
-    together = tiny_lm.generate_ids(_batch(tiny_lm, examples), delta, 12, decoding)
-    alone = [tiny_lm.generate_ids(_batch(tiny_lm, [e]), delta, 12, decoding)[0]
+    together = generate_ids(tiny_lm, _batch(tiny_lm, examples), delta, 12, decoding)
+    alone = [generate_ids(tiny_lm, _batch(tiny_lm, [e]), delta, 12, decoding)[0]
              for e in examples]
     assert together == alone
 
@@ -169,7 +171,7 @@ def test_masked_stream_masks_exactly_the_anchors_in_one_forward(tiny_lm, example
     bsz = len(examples)
     calls, handle = _record_prompt_inputs(tiny_lm)
     try:
-        tiny_lm.generate_ids(batch, delta, 6, _spa(1.5, anchors))
+        generate_ids(tiny_lm, batch, delta, 6, _spa(1.5, anchors))
     finally:
         handle.remove()
     prompt = [c for c in calls if c["embeds"] is not None]
@@ -189,29 +191,29 @@ def test_masked_stream_masks_exactly_the_anchors_in_one_forward(tiny_lm, example
 # ---- sampling -----------------------------------------------------------------------------------
 def test_sampling_is_reproducible_and_seeded(tiny_lm, examples):
     batch = _batch(tiny_lm, examples)
-    sample = lambda seed: tiny_lm.generate_ids(
+    sample = lambda seed: generate_ids(tiny_lm, 
         batch, None, 10, DecodingConfig(strategy="sample", temperature=1.0, top_p=1.0, seed=seed))
     assert sample(0) == sample(0)
     assert sample(0) != sample(1)
-    assert sample(0) != tiny_lm.generate_ids(batch, None, 10)
+    assert sample(0) != generate_ids(tiny_lm, batch, None, 10)
 
 
 @pytest.mark.parametrize("settings", [{"temperature": 1e-4, "top_p": 1.0},
                                       {"temperature": 1.0, "top_p": 1e-6}])
 def test_near_deterministic_sampling_is_greedy(tiny_lm, examples, settings):
     batch, delta = _batch(tiny_lm, examples), _delta(tiny_lm)
-    drawn = tiny_lm.generate_ids(batch, delta, 10, DecodingConfig(strategy="sample", **settings))
-    assert drawn == tiny_lm.generate_ids(batch, delta, 10)
-    spa_drawn = tiny_lm.generate_ids(batch, delta, 10, _spa(2.0, spa_sample=True, **settings))
-    assert spa_drawn == tiny_lm.generate_ids(batch, delta, 10, _spa(2.0))
+    drawn = generate_ids(tiny_lm, batch, delta, 10, DecodingConfig(strategy="sample", **settings))
+    assert drawn == generate_ids(tiny_lm, batch, delta, 10)
+    spa_drawn = generate_ids(tiny_lm, batch, delta, 10, _spa(2.0, spa_sample=True, **settings))
+    assert spa_drawn == generate_ids(tiny_lm, batch, delta, 10, _spa(2.0))
 
 
 def test_generate_samples_gives_n_reproducible_draws_per_example():
     lm = make_lm("tiny-llama")
     decoding = DecodingConfig(strategy="sample", temperature=1.0, seed=3)
-    samples = lm.generate_samples(EXAMPLES[:3], 4, max_new_tokens=8, decoding=decoding)
+    samples = generate_samples(lm, EXAMPLES[:3], 4, max_new_tokens=8, decoding=decoding)
     assert [len(s) for s in samples] == [4, 4, 4]
-    assert samples == lm.generate_samples(EXAMPLES[:3], 4, max_new_tokens=8, decoding=decoding)
+    assert samples == generate_samples(lm, EXAMPLES[:3], 4, max_new_tokens=8, decoding=decoding)
     assert any(len(set(s)) > 1 for s in samples)
-    greedy = lm.generate_samples(EXAMPLES[:2], 2, max_new_tokens=8)
-    assert greedy == [[g, g] for g in lm.generate(EXAMPLES[:2], max_new_tokens=8)]
+    greedy = generate_samples(lm, EXAMPLES[:2], 2, max_new_tokens=8)
+    assert greedy == [[g, g] for g in generate(lm, EXAMPLES[:2], max_new_tokens=8)]

@@ -12,21 +12,14 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import EXAMPLES, make_lm
+from helpers import EXAMPLES, make_lm
 from pipeline.cli import main
 from pipeline.config import ConfigError, RunConfig, build_config
 from pipeline.data.loaders import DataError
 from pipeline.evaluation.heldout import heldout_code_loss, sharded_code_loss
-from pipeline.training.sweep import (
-    Sweep,
-    TrialSummary,
-    concurrency,
-    default_space_file,
-    load_sweep,
-    pick_best,
-)
+from pipeline.data.splits import dev_examples
 from pipeline.tracking import child_runs
-from pipeline.training.job import load_dev_examples
+from pipeline.training.sweep import Sweep, TrialSummary, default_space_file, load_sweep, pick_best
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_SPACE = REPO / "tune" / "smoke.yaml"
@@ -137,10 +130,10 @@ def test_a_combination_is_checked_when_the_trial_starts(tmp_path):
 def test_missing_dev_split_fails_before_any_work(tmp_path):
     config = build_config("smoke", overrides=["data.dev_split=dev"])
     with pytest.raises(DataError, match=r"data.dev_split='dev': unknown split 'dev'"):
-        load_dev_examples(config)
+        dev_examples(config.data)
     humaneval = build_config("smoke", overrides=["data.dataset=humaneval"])
     with pytest.raises(DataError, match="humaneval has only a 'test' split"):
-        load_dev_examples(humaneval)
+        dev_examples(humaneval.data)
     from pipeline.distributed.tune import run_sweep  # imports Ray; starts nothing
 
     sweep = load_sweep(SMOKE_SPACE, overrides=["data.dev_split=dev"])
@@ -151,6 +144,8 @@ def test_missing_dev_split_fails_before_any_work(tmp_path):
 
 
 def test_concurrency_from_the_cluster(tmp_path):
+    from pipeline.distributed.tune import concurrency  # imports Ray; starts nothing
+
     sweep = load_sweep(write_space(tmp_path, space(sweep={"max_concurrent_trials": "auto"})))
     assert sweep.max_concurrent_trials is None
     assert concurrency(sweep, {"CPU": 2.0}) == 2  # smoke: 1 worker x 0.5 CPU + 0.5 for data
@@ -304,7 +299,7 @@ def local_ray():
     """A local Ray of this test's own (never a cluster someone started on this machine)."""
     import ray
 
-    from pipeline.distributed.train import use_local_ray_env
+    from pipeline.distributed.session import use_local_ray_env
 
     use_local_ray_env()  # as ensure_ray starts a local Ray
     ray.init(address="local", num_cpus=2, include_dashboard=False)

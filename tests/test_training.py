@@ -4,11 +4,11 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import EXAMPLES, make_lm
+from helpers import EXAMPLES, make_lm
 from pipeline.training.checkpoint import load_prompt_model, read_state
 from pipeline.config import PRESETS, RunConfig, SampleConfig
-from pipeline.method.prompt import build_prompt_model
-from pipeline.training.loop import batch_indices, train_ddpt
+from pipeline.training.prompt_models import build_trainable, sampling_args
+from pipeline.training.loop import batch_indices, train_local
 
 
 def tiny_config(model: str, steps: int = 6, **train) -> RunConfig:
@@ -21,19 +21,19 @@ def tiny_config(model: str, steps: int = 6, **train) -> RunConfig:
 
 def test_denoiser_output_shapes_and_zero_start(tiny_lm):
     config = tiny_config("tiny-llama")
-    model = build_prompt_model(tiny_lm, config.denoiser, config.diffusion, seed=0)
+    model = build_trainable(tiny_lm, config)[0]
     n, k, d = tiny_lm.context_length, config.denoiser.bottleneck, tiny_lm.hidden_size
     x_t, t = torch.randn(5, n, k), torch.randint(0, 100, (5,))
     assert model.denoiser(x_t, t).shape == (5, n, k)
     assert model.direction(torch.randn(5, n, k)).shape == (5, n, d)
     # zero-initialised output layer: training starts exactly at the manual prompt
     assert torch.equal(model.denoiser(x_t, t), torch.zeros(5, n, k))
-    assert model.sample_directions(2, SampleConfig(ddim_steps=5)).shape == (2, n, d)
+    assert model.sample_directions(2, steps=5).shape == (2, n, d)
 
 
 def test_fixed_up_projection_has_the_configured_scale(tiny_lm):
     config = tiny_config("tiny-llama")
-    model = build_prompt_model(tiny_lm, config.denoiser, config.diffusion, seed=0)
+    model = build_trainable(tiny_lm, config)[0]
     latents = torch.randn(4000, 1, config.denoiser.bottleneck)
     norm = model.direction(latents).norm(dim=-1).pow(2).mean().sqrt().item()
     expected = config.denoiser.up_scale * tiny_lm.mean_token_norm()
@@ -46,8 +46,8 @@ def test_training_changes_only_the_denoiser(name):
     tiny_lm = make_lm(name)
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     config = tiny_config(name, steps=4)
-    init = build_prompt_model(tiny_lm, config.denoiser, config.diffusion, config.train.seed)
-    result = train_ddpt(config, tiny_lm, EXAMPLES, progress=False)
+    init = build_trainable(tiny_lm, config)[0]
+    result = train_local(config, tiny_lm, EXAMPLES, progress=False)
     after = tiny_lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "an LM weight changed"
     assert all(p.grad is None for p in tiny_lm.model.parameters()), "an LM weight got a gradient"
@@ -61,7 +61,7 @@ def test_code_loss_falls():
     lm = make_lm("tiny-llama")
     config = tiny_config("tiny-llama", steps=40, consistency_weight=0.01)
     config.train = dataclasses.replace(config.train, batch_size=6)  # the whole set every step
-    history = train_ddpt(config, lm, EXAMPLES, progress=False).history
+    history = train_local(config, lm, EXAMPLES, progress=False).history
     first = sum(h["code_loss"] for h in history[:5]) / 5
     last = sum(h["code_loss"] for h in history[-5:]) / 5
     assert last < first - 0.1, (first, last)
@@ -69,13 +69,13 @@ def test_code_loss_falls():
 
 def test_resume_continues_exactly(tmp_path):
     lm = make_lm("tiny-llama")
-    straight = train_ddpt(tiny_config("tiny-llama", steps=6), lm, EXAMPLES, progress=False)
+    straight = train_local(tiny_config("tiny-llama", steps=6), lm, EXAMPLES, progress=False)
     ckpt = tmp_path / "ckpt"
-    train_ddpt(tiny_config("tiny-llama", steps=3), lm, EXAMPLES, checkpoint_dir=ckpt,
-               progress=False)
+    train_local(tiny_config("tiny-llama", steps=3), lm, EXAMPLES, checkpoint_dir=ckpt,
+                progress=False)
     assert read_state(ckpt)["step"] == 3
-    resumed = train_ddpt(tiny_config("tiny-llama", steps=6), lm, EXAMPLES, checkpoint_dir=ckpt,
-                         resume=True, progress=False)
+    resumed = train_local(tiny_config("tiny-llama", steps=6), lm, EXAMPLES,
+                          checkpoint_dir=ckpt, resume=True, progress=False)
     assert [h["step"] for h in resumed.history] == [4, 5, 6]  # no step counted twice
     assert [h["code_loss"] for h in resumed.history] == pytest.approx(
         [h["code_loss"] for h in straight.history[3:]], rel=1e-5)
@@ -85,13 +85,13 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_checkpoint_round_trip_samples_the_same_prompt(tmp_path):
     lm = make_lm("tiny-llama")
-    result = train_ddpt(tiny_config("tiny-llama", steps=3), lm, EXAMPLES,
-                        checkpoint_dir=tmp_path / "c", progress=False)
+    result = train_local(tiny_config("tiny-llama", steps=3), lm, EXAMPLES,
+                         checkpoint_dir=tmp_path / "c", progress=False)
     loaded, config, state = load_prompt_model(tmp_path / "c")
     assert state["step"] == 3 and config.model.name == "tiny-llama"
-    sample = SampleConfig(ddim_steps=5)
-    a = result.model.sample_directions(2, sample, torch.Generator().manual_seed(0))
-    b = loaded.sample_directions(2, sample, torch.Generator().manual_seed(0))
+    sample = sampling_args(SampleConfig(ddim_steps=5))
+    a = result.model.sample_directions(2, torch.Generator().manual_seed(0), **sample)
+    b = loaded.sample_directions(2, torch.Generator().manual_seed(0), **sample)
     assert torch.equal(a, b)
 
 
@@ -108,7 +108,7 @@ def test_prompt_tuning_baseline_learns_only_its_prompt(name, tmp_path):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     config = tiny_config(name, steps=30, method="prompt_tuning")
     config.train = dataclasses.replace(config.train, batch_size=6, lr=5e-2)
-    result = train_ddpt(config, lm, EXAMPLES, checkpoint_dir=tmp_path / "pt", progress=False)
+    result = train_local(config, lm, EXAMPLES, checkpoint_dir=tmp_path / "pt", progress=False)
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
     history = result.history
     assert history[0]["consistency"] == 0.0
@@ -126,24 +126,26 @@ def test_training_job_ends_its_own_run_but_not_a_callers(tmp_path):
     from mlflow import MlflowClient
 
     from pipeline.tracking import RunTracker
-    from pipeline.training.job import run_training
+    from pipeline.training.job import local_backend, run_training
 
     config = tiny_config("tiny-llama", steps=2).with_overrides(["distributed.backend=local"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    owned = run_training(config, tmp_path / "own", examples=EXAMPLES, progress=False)
+    owned = run_training(config, tmp_path / "own", local_backend(), examples=EXAMPLES,
+                         progress=False)
     assert MlflowClient(tracking_uri=owned.tracking_uri).get_run(owned.run_id).info.status == \
         "FINISHED"
 
     caller = RunTracker.start(uri, "exp", "trial")
-    outcome = run_training(config, tmp_path / "trial", examples=EXAMPLES, progress=False,
-                           tracker=caller)
+    outcome = run_training(config, tmp_path / "trial", local_backend(), examples=EXAMPLES,
+                           progress=False, tracker=caller)
     run = client.get_run(caller.run_id)
     assert outcome.run_id == caller.run_id and run.info.status == "RUNNING"
     assert [m.step for m in client.get_metric_history(caller.run_id, "code_loss")] == [1, 2]
 
     broken = RunTracker.start(uri, "exp", "broken")
     with pytest.raises(ValueError):
-        run_training(config, tmp_path / "broken", examples=[], progress=False, tracker=broken)
+        run_training(config, tmp_path / "broken", local_backend(), examples=[], progress=False,
+                     tracker=broken)
     run = client.get_run(broken.run_id)
     assert run.info.status == "RUNNING" and "error" not in run.data.tags

@@ -1,0 +1,1 @@
+"""The baselines DDPT is compared with, run through the same harness."""

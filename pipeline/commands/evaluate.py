@@ -13,18 +13,20 @@ Writes into the output folder:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.commands.common import overrides
+from pipeline.config import ConfigError, RunConfig, build_config, check_fresh_output
 from pipeline.data.example import Example
-from pipeline.data.loaders import DataError, load_examples
-from pipeline.evaluation.execution import missing_tests, score_execution
+from pipeline.data.splits import tested_eval_examples
+from pipeline.evaluation.execution import score_execution
 from pipeline.evaluation.results import ResultStore
 from pipeline.sandbox import SandboxError, resolve_isolation
-from pipeline.tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
+from pipeline.tracking import RunTracker, check_tracking_uri, open_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 RUN_FILE = "evaluate_run.json"
@@ -35,38 +37,11 @@ EVALUATE_METHODS: dict[str, Callable[[Example], str]] = {
 }
 
 
-def load_tested_examples(config: RunConfig) -> list[Example]:
-    """The eval split's examples; a DataError (naming file and field) unless all have tests."""
-    data = config.data
-    examples = load_examples(data.dataset, data.eval_split, data.data_dir,
-                             data.max_eval_examples or None)
-    if not examples:
-        raise DataError(f"split {data.eval_split!r} of data set {data.dataset!r} has no examples",
-                        hint="Check data.eval_split (for a user file: each record's 'split')")
-    untested = missing_tests(examples)
-    if untested:
-        source = examples[0].meta.get("source", data.dataset)
-        lines = {ex.id: ex.meta.get("line") for ex in examples}
-        raise DataError(
-            f"{len(untested)} of {len(examples)} examples of split {data.eval_split!r} have no "
-            f"tests (ids {', '.join(map(repr, untested[:5]))}"
-            f"{', ...' if len(untested) > 5 else ''}); execution needs Python that raises when "
-            "the code is wrong", source, lines.get(untested[0]), "tests")
-    return examples
-
-
 def _open_run(config: RunConfig, output: Path, uri: str, methods: Sequence[str],
               isolation: str, resume: bool) -> RunTracker:
-    run_file = output / RUN_FILE
-    if resume and run_file.is_file():
-        saved = json.loads(run_file.read_text())
-        return RunTracker.resume(saved["uri"], saved["run_id"])
-    tracker = RunTracker.start(
-        uri, config.tracking.experiment_name(config), "evaluate", params=config.to_flat(),
-        tags={"ddpt.job": "evaluate", "ddpt.methods": ",".join(methods),
-              "ddpt.output": str(output), "ddpt.isolation": isolation})
-    run_file.write_text(json.dumps({"uri": uri, "run_id": tracker.run_id}) + "\n")
-    return tracker
+    return open_run(output / RUN_FILE, resume, uri, config.tracking.experiment_name(config),
+                    "evaluate", role="evaluate", output=output, params=config.to_flat(),
+                    tags={"ddpt.methods": ",".join(methods), "ddpt.isolation": isolation})
 
 
 def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] = ("canonical",),
@@ -84,10 +59,8 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
         raise ConfigError("execution.num_samples: evaluate's methods give one program per task; "
                           f"use 1 (got {config.execution.num_samples})")
     store = ResultStore(output / "samples.jsonl")
-    if not resume and (store.path.exists() or (output / RUN_FILE).exists()):
-        raise ConfigError(f"{output} holds an earlier evaluation: pass --resume to continue it, "
-                          "or choose another --output")
-    examples = load_tested_examples(config)  # data errors surface before any work
+    check_fresh_output(output, resume, (store.path.name, RUN_FILE), "evaluation")
+    examples = tested_eval_examples(config.data)  # data errors surface before any work
     uri = resolve_tracking_uri(output, config.tracking.uri)
     check_tracking_uri(uri)
     try:
@@ -114,3 +87,15 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
         tracker.log_artifact(output / "metrics.json")
         tracker.log_artifact(store.path)
     return metrics
+
+
+def main(args: argparse.Namespace) -> None:
+    # --limit before --set (an explicit --set wins), --data last (it is the command's subject)
+    config = build_config(args.preset, args.config, [f"data.max_eval_examples={args.limit}",
+                                                     *overrides(args), f"data.dataset={args.data}"])
+    metrics = run_evaluate(config, args.output, methods=args.method or ["canonical"],
+                           resume=args.resume, progress=not args.no_progress)
+    for method, values in metrics.items():
+        print(f"{method}: {values['passed']}/{values['total']} passed; " + ", ".join(
+            f"{k} {v:.4f}" for k, v in values.items() if k.startswith("pass_at")))
+    print(f"wrote {args.output}/metrics.json and {args.output}/samples.jsonl")

@@ -31,3 +31,8 @@ class Example:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def missing_tests(examples: list[Example] | tuple[Example, ...]) -> list[str]:
+    """Ids of examples that carry no tests (they cannot be executed)."""
+    return [ex.id for ex in examples if not (ex.tests or "").strip()]

@@ -3,9 +3,9 @@
 At every generated token the LM sees the prompt twice: in full, and with the *anchored* tokens'
 embeddings replaced by a mask embedding (positions and attention kept). The anchored text's
 contribution to the logits, ``full - masked``, is scaled by ``omega``:
-``masked + omega * (full - masked)``. :class:`pipeline.lm.frozen.FrozenCodeLM` runs both streams
+``masked + omega * (full - masked)``. :mod:`pipeline.decoding.autoregressive` runs both streams
 as one batch of 2B rows with one KV cache; this module holds the stream building and the logit
-arithmetic, and a plain sampler shared by every strategy.
+arithmetic.
 """
 from __future__ import annotations
 
@@ -42,24 +42,3 @@ def split_combine(logits: torch.Tensor, omega: float) -> torch.Tensor:
     logits would round the small anchored difference)."""
     full, masked = logits.float().chunk(2)
     return combine(full, masked, omega)
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """(B, V) logits with everything outside the nucleus (the smallest set of most likely tokens
-    whose probability reaches ``top_p``) set to -inf; the most likely token always stays."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    # A token is dropped when the tokens ranked above it already reach top_p.
-    drop_sorted = probs.cumsum(-1) - probs >= top_p
-    drop_sorted[..., 0] = False
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row from (B, V) logits with temperature and nucleus sampling: (B,)."""
-    scaled = top_p_filter(logits.float() / temperature, top_p)
-    return torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]

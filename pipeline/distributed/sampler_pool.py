@@ -19,16 +19,18 @@ import ray
 from ray.exceptions import RayActorError
 from tqdm.auto import tqdm
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import RunConfig
 from pipeline.data.example import Example
+from pipeline.distributed.session import check_fits, ensure_ray, sampler_actor_resources
+from pipeline.evaluation.sampler import Task
 
 log = logging.getLogger(__name__)
-Task = tuple[str, list[Example]]  # (method, examples)
 
 
 @ray.remote
 class SamplerActor:
-    """One :class:`~pipeline.evaluation.sampler.BatchSampler` per actor, loaded when the actor starts."""
+    """One :class:`~pipeline.evaluation.sampler.BatchSampler` per actor, loaded when the actor
+    starts."""
 
     def __init__(self, config: dict, checkpoints: dict[str, str], torch_threads: int):
         import torch
@@ -46,23 +48,12 @@ class SamplerActor:
         return os.getpid()
 
 
-def _check_resources(config: RunConfig) -> None:
-    pool = config.pool
-    available = ray.cluster_resources()
-    for resource, each in (("CPU", pool.cpus_per_actor), ("GPU", pool.gpus_per_actor)):
-        if each and each > available.get(resource, 0):
-            raise ConfigError(f"pool.{resource.lower()}s_per_actor: one actor needs {each} "
-                              f"{resource}s, but the Ray cluster has "
-                              f"{available.get(resource, 0)}")
-
-
 def start_pool(config: RunConfig, checkpoints: dict[str, Path]) -> list:
     """Start ``pool.num_actors`` actors (Ray queues any that the cluster cannot fit yet)."""
-    from pipeline.distributed.train import ensure_ray
-
     pool = config.pool
     ensure_ray()
-    _check_resources(config)
+    check_fits(sampler_actor_resources(config), f"pool: one actor (cpus_per_actor "
+               f"{pool.cpus_per_actor}, gpus_per_actor {pool.gpus_per_actor})")
     cores = os.cpu_count() or 1
     threads = pool.torch_threads or max(1, cores // pool.num_actors)
     options = {"num_cpus": pool.cpus_per_actor, "num_gpus": pool.gpus_per_actor,
@@ -103,3 +94,19 @@ def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]],
             idle.append(actor)
     finally:
         bar.close()
+
+
+class RayPool:
+    """The sampler pool on Ray actors (``pool.backend: ray``), for
+    :func:`pipeline.evaluation.comparison.sample_into`."""
+
+    def __init__(self, config: RunConfig, checkpoints: dict[str, Path]):
+        self.actors = start_pool(config, checkpoints)
+
+    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
+            progress: bool = True) -> None:
+        run_pool(self.actors, tasks, on_records, progress)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

@@ -14,7 +14,8 @@ saw each trial end (:class:`TrialRuns`, :func:`end_trial_run`).
 
 The output folder::
 
-    sweep.json          MLflow store, experiment and parent run: ``--resume`` re-attaches to it
+    sweep.json          the parent run's pointer ({"uri", "run_id", "experiment"}): ``--resume``
+                        re-attaches to it
     space.yaml          the space file as given; base_config.yaml: the base configuration
     tune/               Tune's experiment state (``Tuner.restore`` resumes from it)
     asha_state.pkl      ASHA's rungs (Tune does not save a scheduler's state)
@@ -41,28 +42,21 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipeline.config import ConfigError, RunConfig
-from pipeline.training.sweep import (
-    Sweep,
-    TrialSummary,
-    concurrency,
-    load_sweep,
-    pick_best,
-    trial_status,
-)
+from pipeline.config import ConfigError, RunConfig, check_fresh_output
+from pipeline.data.splits import dev_examples, train_examples
+from pipeline.distributed.session import ensure_ray, how_many_fit, training_resources
+from pipeline.distributed.train import ray_backend
 from pipeline.tracking import (
     MAX_ERROR_CHARS,
+    ROLE_TAG,
     RunTracker,
     check_tracking_uri,
+    open_run,
+    read_run_file,
     resolve_tracking_uri,
 )
-from pipeline.training.job import (
-    RUN_FILE,
-    load_dev_examples,
-    load_train_examples,
-    open_tracker,
-    run_training,
-)
+from pipeline.training.job import RUN_FILE, open_tracker, run_training
+from pipeline.training.sweep import Sweep, TrialSummary, load_sweep, pick_best, trial_status
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +129,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup,
         metrics = tracker.client.get_run(tracker.run_id).data.metrics
         tune.report({**metrics, "step": steps})
         return
-    run_training(config, folder, resume=True, progress=False, run_name=trial_id,
-                 callbacks=[TuneReportCallback()], dataset=dataset, tracker=tracker)
+    run_training(config, folder, ray_backend([TuneReportCallback()], dataset), resume=True,
+                 progress=False, run_name=trial_id, tracker=tracker)
 
 
 def _trial_run(setup: TrialSetup, folder: Path, trial_id: str, params: dict[str, Any],
@@ -148,7 +142,7 @@ def _trial_run(setup: TrialSetup, folder: Path, trial_id: str, params: dict[str,
                                parent_run_id=setup.parent_run_id)
     else:
         tracker = _open_bare_run(setup, trial_id, params)
-    tracker.set_tag("ddpt.role", "trial")
+    tracker.set_tag(ROLE_TAG, "trial")
     tracker.set_tag("ddpt.trial_id", trial_id)
     return tracker
 
@@ -156,15 +150,10 @@ def _trial_run(setup: TrialSetup, folder: Path, trial_id: str, params: dict[str,
 def _open_bare_run(setup: TrialSetup, trial_id: str, params: dict[str, Any]) -> RunTracker:
     """The child run of a trial without a valid configuration: its params are the sampled
     values. Re-attached if the trial folder names one already."""
-    run_file = setup.trial_dir(trial_id) / RUN_FILE
-    if run_file.is_file():
-        saved = json.loads(run_file.read_text())
-        return RunTracker.resume(saved["uri"], saved["run_id"])
-    tracker = RunTracker.start(setup.tracking_uri, setup.experiment, trial_id, params=params,
-                               tags={"ddpt.role": "trial"}, parent_run_id=setup.parent_run_id)
-    run_file.parent.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"uri": setup.tracking_uri, "run_id": tracker.run_id}) + "\n")
-    return tracker
+    folder = setup.trial_dir(trial_id)
+    return open_run(folder / RUN_FILE, True, setup.tracking_uri, setup.experiment, trial_id,
+                    role="trial", output=folder, params=params,
+                    parent_run_id=setup.parent_run_id)
 
 
 def _trained_steps(folder: Path) -> int:
@@ -237,7 +226,7 @@ def end_trial_run(setup: TrialSetup, trial_id: str, params: dict[str, Any], step
     try:
         run_file = setup.trial_dir(trial_id) / RUN_FILE
         if run_file.is_file():
-            run_id = json.loads(run_file.read_text())["run_id"]
+            run_id = read_run_file(run_file)["run_id"]
         else:  # failed before its run began
             run_id = _open_bare_run(setup, trial_id, params).run_id
         client = MlflowClient(tracking_uri=setup.tracking_uri)
@@ -275,6 +264,17 @@ def _describe(err: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"[:MAX_ERROR_CHARS]
 
 
+def concurrency(sweep: Sweep, cluster: dict[str, float]) -> int:
+    """How many trials run at once: ``max_concurrent_trials``, else as many as the cluster's
+    CPUs (and GPUs) hold, from the base configuration's per-trial resources."""
+    need = training_resources(sweep.base)
+    fits = how_many_fit(need, cluster)
+    if fits < 1:
+        raise ConfigError(f"a trial needs {need} (distributed.num_workers x cpus_per_worker + "
+                          f"data_cpus), but the Ray cluster has {cluster}")
+    return sweep.max_concurrent_trials or fits
+
+
 def _param_space(sweep: Sweep) -> dict[str, Any]:
     make = {"choice": lambda v: tune.choice(list(v)),
             "grid": lambda v: tune.grid_search(list(v)),
@@ -293,7 +293,7 @@ def _shared_dataset(sweep: Sweep) -> ray.data.Dataset | None:
     if not base.distributed.cache_tokenized or any(
             key.startswith(("model.", "prompt.", "data.")) for key in sweep.space):
         return None
-    return tokenized_dataset(load_train_examples(base), base)
+    return tokenized_dataset(train_examples(base.data), base)
 
 
 def _trial_dirname(trial) -> str:
@@ -325,32 +325,30 @@ def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
             raise ConfigError(f"{output}: no sweep to resume ({SWEEP_FILE} is missing)")
         sweep = load_sweep(output / SPACE_COPY, preset="default",
                            config_file=str(output / BASE_COPY))
-    elif state_file.exists() or (output / TUNE_NAME).exists():
-        raise ConfigError(f"{output} holds an earlier sweep: pass --resume to continue it, or "
-                          "choose another --output")
+    else:
+        check_fresh_output(output, resume, (SWEEP_FILE, TUNE_NAME), "sweep")
     if sweep is None:
         raise ValueError("run_sweep needs a sweep unless it resumes one")
     sweep = _absolute_paths(sweep)
     output.mkdir(parents=True, exist_ok=True)
-    load_train_examples(sweep.base)  # data problems (a missing dev split) fail before any work
-    load_dev_examples(sweep.base)
+    train_examples(sweep.base.data)  # data problems (a missing dev split) fail before any work
+    dev_examples(sweep.base.data)
     began = time.perf_counter()
 
     if resume:
-        saved = json.loads(state_file.read_text())
+        saved = read_run_file(state_file)
         uri, experiment = saved["uri"], saved["experiment"]
-        parent = RunTracker.resume(uri, saved["parent_run_id"])
+        parent = RunTracker.resume(uri, saved["run_id"])
     else:
         uri = resolve_tracking_uri(output, sweep.base.tracking.uri)
         check_tracking_uri(uri)
         experiment = sweep.base.tracking.experiment_name(sweep.base)
         shutil.copyfile(sweep.source, output / SPACE_COPY)
         sweep.base.save(output / BASE_COPY)
-        parent = RunTracker.start(uri, experiment, f"sweep {output.name}",
-                                  params={**sweep.settings(), **sweep.base.to_flat()},
-                                  tags={"ddpt.role": "sweep", "ddpt.output": str(output)})
-        state_file.write_text(json.dumps({"uri": uri, "experiment": experiment,
-                                          "parent_run_id": parent.run_id}) + "\n")
+        parent = open_run(state_file, False, uri, experiment, f"sweep {output.name}",
+                          role="sweep", output=output,
+                          params={**sweep.settings(), **sweep.base.to_flat()},
+                          experiment=experiment)
         parent.log_artifact(output / SPACE_COPY)
     with parent:
         setup = TrialSetup(sweep, output, uri, experiment, parent.run_id)
@@ -363,7 +361,6 @@ def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
 
 def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]:
     from pipeline.lm.loader import prepare_embedded
-    from pipeline.distributed.train import ensure_ray
 
     sweep = setup.sweep
     if sweep.base.model.name == "embedded":
@@ -416,7 +413,7 @@ def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]
             trial_id=trial_id, params=dict(result.config or {}),
             status=trial_status(sweep, result.config or {}, step, failed=error is not None),
             step=step, metric=float(value) if value is not None else None, error=error,
-            run_id=json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None))
+            run_id=read_run_file(run_file)["run_id"] if run_file.is_file() else None))
     return sorted(trials, key=lambda t: t.trial_id)
 
 

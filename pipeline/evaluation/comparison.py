@@ -16,41 +16,34 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from mlflow import MlflowClient
 
-from pipeline.config import RunConfig
-from pipeline.data.example import Example
+from pipeline.config import ConfigError, RunConfig
+from pipeline.data.example import Example, missing_tests
+from pipeline.evaluation.execution import score_execution
 from pipeline.evaluation.heldout import score_method
-from pipeline.evaluation.execution import missing_tests, score_execution
-from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.evaluation.results import ResultStore
-from pipeline.evaluation.sampler import METHODS, BatchSampler, method_sample_config
-from pipeline.tracking import RunTracker, TrackingError, child_runs, resolve_tracking_uri
+from pipeline.evaluation.sampler import METHODS, SamplerPool, method_sample_config
+from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.tracking import ROLE_TAG, RunTracker, TrackingError, child_runs, open_run, \
+    read_run_file, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
 COMPARISON_FILE = "mlflow_comparison.json"  # {"uri", "run_id"} of the parent run
-ROLE = "ddpt.role"
 
 
 def open_comparison(config: RunConfig, output: Path, resume: bool,
                     methods: list[str]) -> RunTracker:
     """The comparison's parent run; re-attached on resume."""
-    run_file = output / COMPARISON_FILE
-    if resume and run_file.is_file():
-        saved = json.loads(run_file.read_text())
-        return RunTracker.resume(saved["uri"], saved["run_id"])
     uri = resolve_tracking_uri(output, config.tracking.uri)
-    tracker = RunTracker.start(uri, config.tracking.experiment_name(config), "compare",
-                               params=config.to_flat(),
-                               tags={ROLE: "comparison", "ddpt.methods": ",".join(methods),
-                                     "ddpt.output": str(output)})
-    output.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"uri": uri, "run_id": tracker.run_id}) + "\n")
-    return tracker
+    return open_run(output / COMPARISON_FILE, resume, uri, config.tracking.experiment_name(config),
+                    "compare", role="comparison", output=output, params=config.to_flat(),
+                    tags={"ddpt.methods": ",".join(methods)})
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -58,33 +51,21 @@ def _batches(items: list, size: int) -> list[list]:
 
 
 def sample_into(store: ResultStore, config: RunConfig, methods: list[str],
-                examples: list[Example], checkpoints: dict[str, Path], progress: bool = True,
-                lm: FrozenCodeLM | None = None) -> None:
-    """Generate every (method, example) the store lacks, on the actor pool (``pool.backend:
-    ray``) or in this process; each batch is appended to the store as it finishes."""
+                examples: list[Example], open_pool: Callable[[], SamplerPool],
+                progress: bool = True) -> None:
+    """Generate every (method, example) the store lacks on the pool that ``open_pool`` starts
+    (only when there is work); each batch is appended to the store as it finishes."""
     done = {m: store.done_ids(m) for m in methods}
     tasks = [(m, chunk) for m in methods
              for chunk in _batches([e for e in examples if e.id not in done[m]],
                                    config.eval.batch_size)]
     if not tasks:
         return
-    if config.pool.backend == "ray":
-        import ray
-
-        from pipeline.distributed.sampler_pool import run_pool, start_pool
-
-        actors = start_pool(config, checkpoints)
-        try:
-            run_pool(actors, tasks, store.append, progress)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-        return
-    from tqdm.auto import tqdm
-
-    sampler = BatchSampler(config, checkpoints, lm=lm)
-    for method, chunk in tqdm(tasks, desc="sample", disable=not progress):
-        store.append(sampler.run(method, chunk))
+    pool = open_pool()
+    try:
+        pool.run(tasks, store.append, progress)
+    finally:
+        pool.close()
 
 
 def score(store: ResultStore, config: RunConfig, methods: list[str],
@@ -117,14 +98,16 @@ def score(store: ResultStore, config: RunConfig, methods: list[str],
 def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
               folder: Path, num_prompts: int = 4) -> dict[str, Path]:
     """Nearest tokens and a t-SNE map per trained prompt model, in ``folder/<model>/``."""
-    from pipeline.training.checkpoint import load_prompt_model
     from pipeline.evaluation.interpret import nearest_tokens, tsne_plot
+    from pipeline.training.checkpoint import load_prompt_model
+    from pipeline.training.prompt_models import sampling_args
 
     written = {}
     for name, path in checkpoints.items():
         model, _, _ = load_prompt_model(path, map_location=lm.device)
         generator = torch.Generator().manual_seed(config.sample.seed)
-        directions = model.sample_directions(num_prompts, config.sample, generator)
+        directions = model.sample_directions(num_prompts, generator,
+                                             **sampling_args(config.sample))
         prompts = lm.context_embedding().float() + directions.float()  # (m, n, d)
         out = folder / name
         out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +139,7 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
     """One child run per method under ``parent`` (re-used on resume); returns method -> run id."""
     existing = {run.data.tags.get("ddpt.method"): run.info.run_id
                 for run in child_runs(parent.uri, parent.run_id)
-                if run.data.tags.get(ROLE) == "method"}
+                if run.data.tags.get(ROLE_TAG) == "method"}
     by_method = store.by_method()
     run_ids = {}
     for method, values in metrics.items():
@@ -165,7 +148,7 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
         else:
             child = RunTracker.start(parent.uri, config.tracking.experiment_name(config), method,
                                      params=_method_params(config, method, checkpoints),
-                                     tags={ROLE: "method", "ddpt.method": method},
+                                     tags={ROLE_TAG: "method", "ddpt.method": method},
                                      parent_run_id=parent.run_id)
         with child:
             child.log_metrics(values)
@@ -179,7 +162,7 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
 
 def comparison_table(uri: str, parent_run_id: str) -> dict[str, dict[str, float]]:
     """{method: {metric: value}} of a comparison, read back from MLflow."""
-    runs = [r for r in child_runs(uri, parent_run_id) if r.data.tags.get(ROLE) == "method"]
+    runs = [r for r in child_runs(uri, parent_run_id) if r.data.tags.get(ROLE_TAG) == "method"]
     order = MlflowClient(tracking_uri=uri).get_run(parent_run_id).data.tags.get(
         "ddpt.methods", "").split(",")
     runs.sort(key=lambda r: (order.index(r.data.tags["ddpt.method"])
@@ -195,14 +178,68 @@ def find_comparison(uri: str, experiment: str | None = None, output: str | Path 
         run_file = Path(output) / COMPARISON_FILE
         if not run_file.is_file():
             raise FileNotFoundError(f"{run_file}: no comparison was run in {output}")
-        return json.loads(run_file.read_text())["run_id"]
+        return read_run_file(run_file)["run_id"]
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment) if experiment else None
     if found is None:
         names = [e.name for e in client.search_experiments()]
         raise TrackingError(f"{uri}: no experiment {experiment!r}; there are {names}")
-    runs = client.search_runs([found.experiment_id], f"tags.`{ROLE}` = 'comparison'",
+    runs = client.search_runs([found.experiment_id], f"tags.`{ROLE_TAG}` = 'comparison'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise TrackingError(f"{uri}: experiment {experiment!r} holds no comparison run")
     return runs[0].info.run_id
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    """``{method: {metric: value}}`` as a fixed-width text table, a row per method."""
+    names = list(dict.fromkeys(name for values in metrics.values() for name in values))
+    widths = [max(10, len(n) + 2) for n in names]
+    header = f"{'method':<14}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
+    rows = [f"{m:<14}" + "".join(f"{v.get(n, float('nan')):>{w}.4f}" for n, w in zip(names, widths))
+            for m, v in metrics.items()]
+    return "\n".join([header, "-" * len(header), *rows])
+
+
+def check_before_work(config: RunConfig) -> None:
+    """Cheap checks that would otherwise fail after training: the metric names, WordNet."""
+    from pipeline.evaluation.metrics import METRICS
+
+    unknown = [m for m in config.eval.metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"eval.metrics: unknown {unknown}; known: {sorted(METRICS)}")
+    if "meteor" in config.eval.metrics:
+        from pipeline.evaluation.wordnet import ensure_wordnet
+
+        ensure_wordnet()
+
+
+def save_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run_comparison(config: RunConfig, output: Path, methods: list[str],
+                   checkpoints: dict[str, Path], examples: list[Example], parent: RunTracker,
+                   open_pool: Callable[[], SamplerPool], resume: bool, progress: bool = True,
+                   lm: FrozenCodeLM | None = None) -> dict[str, dict[str, float]]:
+    """Sample and generate with every method, score, interpret, and log one MLflow child run
+    per method under ``parent``. Returns ``{method: {metric: value}}``."""
+    import time
+
+    from pipeline.lm.loader import build_lm
+
+    store = ResultStore(output / "samples.jsonl")
+    if not resume and store.path.exists():
+        store.path.unlink()
+    began = time.perf_counter()
+    sample_into(store, config, methods, examples, open_pool, progress)
+    log.info("generated in %.0fs", time.perf_counter() - began)
+    metrics = score(store, config, methods, examples)
+    save_json(output / "metrics.json", metrics)
+    lm = lm or build_lm(config)
+    interpreted = interpret(config, checkpoints, lm, output / "interpret")
+    log_methods(parent, config, metrics, store, checkpoints, interpreted)
+    parent.log_artifact(output / "metrics.json")
+    parent.log_artifact(store.path)
+    parent.log_dict({"text": format_table(metrics)}, "table.json")
+    return metrics

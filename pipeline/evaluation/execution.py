@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 
 from pipeline.config import ExecutionConfig
-from pipeline.data.example import Example
+from pipeline.data.example import Example, missing_tests
 from pipeline.evaluation.passk import PASSED, pass_at_k_metrics
 from pipeline.evaluation.results import ResultStore
 from pipeline.sandbox import run_programs
@@ -42,11 +42,6 @@ def build_program(example: Example, code: str) -> str:
         code = prompt + ("\n\n" + code if defines else code)
     tests = example.tests or ""
     return code.rstrip("\n") + "\n\n" + tests.rstrip("\n") + "\n" if tests.strip() else code
-
-
-def missing_tests(examples: Sequence[Example]) -> list[str]:
-    """Ids of examples that carry no tests (they cannot be executed)."""
-    return [ex.id for ex in examples if not (ex.tests or "").strip()]
 
 
 def _texts(record: dict, n: int, where: str) -> list[str]:

@@ -1,9 +1,8 @@
-"""Score a prompt method on examples: held-out code cross-entropy, greedy generations, metrics."""
+"""Scoring a prompt on examples: held-out code cross-entropy (in one process, or by the ranks of
+a training run together) and the text metrics of stored generations."""
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
-
 from pipeline.data.example import Example
 from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.evaluation.metrics import compute_metrics
@@ -48,23 +47,6 @@ def sharded_code_loss(lm: FrozenCodeLM, encoded: list[EncodedExample],
     if world > 1:
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
-
-
-def generate_into(store: ResultStore, method: str, lm: FrozenCodeLM, examples: list[Example],
-                  delta: torch.Tensor | None, batch_size: int, max_new_tokens: int,
-                  progress: bool = True) -> int:
-    """Generate for the examples the store does not yet hold for ``method``; append each batch
-    as soon as it is done. Returns how many were generated now."""
-    done = store.done_ids(method)
-    todo = [e for e in examples if e.id not in done]
-    chunks = _batches(todo, batch_size)
-    for chunk in tqdm(chunks, desc=f"generate {method}", disable=not progress):
-        generations = lm.generate(chunk, delta, max_new_tokens)
-        store.append(
-            {"id": e.id, "method": method, "generation": g, "reference": e.output}
-            for e, g in zip(chunk, generations)
-        )
-    return len(todo)
 
 
 def score_method(store: ResultStore, method: str, examples: list[Example],

@@ -2,9 +2,9 @@
 
 A *method* says which prompt the frozen LM gets and how it decodes (:data:`METHODS`). A
 :class:`BatchSampler` loads the LM and the trained prompt models once and turns
-``(method, examples)`` into one result record per example. The Ray pool
-(:mod:`pipeline.distributed.sampler_pool`) runs one BatchSampler per actor; ``pool.backend: local`` runs one
-here. Everything a record holds is a function of (config, checkpoints, method, example), never
+``(method, examples)`` into one result record per example. A *pool* runs ``(method, examples)``
+tasks: :class:`LocalPool` with one BatchSampler in this process (``pool.backend: local``), the
+Ray pool (:mod:`pipeline.distributed.sampler_pool`) with one per actor. Everything a record holds is a function of (config, checkpoints, method, example), never
 of the batch or the actor it ran on, so a retried batch reproduces its records exactly.
 """
 from __future__ import annotations
@@ -16,20 +16,25 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 
 from pipeline.config import ConfigError, DecodingConfig, RunConfig, SampleConfig
 from pipeline.data.example import Example
+from pipeline.decoding.autoregressive import generate, generate_samples
 from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.training.prompt_models import PROMPT_MODELS, sampling_args
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Method:
-    """prompt: None (the manual prompt) or the trained prompt model it samples from
-    ('ddpt' or 'prompt_tuning'); sampler: the reverse chain for DDPT prompts; decoding: the
-    decoding strategy ('greedy' or 'spa')."""
+    """prompt: None (the manual prompt) or the trained prompt model it samples from (a name in
+    :data:`~pipeline.training.prompt_models.PROMPT_MODELS`); sampler: the reverse chain for DDPT
+    prompts; decoding: the decoding strategy ('greedy' or 'spa')."""
 
     prompt: str | None = None
     sampler: str | None = None
@@ -45,7 +50,6 @@ METHODS: dict[str, Method] = {
     "spa": Method(decoding="spa", help="the manual prompt, SPA decoding"),
     "ddpt_spa": Method("ddpt", "ddim", "spa", help="DDPT (DDIM prompts) with SPA decoding"),
 }
-PROMPT_MODELS = ("ddpt", "prompt_tuning")
 
 
 def check_methods(methods: list[str] | tuple[str, ...]) -> None:
@@ -55,7 +59,7 @@ def check_methods(methods: list[str] | tuple[str, ...]) -> None:
 
 
 def prompt_models_needed(methods: list[str] | tuple[str, ...]) -> list[str]:
-    """The trained prompt models these methods sample from, in PROMPT_MODELS order."""
+    """The trained prompt models these methods sample from, in registry order."""
     return [p for p in PROMPT_MODELS if any(METHODS[m].prompt == p for m in methods)]
 
 
@@ -113,13 +117,14 @@ class BatchSampler:
         if sample.prompts == "shared":
             if method_name not in self._shared:
                 generator = torch.Generator().manual_seed(sample.seed)
-                self._shared[method_name] = model.sample_directions(1, sample, generator)[0]
+                self._shared[method_name] = model.sample_directions(
+                    1, generator, **sampling_args(sample))[0]
             return self._shared[method_name].expand(len(examples), -1, -1)
         # One chain per example, seeded by its id, all run as one batch (one denoiser call per
         # step): an example's prompt does not depend on the other rows of its batch.
         generators = [torch.Generator().manual_seed(example_seed(sample.seed, e.id))
                       for e in examples]
-        return model.sample_directions(len(examples), sample, generators)
+        return model.sample_directions(len(examples), generators, **sampling_args(sample))
 
     @torch.no_grad()
     def run(self, method_name: str, examples: list[Example]) -> list[dict]:
@@ -134,7 +139,7 @@ class BatchSampler:
         code_ce = lm.code_loss(batch, delta, per_example=True).tolist()
         scored = time.perf_counter()
         decoding = method_decoding(method, self.config.decoding)
-        generations = lm.generate(examples, delta, ec.max_new_tokens, decoding=decoding)
+        generations = generate(lm, examples, delta, ec.max_new_tokens, decoding=decoding)
         samples = self._samples(examples, delta, decoding)
         done = time.perf_counter()
         records = [{"id": e.id, "method": method_name, "generation": g, "reference": e.output,
@@ -158,5 +163,35 @@ class BatchSampler:
             sampled = dataclasses.replace(decoding, strategy="sample")
         # Seeded by the batch's ids: a retried batch draws the same samples.
         seed = example_seed(decoding.seed, ",".join(e.id for e in examples))
-        return self.lm.generate_samples(examples, n, delta, self.config.eval.max_new_tokens,
-                                        sampled, torch.Generator().manual_seed(seed))
+        return generate_samples(self.lm, examples, n, delta, self.config.eval.max_new_tokens,
+                                sampled, torch.Generator().manual_seed(seed))
+
+
+Task = tuple[str, list[Example]]  # (method, examples)
+
+
+class SamplerPool(Protocol):
+    """Runs tasks; ``on_records`` gets each task's records once, as it finishes."""
+
+    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
+            progress: bool = True) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """One :class:`BatchSampler` in this process (``pool.backend: local``)."""
+
+    def __init__(self, config: RunConfig, checkpoints: dict[str, str | Path],
+                 lm: FrozenCodeLM | None = None):
+        self.sampler = BatchSampler(config, checkpoints, lm=lm)
+
+    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
+            progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        for method, chunk in tqdm(tasks, desc="sample", disable=not progress):
+            on_records(self.sampler.run(method, chunk))
+
+    def close(self) -> None:
+        pass

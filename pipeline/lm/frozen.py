@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.decoding import spa
-from pipeline.config import DecodingConfig
 from pipeline.data.example import Example
-from pipeline.lm.template import SPAN_NAMES, EncodedExample, PromptTemplate, extract_code
+from pipeline.lm.template import SPAN_NAMES, EncodedExample, PromptTemplate
 
 IGNORE = -100
 
@@ -197,10 +195,9 @@ class FrozenCodeLM:
             return token_loss.sum(-1) / counts.clamp(min=1)
         return token_loss.sum() / counts.sum().clamp(min=1)
 
-
-    # ---- generation ----------------------------------------------------------------------------
-    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, _DecodeState]:
+    # ---- one decoding step at a time (the loops are in pipeline.decoding) ----------------------
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor
+                ) -> tuple[torch.Tensor, DecodeState]:
         """Run R prompt rows ((R, L, d) embeddings, (R, L) mask); return the (R, V) logits of the
         first new token and the KV-cache state to extend."""
         if self.is_encoder_decoder:
@@ -210,114 +207,35 @@ class FrozenCodeLM:
                                   device=embeds.device)
             out = self.model(encoder_outputs=encoder_outputs, attention_mask=mask,
                              decoder_input_ids=step_ids, use_cache=True)
-            return out.logits[:, -1], _DecodeState(out.past_key_values, mask, None,
-                                                   encoder_outputs)
+            return out.logits[:, -1], DecodeState(out.cache, mask, None, encoder_outputs)
         positions = self._positions(mask)
         keep = {"logits_to_keep": 1} if self._keep_last else {}
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                          use_cache=True, **keep)
-        return out.logits[:, -1], _DecodeState(out.past_key_values, mask, positions[:, -1:] + 1)
+        return out.logits[:, -1], DecodeState(out.cache, mask, positions[:, -1:] + 1)
 
-    def _extend(self, next_ids: torch.Tensor, state: _DecodeState) -> torch.Tensor:
+    def extend(self, next_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Feed one new token per row ((R,) ids) through the cache; return the next (R, V)
         logits. Updates ``state`` in place."""
         if self.is_encoder_decoder:
             out = self.model(encoder_outputs=state.encoder_outputs, attention_mask=state.mask,
-                             decoder_input_ids=next_ids[:, None], past_key_values=state.past,
+                             decoder_input_ids=next_ids[:, None], cache=state.cache,
                              use_cache=True)
         else:
             state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], 1)
             out = self.model(input_ids=next_ids[:, None], attention_mask=state.mask,
-                             position_ids=state.position, past_key_values=state.past,
-                             use_cache=True)
+                             position_ids=state.position, cache=state.cache, use_cache=True)
             state.position = state.position + 1
-        state.past = out.past_key_values
+        state.cache = out.cache
         return out.logits[:, -1]
-
-    @torch.no_grad()
-    def generate_ids(self, batch: Batch, delta: torch.Tensor | None = None,
-                     max_new_tokens: int = 128, decoding: DecodingConfig | None = None,
-                     generator: torch.Generator | None = None) -> list[list[int]]:
-        """Decode the whole batch at once with a KV cache; each row stops at a stop token (not
-        included). Returns the new token ids per row.
-
-        ``decoding.strategy`` (default greedy): 'greedy' takes the argmax; 'sample' draws with
-        ``temperature`` and ``top_p`` from ``generator`` (default: seeded with
-        ``decoding.seed``); 'spa' runs the full and the anchor-masked prompt as ONE batch of 2B
-        rows sharing the loop and the KV cache, and takes the argmax of the SPA logits (a draw
-        when ``decoding.spa_sample``). Both streams carry ``X_ctx + delta`` in the context
-        unless 'context' is an anchor.
-        """
-        decoding = decoding or DecodingConfig()
-        embeds = self.prompt_embeds(batch, delta)
-        mask = batch.attention_mask
-        bsz = embeds.shape[0]
-        use_spa = decoding.strategy == "spa"
-        if use_spa:
-            embeds, mask = spa.two_streams(embeds, mask, batch.anchor_mask(decoding.spa_anchors))
-        draw = decoding.strategy == "sample" or (use_spa and decoding.spa_sample)
-        if draw and generator is None:
-            generator = torch.Generator(embeds.device).manual_seed(decoding.seed)
-        logits, state = self._prefill(embeds, mask)
-        stop = torch.tensor(self.template.stop_ids, dtype=torch.long, device=embeds.device)
-        generated = []
-        done = torch.zeros(bsz, dtype=torch.bool, device=embeds.device)
-        for _ in range(max_new_tokens):
-            if use_spa:
-                logits = spa.split_combine(logits, decoding.spa_omega)
-            if draw:
-                next_ids = spa.sample(logits, decoding.temperature, decoding.top_p, generator)
-            else:
-                next_ids = logits.argmax(-1)
-            next_ids = torch.where(done, torch.full_like(next_ids, self.pad_id), next_ids)
-            generated.append(next_ids)
-            done |= torch.isin(next_ids, stop)
-            if done.all():
-                break
-            # Both SPA streams continue with the same (combined) token.
-            logits = self._extend(torch.cat([next_ids, next_ids]) if use_spa else next_ids, state)
-        tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(bsz)]
-        stops = set(self.template.stop_ids)
-        result = []
-        for row in tokens:
-            cut = next((i for i, tok in enumerate(row) if tok in stops), len(row))
-            result.append(row[:cut])
-        return result
-
-    def _texts(self, rows: list[list[int]]) -> list[str]:
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return [extract_code(text, self.template.kind) for text in texts]
-
-    def generate(self, examples: list[Example], delta: torch.Tensor | None = None,
-                 max_new_tokens: int = 128, decoding: DecodingConfig | None = None,
-                 generator: torch.Generator | None = None) -> list[str]:
-        """Code for each example (decoded, code extracted from markdown fences); greedy unless
-        ``decoding`` says otherwise (see :meth:`generate_ids`)."""
-        batch = self.collate(self.encode(examples), with_targets=False).to(self.device)
-        return self._texts(self.generate_ids(batch, delta, max_new_tokens, decoding, generator))
-
-    def generate_samples(self, examples: list[Example], num_samples: int,
-                         delta: torch.Tensor | None = None, max_new_tokens: int = 128,
-                         decoding: DecodingConfig | None = None,
-                         generator: torch.Generator | None = None) -> list[list[str]]:
-        """``num_samples`` generations per example (pass@k), as one batch of B * n rows (each
-        example's row repeated n times; chunk the examples to bound memory). Use a sampling
-        decoding ('sample', or 'spa' with ``spa_sample``); greedy gives n equal copies. Draws
-        are reproducible for the same examples, order, n and seed."""
-        encoded = [e for e in self.encode(examples) for _ in range(num_samples)]
-        if delta is not None and delta.dim() == 3:  # per-example prompts follow their rows
-            delta = delta.repeat_interleave(num_samples, dim=0)
-        batch = self.collate(encoded, with_targets=False).to(self.device)
-        texts = self._texts(self.generate_ids(batch, delta, max_new_tokens, decoding, generator))
-        return [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]
 
 
 @dataclass
-class _DecodeState:
+class DecodeState:
     """What one decoding step hands the next: the KV cache, the (R, L') attention mask, the next
     (R, 1) positions (causal) or the encoder outputs (encoder-decoder)."""
 
-    past: object
+    cache: object  # transformers' Cache (DynamicCache / EncoderDecoderCache)
     mask: torch.Tensor
     position: torch.Tensor | None
     encoder_outputs: object = None

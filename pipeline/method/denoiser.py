@@ -11,8 +11,6 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import DenoiserConfig
-
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (Transformer / DDPM). t: (B,) -> (B, dim)."""
@@ -40,25 +38,25 @@ class PromptDenoiser(nn.Module):
     exactly the manual one.
 
     Args:
-        context_tokens: n.
-        config: widths (``bottleneck`` is k).
+        context_tokens: n. bottleneck: k. hidden_dim: width of the MLP blocks. num_blocks:
+        residual blocks. time_embed_dim: sinusoidal timestep embedding width (even).
     """
 
-    def __init__(self, context_tokens: int, config: DenoiserConfig):
+    def __init__(self, context_tokens: int, bottleneck: int, hidden_dim: int = 256,
+                 num_blocks: int = 2, time_embed_dim: int = 64):
         super().__init__()
-        self.context_tokens, self.bottleneck = context_tokens, config.bottleneck
-        self.time_embed_dim = config.time_embed_dim
-        latent = context_tokens * config.bottleneck
+        self.context_tokens, self.bottleneck = context_tokens, bottleneck
+        self.time_embed_dim = time_embed_dim
+        latent = context_tokens * bottleneck
         self.time_mlp = nn.Sequential(
-            nn.Linear(config.time_embed_dim, config.hidden_dim), nn.SiLU(),
-            nn.Linear(config.hidden_dim, config.hidden_dim),
+            nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim),
         )
-        self.inp = nn.Linear(latent, config.hidden_dim)
+        self.inp = nn.Linear(latent, hidden_dim)
         self.blocks = nn.ModuleList(
-            ResidualBlock(config.hidden_dim, config.hidden_dim) for _ in range(config.num_blocks)
+            ResidualBlock(hidden_dim, hidden_dim) for _ in range(num_blocks)
         )
-        self.out_norm = nn.LayerNorm(config.hidden_dim)
-        self.out = nn.Linear(config.hidden_dim, latent)
+        self.out_norm = nn.LayerNorm(hidden_dim)
+        self.out = nn.Linear(hidden_dim, latent)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

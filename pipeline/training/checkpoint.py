@@ -1,5 +1,6 @@
-"""Checkpoints of the trainable part only: the prompt model (DDPT's DiffusionPrompt or the
-prompt-tuning SoftPrompt, per ``train.method``), its optimizer, the config and the step. Never the LM. Weights in safetensors; written atomically (temp folder + rename).
+"""Checkpoints of the trainable part only: the prompt model (any of
+:data:`~pipeline.training.prompt_models.PROMPT_MODELS`, per ``train.method``), its optimizer, the
+config and the step. Never the LM. Weights in safetensors.
 
 Layout of a checkpoint folder::
 
@@ -8,6 +9,10 @@ Layout of a checkpoint folder::
     optimizer.pt        optimizer state (absent in an export)
     config.yaml         the RunConfig that made it
     state.json          {"step", "context_tokens", "hidden_size", "token_norm", ...}
+
+Writes are atomic: the new folder is written beside the old one, the old one is renamed aside,
+the new one into place, then the old one is deleted. A crash between the two renames leaves the
+complete old folder under ``.<name>-previous``, which :func:`resolve` finds.
 """
 from __future__ import annotations
 
@@ -19,18 +24,42 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from pipeline.config import RunConfig
 from torch import nn
 
-from pipeline.method.prompt import DiffusionPrompt, SoftPrompt
+from pipeline.config import RunConfig
+from pipeline.training.prompt_models import PROMPT_MODELS, LMFacts
+
+STATE_FILE = "state.json"
+
+
+def _previous(path: Path) -> Path:
+    return path.parent / f".{path.name}-previous"
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Move the finished folder ``tmp`` to ``path``, replacing what is there."""
+    previous = _previous(path)
+    if previous.exists():
+        shutil.rmtree(previous)
+    if path.exists():
+        path.rename(previous)
+    tmp.rename(path)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """``path``, or its complete previous version when a crash left ``path`` missing."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file() and (_previous(path) / STATE_FILE).is_file():
+        return _previous(path)
+    return path
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, step: int,
                     optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-new-"))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
@@ -39,39 +68,34 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, step:
         config.save(tmp / "config.yaml")
         meta = {"step": step, "context_tokens": model.context_tokens,
                 "hidden_size": model.hidden_size, "token_norm": model.token_norm, **extra}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    state_file = path / "state.json"
+    path = resolve(path)
+    state_file = path / STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json)")
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no {STATE_FILE})")
     return json.loads(state_file.read_text())
 
 
 def load_prompt_model(path: str | Path, map_location: str | torch.device = "cpu"
-                      ) -> tuple[DiffusionPrompt | SoftPrompt, RunConfig, dict[str, Any]]:
+                      ) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
     """Rebuild the prompt model saved at ``path``; returns (model, config, state)."""
-    path = Path(path)
+    path = resolve(path)
     meta = read_state(path)
     config = RunConfig.load(path / "config.yaml")
     weights = load_file(str(path / "model.safetensors"), device=str(map_location))
-    if config.train.method == "prompt_tuning":
-        model = SoftPrompt(weights["context"], meta["token_norm"])
-    else:
-        model = DiffusionPrompt(meta["context_tokens"], meta["hidden_size"], meta["token_norm"],
-                                config.denoiser, config.diffusion, seed=config.train.seed)
+    facts = LMFacts(meta["context_tokens"], meta["hidden_size"], meta["token_norm"])
+    model = PROMPT_MODELS[config.train.method].build(config, facts)
     model.load_state_dict(weights)
     return model.to(map_location), config, meta
 
 
 def load_optimizer_state(path: str | Path) -> dict | None:
-    file = Path(path) / "optimizer.pt"
+    file = resolve(path) / "optimizer.pt"
     return torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else None

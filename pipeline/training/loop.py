@@ -1,7 +1,7 @@
-"""DDPT training: one step loop shared by the single-process path and the Ray/DeepSpeed path.
+"""Training a prompt model: one step loop shared by the single-process path and the Ray/DeepSpeed path.
 
 A path supplies a *step function* (forward, backward, optimizer step, target update) and a batch
-source; :func:`run_steps` does the rest. Single-process training (:func:`train_ddpt`) is
+source; :func:`run_steps` does the rest. Single-process training (:func:`train_local`) is
 deterministic given the config: step s always sees the same batch (:func:`batch_indices`) and the
 same noise (:func:`step_generator`), so a run resumed at step s continues exactly.
 """
@@ -10,22 +10,24 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.training.checkpoint import load_optimizer_state, load_prompt_model, save_checkpoint
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.example import Example
-from pipeline.method.prompt import DDPTLoss, DiffusionPrompt, SoftPrompt, StepStats, build_trainable
 from pipeline.lm.frozen import Batch, FrozenCodeLM
+from pipeline.training.checkpoint import load_optimizer_state, load_prompt_model, save_checkpoint
+from pipeline.training.prompt_models import PromptLoss, build_trainable
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[Batch, torch.Generator], StepStats]
+# One optimizer step on a batch with the step's noise generator; returns the step's statistics
+# (0-d tensors: they become floats only when logged).
+StepFn = Callable[[Batch, torch.Generator], dict[str, torch.Tensor]]
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -51,12 +53,13 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 def run_steps(step_fn: StepFn, batches: Iterator[Batch], start: int, steps: int, seed: int,
               rank: int = 0, on_step: Callable[[int, dict], None] | None = None,
-              progress: bool = True, device: torch.device | None = None) -> list[dict]:
+              progress: bool = True, device: torch.device | None = None,
+              log_every: int = 10) -> list[dict]:
     """Run optimizer steps ``start+1 .. steps``; returns one record per step. ``on_step(step,
-    record)`` runs after each (logging, checkpoints, Ray reports). Records carry
-    ``data_seconds``, the time spent waiting for the batch."""
+    record)`` runs after each (logging, checkpoints, Ray reports). Records carry the step's
+    statistics (tensors), ``step_seconds`` and ``data_seconds`` (the wait for the batch)."""
     history = []
-    bar = tqdm(range(start, steps), desc="train ddpt", disable=not progress, initial=start,
+    bar = tqdm(range(start, steps), desc="train", disable=not progress, initial=start,
                total=steps)
     for step in bar:
         waited = time.perf_counter()
@@ -66,42 +69,49 @@ def run_steps(step_fn: StepFn, batches: Iterator[Batch], start: int, steps: int,
         began = time.perf_counter()
         stats = step_fn(batch, step_generator(seed, step, rank))
         done = time.perf_counter()
-        record = {"step": step + 1, **asdict(stats), "step_seconds": done - began,
+        record = {"step": step + 1, **stats, "step_seconds": done - began,
                   "data_seconds": began - waited}
         history.append(record)
-        bar.set_postfix(loss=f"{stats.code_loss:.3f}")
+        if progress and ((step + 1) % log_every == 0 or step + 1 == steps):
+            bar.set_postfix(loss=f"{float(stats['code_loss']):.3f}")  # a sync, now and then
         if on_step:
             on_step(step + 1, record)
     return history
 
 
-def local_step_fn(module: DDPTLoss, config: TrainConfig) -> tuple[StepFn, torch.optim.Optimizer]:
+def plain_record(record: dict) -> dict:
+    """A step record with its tensors as Python floats (for JSON and reports)."""
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+
+
+def local_step_fn(module: PromptLoss, config: TrainConfig
+                  ) -> tuple[StepFn, torch.optim.Optimizer]:
     """Plain AdamW on the prompt model's trainable parameters, in this process."""
     params = [p for p in module.prompt.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
-    def step(batch: Batch, generator: torch.Generator) -> StepStats:
-        loss, stats = module(batch, generator)
+    def step(batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        loss, output = module(batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
-        module.objective.after_step(module.prompt)
-        return stats
+        module.after_step(output)
+        return output.stats
 
     return step, optimizer
 
 
 @dataclass
 class TrainResult:
-    model: DiffusionPrompt | SoftPrompt
-    history: list[dict] = field(default_factory=list)  # one record per step run now
+    model: torch.nn.Module  # the trained prompt model
+    history: list[dict] = field(default_factory=list)  # one record (floats) per step run now
     seconds: float = 0.0
     checkpoint: Path | None = None
 
 
-def train_ddpt(
+def train_local(
     config: RunConfig, lm: FrozenCodeLM, examples: list[Example],
     checkpoint_dir: str | Path | None = None, resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
@@ -117,7 +127,7 @@ def train_ddpt(
     encoded = lm.encode(examples)
     model, objective = build_trainable(lm, config)
     model = model.to(lm.device)
-    module = DDPTLoss(model, lm, objective)
+    module = PromptLoss(model, lm, objective)
     step_fn, optimizer = local_step_fn(module, tc)
     start = 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -144,8 +154,9 @@ def train_ddpt(
 
     began = time.perf_counter()
     model.train()
-    result.history = run_steps(step_fn, batches(), start, tc.steps, tc.seed, on_step=after,
-                               progress=progress, device=lm.device)
+    history = run_steps(step_fn, batches(), start, tc.steps, tc.seed, on_step=after,
+                        progress=progress, device=lm.device, log_every=tc.log_every)
+    result.history = [plain_record(record) for record in history]
     result.seconds = time.perf_counter() - began
     model.eval()
     return result

@@ -265,26 +265,6 @@ def _distribution(key: str, spec: Any, base: RunConfig, source: str) -> Distribu
     return Distribution(kind, (low, high))
 
 
-# ---- resources -----------------------------------------------------------------------------------
-def trial_resources(config: RunConfig) -> dict[str, float]:
-    """What one trial's Ray Train run holds: its workers and its tokenizing actor."""
-    dc = config.distributed
-    return {"CPU": dc.num_workers * dc.cpus_per_worker + dc.data_cpus,
-            "GPU": float(dc.num_workers) if dc.use_gpu else 0.0}
-
-
-def concurrency(sweep: Sweep, cluster: dict[str, float]) -> int:
-    """How many trials run at once: ``max_concurrent_trials``, else as many as the cluster's
-    CPUs (and GPUs) hold, from the base configuration's per-trial resources."""
-    need = trial_resources(sweep.base)
-    fits = min(math.floor(cluster.get(name, 0.0) / amount + 1e-9)
-               for name, amount in need.items() if amount > 0)
-    if fits < 1:
-        raise ConfigError(f"a trial needs {need} (distributed.num_workers x cpus_per_worker + "
-                          f"data_cpus), but the Ray cluster has {cluster}")
-    return sweep.max_concurrent_trials or fits
-
-
 # ---- results -------------------------------------------------------------------------------------
 @dataclass
 class TrialSummary:

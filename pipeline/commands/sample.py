@@ -1,0 +1,88 @@
+"""``ddpt sample``: compare methods with prompt models trained already (a checkpoint folder or an
+MLflow run id each), on the sampler pool; the comparison lands in MLflow like ``ddpt run``'s."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from pipeline.commands.common import config_from_args, config_on, pool_opener, \
+    with_tracking_uri
+from pipeline.config import ConfigError, RunConfig, check_fresh_output
+from pipeline.data.splits import eval_examples
+from pipeline.evaluation.comparison import COMPARISON_FILE, check_before_work, format_table, \
+    open_comparison, run_comparison
+from pipeline.evaluation.sampler import check_methods, prompt_models_needed
+from pipeline.training.checkpoint import STATE_FILE
+from pipeline.training.prompt_models import PROMPT_MODELS
+
+
+def resolve_checkpoint(source: str, name: str, config: RunConfig, output: Path) -> Path:
+    """A checkpoint folder, or an MLflow run id (``<id>`` or ``runs:/<id>``) whose
+    ``checkpoint`` artifact is downloaded into ``output/checkpoints/<name>``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    path = Path(source)
+    if path.is_dir():
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint folder (no {STATE_FILE})")
+        return path.resolve()
+    run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise FileNotFoundError(f"{PROMPT_MODELS[name].checkpoint_flag} {source!r}: neither a "
+                                "checkpoint folder nor an MLflow run id")
+    target = output / "checkpoints" / name
+    if (target / "checkpoint" / STATE_FILE).is_file():
+        return target / "checkpoint"
+    target.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    try:
+        return Path(client.download_artifacts(run_id, "checkpoint", str(target)))
+    except MlflowException as err:
+        raise FileNotFoundError(f"MLflow run {run_id} at {config.tracking.uri}: no checkpoint "
+                                f"artifact ({err})") from err
+
+
+def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str],
+               methods: tuple[str, ...], resume: bool = False, progress: bool = True) -> dict:
+    """Compare ``methods`` with already trained prompt models (``sources``: prompt model name
+    -> checkpoint folder or MLflow run id). Returns ``{method: metrics}``."""
+    output = Path(output_dir).resolve()
+    check_methods(methods)
+    missing = [p for p in prompt_models_needed(methods) if p not in sources]
+    if missing:
+        flags = ", ".join(PROMPT_MODELS[p].checkpoint_flag for p in missing)
+        raise ConfigError(f"methods {list(methods)} need trained prompt models: pass {flags}")
+    check_fresh_output(output, resume, (COMPARISON_FILE,), "comparison")
+    examples = eval_examples(config.data)
+    check_before_work(config)
+    config = with_tracking_uri(config, output)
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoints = {name: resolve_checkpoint(sources[name], name, config, output)
+                   for name in prompt_models_needed(methods)}
+    config.save(output / "config.yaml")
+    with open_comparison(config, output, resume, list(methods)) as parent:
+        for name, path in checkpoints.items():
+            parent.set_tag(f"ddpt.checkpoint.{name}", path)
+        return run_comparison(config, output, list(methods), checkpoints, examples, parent,
+                              pool_opener(config, checkpoints), resume, progress)
+
+
+def main(args: argparse.Namespace) -> None:
+    sources = {name: getattr(args, f"checkpoint_{name}") for name in PROMPT_MODELS
+               if getattr(args, f"checkpoint_{name}", None)}
+    ddpt_checkpoint = sources.get("ddpt")
+    if args.preset is None and ddpt_checkpoint and Path(ddpt_checkpoint, "config.yaml").is_file():
+        # Sample with the model and template the prompt model was trained with.
+        # Its tracking URI was the training run's: this comparison gets its own.
+        base = RunConfig.load(Path(ddpt_checkpoint, "config.yaml")).with_overrides(
+            ["tracking.uri=null"])
+        config = config_on(base, args)
+    else:
+        config = config_from_args(args)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    metrics = run_sample(config, args.output, sources, methods, resume=args.resume,
+                         progress=not args.no_progress)
+    print(format_table(metrics))
+    print(f"\nwrote {args.output}/metrics.json and {args.output}/samples.jsonl")
