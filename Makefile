@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUTPUT ?= runs/main
 ARGS ?=
 
-.PHONY: install run smoke test test-fast clean
+.PHONY: install run smoke test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ test: install  ## the whole suite, slow end-to-end tests included
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: install  ## ruff (rules in pyproject.toml)
+	$(BIN)/ruff check pipeline tests benchmarks jobs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -55,8 +55,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from pipeline.config import DecodingConfig, ModelConfig, PromptConfig
-    from pipeline.decoding.autoregressive import generate_ids
     from pipeline.data.loaders import load_examples
+    from pipeline.decoding.autoregressive import generate_ids
     from pipeline.lm.frozen import FrozenCodeLM
     from pipeline.lm.loader import load_model
     from pipeline.lm.template import PromptTemplate

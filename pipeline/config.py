@@ -337,7 +337,7 @@ class TrackingConfig:
     uri: str | None = _help(None, "MLflow URI; default $MLFLOW_TRACKING_URI, else SQLite in output")
     experiment: str | None = _help(None, "MLflow experiment; default 'ddpt-<dataset>-<model>'")
 
-    def experiment_name(self, config: "RunConfig") -> str:
+    def experiment_name(self, config: RunConfig) -> str:
         model = Path(config.model.name).name or config.model.name
         return self.experiment or f"ddpt-{Path(config.data.dataset).stem}-{model}"
 
@@ -367,7 +367,7 @@ class RunConfig:
         return {f"{s}.{k}": v for s, fields in self.to_dict().items() for k, v in fields.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
         sections = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for name, values in (data or {}).items():
@@ -389,7 +389,7 @@ class RunConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_flat(cls, flat: dict[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
+    def from_flat(cls, flat: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
         data = (base or cls()).to_dict()
         for key, value in flat.items():
             section, _, name = key.partition(".")
@@ -399,15 +399,16 @@ class RunConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         """Read a YAML or JSON file (JSON is YAML); missing fields keep their defaults."""
         return cls.from_dict(_read_yaml(path), source=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    def with_overrides(self, overrides: list[str]) -> "RunConfig":
-        """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``, ``[a, b]``)."""
+    def with_overrides(self, overrides: list[str]) -> RunConfig:
+        """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``,
+        ``[a, b]``)."""
         flat = {}
         for item in overrides:
             key, sep, raw = item.partition("=")

@@ -234,7 +234,7 @@ class RunTracker:
         try:  # never hide the original exception behind a tracking error
             self.set_tag("error", f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
             self.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not mark MLflow run %s as failed", self.run_id)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models built in code and a handful of examples (tests/helpers.py)."""
+"""Shared fixtures: tiny random models built in code and a handful of examples (from
+tests/helpers.py)."""
 from __future__ import annotations
 
 import os

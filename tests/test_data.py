@@ -7,12 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ExecutionConfig
 from pipeline.data.example import Example
-from pipeline.data.loaders import (DATASET_SPLITS, DATASETS, DataError, load_examples,
-                                   resolve_data_dir)
+from pipeline.data.loaders import (
+    DATASET_SPLITS,
+    DATASETS,
+    DataError,
+    load_examples,
+    resolve_data_dir,
+)
+from pipeline.evaluation.execution import build_program
+from pipeline.sandbox import run_programs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+SANDBOX = ExecutionConfig(timeout_s=20, workers=2)
 
 
 @pytest.fixture(autouse=True)
@@ -79,9 +88,13 @@ def test_humaneval():
     assert all("check(" in e.tests and f"check({e.meta['entry_point']})" in e.tests for e in test)
 
 
-def test_humaneval_reference_passes_its_tests():
+def test_humaneval_reference_passes_its_tests_in_the_sandbox():
+    """Data code runs in the sandbox, never in the test process; a wrong solution fails."""
     first = load_examples("humaneval", "test", limit=1)[0]
-    exec(compile(first.output + "\n" + first.tests, "<humaneval>", "exec"), {})
+    wrong = first.output.replace("return True", "return 0")
+    results = run_programs([build_program(first, first.output), build_program(first, wrong)],
+                           SANDBOX)
+    assert [r.status for r in results] == ["passed", "failed"]
 
 
 def test_mbpp():
@@ -96,7 +109,8 @@ def test_mbpp():
     by_id = {e.id: e for e in every}
     # setup code comes first in tests, which run after the code (it uses the code's classes)
     assert by_id["mbpp-367"].tests.startswith("root = Node(1)")
-    exec(compile(by_id["mbpp-367"].output + "\n" + by_id["mbpp-367"].tests, "<mbpp>", "exec"), {})
+    [result] = run_programs([build_program(by_id["mbpp-367"], by_id["mbpp-367"].output)], SANDBOX)
+    assert result.status == "passed", result.message
 
 
 # ---------------------------------------------------------------- user JSONL
@@ -139,7 +153,8 @@ def test_user_jsonl_small_file_keeps_one_held_out_each(tmp_path):
 def test_user_jsonl_gz(tmp_path):
     f = tmp_path / "mine.jsonl.gz"
     with gzip.open(f, "wt") as out:
-        out.write(json.dumps({"id": "a", "instruction": "t", "output": "pass", "split": "test"}) + "\n")
+        record = {"id": "a", "instruction": "t", "output": "pass", "split": "test"}
+        out.write(json.dumps(record) + "\n")
     assert ids(load_examples(str(f), "test")) == ["a"]
 
 
@@ -187,7 +202,8 @@ def test_malformed_json_line(tmp_path):
 def test_missing_output_field(tmp_path):
     f = write_jsonl(tmp_path / "bad.jsonl", [
         {"id": 1, "instruction": "a", "output": "b"}, {"id": 2, "instruction": "a"}])
-    with pytest.raises(DataError, match=r":2: field 'output': missing \(expected a non-empty string\)") as err:
+    expected = r":2: field 'output': missing \(expected a non-empty string\)"
+    with pytest.raises(DataError, match=expected) as err:
         load_examples(str(f), "train")
     check(err, f, 2, "output")
 
@@ -227,7 +243,8 @@ def test_mixed_split_presence(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(DataError, match=r"unknown data set 'nope'.*conala, codealpaca, humaneval, mbpp") as err:
+    expected = r"unknown data set 'nope'.*conala, codealpaca, humaneval, mbpp"
+    with pytest.raises(DataError, match=expected) as err:
         load_examples("nope", "train")
     check(err, None, None, None)
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from pipeline.decoding.autoregressive import generate
 from pipeline.config import ModelConfig, PromptConfig
 from pipeline.data.loaders import load_examples
+from pipeline.decoding.autoregressive import generate
 from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.lm.loader import load_model
 from pipeline.lm.template import PromptTemplate

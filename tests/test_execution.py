@@ -8,10 +8,10 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
+from pipeline.commands.evaluate import run_evaluate
 from pipeline.config import ExecutionConfig, RunConfig
 from pipeline.data.example import Example
 from pipeline.data.loaders import load_examples
-from pipeline.commands.evaluate import run_evaluate
 from pipeline.evaluation.execution import build_program, score_execution
 from pipeline.evaluation.results import ResultStore
 
@@ -31,13 +31,15 @@ def test_build_program_for_completions_and_full_functions():
     full = build_program(HUMANEVAL_LIKE, "def total(xs: List[int]) -> int:\n    return 3\n")
     assert full.startswith(PROMPT) and "return 3" in full
     mbpp = Example("m", "x", "def f():\n    return 1", tests="import math\nassert f() == 1\n")
-    assert build_program(mbpp, mbpp.output) == "def f():\n    return 1\n\nimport math\nassert f() == 1\n"
+    assert build_program(mbpp, mbpp.output) == \
+        "def f():\n    return 1\n\nimport math\nassert f() == 1\n"
     assert build_program(Example("u", "x", "y"), "print(1)") == "print(1)"  # no tests
 
 
 def test_score_execution_with_samples_writes_statuses(tmp_path):
     examples = [HUMANEVAL_LIKE,
-                Example("m/1", "double", "def d(x):\n    return 2 * x\n", tests="assert d(2) == 4\n")]
+                Example("m/1", "double", "def d(x):\n    return 2 * x\n",
+                        tests="assert d(2) == 4\n")]
     store = ResultStore(tmp_path / "samples.jsonl")
     store.append([
         {"id": "he/0", "method": "m", "generation": "    return sum(xs)\n", "reference": "",

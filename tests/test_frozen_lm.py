@@ -1,8 +1,8 @@
 """The frozen LM adapter: the same tests for a causal and an encoder-decoder model."""
 import pytest
 import torch
-from helpers import EXAMPLES, make_lm
 
+from helpers import EXAMPLES, make_lm
 from pipeline.decoding.autoregressive import generate_ids
 from pipeline.lm.frozen import IGNORE
 

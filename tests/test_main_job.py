@@ -7,8 +7,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.evaluation.results import ResultStore
 from pipeline.commands.run import DEFAULT_METHODS
+from pipeline.evaluation.results import ResultStore
 from pipeline.tracking import child_runs
 
 DDPT = [sys.executable, "-m", "pipeline.cli"]
@@ -76,6 +76,16 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, capsys, args, messa
     assert not (tmp_path / "o" / "ddpt").exists()  # nothing expensive started
 
 
-def test_help_lists_subcommands():
-    out = ddpt("--help").stdout
-    assert "run" in out and "prepare" in out
+def test_the_script_lists_every_subcommand_with_its_help():
+    """The installed `ddpt` script: every subcommand the parser defines is listed with its help
+    line, and answers its own --help."""
+    from pipeline.cli import build_parser
+
+    [subparsers] = [a for a in build_parser()._actions if a.dest == "command"]
+    out = " ".join(ddpt("--help").stdout.split())
+    helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    assert set(helps) == {"run", "train", "sample", "compare", "sweep", "evaluate", "config",
+                          "prepare"}
+    for name, text in helps.items():
+        assert f"{name} {' '.join(text.split())}" in out, name
+    assert "--output" in ddpt("train", "--help").stdout

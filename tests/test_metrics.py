@@ -1,4 +1,5 @@
-"""Tests for pipeline.evaluation.metrics and pipeline.evaluation.wordnet (offline WordNet for METEOR)."""
+"""Tests for pipeline.evaluation.metrics and pipeline.evaluation.wordnet (offline WordNet for
+METEOR)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def _tmp_cache(tmp_path_factory):
         yield
 
 
-def test_registry_names():
-    assert set(METRICS) == {"bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"}
+def test_every_metric_is_bounded_and_ranks_a_match_above_unrelated_text():
+    for name, metric in METRICS.items():
+        same, unrelated = metric(CODE, CODE), metric(OTHER, CODE)
+        assert 0.0 <= unrelated < same <= 1.0 + 1e-9, (name, unrelated, same)
 
 
 def test_perfect_prediction_scores_one():
@@ -98,9 +101,14 @@ def test_empty_prediction_does_not_crash():
     assert scores["codebleu"] <= 0.25 + 1e-9  # the library's data-flow floor, see metrics.codebleu
 
 
-def test_metrics_are_deterministic():
+def test_metrics_pair_each_prediction_with_its_own_reference():
+    """Reordering the (prediction, reference) pairs changes nothing; pairing a prediction with
+    another example's reference does."""
     preds = ["def add(x, y):\n    return x + y", "def is_even(n):\n    return n % 2 == 0"]
-    assert compute_metrics(preds, CODE) == compute_metrics(preds, CODE)
+    forward, backward = compute_metrics(preds, CODE), compute_metrics(preds[::-1], CODE[::-1])
+    assert forward == pytest.approx(backward)
+    crossed = compute_metrics(preds, CODE[::-1])
+    assert all(crossed[name] < forward[name] for name in ("bleu4", "chrf", "rouge_l", "meteor"))
 
 
 def test_length_mismatch_raises():

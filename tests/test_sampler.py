@@ -8,9 +8,9 @@ import torch
 from mlflow import MlflowClient
 
 from helpers import EXAMPLES, make_lm
-from pipeline.decoding.autoregressive import generate
 from pipeline.cli import main
 from pipeline.config import PRESETS, RunConfig
+from pipeline.decoding.autoregressive import generate
 from pipeline.evaluation.interpret import nearest_tokens
 from pipeline.evaluation.sampler import METHODS, BatchSampler
 from pipeline.training.loop import train_local

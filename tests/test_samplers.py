@@ -35,7 +35,7 @@ def test_ddim_eta0_stays_on_the_forward_line_of_its_own_noise(name):
 
 def test_ddim_eta0_is_deterministic_given_x_T():
     schedule = NoiseSchedule("linear", 100)
-    net = lambda x, t: torch.tanh(x) * 0.5  # noqa: E731 - any deterministic function of x_t
+    net = lambda x, t: torch.tanh(x) * 0.5
     x_T = torch.randn(4, 2, 3)
     a = sample(net, schedule, x_T.shape, "ddim", steps=10, x_T=x_T,
                generator=torch.Generator().manual_seed(1))
@@ -49,7 +49,7 @@ def test_ddim_eta1_with_all_steps_is_ddpm():
     variance (Song et al. eq. 16), so with the same noise draws it reproduces ancestral DDPM."""
     T = 60
     schedule = NoiseSchedule("cosine", T)
-    net = lambda x, t: 0.3 * x + 0.01 * t[:, None, None].float() / T  # noqa: E731
+    net = lambda x, t: 0.3 * x + 0.01 * t[:, None, None].float() / T
     shape = (3, 2, 5)
     ddpm = sample(net, schedule, shape, "ddpm", generator=torch.Generator().manual_seed(0))
     ddim = sample(net, schedule, shape, "ddim", steps=T, eta=1.0,
@@ -84,7 +84,7 @@ def test_one_generator_per_row_gives_each_row_its_own_chain(sampler, eta):
     seeds, whatever else is in the batch (per-example prompts, batched)."""
     schedule = NoiseSchedule("cosine", 50)
     weight = torch.randn(5, 5) * 0.3
-    net = lambda x, t: torch.tanh(x @ weight) + 0.01 * t[:, None, None].float()  # noqa: E731
+    net = lambda x, t: torch.tanh(x @ weight) + 0.01 * t[:, None, None].float()
 
     def run(seeds):
         generators = [torch.Generator().manual_seed(s) for s in seeds]

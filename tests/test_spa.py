@@ -5,13 +5,13 @@ omega = 1, so the omega = 1 tests would fail if the masked stream leaked into th
 """
 import pytest
 import torch
-from helpers import EXAMPLES, make_lm
 
-from pipeline.decoding.autoregressive import generate, generate_ids, generate_samples
-from pipeline.decoding import spa
-from pipeline.decoding.sampling import top_p_filter
+from helpers import EXAMPLES, make_lm
 from pipeline.config import DecodingConfig
 from pipeline.data.example import Example
+from pipeline.decoding import spa
+from pipeline.decoding.autoregressive import generate, generate_ids, generate_samples
+from pipeline.decoding.sampling import top_p_filter
 from pipeline.lm.frozen import Batch, FrozenCodeLM
 
 ALL_ANCHORS = ["instruction", "input", "context"]
@@ -191,7 +191,7 @@ def test_masked_stream_masks_exactly_the_anchors_in_one_forward(tiny_lm, example
 # ---- sampling -----------------------------------------------------------------------------------
 def test_sampling_is_reproducible_and_seeded(tiny_lm, examples):
     batch = _batch(tiny_lm, examples)
-    sample = lambda seed: generate_ids(tiny_lm, 
+    sample = lambda seed: generate_ids(tiny_lm,
         batch, None, 10, DecodingConfig(strategy="sample", temperature=1.0, top_p=1.0, seed=seed))
     assert sample(0) == sample(0)
     assert sample(0) != sample(1)

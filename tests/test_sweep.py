@@ -16,8 +16,8 @@ from helpers import EXAMPLES, make_lm
 from pipeline.cli import main
 from pipeline.config import ConfigError, RunConfig, build_config
 from pipeline.data.loaders import DataError
-from pipeline.evaluation.heldout import heldout_code_loss, sharded_code_loss
 from pipeline.data.splits import dev_examples
+from pipeline.evaluation.heldout import heldout_code_loss, sharded_code_loss
 from pipeline.tracking import child_runs
 from pipeline.training.sweep import Sweep, TrialSummary, default_space_file, load_sweep, pick_best
 

@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.tracking import (RunTracker, TrackingError, check_tracking_uri, child_runs,
-                               flatten, resolve_tracking_uri)
+from pipeline.tracking import (
+    RunTracker,
+    TrackingError,
+    check_tracking_uri,
+    child_runs,
+    flatten,
+    resolve_tracking_uri,
+)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from helpers import EXAMPLES, make_lm
-from pipeline.training.checkpoint import load_prompt_model, read_state
 from pipeline.config import PRESETS, RunConfig, SampleConfig
-from pipeline.training.prompt_models import build_trainable, sampling_args
+from pipeline.training.checkpoint import load_prompt_model, read_state
 from pipeline.training.loop import batch_indices, train_local
+from pipeline.training.prompt_models import build_trainable, sampling_args
 
 
 def tiny_config(model: str, steps: int = 6, **train) -> RunConfig:

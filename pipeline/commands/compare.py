@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.evaluation.comparison import COMPARISON_FILE, comparison_table, find_comparison, \
-    format_table
+from pipeline.evaluation.comparison import (
+    COMPARISON_FILE,
+    comparison_table,
+    find_comparison,
+    format_table,
+)
 from pipeline.tracking import read_run_file, resolve_tracking_uri
 
 

@@ -22,12 +22,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.commands.common import config_from_args, pool_opener, train_backend, \
-    with_tracking_uri
+from pipeline.commands.common import config_from_args, pool_opener, train_backend, with_tracking_uri
 from pipeline.config import RunConfig, check_fresh_output
 from pipeline.data.splits import eval_examples, train_examples
-from pipeline.evaluation.comparison import COMPARISON_FILE, check_before_work, format_table, \
-    open_comparison, run_comparison
+from pipeline.evaluation.comparison import (
+    COMPARISON_FILE,
+    check_before_work,
+    format_table,
+    open_comparison,
+    run_comparison,
+)
 from pipeline.evaluation.sampler import check_methods, prompt_models_needed
 from pipeline.lm.loader import build_lm
 from pipeline.training.job import run_training

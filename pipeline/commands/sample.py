@@ -6,12 +6,16 @@ import argparse
 import re
 from pathlib import Path
 
-from pipeline.commands.common import config_from_args, config_on, pool_opener, \
-    with_tracking_uri
+from pipeline.commands.common import config_from_args, config_on, pool_opener, with_tracking_uri
 from pipeline.config import ConfigError, RunConfig, check_fresh_output
 from pipeline.data.splits import eval_examples
-from pipeline.evaluation.comparison import COMPARISON_FILE, check_before_work, format_table, \
-    open_comparison, run_comparison
+from pipeline.evaluation.comparison import (
+    COMPARISON_FILE,
+    check_before_work,
+    format_table,
+    open_comparison,
+    run_comparison,
+)
 from pipeline.evaluation.sampler import check_methods, prompt_models_needed
 from pipeline.training.checkpoint import STATE_FILE
 from pipeline.training.prompt_models import PROMPT_MODELS

@@ -10,8 +10,9 @@ import gzip
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.data.example import Example
 from pipeline.paths import PROJECT_ROOT
@@ -80,7 +81,8 @@ def _read_jsonl(path: Path) -> list[_Record]:
             try:
                 records.append((lineno, json.loads(text)))
             except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path, lineno) from None
+                raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path,
+                                lineno) from None
     return records
 
 
@@ -142,7 +144,8 @@ def _str(obj: dict, name: str, path: Path, line: int, *, required: bool = True,
             raise DataError(f"missing (expected {need})", path, line, name)
         return default
     if not isinstance(value, str):
-        raise DataError(f"got {type(value).__name__} {value!r:.40}, expected {need}", path, line, name)
+        raise DataError(f"got {type(value).__name__} {value!r:.40}, expected {need}", path,
+                        line, name)
     if nonempty and not value.strip():
         raise DataError(f"empty (expected {need})", path, line, name)
     return value
@@ -209,7 +212,8 @@ def load_humaneval(data_dir: Path, split: str) -> list[Example]:
     examples = []
     for rec in _read_jsonl(path):
         obj, line = _obj(rec, path), rec[0]
-        task_id, prompt, entry = (_str(obj, k, path, line) for k in ("task_id", "prompt", "entry_point"))
+        task_id, prompt, entry = (_str(obj, k, path, line)
+                                  for k in ("task_id", "prompt", "entry_point"))
         examples.append(Example(
             id=task_id, instruction="Complete the following Python function:\n" + prompt,
             output=prompt + _str(obj, "canonical_solution", path, line),
@@ -257,21 +261,25 @@ def load_user_jsonl(path: str | os.PathLike, split: str) -> list[Example]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError("user data file not found", path,
-                        hint="Give an existing .jsonl/.jsonl.gz path (relative to the working directory)")
+                        hint="Give an existing .jsonl/.jsonl.gz path (relative to the working "
+                        "directory)")
     examples, splits, seen = [], [], {}
     for rec in _read_jsonl(path):
         obj, line = _obj(rec, path), rec[0]
         raw_id = obj.get("id")
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id).strip() == "":
+        if (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))
+                or str(raw_id).strip() == ""):
             raise DataError(f"got {raw_id!r:.40}, expected a non-empty string or an integer",
                             path, line, "id")
         ex_id = str(raw_id)
         if ex_id in seen:
-            raise DataError(f"duplicate id {ex_id!r} (lines {seen[ex_id]} and {line})", path, line, "id")
+            raise DataError(f"duplicate id {ex_id!r} (lines {seen[ex_id]} and {line})", path,
+                            line, "id")
         seen[ex_id] = line
         rec_split = _str(obj, "split", path, line, required=False)
         if rec_split is not None and rec_split not in _SPLITS:
-            raise DataError(f"got {rec_split!r}, expected one of {', '.join(_SPLITS)}", path, line, "split")
+            raise DataError(f"got {rec_split!r}, expected one of {', '.join(_SPLITS)}", path,
+                            line, "split")
         splits.append((line, rec_split))
         extras = {k: v for k, v in obj.items() if k not in _USER_FIELDS}
         examples.append(Example(

@@ -5,7 +5,8 @@ id lists, which workers pad into :class:`~pipeline.lm.frozen.Batch` es.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import ray.data

@@ -4,8 +4,9 @@ The driver cuts the work into ``(method, batch of examples)`` tasks, keeps one t
 actor, and appends each finished batch to the results store as it arrives (nothing finished is
 ever lost). An actor that dies is restarted by Ray (``pool.max_restarts``) and its task retried;
 an actor that is gone for good hands its task to the others. A task's records depend only on its
-examples (:mod:`pipeline.evaluation.sampler`), so a retried task returns the same records, and the driver
-writes a task's records once, when it first returns: every example appears exactly once.
+examples (:mod:`pipeline.evaluation.sampler`), so a retried task returns the same records, and
+the driver writes a task's records once, when it first returns: every example appears exactly
+once.
 """
 from __future__ import annotations
 

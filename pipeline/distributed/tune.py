@@ -9,8 +9,8 @@ trials from starving each other.
 
 MLflow: one parent run for the sweep, one child run per trial (``mlflow.parentRunId``) with the
 trial's configuration as params and its per-step metrics, ``dev_loss`` included (logged exactly
-once, by :class:`~pipeline.distributed.train.MLflowCommit`). Only the driver ends child runs, as Tune
-saw each trial end (:class:`TrialRuns`, :func:`end_trial_run`).
+once, by :class:`~pipeline.distributed.train.MLflowCommit`). Only the driver ends child runs, as
+Tune saw each trial end (:class:`TrialRuns`, :func:`end_trial_run`).
 
 The output folder::
 
@@ -238,7 +238,7 @@ def end_trial_run(setup: TrialSetup, trial_id: str, params: dict[str, Any], step
         final = "FAILED" if error else "FINISHED"
         if run.info.status != final:
             client.set_terminated(run_id, final)
-    except Exception:  # noqa: BLE001 - bookkeeping must not stop the sweep
+    except Exception:
         log.exception("could not close the MLflow run of trial %s", trial_id)
 
 
@@ -252,7 +252,7 @@ def _error_text(trial) -> str:
         try:
             with open(pickled, "rb") as f:
                 return _describe(ray.cloudpickle.load(f))
-        except Exception:  # noqa: BLE001 - an unpicklable error still has its text
+        except Exception:
             pass
     if text and os.path.isfile(text):
         return Path(text).read_text()[-MAX_ERROR_CHARS:]

@@ -29,8 +29,15 @@ from pipeline.evaluation.heldout import score_method
 from pipeline.evaluation.results import ResultStore
 from pipeline.evaluation.sampler import METHODS, SamplerPool, method_sample_config
 from pipeline.lm.frozen import FrozenCodeLM
-from pipeline.tracking import ROLE_TAG, RunTracker, TrackingError, child_runs, open_run, \
-    read_run_file, resolve_tracking_uri
+from pipeline.tracking import (
+    ROLE_TAG,
+    RunTracker,
+    TrackingError,
+    child_runs,
+    open_run,
+    read_run_file,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,11 @@ a training run together) and the text metrics of stored generations."""
 from __future__ import annotations
 
 import torch
+
 from pipeline.data.example import Example
-from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.evaluation.metrics import compute_metrics
 from pipeline.evaluation.results import ResultStore
+from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.lm.template import EncodedExample
 
 

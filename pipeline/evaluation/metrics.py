@@ -1,4 +1,5 @@
-"""Text and code generation metrics on a 0-1 scale (as in the DDPT paper), from established libraries.
+"""Text and code generation metrics on a 0-1 scale (as in the DDPT paper), from established
+libraries.
 
 Every metric takes ``(predictions, references)``: two equally long lists of strings, one
 reference per prediction. All are deterministic.
@@ -7,7 +8,7 @@ reference per prediction. All are deterministic.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import sacrebleu
 from codebleu import calc_codebleu
@@ -78,7 +79,8 @@ _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean rouge_score ``rougeL`` F-measure (its tokenizer lowercases and drops non-alphanumerics)."""
+    """Mean rouge_score ``rougeL`` F-measure (its tokenizer lowercases and drops
+    non-alphanumerics)."""
     _validate(predictions, references)
     scores = [_ROUGE.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     return sum(scores) / len(scores)

@@ -4,8 +4,9 @@ A *method* says which prompt the frozen LM gets and how it decodes (:data:`METHO
 :class:`BatchSampler` loads the LM and the trained prompt models once and turns
 ``(method, examples)`` into one result record per example. A *pool* runs ``(method, examples)``
 tasks: :class:`LocalPool` with one BatchSampler in this process (``pool.backend: local``), the
-Ray pool (:mod:`pipeline.distributed.sampler_pool`) with one per actor. Everything a record holds is a function of (config, checkpoints, method, example), never
-of the batch or the actor it ran on, so a retried batch reproduces its records exactly.
+Ray pool (:mod:`pipeline.distributed.sampler_pool`) with one per actor. Everything a record
+holds is a function of (config, checkpoints, method, example), never of the batch or the actor
+it ran on, so a retried batch reproduces its records exactly.
 """
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ import dataclasses
 import logging
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -87,8 +87,8 @@ class BatchSampler:
 
     def __init__(self, config: RunConfig, checkpoints: dict[str, str | Path],
                  lm: FrozenCodeLM | None = None):
-        from pipeline.training.checkpoint import load_prompt_model
         from pipeline.lm.loader import build_lm
+        from pipeline.training.checkpoint import load_prompt_model
 
         self.config = config
         self.lm = lm or build_lm(config)

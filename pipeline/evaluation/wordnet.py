@@ -51,14 +51,17 @@ def _is_complete(folder: Path) -> bool:
 
 def _build(target: Path, lexnames_path: Path) -> None:
     """Copy the WordNet files into ``target`` via a temp folder and an atomic rename."""
-    missing = [n for n in REQUIRED_FILES if n != "lexnames" and not (SYSTEM_WORDNET_DIR / n).is_file()]
+    missing = [n for n in REQUIRED_FILES
+               if n != "lexnames" and not (SYSTEM_WORDNET_DIR / n).is_file()]
     if missing:
         raise RuntimeError(
-            f"WordNet files missing from {SYSTEM_WORDNET_DIR} ({', '.join(missing)}): {INSTALL_HINT}"
+            f"WordNet files missing from {SYSTEM_WORDNET_DIR} ({', '.join(missing)}): "
+            f"{INSTALL_HINT}"
         )
     if not lexnames_path.is_file():
         raise RuntimeError(
-            f"WordNet lexnames file not found at {lexnames_path} (expected <data dir>/wordnet/lexnames; "
+            f"WordNet lexnames file not found at {lexnames_path} (expected "
+            "<data dir>/wordnet/lexnames; "
             "set DDPT_DATA_DIR or pass lexnames_path)"
         )
 

@@ -36,7 +36,8 @@ class DiffusionPrompt(nn.Module):
                  time_embed_dim: int = 64, up_projection: str = "fixed", up_scale: float = 0.5,
                  schedule: str = "linear", timesteps: int = 2000, seed: int = 0):
         super().__init__()
-        self.context_tokens, self.hidden_size, self.token_norm = context_tokens, hidden_size, token_norm
+        self.context_tokens, self.hidden_size = context_tokens, hidden_size
+        self.token_norm = token_norm
         self.bottleneck = bottleneck
         self.schedule = NoiseSchedule(schedule, timesteps)
         self.denoiser = PromptDenoiser(context_tokens, bottleneck, hidden_dim, num_blocks,

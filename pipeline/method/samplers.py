@@ -54,7 +54,8 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
     """S evenly spaced indices from T-1 down to 0 ("trailing" spacing, always ends at t = 0)."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"DDIM steps must be in [1, {timesteps}], got {steps}")
-    return sorted({round(i * (timesteps - 1) / max(steps - 1, 1)) for i in range(steps)}, reverse=True)
+    times = {round(i * (timesteps - 1) / max(steps - 1, 1)) for i in range(steps)}
+    return sorted(times, reverse=True)
 
 
 @torch.no_grad()

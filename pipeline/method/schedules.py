@@ -7,7 +7,7 @@ Time indices run 0..T-1 as in diffusers; index t here is the paper's step t+1.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ def linear_betas(timesteps: int) -> torch.Tensor:
     reaches the same final noise level (as in improved DDPM / lucidrains); clipped at 0.999 so
     that very short chains (T < 50) stay valid."""
     scale = 1000.0 / timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    return betas.clamp(max=0.999)
 
 
 def cosine_betas(timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -31,7 +32,8 @@ def cosine_betas(timesteps: int, s: float = 0.008) -> torch.Tensor:
     return betas.clamp(0, 0.999)
 
 
-def sigmoid_betas(timesteps: int, start: float = -3, end: float = 3, tau: float = 1) -> torch.Tensor:
+def sigmoid_betas(timesteps: int, start: float = -3, end: float = 3, tau: float = 1
+                  ) -> torch.Tensor:
     """Sigmoid schedule (Jabri et al. 2022, arXiv 2212.11972): abar follows a rescaled sigmoid."""
     steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     v_start = torch.tensor(start / tau).sigmoid()
@@ -71,7 +73,8 @@ class NoiseSchedule(nn.Module):
             "alphas_cumprod_prev": alphas_cumprod_prev,
             "posterior_variance": posterior_variance,
             "posterior_coef_x0": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
-            "posterior_coef_xt": (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+            "posterior_coef_xt": ((1 - alphas_cumprod_prev) * (1 - betas).sqrt()
+                                  / (1 - alphas_cumprod)),
         }
         for key, value in tensors.items():
             self.register_buffer(key, value.float(), persistent=False)

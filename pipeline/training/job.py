@@ -14,8 +14,13 @@ from pathlib import Path
 from pipeline.config import RunConfig, check_fresh_output
 from pipeline.data.example import Example
 from pipeline.data.splits import dev_examples, train_examples
-from pipeline.tracking import RunTracker, check_tracking_uri, open_run, read_run_file, \
-    resolve_tracking_uri
+from pipeline.tracking import (
+    RunTracker,
+    check_tracking_uri,
+    open_run,
+    read_run_file,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"  # {"uri", "run_id"}: lets --resume continue the same MLflow run

@@ -1,4 +1,5 @@
-"""Training a prompt model: one step loop shared by the single-process path and the Ray/DeepSpeed path.
+"""Training a prompt model: one step loop shared by the single-process path and the Ray/DeepSpeed
+path.
 
 A path supplies a *step function* (forward, backward, optimizer step, target update) and a batch
 source; :func:`run_steps` does the rest. Single-process training (:func:`train_local`) is
@@ -10,9 +11,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm

@@ -1,5 +1,6 @@
 """Sweep specifications: which flat config keys a Ray Tune sweep searches, how, and with what
-settings. Core module (no Ray): :mod:`pipeline.distributed.tune` turns a :class:`Sweep` into Tune objects.
+settings. Core module (no Ray): :mod:`pipeline.distributed.tune` turns a :class:`Sweep` into Tune
+objects.
 
 A space file (YAML; see ``tune/*.yaml`` and docs/sweeps.md) has three sections::
 
@@ -26,8 +27,8 @@ from typing import Any, get_args, get_type_hints
 import yaml
 
 from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
-
 from pipeline.paths import PROJECT_ROOT
+
 SPACES_DIR = PROJECT_ROOT / "tune"
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 METRICS = ("dev_loss", "code_loss", "loss")  # what the Train workers report each step
@@ -112,6 +113,39 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
     over the file's ``sweep.preset`` / ``sweep.config``; ``overrides`` (``--set``) apply last."""
     path = Path(path)
     source = str(path)
+    settings, fixed, raw_space = _read_space_file(path)
+    base = _base_config(path, settings, fixed, raw_space, preset, config_file, overrides)
+    space = {key: _distribution(key, spec, base, source) for key, spec in raw_space.items()}
+
+    setting = {f.name: f.default for f in dataclasses.fields(Sweep)
+               if f.default is not dataclasses.MISSING}
+    setting.update(settings)  # the file's settings over the defaults of Sweep
+    eval_every = _int(setting["eval_every"], source, "sweep.eval_every", low=1)
+    metric = setting["metric"]
+    if metric not in METRICS:
+        raise ConfigError(f"{source}: sweep.metric: {metric!r} is not one of {list(METRICS)}")
+    mode = setting["mode"]
+    if mode not in ("min", "max"):
+        raise ConfigError(f"{source}: sweep.mode: {mode!r} is not 'min' or 'max'")
+    seed = setting["seed"]
+    if seed is not None:
+        seed = _int(seed, source, "sweep.seed", low=0)
+    concurrency = setting["max_concurrent_trials"]
+    if concurrency not in (None, "auto"):
+        concurrency = _int(concurrency, source, "sweep.max_concurrent_trials", low=1)
+    return Sweep(
+        source=source, base=base, space=space,
+        asha=_asha(settings.get("asha"), source, base, space, eval_every),
+        num_samples=_int(setting["num_samples"], source, "sweep.num_samples", low=1),
+        metric=metric, mode=mode, seed=seed, eval_every=eval_every,
+        max_concurrent_trials=None if concurrency in (None, "auto") else concurrency,
+        fixed=dict(fixed),
+    )
+
+
+def _read_space_file(path: Path) -> tuple[dict, dict, dict]:
+    """The (sweep, fixed, space) sections of a space file, checked for shape."""
+    source = str(path)
     if not path.is_file():
         raise ConfigError(f"{source}: space file not found")
     try:
@@ -128,7 +162,13 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
                       "max_concurrent_trials", "asha", "preset", "config"), source, "sweep")
     if not raw_space:
         raise ConfigError(f"{source}: space: name at least one config key to search")
+    return settings, fixed, raw_space
 
+
+def _base_config(path: Path, settings: dict, fixed: dict, raw_space: dict, preset: str | None,
+                 config_file: str | None, overrides: list[str] | None) -> RunConfig:
+    """What every trial starts from: preset, config file, ``fixed``, then ``--set``."""
+    source = str(path)
     preset = preset or settings.get("preset") or "default"
     if preset not in PRESETS:
         raise ConfigError(f"{source}: sweep.preset: unknown preset {preset!r}; "
@@ -149,13 +189,11 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
     if base.distributed.backend != "ray":
         raise ConfigError(f"{source}: distributed.backend must be 'ray': every trial is a Ray "
                           "Train run")
-    space = {key: _distribution(key, spec, base, source) for key, spec in raw_space.items()}
+    return base
 
-    setting = {f.name: f.default for f in dataclasses.fields(Sweep)
-               if f.default is not dataclasses.MISSING}
-    setting.update(settings)  # the file's settings over the defaults of Sweep
-    eval_every = _int(setting["eval_every"], source, "sweep.eval_every", low=1)
-    asha_raw = _mapping(settings.get("asha"), source, "sweep.asha")
+
+def _asha(raw: Any, source: str, base: RunConfig, space: dict, eval_every: int) -> Asha:
+    asha_raw = _mapping(raw, source, "sweep.asha")
     _known(asha_raw, ("max_t", "grace_period", "reduction_factor"), source, "sweep.asha")
     if asha_raw.get("max_t") is None and "train.steps" in space:
         raise ConfigError(f"{source}: sweep.asha.max_t: required when the space searches "
@@ -169,27 +207,7 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
                           f"got {factor!r}")
     if grace > max_t:
         raise ConfigError(f"{source}: sweep.asha.grace_period: {grace} is beyond max_t={max_t}")
-
-    metric = setting["metric"]
-    if metric not in METRICS:
-        raise ConfigError(f"{source}: sweep.metric: {metric!r} is not one of {list(METRICS)}")
-    mode = setting["mode"]
-    if mode not in ("min", "max"):
-        raise ConfigError(f"{source}: sweep.mode: {mode!r} is not 'min' or 'max'")
-    seed = setting["seed"]
-    if seed is not None:
-        seed = _int(seed, source, "sweep.seed", low=0)
-    concurrency = setting["max_concurrent_trials"]
-    if concurrency not in (None, "auto"):
-        concurrency = _int(concurrency, source, "sweep.max_concurrent_trials", low=1)
-    return Sweep(
-        source=source, base=base, space=space,
-        asha=Asha(max_t=max_t, grace_period=grace, reduction_factor=float(factor)),
-        num_samples=_int(setting["num_samples"], source, "sweep.num_samples", low=1),
-        metric=metric, mode=mode, seed=seed, eval_every=eval_every,
-        max_concurrent_trials=None if concurrency in (None, "auto") else concurrency,
-        fixed=dict(fixed),
-    )
+    return Asha(max_t=max_t, grace_period=grace, reduction_factor=float(factor))
 
 
 def _mapping(value: Any, source: str, name: str) -> dict:
