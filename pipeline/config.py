@@ -24,6 +24,7 @@ MANUAL_CONTEXT = (
 
 # The registry (pipeline.training.prompt_models) builds each; a test keeps the two equal.
 PROMPT_MODELS = ("ddpt", "prompt_tuning")
+CONDITIONS = ("none", "instruction")  # what DDPT's denoiser may be conditioned on
 
 
 class ConfigError(ValueError):
@@ -138,9 +139,15 @@ class DenoiserConfig:
     num_blocks: int = _help(2, "residual MLP blocks")
     time_embed_dim: int = _help(64, "sinusoidal timestep embedding width")
     up_projection: str = _help(
-        "fixed", "'fixed': random k -> d map (BBT's low-dimensional search); 'learned': trained"
+        "fixed", "'fixed': random k -> d map (BBT's low-dimensional search); 'learned': the "
+        "same map, trained"
     )
     up_scale: float = _help(0.5, "a unit-normal latent maps to this share of the mean token norm")
+    condition: str = _help(
+        "none", "what the denoiser is conditioned on: 'none' (one prompt distribution for every "
+        "task) or 'instruction' (the mean of the frozen LM's input embeddings over the "
+        "example's instruction and input: a prompt per task)"
+    )
 
     def __post_init__(self):
         for name in ("bottleneck", "hidden_dim", "num_blocks", "time_embed_dim"):
@@ -148,6 +155,7 @@ class DenoiserConfig:
         _check(self.time_embed_dim % 2 == 0, "denoiser.time_embed_dim", "must be even")
         _one_of(self.up_projection, ("fixed", "learned"), "denoiser.up_projection")
         _check(self.up_scale > 0, "denoiser.up_scale", "must be > 0")
+        _one_of(self.condition, CONDITIONS, "denoiser.condition")
 
 
 @dataclass
@@ -156,7 +164,12 @@ class TrainConfig:
         "ddpt", "what is trained: 'ddpt' (the diffusion prompt model) or 'prompt_tuning' (the "
         "baseline: the n context embeddings learned directly, same loss, data and steps)"
     )
-    objective: str = _help("bootstrap", "DDPT's training objective (method.md section 1)")
+    objective: str = _help(
+        "bootstrap", "DDPT's training objective (method.md section 1): 'bootstrap' (a global "
+        "EMA target), 'bootstrap_teacher' (an EMA teacher's sample per example), 'unrolled' "
+        "(LM loss through a short DDIM chain from noise), 'deterministic' (the ablation: one "
+        "step from zero noise)"
+    )
     steps: int = _help(80, "optimizer steps")
     batch_size: int = _help(
         8, "examples per optimizer step, over all workers (each Ray worker takes "
@@ -165,7 +178,15 @@ class TrainConfig:
     lr: float = _help(1e-3, "AdamW learning rate")
     weight_decay: float = _help(0.0, "AdamW weight decay")
     ema_rate: float = _help(0.1, "rate of the stop-gradient target x0_bar's moving average")
-    consistency_weight: float = _help(0.01, "lambda on ||x0_hat - x0_bar||^2")
+    consistency_weight: float = _help(0.01, "lambda on ||x0_hat - x0_bar||^2 (or the teacher's)")
+    cfg_dropout: float = _help(
+        0.1, "probability of dropping a conditional model's condition in training "
+        "(classifier-free guidance; sample.guidance uses it)"
+    )
+    teacher_steps: int = _help(4, "DDIM steps of the teacher's target (bootstrap_teacher)")
+    unroll_steps: int = _help(
+        3, "DDIM steps the 'unrolled' objective back-propagates through (and samples with)"
+    )
     grad_clip: float = _help(1.0, "max gradient norm; 0 = off")
     seed: int = _help(0, "seed for initialisation, data order and noise")
     log_every: int = _help(10, "steps between progress lines")
@@ -184,6 +205,9 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(0 < self.ema_rate <= 1, "train.ema_rate", "must be in (0, 1]")
         _check(self.consistency_weight >= 0, "train.consistency_weight", "must be >= 0")
+        _check(0 <= self.cfg_dropout < 1, "train.cfg_dropout", "must be in [0, 1)")
+        _check(self.teacher_steps >= 1, "train.teacher_steps", "must be >= 1")
+        _check(self.unroll_steps >= 1, "train.unroll_steps", "must be >= 1")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
@@ -196,11 +220,17 @@ class SampleConfig:
     eta: float = _help(0.0, "DDIM noise: 0 = deterministic, 1 = DDPM-like")
     seed: int = _help(0, "seed of x_T")
     prompts: str = _help(
-        "shared", "'shared': one sampled prompt for every example; 'per_example': a prompt per "
-        "example (seeded by the example id, so a retried batch gets the same prompts)"
+        "shared", "'shared': one sampled prompt for every example (a conditional model: the "
+        "same noise, each example's condition); 'per_example': noise per example (seeded by "
+        "the example id, so a retried batch gets the same prompts)"
+    )
+    guidance: float = _help(
+        1.0, "classifier-free guidance scale of a conditional model: 1 = conditional, 0 = "
+        "unconditional, > 1 pushes further toward the condition"
     )
 
     def __post_init__(self):
+        _check(self.guidance >= 0, "sample.guidance", "must be >= 0")
         _one_of(self.sampler, ("ddim", "ddpm"), "sample.sampler")
         _one_of(self.prompts, ("shared", "per_example"), "sample.prompts")
         _check(self.ddim_steps >= 1, "sample.ddim_steps", "must be >= 1")

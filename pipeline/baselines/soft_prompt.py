@@ -56,7 +56,8 @@ class PromptTuningObjective:
     """The baseline's loss: the LM's code cross-entropy given P; nothing else to update."""
 
     def loss(self, model: SoftPrompt, code_loss: CodeLoss, batch_size: int,
-             generator: torch.Generator | None = None) -> ObjectiveOutput:
+             generator: torch.Generator | None = None,
+             condition: torch.Tensor | None = None) -> ObjectiveOutput:
         direction = model.direction()
         lm_loss = code_loss(direction)
         return ObjectiveOutput(lm_loss, direction_stats(lm_loss, lm_loss, torch.zeros(()),

@@ -16,7 +16,7 @@ from pipeline.config import RunConfig
 from pipeline.data.example import Example
 from pipeline.lm.frozen import Batch, FrozenCodeLM
 from pipeline.lm.loader import load_hf_config, load_tokenizer
-from pipeline.lm.template import EncodedExample, PromptTemplate
+from pipeline.lm.template import SPAN_NAMES, EncodedExample, PromptTemplate
 
 
 class TokenizeExamples:
@@ -29,7 +29,8 @@ class TokenizeExamples:
         self.template = PromptTemplate(tokenizer, run_config.prompt, encoder_decoder)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"id": [], "prompt_ids": [], "context_start": [], "target_ids": []}
+        out: dict[str, list] = {"id": [], "prompt_ids": [], "context_start": [], "target_ids": [],
+                                **{f"span_{name}": [] for name in SPAN_NAMES}}
         for i in range(len(batch["id"])):
             example = Example(id=str(batch["id"][i]), instruction=str(batch["instruction"][i]),
                               output=str(batch["output"][i]), input=str(batch["input"][i]))
@@ -38,6 +39,9 @@ class TokenizeExamples:
             out["prompt_ids"].append(np.asarray(encoded.prompt_ids, dtype=np.int64))
             out["context_start"].append(encoded.context_start)
             out["target_ids"].append(np.asarray(encoded.target_ids, dtype=np.int64))
+            for name in SPAN_NAMES:  # token positions: conditions and SPA anchors need them
+                out[f"span_{name}"].append(np.asarray(encoded.spans.get(name, ()),
+                                                      dtype=np.int64))
         return out
 
 
@@ -66,7 +70,9 @@ def to_encoded(batch: dict[str, np.ndarray]) -> list[EncodedExample]:
     return [
         EncodedExample(id=str(batch["id"][i]), prompt_ids=batch["prompt_ids"][i].tolist(),
                        context_start=int(batch["context_start"][i]),
-                       target_ids=batch["target_ids"][i].tolist())
+                       target_ids=batch["target_ids"][i].tolist(),
+                       spans={name: tuple(batch[f"span_{name}"][i].tolist())
+                              for name in SPAN_NAMES if f"span_{name}" in batch})
         for i in range(len(batch["id"]))
     ]
 
@@ -90,3 +96,8 @@ def shard_batches(shard, lm: FrozenCodeLM, batch_size: int, seed: int, epoch: in
             raise RuntimeError(f"a training worker's data shard holds fewer than {batch_size} "
                                "examples: use more data, fewer workers or a smaller batch")
         epoch, skip = epoch + 1, 0
+
+
+def one_pass(shard, lm: FrozenCodeLM, batch_size: int) -> Iterator[Batch]:
+    """Every example of a worker's shard once, in order, as Batches (for statistics)."""
+    yield from shard.iter_torch_batches(batch_size=batch_size, collate_fn=CollateEncoded(lm))

@@ -152,14 +152,31 @@ def restore(worker: Worker) -> tuple[int, int, int]:
     return state["step"], state["epoch"], state["next_index"]
 
 
+def standardise_conditions(worker: Worker, shard) -> None:
+    """A conditional prompt model standardises conditions with the training data's mean and
+    std: every rank sums over its shard, the sums are all-reduced (no-op otherwise)."""
+    from pipeline.distributed.data import one_pass
+    from pipeline.training.prompt_models import condition_stats, is_conditional, set_condition_stats
+
+    if not is_conditional(worker.prompt_model):
+        return
+    batch = worker.config.train.batch_size // worker.world
+    total, square, count = condition_stats(worker.lm, one_pass(shard, worker.lm, batch))
+    sums = torch.cat([total, square, torch.tensor([float(count)], dtype=total.dtype)])
+    torch.distributed.all_reduce(sums)
+    d = total.shape[0]
+    set_condition_stats(worker.prompt_model, sums[:d], sums[d:2 * d], int(sums[-1].item()))
+
+
 def step_fn(worker: Worker):
     """The optimizer step on the engine, for :func:`~pipeline.training.loop.run_steps`."""
+    import deepspeed
 
     def step(batch, generator):
         loss, output = worker.engine(batch, generator)
         worker.engine.backward(loss)
         worker.engine.step()
-        worker.module.after_step(output)
+        worker.module.after_step(output, gather=deepspeed.zero.GatheredParameters)
         return output.stats
 
     return step
@@ -203,11 +220,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     worker = build_worker(loop_config)
     tc = worker.config.train
+    shard = ray.train.get_dataset_shard("train")
+    standardise_conditions(worker, shard)
     start, epoch, next_index = restore(worker)
     dev = worker.lm.encode([Example(**item) for item in loop_config.get("dev", [])])
     position = {"epoch": epoch, "next_index": next_index}
-    stream = shard_batches(ray.train.get_dataset_shard("train"), worker.lm,
-                           tc.batch_size // worker.world, tc.seed, epoch, next_index)
+    stream = shard_batches(shard, worker.lm, tc.batch_size // worker.world, tc.seed, epoch,
+                           next_index)
 
     def batches():
         for epoch_now, index, batch in stream:
@@ -238,13 +257,20 @@ def dev_loss(worker: Worker, dev: list) -> float:
     """Code cross-entropy on the dev examples given one prompt sampled as evaluation does; all
     ranks together."""
     from pipeline.evaluation.heldout import sharded_code_loss  # it imports the metrics
-    from pipeline.training.prompt_models import sampling_args
+    from pipeline.training.prompt_models import is_conditional, sampling_args
 
-    config = worker.config
-    generator = torch.Generator().manual_seed(config.sample.seed)
-    delta = worker.prompt_model.sample_directions(1, generator, **sampling_args(config.sample))
-    return sharded_code_loss(worker.lm, dev, delta[0], config.eval.batch_size, worker.rank,
-                             worker.world)
+    config, model, lm = worker.config, worker.prompt_model, worker.lm
+    args = sampling_args(config.sample, model)
+    seed = config.sample.seed
+    if not is_conditional(model):
+        delta = model.sample_directions(1, torch.Generator().manual_seed(seed), **args)[0]
+    else:  # a prompt per example, the same noise for each (sample.prompts 'shared')
+        def delta(batch):
+            rows = batch.input_ids.shape[0]
+            generators = [torch.Generator().manual_seed(seed) for _ in range(rows)]
+            return model.sample_directions(rows, generators, condition=lm.condition(batch),
+                                           **args)
+    return sharded_code_loss(lm, dev, delta, config.eval.batch_size, worker.rank, worker.world)
 
 
 def _shard_share(model: torch.nn.Module) -> float:

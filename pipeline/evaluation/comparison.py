@@ -103,18 +103,23 @@ def score(store: ResultStore, config: RunConfig, methods: list[str],
 
 
 def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
-              folder: Path, num_prompts: int = 4) -> dict[str, Path]:
-    """Nearest tokens and a t-SNE map per trained prompt model, in ``folder/<model>/``."""
+              folder: Path, examples: list[Example], num_prompts: int = 4) -> dict[str, Path]:
+    """Nearest tokens and a t-SNE map per trained prompt model, in ``folder/<model>/``; a
+    conditional model's prompts are those of the first ``num_prompts`` examples."""
     from pipeline.evaluation.interpret import nearest_tokens, tsne_plot
     from pipeline.training.checkpoint import load_prompt_model
-    from pipeline.training.prompt_models import sampling_args
+    from pipeline.training.prompt_models import is_conditional, sampling_args
 
     written = {}
     for name, path in checkpoints.items():
         model, _, _ = load_prompt_model(path, map_location=lm.device)
         generator = torch.Generator().manual_seed(config.sample.seed)
-        directions = model.sample_directions(num_prompts, generator,
-                                             **sampling_args(config.sample))
+        args = sampling_args(config.sample, model)
+        if is_conditional(model):
+            chunk = examples[:num_prompts]
+            args["condition"] = lm.condition(lm.collate(lm.encode(chunk)).to(lm.device))
+            num_prompts = len(chunk)
+        directions = model.sample_directions(num_prompts, generator, **args)
         prompts = lm.context_embedding().float() + directions.float()  # (m, n, d)
         out = folder / name
         out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +249,7 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     metrics = score(store, config, methods, examples)
     save_json(output / "metrics.json", metrics)
     lm = lm or build_lm(config)
-    interpreted = interpret(config, checkpoints, lm, output / "interpret")
+    interpreted = interpret(config, checkpoints, lm, output / "interpret", examples)
     log_methods(parent, config, metrics, store, checkpoints, interpreted)
     parent.log_artifact(output / "metrics.json")
     parent.log_artifact(store.path)

@@ -2,12 +2,14 @@
 a training run together) and the text metrics of stored generations."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pipeline.data.example import Example
 from pipeline.evaluation.metrics import compute_metrics
 from pipeline.evaluation.results import ResultStore
-from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.lm.frozen import Batch, FrozenCodeLM
 from pipeline.lm.template import EncodedExample
 
 
@@ -28,12 +30,13 @@ def heldout_code_loss(lm: FrozenCodeLM, examples: list[Example], delta: torch.Te
 
 @torch.no_grad()
 def sharded_code_loss(lm: FrozenCodeLM, encoded: list[EncodedExample],
-                      delta: torch.Tensor | None, batch_size: int, rank: int = 0,
-                      world: int = 1) -> float:
+                      delta: torch.Tensor | None | Callable[[Batch], torch.Tensor],
+                      batch_size: int, rank: int = 0, world: int = 1) -> float:
     """:func:`heldout_code_loss` computed by ``world`` ranks that all call this together (the dev
     loss of Ray Train workers): rank r scores examples r, r + world, ...; each sum is
     all-reduced. Every rank runs the same number of forwards, because ZeRO-3's are collective:
-    a shorter share is padded with repeats that weigh 0."""
+    a shorter share is padded with repeats that weigh 0. ``delta``: one direction for every
+    example, or a function of the batch (per-task prompts)."""
     share = encoded[rank::world]
     per_rank = -(-len(encoded) // world)
     weights = [1.0] * len(share) + [0.0] * (per_rank - len(share))
@@ -41,7 +44,8 @@ def sharded_code_loss(lm: FrozenCodeLM, encoded: list[EncodedExample],
     total = torch.zeros(2, dtype=torch.float64, device=lm.device)  # (sum of losses, count)
     for start in range(0, per_rank, batch_size):
         batch = lm.collate(share[start:start + batch_size]).to(lm.device)
-        losses = lm.code_loss(batch, delta, per_example=True).double()
+        direction = delta(batch) if callable(delta) else delta
+        losses = lm.code_loss(batch, direction, per_example=True).double()
         weight = torch.tensor(weights[start:start + batch_size], dtype=torch.float64,
                               device=lm.device)
         total += torch.stack([(losses * weight).sum(), weight.sum()])

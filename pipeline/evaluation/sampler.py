@@ -25,7 +25,7 @@ from pipeline.config import ConfigError, DecodingConfig, RunConfig, SampleConfig
 from pipeline.data.example import Example
 from pipeline.decoding.autoregressive import generate, generate_samples
 from pipeline.lm.frozen import FrozenCodeLM
-from pipeline.training.prompt_models import PROMPT_MODELS, sampling_args
+from pipeline.training.prompt_models import PROMPT_MODELS, is_conditional, sampling_args
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +114,22 @@ class BatchSampler:
                               "checkpoint")
         model = self.prompt_models[method.prompt]
         sample = method_sample_config(method, self.config.sample)
-        if sample.prompts == "shared":
+        args = sampling_args(sample, model)
+        if is_conditional(model):  # a prompt per task: each row gets its example's condition
+            lm = self.lm
+            args["condition"] = lm.condition(lm.collate(lm.encode(examples)).to(lm.device))
+        elif sample.prompts == "shared":
             if method_name not in self._shared:
                 generator = torch.Generator().manual_seed(sample.seed)
-                self._shared[method_name] = model.sample_directions(
-                    1, generator, **sampling_args(sample))[0]
+                self._shared[method_name] = model.sample_directions(1, generator, **args)[0]
             return self._shared[method_name].expand(len(examples), -1, -1)
-        # One chain per example, seeded by its id, all run as one batch (one denoiser call per
-        # step): an example's prompt does not depend on the other rows of its batch.
-        generators = [torch.Generator().manual_seed(example_seed(sample.seed, e.id))
-                      for e in examples]
-        return model.sample_directions(len(examples), generators, **sampling_args(sample))
+        # One chain per example, all run as one batch (one denoiser call per step), seeded by
+        # its id (or all by sample.seed: shared noise): an example's prompt does not depend on
+        # the other rows of its batch.
+        generators = [torch.Generator().manual_seed(
+            sample.seed if sample.prompts == "shared" else example_seed(sample.seed, e.id))
+            for e in examples]
+        return model.sample_directions(len(examples), generators, **args)
 
     @torch.no_grad()
     def run(self, method_name: str, examples: list[Example]) -> list[dict]:

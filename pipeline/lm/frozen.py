@@ -92,6 +92,20 @@ class FrozenCodeLM:
     def mean_token_norm(self) -> float:
         return self.model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
 
+    @torch.no_grad()
+    def condition(self, batch: Batch, spans: tuple[str, ...] = ("instruction", "input")
+                  ) -> torch.Tensor:
+        """Each example's task as a vector: the mean of its input embeddings over the named
+        spans (the instruction and input), (B, d) float32, no gradient. An embedding lookup,
+        no forward: cheap enough to compute for every batch instead of caching."""
+        if not all(name in batch.spans for name in spans):
+            raise ValueError(f"batch has spans {sorted(batch.spans)}, not {list(spans)}: collate "
+                             "examples encoded by PromptTemplate.encode")
+        mask = batch.anchor_mask(spans)  # (B, L), the union of the spans
+        embeds = self.embed(batch.input_ids).float()
+        counts = mask.sum(-1, keepdim=True).clamp(min=1)
+        return (embeds * mask[..., None]).sum(1) / counts
+
     # ---- batching ------------------------------------------------------------------------------
     def encode(self, examples: list[Example]) -> list[EncodedExample]:
         return [self.template.encode(example) for example in examples]

@@ -2,8 +2,18 @@
 
 An objective turns a prompt model and the frozen LM's loss into the step's loss. It sees the LM
 only through ``code_loss(direction) -> scalar``: the LM's code cross-entropy given the prompt
-``X_ctx + direction`` for the step's batch (direction (B, n, d) or (n, d)). Nothing is kept
-between calls: what ``after_step`` needs comes back in the :class:`ObjectiveOutput`.
+``X_ctx + direction`` for the step's batch (direction (B, n, d) or (n, d)), and the batch's
+conditions (B, d) when the prompt model is conditional. Nothing is kept between calls: what
+``after_step`` needs comes back in the :class:`ObjectiveOutput`.
+
+- ``bootstrap``: noise a global EMA target ``x0_bar``, denoise, LM loss (the default).
+- ``bootstrap_teacher``: the target is, per example, an EMA teacher's short DDIM sample from
+  fresh noise (given the example's condition), instead of one global ``x0_bar``.
+- ``unrolled``: a short DDIM chain from noise, gradients through every step, LM loss on its end
+  (the paper's "back-propagated through the diffusion network").
+- ``deterministic``: the ablation, the same network as a plain generator: x0 = D(0, T-1, c).
+Conditional models drop the condition with probability ``cfg_dropout`` (classifier-free
+guidance's training half).
 """
 from __future__ import annotations
 
@@ -13,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.method.prompt import DiffusionPrompt
+from pipeline.method.samplers import ddim_step, ddim_timesteps
 
 CodeLoss = Callable[[torch.Tensor], torch.Tensor]
 
@@ -47,21 +58,25 @@ class BootstrapObjective:
     then x0_bar <- (1 - rate) x0_bar + rate * mean(x0_hat) (no gradient).
 
     Args:
-        ema_rate: the target's moving-average rate. consistency_weight: lambda.
+        ema_rate: the target's moving-average rate. consistency_weight: lambda. cfg_dropout:
+        the probability of dropping a conditional model's condition.
     """
 
-    def __init__(self, ema_rate: float = 0.1, consistency_weight: float = 0.01):
-        self.rate, self.weight = ema_rate, consistency_weight
+    def __init__(self, ema_rate: float = 0.1, consistency_weight: float = 0.01,
+                 cfg_dropout: float = 0.1):
+        self.rate, self.weight, self.cfg_dropout = ema_rate, consistency_weight, cfg_dropout
 
     def loss(self, model: DiffusionPrompt, code_loss: CodeLoss, batch_size: int,
-             generator: torch.Generator | None = None) -> ObjectiveOutput:
+             generator: torch.Generator | None = None,
+             condition: torch.Tensor | None = None) -> ObjectiveOutput:
         device, shape = model.x0_bar.device, (batch_size, *model.latent_shape)
         t = torch.randint(0, model.schedule.timesteps, (batch_size,), generator=generator)
         t = t.to(device)
         eps = torch.randn(shape, generator=generator).to(device)
+        drop = cfg_drop(batch_size, self.cfg_dropout, condition, generator)
         x0_bar = model.x0_bar.expand(shape)
         x_t = model.schedule.add_noise(x0_bar, eps, t)
-        x0_hat = model.denoiser(x_t, t)
+        x0_hat = model.predict(x_t, t, condition, drop=drop)
         direction = model.direction(x0_hat)
         lm_loss = code_loss(direction)
         consistency = (x0_hat - x0_bar).pow(2).mean()
@@ -79,4 +94,116 @@ class BootstrapObjective:
         model.x0_bar.lerp_(mean.to(model.x0_bar.dtype), self.rate)
 
 
-OBJECTIVES = {"bootstrap": BootstrapObjective}
+class TeacherBootstrapObjective:
+    """``bootstrap`` with a per-example target from an EMA teacher (``bootstrap_teacher``).
+
+    Each step, per example i: target_i = the teacher's DDIM-``teacher_steps`` sample from fresh
+    noise given c_i (no gradient); t ~ U{0..T-1}, eps ~ N(0, I); x_t = sqrt(abar_t) target_i +
+    sqrt(1 - abar_t) eps; x0_hat = D(x_t, t, c_i); loss = CE(LM | X_ctx + Up(x0_hat)) + lambda
+    ||x0_hat - target||^2. After the step the teacher moves toward the denoiser by ``ema_rate``.
+    At step 0 teacher and denoiser predict 0: the manual prompt, as ``bootstrap`` starts.
+    """
+
+    reads_parameters = True  # after_step reads the denoiser's weights (gathered under ZeRO-3)
+
+    def __init__(self, ema_rate: float = 0.1, consistency_weight: float = 0.01,
+                 cfg_dropout: float = 0.1, teacher_steps: int = 4):
+        self.rate, self.weight, self.cfg_dropout = ema_rate, consistency_weight, cfg_dropout
+        self.teacher_steps = teacher_steps
+
+    def loss(self, model: DiffusionPrompt, code_loss: CodeLoss, batch_size: int,
+             generator: torch.Generator | None = None,
+             condition: torch.Tensor | None = None) -> ObjectiveOutput:
+        if model.teacher is None:
+            raise ValueError("bootstrap_teacher needs a prompt model built with teacher=True")
+        device, shape = model.x0_bar.device, (batch_size, *model.latent_shape)
+        t = torch.randint(0, model.schedule.timesteps, (batch_size,), generator=generator)
+        t = t.to(device)
+        eps = torch.randn(shape, generator=generator).to(device)
+        x_T = torch.randn(shape, generator=generator).to(device)
+        drop = cfg_drop(batch_size, self.cfg_dropout, condition, generator)
+        with torch.no_grad():
+            target = ddim_chain(model, x_T, condition, self.teacher_steps, drop, teacher=True)
+        x_t = model.schedule.add_noise(target, eps, t)
+        x0_hat = model.predict(x_t, t, condition, drop=drop)
+        direction = model.direction(x0_hat)
+        lm_loss = code_loss(direction)
+        consistency = (x0_hat - target).pow(2).mean()
+        loss = lm_loss + self.weight * consistency
+        return ObjectiveOutput(loss, direction_stats(loss, lm_loss, consistency, direction))
+
+    def after_step(self, model: DiffusionPrompt, output: ObjectiveOutput) -> None:
+        model.update_teacher(self.rate)
+
+
+class UnrolledObjective:
+    """The LM loss on the end of a short DDIM chain from noise, back-propagated through every
+    step of it (``unrolled``): x_T ~ N(0, I); x_0 = DDIM-``unroll_steps`` (eta = 0) given c;
+    loss = CE(LM | X_ctx + Up(x_0)). Sample with the same steps: the denoiser only ever sees
+    those timesteps. ``consistency`` reports ||x_0||^2 (not in the loss)."""
+
+    def __init__(self, cfg_dropout: float = 0.1, unroll_steps: int = 3):
+        self.cfg_dropout, self.steps = cfg_dropout, unroll_steps
+
+    def loss(self, model: DiffusionPrompt, code_loss: CodeLoss, batch_size: int,
+             generator: torch.Generator | None = None,
+             condition: torch.Tensor | None = None) -> ObjectiveOutput:
+        device, shape = model.x0_bar.device, (batch_size, *model.latent_shape)
+        x_T = torch.randn(shape, generator=generator).to(device)
+        drop = cfg_drop(batch_size, self.cfg_dropout, condition, generator)
+        x0 = ddim_chain(model, x_T, condition, self.steps, drop)
+        direction = model.direction(x0)
+        lm_loss = code_loss(direction)
+        return ObjectiveOutput(lm_loss, direction_stats(lm_loss, lm_loss, x0.pow(2).mean(),
+                                                        direction))
+
+    def after_step(self, model: DiffusionPrompt, output: ObjectiveOutput) -> None:
+        pass
+
+
+class DeterministicObjective:
+    """The ablation (``deterministic``): the same network as a plain generator, x0 = D(0, T-1,
+    c), one call, no noise; loss = CE(LM | X_ctx + Up(x0)); the same condition dropout."""
+
+    def __init__(self, cfg_dropout: float = 0.1):
+        self.cfg_dropout = cfg_dropout
+
+    def loss(self, model: DiffusionPrompt, code_loss: CodeLoss, batch_size: int,
+             generator: torch.Generator | None = None,
+             condition: torch.Tensor | None = None) -> ObjectiveOutput:
+        drop = cfg_drop(batch_size, self.cfg_dropout, condition, generator)
+        x0 = model.zero_noise_latents(batch_size, condition, drop=drop)
+        direction = model.direction(x0)
+        lm_loss = code_loss(direction)
+        return ObjectiveOutput(lm_loss, direction_stats(lm_loss, lm_loss, torch.zeros(()),
+                                                        direction))
+
+    def after_step(self, model: DiffusionPrompt, output: ObjectiveOutput) -> None:
+        pass
+
+
+def cfg_drop(batch_size: int, probability: float, condition: torch.Tensor | None,
+             generator: torch.Generator | None) -> torch.Tensor | None:
+    """(B,) bool: the rows whose condition is dropped; None without a condition or dropout."""
+    if condition is None or probability <= 0:
+        return None
+    return (torch.rand(batch_size, generator=generator) < probability).to(condition.device)
+
+
+def ddim_chain(model: DiffusionPrompt, x_T: torch.Tensor, condition: torch.Tensor | None,
+               steps: int, drop: torch.Tensor | None = None, teacher: bool = False
+               ) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from x_T (B, n, k) in ``steps`` steps, T-1 .. 0, with
+    gradients through every call unless run under no_grad: x_0 (B, n, k). The chain
+    :func:`pipeline.method.samplers.sample` runs with ``sampler='ddim'``."""
+    times = ddim_timesteps(model.schedule.timesteps, steps)
+    x, batch = x_T, x_T.shape[0]
+    for t, t_prev in zip(times, times[1:] + [-1]):
+        step = torch.full((batch,), t, dtype=torch.long, device=x.device)
+        x0_hat = model.predict(x, step, condition, drop=drop, teacher=teacher)
+        x = ddim_step(model.schedule, x0_hat, x, t, t_prev, 0.0, None).prev_sample
+    return x
+
+
+OBJECTIVES = {"bootstrap": BootstrapObjective, "bootstrap_teacher": TeacherBootstrapObjective,
+              "unrolled": UnrolledObjective, "deterministic": DeterministicObjective}

@@ -22,7 +22,13 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.example import Example
 from pipeline.lm.frozen import Batch, FrozenCodeLM
 from pipeline.training.checkpoint import load_optimizer_state, load_prompt_model, save_checkpoint
-from pipeline.training.prompt_models import PromptLoss, build_trainable
+from pipeline.training.prompt_models import (
+    PromptLoss,
+    build_trainable,
+    condition_stats,
+    is_conditional,
+    set_condition_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +134,10 @@ def train_local(
     encoded = lm.encode(examples)
     model, objective = build_trainable(lm, config)
     model = model.to(lm.device)
+    if is_conditional(model):  # standardise conditions with the training data's statistics
+        chunks = (lm.collate(encoded[i:i + tc.batch_size])
+                  for i in range(0, len(encoded), tc.batch_size))
+        set_condition_stats(model, *condition_stats(lm, chunks))
     module = PromptLoss(model, lm, objective)
     step_fn, optimizer = local_step_fn(module, tc)
     start = 0

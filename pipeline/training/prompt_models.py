@@ -8,6 +8,7 @@ comparison look it up here instead of branching on its name.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,17 +44,31 @@ class PromptModelSpec:
 
 
 def _diffusion_prompt(config: RunConfig, facts: LMFacts) -> DiffusionPrompt:
-    dn, df = config.denoiser, config.diffusion
+    dn, df, objective = config.denoiser, config.diffusion, config.train.objective
     return DiffusionPrompt(
         facts.context_tokens, facts.hidden_size, facts.token_norm, bottleneck=dn.bottleneck,
         hidden_dim=dn.hidden_dim, num_blocks=dn.num_blocks, time_embed_dim=dn.time_embed_dim,
         up_projection=dn.up_projection, up_scale=dn.up_scale, schedule=df.schedule,
-        timesteps=df.timesteps, seed=config.train.seed)
+        timesteps=df.timesteps, seed=config.train.seed,
+        cond_dim=0 if dn.condition == "none" else facts.hidden_size,
+        teacher=objective == "bootstrap_teacher", deterministic=objective == "deterministic")
 
 
-def _bootstrap(config: RunConfig):
+# train.objective -> the objective's settings, from the train section
+_OBJECTIVE_ARGS = {
+    "bootstrap": lambda tc: {"ema_rate": tc.ema_rate, "consistency_weight": tc.consistency_weight,
+                             "cfg_dropout": tc.cfg_dropout},
+    "bootstrap_teacher": lambda tc: {"ema_rate": tc.ema_rate, "cfg_dropout": tc.cfg_dropout,
+                                     "consistency_weight": tc.consistency_weight,
+                                     "teacher_steps": tc.teacher_steps},
+    "unrolled": lambda tc: {"cfg_dropout": tc.cfg_dropout, "unroll_steps": tc.unroll_steps},
+    "deterministic": lambda tc: {"cfg_dropout": tc.cfg_dropout},
+}
+
+
+def _ddpt_objective(config: RunConfig):
     tc = config.train
-    return OBJECTIVES[tc.objective](ema_rate=tc.ema_rate, consistency_weight=tc.consistency_weight)
+    return OBJECTIVES[tc.objective](**_OBJECTIVE_ARGS[tc.objective](tc))
 
 
 def _soft_prompt(config: RunConfig, facts: LMFacts) -> SoftPrompt:
@@ -64,7 +79,7 @@ def _soft_prompt(config: RunConfig, facts: LMFacts) -> SoftPrompt:
 
 
 PROMPT_MODELS: dict[str, PromptModelSpec] = {
-    "ddpt": PromptModelSpec(_diffusion_prompt, _bootstrap, "--checkpoint",
+    "ddpt": PromptModelSpec(_diffusion_prompt, _ddpt_objective, "--checkpoint",
                             "DDPT: a denoiser turns noise into the prompt direction"),
     "prompt_tuning": PromptModelSpec(_soft_prompt, lambda config: PromptTuningObjective(),
                                      "--prompt-tuning",
@@ -90,9 +105,23 @@ def build_trainable(lm: FrozenCodeLM, config: RunConfig, token_norm: float | Non
     return spec.build(config, lm_facts(lm, token_norm, context)), spec.objective(config)
 
 
-def sampling_args(sample: SampleConfig) -> dict:
-    """``sample_directions`` keywords from the ``sample`` section."""
-    return {"sampler": sample.sampler, "steps": sample.ddim_steps, "eta": sample.eta}
+def sampling_args(sample: SampleConfig, model: nn.Module | None = None) -> dict:
+    """``sample_directions`` keywords from the ``sample`` section (and the guidance scale for a
+    conditional ``model``)."""
+    args = {"sampler": sample.sampler, "steps": sample.ddim_steps, "eta": sample.eta}
+    if is_conditional(model):
+        args["guidance"] = sample.guidance
+    return args
+
+
+def is_conditional(model: nn.Module | None) -> bool:
+    """Whether the prompt model wants each example's condition (a per-task prompt)."""
+    return bool(getattr(model, "conditional", False))
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The prompt model's trained parameters (buffers, the EMA teacher and the LM excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class PromptLoss(nn.Module):
@@ -111,9 +140,38 @@ class PromptLoss(nn.Module):
     def forward(self, batch: Batch, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, ObjectiveOutput]:
         """(the loss to back-propagate, the objective's whole output)."""
+        extra = {"condition": self._lm.condition(batch)} if is_conditional(self.prompt) else {}
         output = self.objective.loss(self.prompt, lambda d: self._lm.code_loss(batch, d),
-                                     batch.input_ids.shape[0], generator)
+                                     batch.input_ids.shape[0], generator, **extra)
         return output.loss, output
 
-    def after_step(self, output: ObjectiveOutput) -> None:
-        self.objective.after_step(self.prompt, output)
+    def after_step(self, output: ObjectiveOutput, gather=nullcontext) -> None:
+        """The objective's update after the optimizer step. ``gather(params)``: a context in
+        which partitioned parameters are whole (ZeRO-3's ``GatheredParameters``)."""
+        if getattr(self.objective, "reads_parameters", False):
+            with gather(list(self.prompt.parameters())):
+                self.objective.after_step(self.prompt, output)
+        else:
+            self.objective.after_step(self.prompt, output)
+
+
+@torch.no_grad()
+def condition_stats(lm: FrozenCodeLM, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sums over ``batches`` of the conditions and their squares: ((d,), (d,), count), to be
+    summed over data-parallel ranks before :func:`set_condition_stats`."""
+    total = square = None
+    count = 0
+    for batch in batches:
+        c = lm.condition(batch.to(lm.device)).double()
+        total = c.sum(0) if total is None else total + c.sum(0)
+        square = c.pow(2).sum(0) if square is None else square + c.pow(2).sum(0)
+        count += c.shape[0]
+    return total, square, count
+
+
+def set_condition_stats(model: nn.Module, total: torch.Tensor, square: torch.Tensor,
+                        count: int) -> None:
+    """Standardise a conditional model's conditions with the training data's mean and std."""
+    mean = total / count
+    std = (square / count - mean.pow(2)).clamp(min=0).sqrt()
+    model.set_condition_stats(mean.float(), std.float())
