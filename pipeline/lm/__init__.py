@@ -1,0 +1,1 @@
+"""Language-model modules of the project: Dream / DiffuCoder and helpers."""
