@@ -25,6 +25,15 @@ from pipeline.lm.dream import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention (10x slower on 2 shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def data_dir() -> Path:
     """$DDPT_DATA_DIR, else <repo>/../shared/data, else /work/shared/data."""
     env = os.environ.get("DDPT_DATA_DIR")
