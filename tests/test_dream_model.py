@@ -127,7 +127,7 @@ def test_sharded_folder_and_dtype(tmp_path):
     assert is_dream_folder(tmp_path) and is_dream_folder(TINY)
     assert not is_dream_folder(tmp_path / "nowhere")
     one, sharded = load_dream(TINY), load_dream(tmp_path)
-    for (k, a), (k2, b) in zip(one.state_dict().items(), sharded.state_dict().items()):
+    for (k, a), (k2, b) in zip(one.state_dict().items(), sharded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     bf = load_dream(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in bf.parameters()} == {torch.bfloat16}

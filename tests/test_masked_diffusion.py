@@ -173,7 +173,7 @@ def test_default_mode_fixes_the_quirks(alg):
     x = torch.randint(3, 30, (2, 4), generator=torch.Generator().manual_seed(0))
     x[1, 1] = m  # a mask id inside the prompt: the default mode leaves it alone
     L = 12
-    base = dict(max_new_tokens=L, steps=6, alg=alg, temperature=1.0)
+    base = {"max_new_tokens": L, "steps": 6, "alg": alg, "temperature": 1.0}
     fn = _mask_loving(V, m, 39)
     quirky = diffusion_generate(fn, x, None, DiffusionSettings(**base, parity=True), m,
                                 generator=torch.Generator().manual_seed(0))
@@ -186,7 +186,7 @@ def test_default_mode_fixes_the_quirks(alg):
     for b in range(2):
         assert sorted(out.record.order(b).tolist()) == list(range(L))  # each revealed once
         assert all(len(r) == 0 for r in out.record.remasked[b])
-    for prev, nxt in zip(out.history, out.history[1:]):
+    for prev, nxt in zip(out.history, out.history[1:], strict=False):
         assert not ((prev != m) & (nxt == m)).any()  # never re-masked
 
 
@@ -215,7 +215,8 @@ def test_record_order_and_first_step_confidence(tiny):
             assert torch.all(c[:-1] >= c[1:])  # within a step: descending confidence
         # the step-0 picks are the most confident canvas positions of step 0
         picks = rec.positions[b][0]
-        assert set(picks.tolist()) == set(first[b].nan_to_num(-1e9).topk(len(picks)).indices.tolist())
+        best = first[b].nan_to_num(-1e9).topk(len(picks)).indices
+        assert set(picks.tolist()) == set(best.tolist())
 
 
 def test_prompt_embeds_and_spa(tiny):
@@ -239,11 +240,11 @@ def test_prompt_embeds_and_spa(tiny):
 
 
 def test_settings_validation():
-    for bad, field in [(dict(steps=0), "steps"), (dict(alg="greedy"), "alg"),
-                       (dict(eps=0.0), "eps"), (dict(top_p=0.0), "top_p"),
-                       (dict(top_k=0), "top_k"), (dict(temperature=-1.0), "temperature"),
-                       (dict(alg="origin", alg_temp=0.5), "alg_temp"),
-                       (dict(max_new_tokens=True), "max_new_tokens")]:
+    for bad, field in [({"steps": 0}, "steps"), ({"alg": "greedy"}, "alg"),
+                       ({"eps": 0.0}, "eps"), ({"top_p": 0.0}, "top_p"),
+                       ({"top_k": 0}, "top_k"), ({"temperature": -1.0}, "temperature"),
+                       ({"alg": "origin", "alg_temp": 0.5}, "alg_temp"),
+                       ({"max_new_tokens": True}, "max_new_tokens"), ({"parity": 1}, "parity")]:
         with pytest.raises(ValueError, match=field):
             DiffusionSettings(**{"max_new_tokens": 4, "steps": 4, **bad})
 

@@ -5,8 +5,9 @@ predicts every masked position (logit j comes from hidden j-1: the *shift*) and 
 them: ``origin`` reveals each with probability 1 - s/t; the confidence algs (``maskgit_plus``: the
 token's probability, ``topk_margin``: top-1 minus top-2, ``entropy``: -H) reveal the K most
 confident (or K drawn from softmax(conf / alg_temp)), K from the linear schedule. The loop only
-sees ``model_fn(x: LongTensor[B, N]) -> logits[B, N, V]``, so prompt offsets (:func:`dream_model_fn`)
-and SPA's two canvases (:func:`spa_model_fn`) plug in without touching it.
+sees ``model_fn(x: LongTensor[B, N]) -> logits[B, N, V]``, so prompt offsets
+(:func:`dream_model_fn`) and SPA's two canvases (:func:`spa_model_fn`) plug in without touching
+it.
 
 ``parity=True`` reproduces the reference ``diffusion_generate`` token for token on CPU fp32, with
 the global torch RNG (``torch.manual_seed(seed)`` before the call) and the reference's RNG calls,
@@ -77,7 +78,7 @@ class DiffusionSettings:
         if self.top_k is not None and (isinstance(self.top_k, bool) or
                                        not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
-        if not isinstance(self.parity, bool):
+        if type(self.parity) is not bool:  # 0/1 are not accepted for a flag
             raise ValueError(f"parity must be a bool, got {self.parity!r}")
 
 

@@ -135,7 +135,6 @@ class DreamModel(PreTrainedModel):
 
     config_class = DreamConfig
     base_model_prefix = "model"
-    _no_split_modules = ["DecoderLayer"]
 
     def __init__(self, config: DreamConfig):
         super().__init__(config)
@@ -255,10 +254,10 @@ def tiny_dream_config(vocab_size: int, mask_token_id: int, pad_token_id: int | N
                       eos_token_id: int | None, bos_token_id: int | None = None,
                       **overrides) -> DreamConfig:
     """The fixture's tiny shape: hidden 32, 2 layers, 4 heads, 2 KV heads, init std 0.1."""
-    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  initializer_range=0.1, sliding_window=None)
-    fields.update(overrides)
+    fields = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 512, "initializer_range": 0.1, "sliding_window": None,
+              **overrides}
     return DreamConfig(vocab_size=vocab_size, mask_token_id=mask_token_id,
                        pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                        bos_token_id=bos_token_id, **fields)
