@@ -141,6 +141,7 @@ def plot_arness(curves: ArnessCurves | dict[str, ArnessCurves], path: str | Path
             mu, sd = np.nanmean(v, 0), np.nanstd(v, 0)
             ax.plot(ks, mu, marker="o", label=label or None)
             ax.fill_between(ks, mu - sd, mu + sd, alpha=0.2)
+            ax.set_xticks(ks)
     for ax, name in zip(axes, ("local AR-ness@k", "global AR-ness@k"), strict=True):
         ax.set(xlabel="k", ylabel=name, ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
