@@ -256,8 +256,10 @@ class EvalConfig:
 @dataclass
 class DecodingConfig:
     strategy: str = _help(
-        "greedy", "'greedy' (plain), 'sample' (temperature sampling, for pass@k with n > 1) or "
-        "'spa' (selective prompt anchoring, method.md section 2)"
+        "greedy", "'greedy' (plain), 'sample' (temperature sampling, for pass@k with n > 1), "
+        "'spa' (selective prompt anchoring, method.md section 2) or 'diffusion' (a masked-"
+        "diffusion LM such as tiny-dream or DiffuCoder: a canvas of eval.max_new_tokens masks "
+        "denoised in diffusion_steps full forwards; docs/dllm.md)"
     )
     temperature: float = _help(0.8, "sampling temperature (strategy 'sample')")
     top_p: float = _help(0.95, "nucleus sampling mass (strategy 'sample')")
@@ -270,9 +272,33 @@ class DecodingConfig:
         "with n > 1 for SPA)"
     )
     seed: int = _help(0, "seed of sampled decoding")
+    diffusion_steps: int = _help(0, "denoising steps (strategy 'diffusion'); 0 = one per token")
+    diffusion_alg: str = _help(
+        "entropy", "which masked positions a step reveals: 'origin' (at random), 'maskgit_plus' "
+        "(top probability), 'topk_margin' (top-1 minus top-2), 'entropy' (DiffuCoder's)"
+    )
+    diffusion_alg_temp: float = _help(0.0, "> 0: draw the revealed positions from softmax("
+                                      "confidence / alg_temp) instead of the top K")
+    diffusion_temperature: float = _help(0.0, "token temperature; 0 = the most likely token")
+    diffusion_top_p: float = _help(1.0, "nucleus mass of token draws; 1 = off")
+    diffusion_top_k: int = _help(0, "top-k of token draws; 0 = off")
+    diffusion_eps: float = _help(1e-3, "the schedule's final time (Dream's eps)")
+    diffusion_parity: bool = _help(
+        False, "reproduce Dream's reference decoder token for token, its quirks included (one "
+        "K for the whole batch, re-masking); docs/dllm.md"
+    )
 
     def __post_init__(self):
-        _one_of(self.strategy, ("greedy", "sample", "spa"), "decoding.strategy")
+        _one_of(self.strategy, ("greedy", "sample", "spa", "diffusion"), "decoding.strategy")
+        _check(self.diffusion_steps >= 0, "decoding.diffusion_steps", "must be >= 0")
+        _one_of(self.diffusion_alg, ("origin", "maskgit_plus", "topk_margin", "entropy"),
+                "decoding.diffusion_alg")
+        _check(self.diffusion_alg_temp >= 0, "decoding.diffusion_alg_temp", "must be >= 0")
+        _check(self.diffusion_temperature >= 0, "decoding.diffusion_temperature",
+               "must be >= 0")
+        _check(0 < self.diffusion_top_p <= 1, "decoding.diffusion_top_p", "must be in (0, 1]")
+        _check(self.diffusion_top_k >= 0, "decoding.diffusion_top_k", "must be >= 0")
+        _check(0 < self.diffusion_eps < 1, "decoding.diffusion_eps", "must be in (0, 1)")
         _check(self.temperature > 0, "decoding.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "decoding.top_p", "must be in (0, 1]")
         _check(len(self.spa_anchors) > 0, "decoding.spa_anchors", "must name at least one span")

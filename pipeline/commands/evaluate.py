@@ -1,7 +1,11 @@
-"""``ddpt evaluate``: execution-based evaluation of a data set's programs, without a model.
+"""``ddpt evaluate``: execution-based evaluation of a data set's programs (pass@k).
 
 The ``canonical`` method runs each example's reference solution against its tests: a
-self-check of the data and of the sandbox (HumanEval and MBPP should pass every task).
+self-check of the data and of the sandbox (HumanEval and MBPP should pass every task). The
+model methods that need no trained prompt (``manual``, ``spa``) generate with ``model.name``
+and ``decoding`` (an autoregressive LM, or a masked-diffusion one with ``decoding.strategy:
+diffusion``) on the sampler pool, then run in the same sandbox; they also get the text metrics,
+``code_ce`` and, for a masked-diffusion LM, AR-ness (plots under ``arness/``).
 
 Writes into the output folder:
     config.yaml        the resolved configuration
@@ -19,22 +23,27 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.commands.common import overrides
+from pipeline.commands.common import overrides, pool_opener
 from pipeline.config import ConfigError, RunConfig, build_config, check_fresh_output
 from pipeline.data.example import Example
 from pipeline.data.splits import tested_eval_examples
+from pipeline.evaluation.comparison import arness_plots, check_before_work, sample_into, score
 from pipeline.evaluation.execution import score_execution
 from pipeline.evaluation.results import ResultStore
+from pipeline.evaluation.sampler import METHODS, check_decoding
+from pipeline.lm.loader import is_diffusion_model
 from pipeline.sandbox import SandboxError, resolve_isolation
 from pipeline.tracking import RunTracker, check_tracking_uri, open_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 RUN_FILE = "evaluate_run.json"
 
-# A method maps an example to the program text it is scored with.
+# A data method maps an example to the program text it is scored with.
 EVALUATE_METHODS: dict[str, Callable[[Example], str]] = {
     "canonical": lambda example: example.output,
 }
+# The sampler's methods that need no trained prompt model: they generate with model.name.
+MODEL_METHODS = {name: spec for name, spec in METHODS.items() if spec.prompt is None}
 
 
 def _open_run(config: RunConfig, output: Path, uri: str, methods: Sequence[str],
@@ -51,10 +60,15 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     scored are skipped and the MLflow run is continued."""
     output = Path(output).resolve()
     methods = list(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in EVALUATE_METHODS]
+    known = {**EVALUATE_METHODS, **MODEL_METHODS}
+    unknown = [m for m in methods if m not in known]
     if not methods or unknown:
         raise ConfigError(f"--method: unknown {unknown or 'none given'}; known: "
-                          f"{', '.join(EVALUATE_METHODS)}")
+                          f"{', '.join(known)}")
+    model_methods = [m for m in methods if m in MODEL_METHODS]
+    if model_methods:
+        check_before_work(config)
+        check_decoding(config, is_diffusion_model(config.model))
     if config.execution.num_samples != 1:
         raise ConfigError("execution.num_samples: evaluate's methods give one program per task; "
                           f"use 1 (got {config.execution.num_samples})")
@@ -74,7 +88,15 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     config.save(output / "config.yaml")
     metrics: dict[str, dict[str, float]] = {}
     with _open_run(config, output, uri, methods, isolation, resume) as tracker:
-        for method in methods:
+        if model_methods:  # generate what the store lacks, batch by batch
+            sample_into(store, config, model_methods, examples, pool_opener(config, {}),
+                        progress)
+            metrics.update(score(store, config, model_methods, examples))
+            for method in model_methods:
+                for plot in arness_plots(store.by_method().get(method, []), output / "arness",
+                                         method):
+                    tracker.log_artifact(plot, "arness")
+        for method in (m for m in methods if m in EVALUATE_METHODS):
             done = store.done_ids(method)
             program = EVALUATE_METHODS[method]
             store.append({"id": ex.id, "method": method, "generation": program(ex),

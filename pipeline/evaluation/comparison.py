@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from mlflow import MlflowClient
 
@@ -98,8 +99,38 @@ def score(store: ResultStore, config: RunConfig, methods: list[str],
                       prompt_share=prompt / max(prompt + generate, 1e-9))
         if executable:
             values.update(score_execution(store, method, examples, config.execution))
+        values.update(arness_metrics(rows))
         metrics[method] = values
     return metrics
+
+
+def arness_metrics(rows: list[dict]) -> dict[str, float]:
+    """Mean AR-ness@k over a masked-diffusion method's records (``arness_local_at_<k>``,
+    ``arness_global_at_<k>``); empty for autoregressive methods."""
+    if not rows or "arness_local" not in rows[0]:
+        return {}
+    values = {}
+    for kind in ("local", "global"):
+        table = np.array([r[f"arness_{kind}"] for r in rows], dtype=float)  # (examples, k)
+        values.update({f"arness_{kind}_at_{k}": float(v)
+                       for k, v in enumerate(np.nanmean(table, 0), start=1)})
+    return values
+
+
+def arness_plots(rows: list[dict], folder: Path, method: str) -> list[Path]:
+    """AR-ness against k and first-step confidence by position, as PNGs in ``folder``."""
+    from pipeline.evaluation.arness import ArnessCurves, plot_arness, plot_first_step_confidence
+
+    if not rows or "arness_local" not in rows[0]:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    local = np.array([r["arness_local"] for r in rows], dtype=float)
+    global_ = np.array([r["arness_global"] for r in rows], dtype=float)
+    curves = ArnessCurves(list(range(1, local.shape[1] + 1)), local,
+                          list(range(1, global_.shape[1] + 1)), global_)
+    confidence = np.array([r["first_step_confidence"] for r in rows], dtype=float)
+    return [plot_arness({method: curves}, folder / f"{method}_arness.png"),
+            plot_first_step_confidence(confidence, folder / f"{method}_first_step_confidence.png")]
 
 
 def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
@@ -131,8 +162,13 @@ def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
 
 
 def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path]) -> dict:
-    spec = METHODS[method]
+    spec, dc = METHODS[method], config.decoding
     params = {"method": method, "decoding": spec.decoding, "prompt": spec.prompt or "manual"}
+    if dc.strategy == "diffusion":  # a masked-diffusion LM: SPA methods run two canvases
+        params.update(decoding="diffusion" + ("+spa" if spec.decoding == "spa" else ""),
+                      diffusion_steps=dc.diffusion_steps or config.eval.max_new_tokens,
+                      diffusion_alg=dc.diffusion_alg,
+                      diffusion_temperature=dc.diffusion_temperature)
     if spec.prompt:
         sample = method_sample_config(spec, config.sample)
         params.update(sampler=sample.sampler, prompts=sample.prompts,
@@ -168,6 +204,9 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
                            "samples.json")
             if METHODS[method].prompt in interpreted:
                 child.log_artifacts(interpreted[METHODS[method].prompt], "interpret")
+            for plot in arness_plots(by_method.get(method, []), store.path.parent / "arness",
+                                     method):
+                child.log_artifact(plot, "arness")
         run_ids[method] = child.run_id
     return run_ids
 

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import ConfigError, DecodingConfig, RunConfig, SampleConfig
 from pipeline.data.example import Example
-from pipeline.decoding.autoregressive import generate, generate_samples
+from pipeline.decoding.autoregressive import decode_code, generate, generate_samples
 from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.training.prompt_models import PROMPT_MODELS, is_conditional, sampling_args
 
@@ -63,6 +63,21 @@ def prompt_models_needed(methods: list[str] | tuple[str, ...]) -> list[str]:
     return [p for p in PROMPT_MODELS if any(METHODS[m].prompt == p for m in methods)]
 
 
+def check_decoding(config: RunConfig, diffusion_model: bool) -> None:
+    """A masked-diffusion LM decodes with ``decoding.strategy: diffusion``, and only it does."""
+    strategy = config.decoding.strategy
+    if diffusion_model and strategy != "diffusion":
+        raise ConfigError(f"decoding.strategy: model.name={config.model.name!r} is a masked-"
+                          f"diffusion LM; set decoding.strategy=diffusion (not {strategy!r})")
+    if not diffusion_model and strategy == "diffusion":
+        raise ConfigError(f"decoding.strategy: 'diffusion' needs a masked-diffusion LM "
+                          f"(tiny-dream, a Dream/DiffuCoder folder), not {config.model.name!r}")
+    if diffusion_model and config.execution.num_samples > 1 and \
+            config.decoding.diffusion_temperature == 0:
+        raise ConfigError("decoding.diffusion_temperature: 0 gives execution.num_samples "
+                          "identical draws; set it > 0 for pass@k with n > 1")
+
+
 def example_seed(seed: int, example_id: str) -> int:
     """A per-example seed that does not depend on the batch the example lands in."""
     return zlib.crc32(f"{seed}:{example_id}".encode())
@@ -92,6 +107,7 @@ class BatchSampler:
 
         self.config = config
         self.lm = lm or build_lm(config)
+        check_decoding(config, self.lm.is_diffusion)
         self.prompt_models = {}
         for name, path in checkpoints.items():
             model, saved, _ = load_prompt_model(path, map_location=self.lm.device)
@@ -143,17 +159,53 @@ class BatchSampler:
         batch = lm.collate(lm.encode(examples)).to(lm.device)
         code_ce = lm.code_loss(batch, delta, per_example=True).tolist()
         scored = time.perf_counter()
-        decoding = method_decoding(method, self.config.decoding)
-        generations = generate(lm, examples, delta, ec.max_new_tokens, decoding=decoding)
-        samples = self._samples(examples, delta, decoding)
+        if lm.is_diffusion:
+            generations, extras, samples = self._diffusion(method, examples, delta)
+        else:
+            decoding = method_decoding(method, self.config.decoding)
+            generations = generate(lm, examples, delta, ec.max_new_tokens, decoding=decoding)
+            extras, samples = [{} for _ in examples], self._samples(examples, delta, decoding)
         done = time.perf_counter()
         records = [{"id": e.id, "method": method_name, "generation": g, "reference": e.output,
                     "code_ce": ce, "batch_size": len(examples),
-                    "prompt_seconds": prompted - began, "generate_seconds": done - scored}
-                   for e, g, ce in zip(examples, generations, code_ce)]
+                    "prompt_seconds": prompted - began, "generate_seconds": done - scored, **x}
+                   for e, g, ce, x in zip(examples, generations, code_ce, extras)]
         for record, drawn in zip(records, samples or []):
             record["samples"] = drawn
         return records
+
+    def _diffusion(self, method: Method, examples: list[Example], delta: torch.Tensor | None
+                   ) -> tuple[list[str], list[dict], list[list[str]] | None]:
+        """Masked-diffusion decoding (SPA's two canvases for SPA methods): the generations,
+        each example's AR-ness and first-step confidences, and n draws per example when
+        ``execution.num_samples`` > 1 (decoding.diffusion_temperature > 0)."""
+        from pipeline.decoding.dllm import generate_ids_diffusion
+        from pipeline.evaluation.arness import arness_from_record
+
+        lm, decoding, length = self.lm, self.config.decoding, self.config.eval.max_new_tokens
+        spa = method.decoding == "spa"
+        batch = lm.collate(lm.encode(examples), with_targets=False).to(lm.device)
+        # Seeded by the batch's ids: a retried batch decodes the same way.
+        seed = example_seed(decoding.seed, ",".join(e.id for e in examples))
+        rows, record = generate_ids_diffusion(lm, batch, delta, length, decoding, spa,
+                                              torch.Generator(lm.device).manual_seed(seed))
+        curves = arness_from_record(record)
+        first = record.first_step_confidence[:, batch.input_ids.shape[1]:]
+        extras = [{"arness_local": curves.local[i].tolist(),
+                   "arness_global": curves.global_[i].tolist(),
+                   "first_step_confidence": first[i].nan_to_num(0.0).tolist()}
+                  for i in range(len(examples))]
+        n = self.config.execution.num_samples
+        samples = None
+        if n > 1:
+            encoded = [e for e in lm.encode(examples) for _ in range(n)]
+            repeated = lm.collate(encoded, with_targets=False).to(lm.device)
+            drawn, _ = generate_ids_diffusion(
+                lm, repeated, None if delta is None else delta.repeat_interleave(n, 0), length,
+                decoding, spa, torch.Generator(lm.device).manual_seed(seed + 1))
+            texts = decode_code(lm, drawn)
+            samples = [texts[i:i + n] for i in range(0, len(texts), n)]
+        return decode_code(lm, rows), extras, samples
 
     def _samples(self, examples: list[Example], delta: torch.Tensor | None,
                  decoding: DecodingConfig) -> list[list[str]] | None:

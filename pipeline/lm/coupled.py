@@ -98,3 +98,25 @@ def decoupled_scores(model: ModelFn | nn.Module, prompt_ids: torch.Tensor,
     l1, l2, l3 = _completion_logprobs(_as_fn(model), views, prompt_ids.shape[1],
                                       completion_ids).chunk(3)
     return (l1 + m2 * l2 / t + m3 * l3 / (1 - t)) / 2
+
+
+def coupled_scores_at(model_fn: ModelFn, ids: torch.Tensor, targets: torch.Tensor,
+                      mask_id: int, generator: torch.Generator | None = None,
+                      t_range: tuple[float, float] = (0.2, 0.8)) -> torch.Tensor:
+    """:func:`coupled_scores` for any layout: the scored tokens are where ``targets`` (B, N)
+    bool is True (a batch whose rows end at different places); the rest is context, never
+    masked. ``model_fn(x (3B, N)) -> logits (3B, N, V)`` carries the attention mask and any
+    prompt embeddings. Returns (B, N) fp32 scores, 0 off the targets."""
+    t = _draw_t(generator, t_range, ids.device)
+    m_t = (torch.rand(ids.shape, generator=generator, device=ids.device) < t) & targets
+    views = torch.cat([ids.masked_fill(targets, mask_id), ids.masked_fill(m_t, mask_id),
+                       ids.masked_fill(targets & ~m_t, mask_id)])
+    logits = model_fn(views)
+    logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # logit j from hidden j-1
+    where = targets.repeat(3, 1)
+    logp = logits[where].float().log_softmax(-1)  # only the scored rows: (3T, V)
+    true = ids.repeat(3, 1)[where]
+    picked = logp.gather(-1, true[:, None])[:, 0]
+    l1, l2, l3 = (torch.zeros(ids.shape, device=ids.device).masked_scatter(targets, part)
+                  for part in picked.chunk(3))
+    return coupled_from_logprobs(l1, l2, l3, m_t, t) * targets

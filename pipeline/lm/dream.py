@@ -219,11 +219,9 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_dream(folder: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> DreamModel:
-    """Load a Dream folder (config.json + safetensors) without remote code. The module is built
-    on the meta device and the tensors are assigned shard by shard, cast to ``dtype`` on
-    ``device``, so a 7B bf16 checkpoint never exists in fp32."""
+def read_dream_config(folder: str | Path) -> DreamConfig:
+    """A Dream folder's config.json as a :class:`DreamConfig` (its ``auto_map`` to remote code
+    is ignored: the project's own module runs the checkpoint)."""
     folder = Path(folder)
     raw = json.loads((folder / "config.json").read_text())
     if raw.get("model_type") != "Dream":
@@ -231,8 +229,17 @@ def load_dream(folder: str | Path, dtype: torch.dtype = torch.float32,
     for key in ("model_type", "architectures", "auto_map", "torch_dtype", "dtype",
                 "transformers_version"):
         raw.pop(key, None)
+    return DreamConfig(**raw)
+
+
+def load_dream(folder: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> DreamModel:
+    """Load a Dream folder (config.json + safetensors) without remote code. The module is built
+    on the meta device and the tensors are assigned shard by shard, cast to ``dtype`` on
+    ``device``, so a 7B bf16 checkpoint never exists in fp32."""
+    folder = Path(folder)
     with torch.device("meta"):
-        model = DreamModel(DreamConfig(**raw))
+        model = DreamModel(read_dream_config(folder))
     seen: set[str] = set()
     for path in _weight_files(folder):
         state = {k: v.to(dtype) for k, v in load_file(str(path), device=str(device)).items()}

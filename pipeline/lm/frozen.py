@@ -67,6 +67,12 @@ class FrozenCodeLM:
                            and not self.is_encoder_decoder)
 
     @property
+    def is_diffusion(self) -> bool:
+        """A masked-diffusion LM (Dream, DiffuCoder): bidirectional, decoded by
+        :mod:`pipeline.decoding.masked_diffusion`, scored by the coupled estimator."""
+        return getattr(self.model.config, "model_type", None) == "Dream"
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -170,15 +176,23 @@ class FrozenCodeLM:
     # ---- forward -------------------------------------------------------------------------------
     def prompt_embeds(self, batch: Batch, delta: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings with the context replaced by ``X_ctx + delta``: (B, L, d)."""
-        embeds = self.embed(batch.input_ids)
+        return self.inject(self.embed(batch.input_ids), batch.context_mask, delta)
+
+    def inject(self, embeds: torch.Tensor, context_mask: torch.Tensor,
+               delta: torch.Tensor | None) -> torch.Tensor:
+        """``embeds`` (R, L, d) with the n ``context_mask`` positions of each row replaced by
+        ``X_ctx + delta`` (delta (n, d), or (B, n, d) with R a multiple of B)."""
         if delta is None:
             return embeds
-        bsz, n, d = embeds.shape[0], self.context_length, embeds.shape[-1]
+        rows, n, d = embeds.shape[0], self.context_length, embeds.shape[-1]
         context = self.context_embedding().to(embeds.dtype)
-        prompt = (context + delta.to(embeds.dtype)).expand(bsz, n, d)
+        prompt = context + delta.to(embeds.dtype)
+        if prompt.dim() == 3 and prompt.shape[0] != rows:
+            prompt = prompt.repeat(rows // prompt.shape[0], 1, 1)
         # masked_scatter fills the n masked positions of each row in order, and is differentiable
         # with respect to `prompt`.
-        return embeds.masked_scatter(batch.context_mask[..., None], prompt.contiguous())
+        return embeds.masked_scatter(context_mask[..., None],
+                                     prompt.expand(rows, n, d).contiguous())
 
     @staticmethod
     def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -186,11 +200,17 @@ class FrozenCodeLM:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def code_loss(self, batch: Batch, delta: torch.Tensor | None = None,
-                  per_example: bool = False) -> torch.Tensor:
+                  per_example: bool = False, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
         """Cross-entropy on the code tokens only. Returns the token mean over the batch, or (B,)
-        per-example means when ``per_example``."""
+        per-example means when ``per_example``. A masked-diffusion LM sees the whole sequence,
+        so its "cross-entropy" is the coupled estimator's negative log-likelihood proxy
+        (:func:`pipeline.lm.coupled.coupled_scores_at`; masks drawn from ``generator``, else
+        from a fixed seed, so held-out scores are reproducible)."""
         if batch.labels is None:
             raise ValueError("code_loss needs a batch collated with targets")
+        if self.is_diffusion:
+            return self._diffusion_code_loss(batch, delta, per_example, generator)
         embeds = self.prompt_embeds(batch, delta)
         if self.is_encoder_decoder:
             logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
@@ -208,6 +228,30 @@ class FrozenCodeLM:
         if per_example:
             return token_loss.sum(-1) / counts.clamp(min=1)
         return token_loss.sum() / counts.sum().clamp(min=1)
+
+    def _diffusion_code_loss(self, batch: Batch, delta: torch.Tensor | None, per_example: bool,
+                             generator: torch.Generator | None) -> torch.Tensor:
+        from pipeline.lm.coupled import coupled_scores_at
+        from pipeline.lm.dream import padding_inputs
+
+        targets = batch.labels != IGNORE
+        mask4, positions = padding_inputs(batch.attention_mask, batch.input_ids.shape[1])
+        if mask4 is not None:
+            mask4, positions = mask4.repeat(3, 1, 1, 1), positions.repeat(3, 1)
+        context = batch.context_mask.repeat(3, 1)
+
+        def model_fn(views: torch.Tensor) -> torch.Tensor:
+            embeds = self.inject(self.embed(views), context, delta)
+            return self.model(inputs_embeds=embeds, attention_mask=mask4,
+                              position_ids=positions).logits
+
+        generator = generator or torch.Generator(self.device).manual_seed(0)
+        scores = coupled_scores_at(model_fn, batch.input_ids, targets,
+                                   self.model.config.mask_token_id, generator)
+        counts = targets.sum(-1)
+        if per_example:
+            return -scores.sum(-1) / counts.clamp(min=1)
+        return -scores.sum() / counts.sum().clamp(min=1)
 
     # ---- one decoding step at a time (the loops are in pipeline.decoding) ----------------------
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor

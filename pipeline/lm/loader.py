@@ -132,6 +132,26 @@ def tiny_t5_config(vocab_size: int) -> T5Config:
 
 
 TINY_MODELS = {"tiny-llama": tiny_llama_config, "tiny-t5": tiny_t5_config}
+TINY_DREAM = "tiny-dream"  # a random masked-diffusion LM (Dream architecture), built in code
+
+
+def tiny_dream_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny byte-level tokenizer with Dream's ``<|mask|>`` token added."""
+    from pipeline.lm.dream import MASK_TOKEN
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+    return tokenizer
+
+
+def is_diffusion_model(config: ModelConfig) -> bool:
+    """Whether ``model.name`` is a masked-diffusion LM (``tiny-dream`` or a folder whose
+    config.json says ``model_type: Dream``): cheap, reads no weights."""
+    from pipeline.lm.dream import is_dream_folder
+
+    if config.name == TINY_DREAM:
+        return True
+    return config.name not in (*TINY_MODELS, "embedded") and is_dream_folder(config.name)
 
 
 # ---- the loader -------------------------------------------------------------------------------
@@ -151,6 +171,10 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer alone (Ray Data's tokenize actors need nothing else)."""
     if config.name in TINY_MODELS:
         tokenizer = tiny_tokenizer()
+    elif config.name == TINY_DREAM:
+        tokenizer = tiny_dream_tokenizer()
+    elif is_diffusion_model(config):
+        tokenizer = dream_tokenizer(Path(config.name))
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -163,9 +187,37 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def dream_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """A Dream / DiffuCoder folder's tokenizer (Qwen2's, plus ``<|mask|>``) without remote code:
+    ``AutoTokenizer`` when the folder's tokenizer_config allows it, else its tokenizer.json."""
+    from pipeline.lm.dream import read_dream_config
+
+    files = [name for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+             if (folder / name).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{folder}: a Dream model folder needs its tokenizer files "
+                                "(tokenizer.json, tokenizer_config.json) beside config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError):  # a tokenizer_class that only remote code defines
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    dream = read_dream_config(folder)
+    for role, token_id in (("mask_token", dream.mask_token_id), ("pad_token", dream.pad_token_id),
+                           ("eos_token", dream.eos_token_id)):
+        if getattr(tokenizer, role, None) is None and token_id is not None:
+            setattr(tokenizer, role, tokenizer.convert_ids_to_tokens(token_id))
+    return tokenizer
+
+
 def load_hf_config(config: ModelConfig) -> PretrainedConfig:
+    from pipeline.lm.dream import read_dream_config, tiny_dream_config_for
+
     if config.name in TINY_MODELS:
         return TINY_MODELS[config.name](len(tiny_tokenizer()))
+    if config.name == TINY_DREAM:
+        return tiny_dream_config_for(tiny_tokenizer())
+    if is_diffusion_model(config):  # Dream's own code is for transformers 4.46: not used
+        return read_dream_config(config.name)
     try:
         return AutoConfig.from_pretrained(
             _model_path(config), trust_remote_code=config.trust_remote_code
@@ -181,11 +233,17 @@ def load_model(config: ModelConfig, seed: int = 0
     Under a live ``transformers.integrations.HfDeepSpeedConfig`` with ZeRO-3, transformers
     builds the model inside ``deepspeed.zero.Init``: each rank only ever holds its shard.
     """
+    from pipeline.lm.dream import load_dream, random_dream
+
     dtype = DTYPES[config.dtype]
     tokenizer = load_tokenizer(config)
     hf_config = load_hf_config(config)
     model_cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
-    if config.name in TINY_MODELS:
+    if config.name == TINY_DREAM:
+        model = random_dream(hf_config, seed=seed).to(dtype)
+    elif hf_config.model_type == "Dream":
+        model = load_dream(_model_path(config), dtype)
+    elif config.name in TINY_MODELS:
         torch.manual_seed(seed)  # random weights, reproducible
         model = model_cls.from_config(hf_config, dtype=dtype)
     else:

@@ -141,8 +141,10 @@ class PromptLoss(nn.Module):
                 ) -> tuple[torch.Tensor, ObjectiveOutput]:
         """(the loss to back-propagate, the objective's whole output)."""
         extra = {"condition": self._lm.condition(batch)} if is_conditional(self.prompt) else {}
-        output = self.objective.loss(self.prompt, lambda d: self._lm.code_loss(batch, d),
-                                     batch.input_ids.shape[0], generator, **extra)
+        # A masked-diffusion LM draws its coupled masks from the step's generator too.
+        output = self.objective.loss(
+            self.prompt, lambda d: self._lm.code_loss(batch, d, generator=generator),
+            batch.input_ids.shape[0], generator, **extra)
         return output.loss, output
 
     def after_step(self, output: ObjectiveOutput, gather=nullcontext) -> None:
