@@ -144,3 +144,20 @@ def test_parity_mode_is_a_setting():
     assert dataclasses.replace(config.decoding, diffusion_steps=0).diffusion_steps == 0
     assert diffusion_settings(dataclasses.replace(config.decoding, diffusion_steps=0),
                               12).steps == 12
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="no dream fixtures")
+def test_the_readme_dllm_example_runs(monkeypatch):
+    """The in-process dLLM example in README.md, verbatim (its paths are the clone's)."""
+    import re
+    import textwrap
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("**Masked-diffusion code LLMs**")
+    block = re.search(r"```python\n(.*?)```", readme[start:], re.DOTALL).group(1)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    namespace: dict = {}
+    exec(compile(textwrap.dedent(block), "README.md", "exec"), namespace)  # the project's code
+    out = namespace["out"]
+    assert out.sequences.shape == (2, 21) and len(out.history) == 16
+    assert sum(len(p) for p in out.record.positions[0]) == 16
