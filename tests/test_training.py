@@ -149,3 +149,29 @@ def test_training_job_ends_its_own_run_but_not_a_callers(tmp_path):
                      tracker=broken)
     run = client.get_run(broken.run_id)
     assert run.info.status == "RUNNING" and "error" not in run.data.tags
+
+
+def test_checkpoint_writes_replace_the_old_folder_atomically(tmp_path):
+    from pipeline.training.checkpoint import replace_folder, resolve, save_checkpoint
+
+    lm = make_lm("tiny-llama")
+    config = tiny_config("tiny-llama", steps=1)
+    model = train_local(config, lm, EXAMPLES, progress=False).model
+    folder = tmp_path / "ckpt"
+    save_checkpoint(folder, model, config, step=1)
+    save_checkpoint(folder, model, config, step=2)
+    assert read_state(folder)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing left beside it
+    # A crash between the two renames: the new folder is not in place yet, the old one is
+    # aside. The old one is found and read; the next write cleans up.
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt-previous")
+    assert resolve(folder) == tmp_path / ".ckpt-previous"
+    assert read_state(folder)["step"] == 2 and load_prompt_model(folder)[2]["step"] == 2
+    save_checkpoint(folder, model, config, step=3)
+    assert read_state(folder)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "x").write_text("1")
+    replace_folder(new, tmp_path / "other")
+    assert (tmp_path / "other" / "x").read_text() == "1" and not new.exists()

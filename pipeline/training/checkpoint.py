@@ -39,10 +39,11 @@ def _previous(path: Path) -> Path:
 def replace_folder(tmp: Path, path: Path) -> None:
     """Move the finished folder ``tmp`` to ``path``, replacing what is there."""
     previous = _previous(path)
-    if previous.exists():
-        shutil.rmtree(previous)
     if path.exists():
+        if previous.exists():  # a stale copy from an earlier crash: `path` is complete
+            shutil.rmtree(previous)
         path.rename(previous)
+    # (when `path` is missing, `previous` is the only complete copy: it stays until now)
     tmp.rename(path)
     shutil.rmtree(previous, ignore_errors=True)
 
