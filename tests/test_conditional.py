@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from helpers import EXAMPLES, make_lm
-from pipeline.config import PROMPT_MODELS as CONFIG_PROMPT_MODELS
 from pipeline.config import PRESETS, RunConfig
+from pipeline.config import PROMPT_MODELS as CONFIG_PROMPT_MODELS
 from pipeline.method.objectives import OBJECTIVES
 from pipeline.method.prompt import DiffusionPrompt
 from pipeline.training.checkpoint import load_prompt_model
