@@ -161,6 +161,43 @@ def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
     return written
 
 
+@torch.no_grad()
+def diversity(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
+              examples: list[Example], methods: list[str], num_examples: int = 8,
+              samples: int = 8) -> dict[str, dict[str, float]]:
+    """Per method: the spread of its sampled directions, for ``samples`` noise draws on each of
+    the first ``num_examples`` examples and across them (:mod:`pipeline.evaluation.diversity`),
+    with the method's own sampler; 0 for the manual prompt (one point), so that every method
+    has the same metric names."""
+    from pipeline.evaluation.diversity import prompt_diversity
+    from pipeline.training.checkpoint import load_prompt_model
+    from pipeline.training.prompt_models import is_conditional, sampling_args
+
+    chunk = examples[:num_examples]
+    if len(chunk) < 2:
+        return {}
+    models = {name: load_prompt_model(path, map_location=lm.device)[0]
+              for name, path in checkpoints.items()}
+    condition = lm.condition(lm.collate(lm.encode(chunk)).to(lm.device))
+    out = {}
+    for method in methods:
+        spec = METHODS[method]
+        if spec.prompt not in models:
+            out[method] = {"prompt_spread_per_condition": 0.0,
+                           "prompt_spread_across_conditions": 0.0}
+            continue
+        model = models[spec.prompt]
+        args = sampling_args(method_sample_config(spec, config.sample), model)
+        rows = len(chunk) * samples
+        if is_conditional(model):
+            args["condition"] = condition.repeat_interleave(samples, 0)
+        generators = [torch.Generator().manual_seed(config.sample.seed + i) for i in range(rows)]
+        draws = model.sample_directions(rows, generators, **args).float()
+        per_condition = draws.reshape(len(chunk), samples, *draws.shape[1:])
+        out[method] = prompt_diversity(per_condition, per_condition[:, 0])
+    return out
+
+
 def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path]) -> dict:
     spec, dc = METHODS[method], config.decoding
     params = {"method": method, "decoding": spec.decoding, "prompt": spec.prompt or "manual"}
@@ -169,6 +206,12 @@ def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path])
                       diffusion_steps=dc.diffusion_steps or config.eval.max_new_tokens,
                       diffusion_alg=dc.diffusion_alg,
                       diffusion_temperature=dc.diffusion_temperature)
+    if spec.prompt and spec.prompt in checkpoints:
+        from pipeline.training.checkpoint import load_prompt_model
+        from pipeline.training.prompt_models import parameter_count
+
+        params["prompt_model_parameters"] = parameter_count(
+            load_prompt_model(checkpoints[spec.prompt])[0])
     if spec.prompt:
         sample = method_sample_config(spec, config.sample)
         params.update(sampler=sample.sampler, prompts=sample.prompts,
@@ -286,8 +329,10 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     sample_into(store, config, methods, examples, open_pool, progress)
     log.info("generated in %.0fs", time.perf_counter() - began)
     metrics = score(store, config, methods, examples)
-    save_json(output / "metrics.json", metrics)
     lm = lm or build_lm(config)
+    for method, spread in diversity(config, checkpoints, lm, examples, methods).items():
+        metrics[method].update(spread)
+    save_json(output / "metrics.json", metrics)
     interpreted = interpret(config, checkpoints, lm, output / "interpret", examples)
     log_methods(parent, config, metrics, store, checkpoints, interpreted)
     parent.log_artifact(output / "metrics.json")

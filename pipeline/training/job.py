@@ -94,9 +94,20 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
     with tracker if owned else nullcontext(tracker):
         checkpoint = backend(TrainRequest(config, examples, output, tracker, resume, progress,
                                           dev))
+        count = _parameter_count(checkpoint)
+        log.info("%s: %s prompt model, %d trained parameters", output.name,
+                 config.train.method, count)
+        tracker.log_metrics({"prompt_model_parameters": count})
         tracker.log_artifacts(checkpoint, CHECKPOINT)
         tracker.log_artifact(output / "config.yaml")
     return TrainOutcome(checkpoint, tracker.run_id, tracker.uri, time.perf_counter() - began)
+
+
+def _parameter_count(checkpoint: Path) -> int:
+    from pipeline.training.checkpoint import load_prompt_model
+    from pipeline.training.prompt_models import parameter_count
+
+    return parameter_count(load_prompt_model(checkpoint)[0])
 
 
 def _finished(output: Path, config: RunConfig) -> TrainOutcome | None:
