@@ -217,9 +217,16 @@ class FrozenCodeLM:
                                 labels=batch.labels).logits
             labels = batch.labels
         else:
+            # Logits only from the first labelled column on (targets are right-aligned under
+            # left padding): the (B, L, V) logits of the prompt positions are never formed.
+            width = batch.labels.shape[1]
+            first = int((batch.labels != IGNORE).any(0).nonzero().min()) if self._keep_last else 1
+            keep = {"logits_to_keep": width - first + 1} if self._keep_last else {}
             logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                position_ids=self._positions(batch.attention_mask)).logits
-            logits, labels = logits[:, :-1], batch.labels[:, 1:]  # predict token i+1 from i
+                                position_ids=self._positions(batch.attention_mask),
+                                **keep).logits
+            # logit j predicts token j + 1
+            logits, labels = logits[:, :-1], batch.labels[:, width - logits.shape[1] + 1:]
         token_loss = F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
             ignore_index=IGNORE, reduction="none",
