@@ -113,8 +113,15 @@ class DataConfig:
         "only 'test'"
     )
     max_dev_examples: int = _help(32, "0 = all; the first N of the dev split")
+    extra_eval: list[str] = _help(
+        [], "more data sets the trained prompts are compared on (their 'test' split; e.g. "
+        "[humaneval] after training on mbpp); each gets its own comparison in <output>/<name>/"
+    )
+    max_extra_eval_examples: int = _help(0, "0 = all; the first N of each extra_eval test split")
 
     def __post_init__(self):
+        _check(self.max_extra_eval_examples >= 0, "data.max_extra_eval_examples",
+               "must be >= 0")
         _check(bool(self.dataset), "data.dataset", "must not be empty")
         _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0")
         _check(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")

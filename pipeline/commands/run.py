@@ -49,6 +49,8 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
     check_methods(methods)
     check_fresh_output(output, resume, (COMPARISON_FILE,))
     training, evaluation = train_examples(config.data), eval_examples(config.data)
+    extra = {name: eval_examples(extra_config(config, name).data)
+             for name in config.data.extra_eval}
     check_before_work(config)  # data, metric and WordNet problems surface before any work
     config = with_tracking_uri(config, output)
     output.mkdir(parents=True, exist_ok=True)
@@ -68,13 +70,37 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
                                    progress, parent_run_id=parent.run_id,
                                    run_name=f"train-{name}")
             checkpoints[name] = trained.checkpoint
-        return run_comparison(config, output, list(methods), checkpoints, evaluation, parent,
-                              pool_opener(config, checkpoints, lm), resume, progress, lm)
+        metrics = run_comparison(config, output, list(methods), checkpoints, evaluation, parent,
+                                 pool_opener(config, checkpoints, lm), resume, progress, lm)
+    for name, examples in extra.items():  # the same prompts on other data: its own comparison
+        other, folder = extra_config(config, name), output / name
+        with open_comparison(other, folder, resume, list(methods)) as parent:
+            parent.set_tag("ddpt.trained_on", config.data.dataset)
+            metrics_x = run_comparison(other, folder, list(methods), checkpoints, examples,
+                                       parent, pool_opener(other, checkpoints, lm), resume,
+                                       progress, lm)
+        metrics.update({f"{name}/{method}": values for method, values in metrics_x.items()})
+    return metrics
+
+
+def extra_config(config: RunConfig, dataset: str) -> RunConfig:
+    """The configuration of comparing on ``dataset`` (an entry of ``data.extra_eval``): its test
+    split, ``data.max_extra_eval_examples`` of it, in its own MLflow experiment."""
+    return config.with_overrides([
+        f"data.dataset={dataset}", "data.eval_split=test", "data.extra_eval=[]",
+        f"data.max_eval_examples={config.data.max_extra_eval_examples}", "tracking.experiment=null"])
 
 
 def main(args: argparse.Namespace) -> None:
     config = config_from_args(args)  # before the heavy work: a bad option fails in a second
     metrics = run_main(config, args.output, resume=args.resume, progress=not args.no_progress)
-    print(f"\n{config.data.dataset} / {config.data.eval_split} ({config.model.name}):")
-    print(format_table(metrics))
-    print(f"\nwrote {args.output}/metrics.json and {args.output}/samples.jsonl")
+    tables = {(config.data.dataset, config.data.eval_split): {
+        m: v for m, v in metrics.items() if "/" not in m}}
+    for name in config.data.extra_eval:
+        tables[(name, "test")] = {m.split("/", 1)[1]: v for m, v in metrics.items()
+                                  if m.startswith(f"{name}/")}
+    for (dataset, split), table in tables.items():
+        print(f"\n{dataset} / {split} ({config.model.name}):")
+        print(format_table(table))
+    print(f"\nwrote {args.output}/metrics.json and {args.output}/samples.jsonl"
+          + "".join(f", {args.output}/{name}/" for name in config.data.extra_eval))
