@@ -249,10 +249,10 @@ def read_run_file(run_file: str | Path) -> dict[str, Any]:
 def open_run(run_file: str | Path, resume: bool, uri: str, experiment: str, run_name: str,
              role: str, output: str | Path, params: dict | None = None,
              tags: dict | None = None, parent_run_id: str | None = None,
-             **extra: Any) -> RunTracker:
+             note: dict | None = None) -> RunTracker:
     """A job's MLflow run: with ``resume`` and an existing ``run_file``, the run it names
     (re-attached); else a new (child) run in ``experiment``, tagged with its ``role`` and
-    ``output`` folder, noted in ``run_file`` as ``{"uri", "run_id", **extra}``."""
+    ``output`` folder, noted in ``run_file`` as ``{"uri", "run_id", **note}``."""
     run_file = Path(run_file)
     if resume and run_file.is_file():
         saved = read_run_file(run_file)
@@ -261,7 +261,7 @@ def open_run(run_file: str | Path, resume: bool, uri: str, experiment: str, run_
                                tags={ROLE_TAG: role, OUTPUT_TAG: str(output), **(tags or {})},
                                parent_run_id=parent_run_id)
     run_file.parent.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"uri": uri, "run_id": tracker.run_id, **extra}) + "\n")
+    run_file.write_text(json.dumps({"uri": uri, "run_id": tracker.run_id, **(note or {})}) + "\n")
     return tracker
 
 

@@ -348,7 +348,7 @@ def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
         parent = open_run(state_file, False, uri, experiment, f"sweep {output.name}",
                           role="sweep", output=output,
                           params={**sweep.settings(), **sweep.base.to_flat()},
-                          experiment=experiment)
+                          note={"experiment": experiment})
         parent.log_artifact(output / SPACE_COPY)
     with parent:
         setup = TrialSetup(sweep, output, uri, experiment, parent.run_id)
