@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(command_module="evaluate")
 
+    experiment = sub.add_parser("experiment", help="train every arm of an experiment spec with "
+                                "every seed, compare them, and tabulate mean and std over seeds")
+    experiment.add_argument("--spec", required=True, help="experiment file (experiments/*.yaml)")
+    experiment.add_argument("--output", default="runs/experiment", help="output folder")
+    experiment.add_argument("--resume", action="store_true",
+                            help="skip finished runs and continue the one cut short")
+    experiment.add_argument("--no-progress", action="store_true", help="no progress bars")
+    experiment.set_defaults(command_module="experiment")
+
     show = sub.add_parser("config", help="print the resolved configuration")
     _config_args(show)
     show.set_defaults(command_module="show_config")

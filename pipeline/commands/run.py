@@ -42,9 +42,12 @@ DEFAULT_METHODS = ("manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_
 
 
 def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
-             methods: tuple[str, ...] = DEFAULT_METHODS, progress: bool = True) -> dict:
+             methods: tuple[str, ...] = DEFAULT_METHODS, progress: bool = True,
+             parent_run_id: str | None = None) -> dict:
     """Train the prompt models the methods need (on ``distributed.backend``: Ray + DeepSpeed by
-    default), then compare the methods. Returns ``{method: {metric: value}}``."""
+    default), then compare the methods (on ``data.extra_eval`` too). Returns ``{method: {metric:
+    value}}``, with ``<data set>/<method>`` keys for the extra data sets. ``parent_run_id``: an
+    experiment's MLflow run the comparisons nest under."""
     output = Path(output_dir).resolve()
     check_methods(methods)
     check_fresh_output(output, resume, (COMPARISON_FILE,))
@@ -57,7 +60,7 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
     torch.manual_seed(config.train.seed)
     config.save(output / "config.yaml")
 
-    with open_comparison(config, output, resume, list(methods)) as parent:
+    with open_comparison(config, output, resume, list(methods), parent_run_id) as parent:
         began = time.perf_counter()
         lm = build_lm(config)
         log.info("model %s (%s template, context n=%d, d=%d) loaded in %.1fs",
@@ -74,7 +77,7 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
                                  pool_opener(config, checkpoints, lm), resume, progress, lm)
     for name, examples in extra.items():  # the same prompts on other data: its own comparison
         other, folder = extra_config(config, name), output / name
-        with open_comparison(other, folder, resume, list(methods)) as parent:
+        with open_comparison(other, folder, resume, list(methods), parent_run_id) as parent:
             parent.set_tag("ddpt.trained_on", config.data.dataset)
             metrics_x = run_comparison(other, folder, list(methods), checkpoints, examples,
                                        parent, pool_opener(other, checkpoints, lm), resume,

@@ -45,13 +45,14 @@ log = logging.getLogger(__name__)
 COMPARISON_FILE = "mlflow_comparison.json"  # {"uri", "run_id"} of the parent run
 
 
-def open_comparison(config: RunConfig, output: Path, resume: bool,
-                    methods: list[str]) -> RunTracker:
-    """The comparison's parent run; re-attached on resume."""
+def open_comparison(config: RunConfig, output: Path, resume: bool, methods: list[str],
+                    parent_run_id: str | None = None) -> RunTracker:
+    """The comparison's parent run (itself a child of ``parent_run_id``, an experiment's, when
+    given); re-attached on resume."""
     uri = resolve_tracking_uri(output, config.tracking.uri)
     return open_run(output / COMPARISON_FILE, resume, uri, config.tracking.experiment_name(config),
                     "compare", role="comparison", output=output, params=config.to_flat(),
-                    tags={"ddpt.methods": ",".join(methods)})
+                    tags={"ddpt.methods": ",".join(methods)}, parent_run_id=parent_run_id)
 
 
 def _batches(items: list, size: int) -> list[list]:

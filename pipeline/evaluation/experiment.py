@@ -1,0 +1,192 @@
+"""Experiment specifications and their tables: several prompt models ("arms"), each trained with
+several seeds on one or more data sets and compared on their evaluation sets, reported as mean
+and standard deviation over the seeds. No Ray here: :mod:`pipeline.commands.experiment` runs
+the spec (on Ray by default) and appends one result per (data set, arm, seed) as it finishes.
+
+A spec file (YAML; ``experiments/*.yaml``)::
+
+    experiment: {preset: default, seeds: [0, 1, 2], baseline_methods: [manual]}
+    fixed:      {flat config keys set in every run}
+    datasets:   {name: {flat config keys: the training data, its eval split, data.extra_eval}}
+    arms:       {name: {set: {flat config keys}, methods: [comparison methods it gives]}}
+
+Every combination is checked through the configuration's own validation before anything runs,
+and each error names the file and the key.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
+from pipeline.evaluation.sampler import METHODS, prompt_models_needed
+
+SETTINGS = ("preset", "seeds", "baseline_methods")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One prompt model to train: its config overrides and the comparison rows it gives."""
+
+    name: str
+    overrides: dict[str, Any]
+    methods: tuple[str, ...]
+
+
+@dataclass
+class Experiment:
+    source: str
+    preset: str
+    seeds: list[int]
+    fixed: dict[str, Any]
+    datasets: dict[str, dict[str, Any]]
+    arms: list[Arm]
+    baseline_methods: tuple[str, ...] = ("manual",)
+
+    def config(self, dataset: str, arm: Arm | None, seed: int) -> RunConfig:
+        """The run of ``arm`` (None: the untrained baselines) with ``seed`` on ``dataset``."""
+        flat = {**self.fixed, **self.datasets[dataset], **(arm.overrides if arm else {}),
+                "train.seed": seed}
+        try:
+            return RunConfig.from_flat(flat, base=build_config(self.preset))
+        except ConfigError as err:
+            where = f"arms.{arm.name}" if arm else "baselines"
+            raise ConfigError(f"{self.source}: datasets.{dataset} + {where}: {err}") from err
+
+    def runs(self) -> list[tuple[str, Arm | None, int]]:
+        """Every (data set, arm, seed) to run; the baselines once per data set (seed-free)."""
+        out: list[tuple[str, Arm | None, int]] = []
+        for dataset in self.datasets:
+            if self.baseline_methods:
+                out.append((dataset, None, self.seeds[0]))
+            out += [(dataset, arm, seed) for arm in self.arms for seed in self.seeds]
+        return out
+
+    def methods(self, arm: Arm | None) -> tuple[str, ...]:
+        return arm.methods if arm else self.baseline_methods
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment spec (every run's configuration is built once)."""
+    path, source = Path(path), str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: experiment file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    unknown = set(data) - {"experiment", "fixed", "datasets", "arms"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
+    settings = data.get("experiment") or {}
+    if set(settings) - set(SETTINGS):
+        raise ConfigError(f"{source}: experiment: unknown {sorted(set(settings) - set(SETTINGS))}"
+                          f"; known: {list(SETTINGS)}")
+    preset = settings.get("preset", "default")
+    if preset not in PRESETS:
+        raise ConfigError(f"{source}: experiment.preset: unknown {preset!r}; known: "
+                          f"{list(PRESETS)}")
+    seeds = settings.get("seeds", [0, 1, 2])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise ConfigError(f"{source}: experiment.seeds: a list of integers, got {seeds!r}")
+    if not data.get("datasets") or not data.get("arms"):
+        raise ConfigError(f"{source}: name at least one entry in datasets and in arms")
+    arms = [_arm(name, spec, source) for name, spec in data["arms"].items()]
+    baselines = tuple(settings.get("baseline_methods", ["manual"]))
+    _known_methods(baselines, f"{source}: experiment.baseline_methods")
+    if prompt_models_needed(baselines):
+        raise ConfigError(f"{source}: experiment.baseline_methods: {list(baselines)} need "
+                          "trained prompts; give them to an arm")
+    experiment = Experiment(source, preset, seeds, dict(data.get("fixed") or {}),
+                            {k: dict(v or {}) for k, v in data["datasets"].items()}, arms,
+                            baselines)
+    for dataset, arm, seed in experiment.runs():  # every combination valid, before any work
+        experiment.config(dataset, arm, seed)
+    return experiment
+
+
+def _arm(name: str, spec: Any, source: str) -> Arm:
+    if not isinstance(spec, dict) or set(spec) - {"set", "methods"} or "methods" not in spec:
+        raise ConfigError(f"{source}: arms.{name}: a mapping with 'set' (config keys) and "
+                          "'methods' (comparison rows)")
+    methods = tuple(spec["methods"])
+    _known_methods(methods, f"{source}: arms.{name}.methods")
+    if len(prompt_models_needed(methods)) != 1:
+        raise ConfigError(f"{source}: arms.{name}.methods: {list(methods)} must all use one "
+                          "trained prompt model (the arm's)")
+    overrides = dict(spec.get("set") or {})
+    needed = prompt_models_needed(methods)[0]
+    if overrides.get("train.method", "ddpt") != needed:
+        raise ConfigError(f"{source}: arms.{name}: methods use {needed!r} but train.method is "
+                          f"{overrides.get('train.method', 'ddpt')!r}")
+    return Arm(name, overrides, methods)
+
+
+def _known_methods(methods: tuple[str, ...], where: str) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown method(s) {unknown}; known: {list(METHODS)}")
+
+
+# ---- results ------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """Mean and standard deviation over seeds of one (evaluation set, arm, method)."""
+
+    eval_set: str
+    arm: str
+    method: str
+    seeds: int
+    mean: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
+
+
+def read_results(path: Path) -> list[dict]:
+    """The results file: one JSON object per line ({dataset, eval_set, arm, seed, method,
+    metrics, ...})."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def aggregate(results: list[dict]) -> list[Row]:
+    """Rows in first-seen order; the std is the sample standard deviation (0 for one seed)."""
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for result in results:
+        groups[(result["eval_set"], result["arm"], result["method"])].append(result["metrics"])
+    rows = []
+    for (eval_set, arm, method), runs in groups.items():
+        row = Row(eval_set, arm, method, len(runs))
+        for name in runs[0]:
+            values = [r[name] for r in runs if isinstance(r.get(name), (int, float))]
+            values = [v for v in values if not math.isnan(v)]
+            if values:
+                row.mean[name] = statistics.fmean(values)
+                row.std[name] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[Row], metrics: list[str], eval_set: str) -> str:
+    """One evaluation set's rows as a Markdown table of ``mean ± std`` (n seeds)."""
+    head = "| arm | method | seeds | " + " | ".join(metrics) + " |"
+    lines = [head, "| " + " | ".join(["---"] * (3 + len(metrics))) + " |"]
+    for row in (r for r in rows if r.eval_set == eval_set):
+        cells = [_cell(row, name) for name in metrics]
+        lines.append(f"| {row.arm} | {row.method} | {row.seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(row: Row, name: str) -> str:
+    if name not in row.mean:
+        return ""
+    mean, std = row.mean[name], row.std[name]
+    digits = 0 if abs(mean) >= 1000 else 3 if abs(mean) < 10 else 1
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row.seeds > 1 else "")

@@ -1,0 +1,79 @@
+"""Experiment specs: validation before any work, the runs they expand to, the table of mean and
+std over seeds, and the whole `ddpt experiment` path on the tiny model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import ConfigError
+from pipeline.evaluation.experiment import aggregate, load_experiment, markdown_table
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "experiments" / "smoke.yaml"
+
+
+def write(tmp_path: Path, **changes) -> Path:
+    spec = yaml.safe_load(SMOKE.read_text())
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            spec[section][name] = value
+        else:
+            spec[section] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_the_smoke_spec_expands_to_every_arm_and_seed():
+    experiment = load_experiment(SMOKE)
+    runs = [(d, a.name if a else None, s) for d, a, s in experiment.runs()]
+    assert runs == [("mbpp", None, 0), ("mbpp", "prompt_tuning", 0), ("mbpp", "prompt_tuning", 1),
+                    ("mbpp", "ddpt_conditional", 0), ("mbpp", "ddpt_conditional", 1)]
+    arm = experiment.arms[1]
+    config = experiment.config("mbpp", arm, 1)
+    assert config.train.seed == 1 and config.denoiser.condition == "instruction"
+    assert config.data.extra_eval == ["humaneval"] and config.train.steps == 3
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"arms__bad": {"set": {"train.steps": -1}, "methods": ["ddpt_ddim"]}},
+     "arms.bad: train.steps: must be > 0"),
+    ({"arms__bad": {"set": {}, "methods": ["nosuch"]}}, "unknown method(s) ['nosuch']"),
+    ({"arms__bad": {"set": {"train.method": "prompt_tuning"}, "methods": ["ddpt_ddim"]}},
+     "methods use 'ddpt' but train.method is 'prompt_tuning'"),
+    ({"datasets__broken": {"data.dataset": "mbpp", "denoiser.condition": "x"}},
+     "datasets.broken + baselines: denoiser.condition"),
+    ({"experiment__seeds": "zero"}, "experiment.seeds: a list of integers"),
+    ({"experiment__baseline_methods": ["ddpt"]}, "need trained prompts"),
+])
+def test_a_bad_spec_fails_before_any_work_naming_the_key(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match="spec.yaml") as err:
+        load_experiment(write(tmp_path, **changes))
+    assert message in str(err.value)
+
+
+def test_rows_are_mean_and_std_over_seeds():
+    results = [{"eval_set": "mbpp", "arm": "a", "method": "m", "metrics": {"x": v}}
+               for v in (1.0, 2.0, 3.0)]
+    [row] = aggregate(results)
+    assert row.seeds == 3 and row.mean["x"] == 2.0 and row.std["x"] == pytest.approx(1.0)
+    assert "| a | m | 3 | 2.000 ± 1.000 |" in markdown_table([row], ["x"], "mbpp")
+
+
+@pytest.mark.slow
+def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
+    out = tmp_path / "exp"
+    assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--no-progress"]) == 0
+    tables = (out / "tables.md").read_text()
+    assert "## mbpp" in tables and "## humaneval" in tables
+    assert "| ddpt_conditional | ddpt_ddim | 2 |" in tables
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * (1 + 2 + 2)  # (baseline + 2 arms x 2 seeds) x 2 evaluation sets
+    assert main(["experiment", "--spec", str(SMOKE), "--output", str(out)]) == 2  # no --resume
+    assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--resume",
+                 "--no-progress"]) == 0
+    assert (out / "results.jsonl").read_text().splitlines() == lines  # nothing ran twice
