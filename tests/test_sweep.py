@@ -226,8 +226,8 @@ def smoke_sweep(tmp_path_factory) -> Path:
 def sweep_runs(out: Path):
     saved = json.loads((out / "sweep.json").read_text())
     client = MlflowClient(saved["uri"])
-    return client, client.get_run(saved["parent_run_id"]), child_runs(saved["uri"],
-                                                                       saved["parent_run_id"])
+    return client, client.get_run(saved["run_id"]), child_runs(saved["uri"],
+                                                                       saved["run_id"])
 
 
 @pytest.mark.slow
