@@ -174,8 +174,8 @@ class TrainConfig:
     objective: str = _help(
         "bootstrap", "DDPT's training objective (method.md section 1): 'bootstrap' (a global "
         "EMA target), 'bootstrap_teacher' (an EMA teacher's sample per example), 'unrolled' "
-        "(LM loss through a short DDIM chain from noise), 'deterministic' (the ablation: one "
-        "step from zero noise)"
+        "(LM loss through a short DDIM chain from noise), 'spread' (unrolled, rewarding spread "
+        "between samples), 'deterministic' (the ablation: one step from zero noise)"
     )
     steps: int = _help(80, "optimizer steps")
     batch_size: int = _help(
@@ -192,8 +192,11 @@ class TrainConfig:
     )
     teacher_steps: int = _help(4, "DDIM steps of the teacher's target (bootstrap_teacher)")
     unroll_steps: int = _help(
-        3, "DDIM steps the 'unrolled' objective back-propagates through (and samples with)"
+        3, "DDIM steps the 'unrolled' and 'spread' objectives back-propagate through (and "
+        "sample with)"
     )
+    spread_weight: float = _help(0.1, "'spread': weight of the reward for spread between prompts")
+    target_spread: float = _help(0.5, "'spread': the spread beyond which there is no reward")
     grad_clip: float = _help(1.0, "max gradient norm; 0 = off")
     seed: int = _help(0, "seed for initialisation, data order and noise")
     log_every: int = _help(10, "steps between progress lines")
@@ -215,6 +218,8 @@ class TrainConfig:
         _check(0 <= self.cfg_dropout < 1, "train.cfg_dropout", "must be in [0, 1)")
         _check(self.teacher_steps >= 1, "train.teacher_steps", "must be >= 1")
         _check(self.unroll_steps >= 1, "train.unroll_steps", "must be >= 1")
+        _check(self.spread_weight >= 0, "train.spread_weight", "must be >= 0")
+        _check(self.target_spread > 0, "train.target_spread", "must be > 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")

@@ -32,14 +32,15 @@ def trained(config: RunConfig, **kwargs):
 
 def test_registry_and_configuration_name_the_same_prompt_models():
     assert tuple(PROMPT_MODELS) == CONFIG_PROMPT_MODELS
-    assert set(OBJECTIVES) == {"bootstrap", "bootstrap_teacher", "unrolled", "deterministic"}
+    assert set(OBJECTIVES) == {"bootstrap", "bootstrap_teacher", "unrolled", "spread",
+                               "deterministic"}
 
 
 def conditions(lm, examples):
     return lm.condition(lm.collate(lm.encode(examples)))
 
 
-@pytest.mark.parametrize("objective", ["bootstrap", "bootstrap_teacher", "unrolled",
+@pytest.mark.parametrize("objective", ["bootstrap", "bootstrap_teacher", "unrolled", "spread",
                                        "deterministic"])
 def test_the_condition_changes_the_prompt(objective):
     lm = make_lm("tiny-llama")
@@ -125,3 +126,24 @@ def test_an_unconditional_model_is_unchanged_by_the_new_options():
     conditional, _ = build_trainable(lm, tiny_config(condition="instruction"))
     for name, value in model.denoiser.state_dict().items():  # built first, so the same init
         torch.testing.assert_close(conditional.denoiser.state_dict()[name], value)
+
+
+def test_spread_keeps_a_distribution_where_unrolled_does_not_have_to():
+    """Two noises, one condition: 'spread' rewards their prompts being apart; its DDPM-like
+    and DDIM samples then differ, as they do for every chain model with fresh noise."""
+    from pipeline.evaluation.diversity import pairwise_spread
+
+    lm = make_lm("tiny-llama")
+    c = conditions(lm, EXAMPLES[:1]).repeat(4, 1)
+    spreads = {}
+    for objective in ("unrolled", "spread"):
+        config = tiny_config(steps=12, objective=objective, spread_weight=1.0,
+                             target_spread=0.5)
+        model = trained(config).model
+        draws = model.sample_directions(4, [torch.Generator().manual_seed(i) for i in range(4)],
+                                        sampler="ddim", condition=c)
+        spreads[objective] = pairwise_spread(draws)
+        ddpm = model.sample_directions(4, [torch.Generator().manual_seed(i) for i in range(4)],
+                                       sampler="ddpm", condition=c)
+        assert not torch.allclose(ddpm, draws)
+    assert spreads["spread"] > spreads["unrolled"], spreads

@@ -11,6 +11,8 @@ conditions (B, d) when the prompt model is conditional. Nothing is kept between 
   fresh noise (given the example's condition), instead of one global ``x0_bar``.
 - ``unrolled``: a short DDIM chain from noise, gradients through every step, LM loss on its end
   (the paper's "back-propagated through the diffusion network").
+- ``spread``: ``unrolled`` plus a reward for the spread between two chains' ends from different
+  noise (capped), so that the prompts keep a distribution.
 - ``deterministic``: the ablation, the same network as a plain generator: x0 = D(0, T-1, c).
 Conditional models drop the condition with probability ``cfg_dropout`` (classifier-free
 guidance's training half).
@@ -161,6 +163,41 @@ class UnrolledObjective:
         pass
 
 
+class SpreadObjective:
+    """``unrolled`` that keeps a distribution (``spread``): the LM loss on one DDIM chain's end
+    per example, minus ``spread_weight`` times the spread of a second chain's end from other
+    noise (the denoiser only: no LM cost), capped at ``target_spread``. Without the term any
+    objective that only lowers the LM loss drives every noise to the same best prompt.
+
+    spread = ||x0_a - x0_b|| / mean(||x0_a||, ||x0_b||), per example (latents flattened).
+    """
+
+    def __init__(self, cfg_dropout: float = 0.1, unroll_steps: int = 3,
+                 spread_weight: float = 0.1, target_spread: float = 0.5):
+        self.cfg_dropout, self.steps = cfg_dropout, unroll_steps
+        self.weight, self.target = spread_weight, target_spread
+
+    def loss(self, model: DiffusionPrompt, code_loss: CodeLoss, batch_size: int,
+             generator: torch.Generator | None = None,
+             condition: torch.Tensor | None = None) -> ObjectiveOutput:
+        device, shape = model.x0_bar.device, (batch_size, *model.latent_shape)
+        x_a = torch.randn(shape, generator=generator).to(device)
+        x_b = torch.randn(shape, generator=generator).to(device)
+        drop = cfg_drop(batch_size, self.cfg_dropout, condition, generator)
+        x0_a = ddim_chain(model, x_a, condition, self.steps, drop)
+        x0_b = ddim_chain(model, x_b, condition, self.steps, drop)
+        direction = model.direction(x0_a)
+        lm_loss = code_loss(direction)
+        a, b = x0_a.flatten(1), x0_b.flatten(1)
+        norm = (a.norm(dim=-1) + b.norm(dim=-1)) / 2 + 1e-6
+        spread = ((a - b).norm(dim=-1) / norm).clamp(max=self.target).mean()
+        loss = lm_loss - self.weight * spread
+        return ObjectiveOutput(loss, direction_stats(loss, lm_loss, spread, direction))
+
+    def after_step(self, model: DiffusionPrompt, output: ObjectiveOutput) -> None:
+        pass
+
+
 class DeterministicObjective:
     """The ablation (``deterministic``): the same network as a plain generator, x0 = D(0, T-1,
     c), one call, no noise; loss = CE(LM | X_ctx + Up(x0)); the same condition dropout."""
@@ -206,4 +243,5 @@ def ddim_chain(model: DiffusionPrompt, x_T: torch.Tensor, condition: torch.Tenso
 
 
 OBJECTIVES = {"bootstrap": BootstrapObjective, "bootstrap_teacher": TeacherBootstrapObjective,
-              "unrolled": UnrolledObjective, "deterministic": DeterministicObjective}
+              "unrolled": UnrolledObjective, "spread": SpreadObjective,
+              "deterministic": DeterministicObjective}

@@ -33,18 +33,22 @@ class DiffusionPrompt(nn.Module):
         up-projection's seed. cond_dim: the condition's width (0: unconditional, one prompt
         distribution for every task). teacher: keep an EMA copy of the denoiser (the
         ``bootstrap_teacher`` objective). deterministic: the ablation's generator, x0 = D(0, T-1,
-        c), one call and no noise, instead of a reverse chain.
+        c), one call and no noise, instead of a reverse chain. chain_steps: the model was trained
+        through a DDIM chain of this many steps (``unrolled``, ``spread``), the only timesteps
+        it knows: it samples on them, deterministically for 'ddim' and with fresh noise (eta 1,
+        DDPM's posterior) for 'ddpm'.
     """
 
     def __init__(self, context_tokens: int, hidden_size: int, token_norm: float, *,
                  bottleneck: int = 16, hidden_dim: int = 256, num_blocks: int = 2,
                  time_embed_dim: int = 64, up_projection: str = "fixed", up_scale: float = 0.5,
                  schedule: str = "linear", timesteps: int = 2000, seed: int = 0,
-                 cond_dim: int = 0, teacher: bool = False, deterministic: bool = False):
+                 cond_dim: int = 0, teacher: bool = False, deterministic: bool = False,
+                 chain_steps: int | None = None):
         super().__init__()
         self.context_tokens, self.hidden_size = context_tokens, hidden_size
         self.token_norm, self.bottleneck = token_norm, bottleneck
-        self.cond_dim, self.deterministic = cond_dim, deterministic
+        self.cond_dim, self.deterministic, self.chain_steps = cond_dim, deterministic, chain_steps
         self.schedule = NoiseSchedule(schedule, timesteps)
         self.denoiser = PromptDenoiser(context_tokens, bottleneck, hidden_dim, num_blocks,
                                        time_embed_dim, cond_dim)
@@ -120,6 +124,8 @@ class DiffusionPrompt(nn.Module):
         try:
             if self.deterministic:
                 return self.zero_noise_latents(num, condition, guidance)
+            if self.chain_steps:
+                sampler, steps, eta = "ddim", self.chain_steps, 1.0 if sampler == "ddpm" else eta
             return sample(lambda x, t: self.predict(x, t, condition, guidance), self.schedule,
                           (num, *self.latent_shape), sampler=sampler, steps=steps, eta=eta,
                           generator=generator, device=device)

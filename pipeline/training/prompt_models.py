@@ -51,7 +51,8 @@ def _diffusion_prompt(config: RunConfig, facts: LMFacts) -> DiffusionPrompt:
         up_projection=dn.up_projection, up_scale=dn.up_scale, schedule=df.schedule,
         timesteps=df.timesteps, seed=config.train.seed,
         cond_dim=0 if dn.condition == "none" else facts.hidden_size,
-        teacher=objective == "bootstrap_teacher", deterministic=objective == "deterministic")
+        teacher=objective == "bootstrap_teacher", deterministic=objective == "deterministic",
+        chain_steps=config.train.unroll_steps if objective in ("unrolled", "spread") else None)
 
 
 # train.objective -> the objective's settings, from the train section
@@ -62,6 +63,8 @@ _OBJECTIVE_ARGS = {
                                      "consistency_weight": tc.consistency_weight,
                                      "teacher_steps": tc.teacher_steps},
     "unrolled": lambda tc: {"cfg_dropout": tc.cfg_dropout, "unroll_steps": tc.unroll_steps},
+    "spread": lambda tc: {"cfg_dropout": tc.cfg_dropout, "unroll_steps": tc.unroll_steps,
+                          "spread_weight": tc.spread_weight, "target_spread": tc.target_spread},
     "deterministic": lambda tc: {"cfg_dropout": tc.cfg_dropout},
 }
 
