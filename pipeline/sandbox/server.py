@@ -47,7 +47,6 @@ import fcntl
 import json
 import os
 import secrets
-import select
 import selectors
 import shutil
 import signal
@@ -56,250 +55,13 @@ import tempfile
 import time
 import traceback
 import types
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from functools import cache
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing in the server
-if TYPE_CHECKING:
-    from pipeline.config import ExecutionConfig
-
-STATUSES = ("passed", "failed", "timeout", "error")
-MODES = ("auto", "namespaces", "process")
-SERVER_GRACE_S = 15.0     # a verdict later than the wall-clock limit plus this: server is stuck
 MAX_MESSAGE = 300         # characters of a verdict's message
 _OUTPUT_TAIL = 4096       # bytes of the program's output kept (for crash messages)
 _VERDICT_MAX = 65536      # bytes read from the verdict pipe
 _PROGRAM = "<program>"    # the program's file name in tracebacks
-_SERVER = os.path.realpath(__file__)
-_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
-
-@dataclass(frozen=True)
-class ExecResult:
-    """One program's outcome: ``status`` in STATUSES, a short ``message``, and ``seconds``
-    (wall time from the sandbox's start to the verdict)."""
-
-    status: str
-    message: str
-    seconds: float
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself cannot work here (e.g. namespaces were required but are missing)."""
-
-
-# ================================================================ caller side
-
-def _limits(config: ExecutionConfig) -> dict:
-    return {"timeout_s": float(config.timeout_s), "cpu_s": int(config.cpu_s),
-            "memory_mb": int(config.memory_mb), "max_file_mb": int(config.max_file_mb),
-            "max_processes": int(config.max_processes)}
-
-
-@cache
-def _site_dirs() -> tuple[str, ...]:
-    """The caller's site-packages folders: the program may import what the caller can."""
-    return tuple(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")
-                 and os.path.isdir(p))
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-class _ServerStuck(Exception):
-    pass
-
-
-class _Server:
-    """One supervisor server (a child process in its own session) and its JSON-lines pipes."""
-
-    def __init__(self) -> None:
-        import subprocess
-
-        # -S: site's start-up (.pth files) costs more than most programs; site dirs come in jobs
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", _SERVER, "--serve"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_ENV, cwd="/",
-            start_new_session=True, close_fds=True)
-        self.out, self.buffer = self.proc.stdout.fileno(), b""
-
-    def send(self, job: dict) -> None:
-        try:
-            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as err:
-            raise _ServerStuck(f"the sandbox server died ({err})") from err
-
-    def receive(self, deadline: float) -> dict:
-        """The next answer line; _ServerStuck when none comes before ``deadline``."""
-        while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.out], [], [], left)[0]:
-                raise _ServerStuck("the sandbox did not answer in time")
-            chunk = os.read(self.out, 65536)
-            if not chunk:
-                raise _ServerStuck(f"the sandbox server died (exit {self.proc.poll()})")
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return json.loads(line)
-
-    def close(self, kill: bool = False) -> None:
-        if kill:
-            _kill_group(self.proc.pid)
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=SERVER_GRACE_S)
-        except Exception:  # noqa: BLE001  # subprocess.TimeoutExpired
-            _kill_group(self.proc.pid)
-            self.proc.wait()
-        self.proc.stdout.close()
-
-
-def _result(answer: dict) -> ExecResult:
-    status = str(answer.get("status"))
-    if status not in STATUSES:
-        return ExecResult("error", f"the sandbox answered {status!r}", 0.0)
-    return ExecResult(status, str(answer.get("message", ""))[:MAX_MESSAGE],
-                      float(answer.get("seconds", 0.0)))
-
-
-def _execute(programs: Sequence[str], limits: dict, mode: str, guard: bool, workers: int,
-             on_result=None) -> list[ExecResult]:
-    """Run ``programs`` through a server, ``workers`` at a time; results in input order.
-
-    If the server stalls or dies (it should not: each supervisor enforces its own limits), its
-    whole process group is killed, the programs in flight get an error, and a new server runs
-    the rest.
-    """
-    # the working directories live in one folder of ours: gone at the end even if a supervisor
-    # was killed before it could clean up (0o711: a sandbox uid may enter, not list)
-    root = tempfile.mkdtemp(prefix="ddpt-sandbox-")
-    os.chmod(root, 0o711)
-    common = {"mode": mode, "guard": guard, "site": _site_dirs(), "root": root, **limits}
-    results: list[ExecResult | None] = [None] * len(programs)
-    pending = deque(range(len(programs)))
-    try:
-        _run_all(programs, common, workers, results, pending, on_result)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return results  # type: ignore[return-value]  # every slot is filled
-
-
-def _run_all(programs: Sequence[str], common: dict, workers: int,
-             results: list[ExecResult | None], pending: deque, on_result) -> None:
-    while pending:
-        server, flight = _Server(), {}
-        try:
-            while pending or flight:
-                while pending and len(flight) < workers:
-                    index = pending.popleft()
-                    server.send({"id": index, "program": programs[index], **common})
-                    flight[index] = time.monotonic()
-                answer = server.receive(min(flight.values()) + common["timeout_s"]
-                                        + SERVER_GRACE_S)
-                index = int(answer["id"])
-                if flight.pop(index, None) is not None:
-                    results[index] = _result(answer)
-                    if on_result is not None:
-                        on_result(results[index])
-        except _ServerStuck as err:
-            server.close(kill=True)
-            for index, sent in flight.items():
-                results[index] = ExecResult("error", str(err), time.monotonic() - sent)
-                if on_result is not None:
-                    on_result(results[index])
-        except BaseException:  # e.g. KeyboardInterrupt: leave no server behind
-            server.close(kill=True)
-            raise
-        else:
-            server.close()
-
-
-_PROBE = "import fractions, heapq, json\nassert json.loads('[1]') == [1]\n"
-
-
-@cache
-def probe_namespaces() -> ExecResult:
-    """Run a trivial program with ``namespaces`` isolation once per process (cached)."""
-    limits = {"timeout_s": 20.0, "cpu_s": 10, "memory_mb": 1024, "max_file_mb": 16,
-              "max_processes": 16}
-    return _execute([_PROBE], limits, "namespaces", True, 1)[0]
-
-
-@cache  # probe and warn once per process
-def resolve_isolation(requested: str = "auto") -> str:
-    """``namespaces`` or ``process``: what ``requested`` (auto, namespaces, process) means here.
-
-    Raises SandboxError when ``namespaces`` is required but does not work on this machine.
-    """
-    if requested not in MODES:
-        raise ValueError(f"isolation {requested!r} is not one of {list(MODES)}")
-    if requested == "process" or sys.platform != "linux":
-        if requested == "namespaces":
-            raise SandboxError("namespaces isolation needs Linux")
-        return "process"
-    probe = probe_namespaces()
-    if probe.passed:
-        return "namespaces"
-    if requested == "namespaces":
-        raise SandboxError(f"namespaces isolation does not work here: {probe.message}")
-    import logging
-
-    logging.getLogger(__name__).warning(
-        "sandbox: user namespaces unavailable (%s); falling back to process isolation, "
-        "which relies on rlimits and the in-process guard (docs/execution.md)", probe.message)
-    return "process"
-
-
-def run_program(program: str, config: ExecutionConfig, *, isolation: str | None = None,
-                guard: bool = True) -> ExecResult:
-    """Run one program (code followed by its tests) in the sandbox.
-
-    ``isolation`` defaults to ``config.isolation``; ``guard=False`` leaves out the in-process
-    guard (only to test the OS layer on its own).
-    """
-    mode = resolve_isolation(isolation or config.isolation)
-    return _execute([program], _limits(config), mode, guard, 1)[0]
-
-
-def run_programs(programs: Sequence[str], config: ExecutionConfig, *, guard: bool = True,
-                 progress: bool = False) -> list[ExecResult]:
-    """Run programs in parallel (``config.workers``, 0 = cores); results in input order."""
-    if not programs:
-        return []
-    mode = resolve_isolation(config.isolation)
-    workers = min(len(programs), config.workers or os.cpu_count() or 1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(programs), desc="execute", unit="program")
-    try:
-        return _execute(programs, _limits(config), mode, guard, workers,
-                        on_result=bar and (lambda _: bar.update(1)))
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-# ================================================================ server side (this file runs
-# as __main__ in a fresh interpreter); nothing below may raise into the caller.
 
 _CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -352,6 +114,13 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int,
 def _write_all(fd: int, data: bytes) -> None:
     while data:
         data = data[os.write(fd, data):]
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _dump(message: str) -> str:
@@ -584,7 +353,7 @@ def _program(job: dict, workdir: str, fds: dict[str, int], namespaces: bool,
         os.chdir(workdir)
         os.umask(0o022)
         os.environ.clear()
-        os.environ.update({**_ENV, "HOME": workdir, "TMPDIR": workdir, "PWD": workdir})
+        os.environ.update({**ENV, "HOME": workdir, "TMPDIR": workdir, "PWD": workdir})
         tempfile.tempdir = workdir
         null = fcntl.fcntl(os.open("/dev/null", os.O_RDONLY), fcntl.F_DUPFD, 10)
         for target, fd in ((0, null), (1, fds["out"]), (2, fds["out"]),
