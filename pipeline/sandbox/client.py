@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from pipeline.config import ExecutionConfig
 
 STATUSES = ("passed", "failed", "timeout", "error")
-MODES = ("auto", "namespaces", "process")
+MODES = ("auto", "bwrap", "process")
 SERVER_GRACE_S = 15.0     # a verdict later than the wall-clock limit plus this: server is stuck
 _SERVER = os.path.join(os.path.dirname(os.path.realpath(__file__)), "server.py")
 _PROBE = "import fractions, heapq, json\nassert json.loads('[1]') == [1]\n"
@@ -205,24 +205,28 @@ def probe(mode: str) -> ExecResult:
 
 @cache  # probe and warn once per process
 def resolve_isolation(requested: str = "auto") -> str:
-    """``namespaces`` or ``process``: what ``requested`` (auto, namespaces, process) means here.
+    """``bwrap`` or ``process``: what ``requested`` (auto, bwrap, process) means here.
 
-    Raises SandboxError when ``namespaces`` is required but does not work on this machine.
+    Raises SandboxError when ``bwrap`` is required but does not work on this machine.
     """
     if requested not in MODES:
         raise ValueError(f"isolation {requested!r} is not one of {list(MODES)}")
-    if requested == "process" or sys.platform != "linux":
-        if requested == "namespaces":
-            raise SandboxError("namespaces isolation needs Linux")
+    if requested == "process":
         return "process"
-    result = probe("namespaces")
-    if result.passed:
-        return "namespaces"
-    if requested == "namespaces":
-        raise SandboxError(f"namespaces isolation does not work here: {result.message}")
-    log.warning("sandbox: user namespaces unavailable (%s); falling back to process isolation, "
-                "which relies on rlimits and the in-process guard (docs/execution.md)",
-                result.message)
+    if sys.platform != "linux":
+        why = "it needs Linux"
+    elif shutil.which("bwrap", path=ENV["PATH"]) is None:
+        why = "bwrap not found (Debian: apt-get install bubblewrap)"
+    else:
+        result = probe("bwrap")
+        if result.passed:
+            return "bwrap"
+        why = result.message
+    if requested == "bwrap":
+        raise SandboxError(f"bwrap isolation does not work here: {why}")
+    log.warning("sandbox: bwrap isolation does not work here (%s); falling back to process "
+                "isolation, which relies on rlimits and the in-process guard (docs/execution.md)",
+                why)
     return "process"
 
 

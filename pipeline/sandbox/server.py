@@ -1,28 +1,32 @@
-"""Run untrusted Python programs (generated code plus its tests) in a sandbox.
+"""The sandbox's server side: run untrusted programs; standard library only, no ``pipeline``.
 
-Programs never run in the caller. ``run_programs`` starts one supervisor server
-(``python -I -S`` on this very file, standard library only, imports done once); for each
-program the server forks a fresh supervisor, which sets the program up, enforces the limits and
-answers one verdict line. The caller only reads JSON, so nothing a program does reaches it.
+``python -I -S server.py --serve`` is the supervisor server that ``client.py`` starts: it reads
+job lines (JSON) on stdin and, for each, forks a fresh supervisor that sets the program up,
+enforces the limits and writes one verdict line on stdout. The same code, run by ``_BOOT``, is the
+init of a bwrap sandbox (below). Nothing here may raise into the caller.
 
-Isolation ``namespaces`` (Linux with user namespaces; chosen by ``auto`` when it works):
-    supervisor (caller's uid, outside)
-      +- helper: unshare(user, mount, pid, net, ipc, uts); the supervisor writes its uid/gid map
-         +- init (pid 1 of the new pid namespace): reaps, reports the program's exit status;
-            when it exits the kernel kills everything left in the namespace (fork bombs too)
-            +- program (pid 2): sets up the view below, drops every capability, runs the code
-  * user: the program's uid is the namespace's root, mapped to a random unprivileged host uid
-    when the caller is root (so RLIMIT_NPROC applies and file permissions protect the caller's
-    files), or to the caller's own uid otherwise; all capabilities (bounding set included) are
-    dropped and no_new_privs is set, so it cannot remount, ptrace, or regain privileges.
-  * mount: every mount is read-only (recursive mount_setattr); the caller's home, /tmp,
-    /var/tmp and /run are hidden under empty tmpfs (Python's own install is bound back when it
-    lives there); the working directory and /dev/shm are small private tmpfs, gone afterwards.
-  * pid: the program sees only its own namespace: it cannot signal the supervisor or the caller
-    (``os.getppid()`` is the namespace's init, which it may not signal).
-  * net: a new network namespace with only a down loopback: no connection anywhere.
-Isolation ``process`` (fallback where namespaces are unavailable, or forced): the program runs in
-its own session under the supervisor, which takes any signal meant for "the parent"; as root it
+Isolation ``bwrap`` (bubblewrap, the sandbox tool Flatpak uses; chosen by ``auto`` when it works):
+    supervisor (caller's uid, outside; a child subreaper)
+      +- [root caller] bwrap as root, mount namespace only: folders others cannot enter on the
+      |  way to Python's install are covered by tmpfs and Python is bound back, so that
+      |  setpriv can switch to a random unprivileged uid that still reaches the interpreter
+      +- bwrap (as that uid, or as the non-root caller): new user, mount, pid, net, ipc, uts
+         (and cgroup) namespaces; no capabilities, no_new_privs, no further user namespaces
+         +- init (pid 1, ``_init``): reaps, reports the program's exit status; when it exits
+            the kernel kills everything left in the namespace (fork bombs too)
+            +- program (pid 2): rlimits, the guard, the code
+  * user: the program is the namespace's root without any capability, mapped to that random
+    uid when the caller is root (so RLIMIT_NPROC applies and file permissions protect the
+    caller's files), or to the caller's own uid otherwise.
+  * mount: everything read-only; the caller's home, /tmp, /var/tmp and /run are empty tmpfs
+    (Python's own install bound back when it lives there); the working directory and /dev/shm
+    are small private tmpfs, gone afterwards; /dev is bwrap's minimal one, /proc the new pid
+    namespace's.
+  * pid: the program cannot signal the supervisor or the caller (``os.getppid()`` is init,
+    which it may not signal); net: only a loopback of its own; ipc, uts: its own.
+  * bwrap, and so init, die with the supervisor (``--die-with-parent``).
+Isolation ``process`` (fallback where bwrap does not work, or forced): the program runs in its
+own session under the supervisor, which takes any signal meant for "the parent"; as root it
 switches to a random unprivileged uid when Python's install is readable by others. It has no
 read-only view and no network or pid isolation: the guard below is then the main barrier.
 
@@ -42,73 +46,43 @@ can do to the machine, it does not make a determined cheat impossible.
 """
 from __future__ import annotations
 
-import ctypes
+# Only what init and the program need, and C modules rather than their Python wrappers (signal
+# and json import enum and re): under bwrap each program starts a fresh interpreter, and these
+# imports would cost more than most programs take to run. The supervisor's modules are imported
+# where they are used (the server imports them once, in _serve).
+import _json
+import _signal
+import _thread
 import fcntl
-import json
+import marshal
 import os
-import secrets
-import selectors
-import shutil
-import signal
 import sys
-import tempfile
 import time
-import traceback
 import types
 
 MAX_MESSAGE = 300         # characters of a verdict's message
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 _OUTPUT_TAIL = 4096       # bytes of the program's output kept (for crash messages)
 _VERDICT_MAX = 65536      # bytes read from the verdict pipe
 _PROGRAM = "<program>"    # the program's file name in tracebacks
-ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-
-
-_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-_CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
-_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP = 1, 4, 24
-_PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
-_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE = 442, -100, 0x8000
-_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 1, 2
+_SERVER = os.path.realpath(__file__)
+# init runs this file's code as the server compiled it once (marshalled with the job on fd 6):
+# compiling it again in each program's fresh interpreter would cost more than the program
+_BOOT = ("import marshal; code, job = marshal.load(open(6, 'rb')); "
+         f"env = {{'__name__': 'ddpt_sandbox', '__file__': {_SERVER!r}}}; exec(code, env); "
+         "env['_init'](job)")
+_code: types.CodeType | None = None  # set by _serve
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
 _NONCE_FD, _VERDICT_FD = 3, 4      # the program's private pipes
+_CTL_FD, _JOB_FD, _LIFE_FD = 5, 6, 7  # under bwrap: init's reports, the job, the lifeline
 _NONCE_BYTES = 16
 _HIDDEN = ("/tmp", "/var/tmp", "/run")
+def _prctl(option: int, value: int) -> None:
+    import ctypes
 
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _c(name: str, *args) -> int:
-    """Call libc ``name``; raise OSError naming it on failure."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    result = getattr(_libc, name)(*args)
-    if result == -1:
+    if ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"{name}{args[:2]}: {os.strerror(errno)}")
-    return result
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    enc = (lambda s: None if s is None else s.encode())
-    _c("mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
+        raise OSError(errno, f"prctl({option}, {value}): {os.strerror(errno)}")
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -118,7 +92,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _kill_group(pgid: int) -> None:
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, _signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -127,92 +101,21 @@ def _dump(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
 
 
-# ---------------------------------------------------------------- inside the sandbox
-
-def _python_paths() -> list[str]:
-    """Real paths of the interpreter's install and import path (must stay readable)."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable)),
-             *[p for p in sys.path if p and os.path.isdir(p)]}
-    return sorted({os.path.realpath(p) for p in paths})
-
-
 def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _outermost(paths: list[str]) -> list[str]:
-    return sorted(p for p in set(paths) if not any(_under(p, q) for q in paths if q != p))
+class _quiet:
+    """``with _quiet():`` ignores OSError (a process already gone, a pipe already empty)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
 
 
-def _view_plan() -> tuple[list[str], list[str]]:
-    """(folders to hide under an empty tmpfs, Python folders inside them to bind back).
-
-    Hidden: the caller's home, /tmp, /var/tmp, /run, and any folder others cannot enter on the
-    way to Python's install (so the unprivileged sandbox uid can still import the stdlib).
-    Computed outside the namespaces, where the caller's home and uid are still known.
-    """
-    python = _python_paths()
-    hidden = [os.path.realpath(os.path.expanduser("~")), *_HIDDEN]
-    for path in python:
-        parts = path.split("/")
-        for i in range(2, len(parts) + 1):
-            if not os.stat("/".join(parts[:i])).st_mode & 0o001:
-                hidden.append("/".join(parts[:i]))
-                break
-    hidden = _outermost([p for p in hidden if p != "/" and os.path.isdir(p)])
-    keep = _outermost([p for p in python if any(_under(p, h) for h in hidden)])
-    return hidden, keep
-
-
-def _build_view(workdir: str, file_mb: int, hidden: list[str], keep: list[str]) -> None:
-    """The mount namespace's view: all read-only, private places hidden, a private workdir.
-
-    Runs as the namespace's root with its capabilities, before any untrusted code.
-    """
-    # O_PATH handles first: once the tmpfs covers a folder, what is under it is out of reach
-    handles = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in keep}
-    os.setresgid(0, 0, 0)  # the mapped, unprivileged uid: new files need a mapped owner
-    os.setresuid(0, 0, 0)
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    for folder in hidden:
-        _mount("tmpfs", folder, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
-    for path, fd in handles.items():
-        os.makedirs(path, exist_ok=True)
-        _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
-        os.close(fd)
-    os.makedirs(workdir, exist_ok=True)
-    attr = _MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
-    _c("syscall", _SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr),
-       ctypes.sizeof(attr))
-    size = f"size={max(4 * file_mb, 8)}m"
-    _mount("tmpfs", workdir, "tmpfs", _MS_NOSUID | _MS_NODEV, f"{size},mode=0700")
-    if os.path.isdir("/dev/shm"):
-        _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"{size},mode=1777")
-    try:  # this pid namespace's /proc; without it the (read-only) host /proc stays
-        _mount("proc", "/proc", "proc", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    except OSError:
-        pass
-    # an import tried while the view was half built may have cached "no such folder"
-    for path, finder in list(sys.path_importer_cache.items()):
-        if finder is None:
-            del sys.path_importer_cache[path]
-    import importlib
-
-    importlib.invalidate_caches()
-
-
-def _drop_privileges() -> None:
-    """No capabilities now or after any exec, and no way to gain privileges."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        _c("prctl", _PR_CAPBSET_DROP, cap, 0, 0, 0)
-    _c("prctl", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
-    _c("capset", ctypes.byref(header), ctypes.byref(data))
-    _c("prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-
+# ---------------------------------------------------------------- inside the sandbox
 
 def _set_limits(job: dict) -> None:
     import resource
@@ -229,12 +132,11 @@ def _set_limits(job: dict) -> None:
 
 def _guard(workdir: str) -> None:
     """The second layer, as HumanEval's reliability_guard: deny what tests never need."""
+    import _posixsubprocess
+    import _socket
     import builtins
     import faulthandler
     import io
-    import shutil as sh
-    import socket
-    import subprocess as sp
 
     faulthandler.disable()
 
@@ -249,18 +151,22 @@ def _guard(workdir: str) -> None:
                  "spawnvp", "remove", "unlink", "rmdir", "removedirs", "rename", "renames",
                  "replace", "truncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown",
                  "chroot", "chdir", "fchdir", "setuid", "setgid", "setresuid", "setresgid",
-                 "link", "symlink", "mkfifo", "mknod", "register_at_fork"):
+                 "link", "symlink", "mkfifo", "mknod"):  # not register_at_fork: random,
+        # threading and logging call it when imported, and fork itself is denied
         if hasattr(os, name):
             setattr(os, name, deny(f"os.{name}"))
-    sh.rmtree, sh.move, sh.chown = deny("shutil.rmtree"), deny("shutil.move"), deny("shutil.chown")
-    sp.Popen = deny("subprocess.Popen")
+    # the C layer under subprocess and socket, so that neither needs importing here (shutil's
+    # removals end in the os functions above); socket must not be imported before this
+    _posixsubprocess.fork_exec = deny("subprocess.Popen")
 
-    class NoSocket(socket.socket):
+    class NoSocket(_socket.socket):
+        __slots__ = ()  # socket.socket, made from this if imported later, adds __weakref__
+
         def __init__(self, *args, **kwargs):
             raise PermissionError("sockets are disabled in the sandbox")
 
-    socket.socket = NoSocket
-    socket.socketpair = socket.create_connection = deny("socket")
+    _socket.socket = _socket.SocketType = NoSocket
+    _socket.socketpair = deny("socket")
     for name in ("ctypes", "_ctypes"):
         sys.modules[name] = None  # type: ignore[assignment]  # import now fails
 
@@ -289,13 +195,17 @@ def _guard(workdir: str) -> None:
 def _describe(exc: BaseException, source: str) -> str:
     """The exception's last line, plus where in the program it was raised."""
     try:
+        import traceback
+
         text = traceback.format_exception_only(type(exc), exc)[-1].strip()
-    except BaseException:  # noqa: BLE001  # a hostile __str__
+    except BaseException:  # noqa: BLE001  # a hostile __str__, a sabotaged import
         text = type(exc).__name__
     line = getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename == _PROGRAM:
-            line = frame.lineno
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == _PROGRAM:
+            line = tb.tb_lineno
+        tb = tb.tb_next
     if line:
         lines = source.splitlines()
         code = lines[line - 1].strip() if 0 < line <= len(lines) else ""
@@ -305,10 +215,13 @@ def _describe(exc: BaseException, source: str) -> str:
 
 def _run(source: str, guard: bool, workdir: str) -> None:
     """Execute the program in a fresh ``__main__``; send the verdict; never return."""
-    read, write, exit_, dumps = os.read, os.write, os._exit, json.dumps
+    read, write, exit_, quote = os.read, os.write, os._exit, _json.encode_basestring_ascii
 
     def verdict(status: str, message: str = "", nonce: str = "") -> None:
-        line = dumps({"status": status, "message": message, "nonce": nonce}) + "\n"
+        # a JSON line made with json's own string encoder (json itself, with re, costs more to
+        # import than most programs take to run)
+        line = (f'{{"status": {quote(status)}, "message": {quote(message)}, '
+                f'"nonce": {quote(nonce)}}}\n')
         try:
             _write_all(_VERDICT_FD, line.encode())
         finally:
@@ -334,26 +247,28 @@ def _run(source: str, guard: bool, workdir: str) -> None:
     verdict("passed", nonce=nonce.decode())
 
 
-def _program(job: dict, workdir: str, fds: dict[str, int], namespaces: bool,
-             sandbox_uid: int | None) -> None:
-    """The program's process: confine itself, then run the code (never returns)."""
+def _program(job: dict, workdir: str, fds: dict[str, int], sandbox_uid: int | None,
+             confine: bool) -> None:
+    """The program's process: confine itself (``process`` mode), run the code (never returns).
+
+    Under bwrap there is nothing left to confine: bwrap has confined init, and so this fork.
+    """
     # every descriptor to fds >= 10 first: a source may be one of the targets 0-4
     fds = {name: fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for name, fd in fds.items()}
     try:
         os.setsid()  # its own session: kill(0, ...) reaches nobody else
-        if namespaces:
-            _build_view(workdir, job["max_file_mb"], *job["view"])
-            _drop_privileges()
-        else:
-            _c("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with its supervisor
+        if confine:
+            _prctl(_PR_SET_PDEATHSIG, _signal.SIGKILL)  # dies with its supervisor
             if sandbox_uid is not None:
                 os.setresgid(sandbox_uid, sandbox_uid, sandbox_uid)
                 os.setresuid(sandbox_uid, sandbox_uid, sandbox_uid)
-            _c("prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+            _prctl(_PR_SET_NO_NEW_PRIVS, 1)
         os.chdir(workdir)
         os.umask(0o022)
         os.environ.clear()
         os.environ.update({**ENV, "HOME": workdir, "TMPDIR": workdir, "PWD": workdir})
+        import tempfile  # here, before the guard: its own search for a folder removes a file
+
         tempfile.tempdir = workdir
         null = fcntl.fcntl(os.open("/dev/null", os.O_RDONLY), fcntl.F_DUPFD, 10)
         for target, fd in ((0, null), (1, fds["out"]), (2, fds["out"]),
@@ -367,58 +282,153 @@ def _program(job: dict, workdir: str, fds: dict[str, int], namespaces: bool,
     _run(job["program"], bool(job["guard"]), workdir)
 
 
-def _init(job: dict, workdir: str, fds: dict[str, int]) -> None:
-    """pid 1 of the namespace: start the program, reap everything, report its status."""
-    _c("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    _c("prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)  # the program may not ptrace us
+def _end_with_lifeline() -> None:
+    while os.read(_LIFE_FD, 64):
+        pass
+    os._exit(0)
+
+
+def _init(job: dict) -> None:
+    """pid 1 of the bwrap sandbox (``_BOOT``): start the program, reap everything, report."""
+    sys.path.extend(p for p in job["site"] if p not in sys.path)
+    fds = {"out": 1, "nonce": _NONCE_FD, "verdict": _VERDICT_FD, "ctl": _CTL_FD}
     child = os.fork()
     if child == 0:
-        _program(job, workdir, fds, True, None)
-    for name in ("out", "nonce", "verdict"):
-        os.close(fds[name])
+        _program(job, job["workdir"], fds, None, confine=False)
+    for fd in (0, 1, 2, _NONCE_FD, _VERDICT_FD):
+        os.close(fd)
+    # the supervisor holds the lifeline's other end: its end of file, when the supervisor stops
+    # us or dies, ends init and so the sandbox (bwrap's --die-with-parent cannot reach across
+    # the root bwrap, which may not signal the sandbox uid)
+    _thread.start_new_thread(_end_with_lifeline, ())
     while True:
         pid, status = os.wait()
         if pid == child:
             break
-    _write_all(fds["ctl"], f"status {status}\n".encode())
+    _write_all(_CTL_FD, f"status {status}\n".encode())
     os._exit(0)  # the kernel now kills whatever is left in the namespace
 
 
-def _helper(job: dict, workdir: str, fds: dict[str, int], sync: int, go: int) -> None:
-    """Enter new namespaces, wait for the id map, start the namespace's init."""
-    _c("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+# ---------------------------------------------------------------- the supervisor
+
+def _python_paths() -> list[str]:
+    """Real paths of the interpreter's install, its import path and this file's folder."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(_SERVER),
+             *[p for p in sys.path if p and os.path.isdir(p)]}
+    return sorted({os.path.realpath(p) for p in paths})
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    return sorted(p for p in set(paths) if not any(_under(p, q) for q in paths if q != p))
+
+
+def _view(folders: list[str]) -> tuple[list[str], list[str]]:
+    """(folders to cover with an empty tmpfs, Python folders inside them to bind back).
+
+    ``folders`` plus any folder others cannot enter on the way to Python's install (an
+    unprivileged uid could not reach the interpreter through it, nor could bwrap run as that
+    uid bind it). Computed outside, where the caller's home and uid are still known.
+    """
+    python = _python_paths()
+    hidden = list(folders)
+    for path in python:
+        parts = path.split("/")
+        for i in range(2, len(parts) + 1):
+            if not os.stat("/".join(parts[:i])).st_mode & 0o001:
+                hidden.append("/".join(parts[:i]))
+                break
+    hidden = _outermost([p for p in hidden if p != "/" and os.path.isdir(p)])
+    keep = _outermost([p for p in python if any(_under(p, h) for h in hidden)])
+    return hidden, keep
+
+
+def _hide(hidden: list[str], keep: list[str]) -> list[str]:
+    """bwrap arguments: an empty tmpfs on each of ``hidden``, ``keep`` bound back read-only."""
+    args: list[str] = []
+    for folder in hidden:
+        args += ["--size", str(1 << 20), "--tmpfs", folder]
+    made: set[str] = set()
+    for path in keep:
+        top = next(h for h in hidden if _under(path, h))
+        parts = path[len(top):].strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):  # else bwrap makes the folders on the way 0700
+            folder = "/".join([top.rstrip("/"), *parts[:i]])
+            if folder not in made:
+                args += ["--dir", folder]
+                made.add(folder)
+        args += ["--ro-bind", path, path]
+    return args
+
+
+def _which(name: str) -> str:
+    import shutil
+
+    path = shutil.which(name, path=ENV["PATH"])
+    if path is None:
+        raise FileNotFoundError(f"{name} not found (Debian: apt-get install bubblewrap)")
+    return path
+
+
+def _bwrap_argv(job: dict, sandbox_uid: int | None) -> list[str]:
+    """The command line that runs ``_init`` in the sandbox (see the module's docstring)."""
+    bwrap, workdir = _which("bwrap"), job["workdir"]
+    size = str(max(4 * int(job["max_file_mb"]), 8) << 20)
+    hidden, keep = _view([os.path.realpath(os.path.expanduser("~")), *_HIDDEN])
+    argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--uid", "0",
+            "--gid", "0", "--cap-drop", "ALL", "--die-with-parent", "--new-session",
+            "--as-pid-1", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            *_hide(hidden, keep), "--size", size, "--perms", "0700", "--tmpfs", workdir,
+            "--size", size, "--perms", "1777", "--tmpfs", "/dev/shm"]
+    for folder in (*hidden, "/dev", "/proc"):  # only the workdir and /dev/shm stay writable
+        argv += ["--remount-ro", folder]
+    argv += ["--chdir", workdir, "--clearenv"]
+    for name, value in ENV.items():
+        argv += ["--setenv", name, value]
+    argv += ["--", sys.executable, "-I", "-S", "-B", "-c", _BOOT]
+    if sandbox_uid is None:
+        return argv
+    # bwrap run by an unprivileged uid binds only what that uid can reach (it resolves every
+    # source path as that uid): a bwrap as root first brings Python's install within reach
+    # (--dev-bind: the inner bwrap needs /dev/null and a writable-flagged /proc to mount its own)
+    uid = str(sandbox_uid)
+    return [bwrap, "--die-with-parent", "--cap-drop", "ALL", "--cap-add", "CAP_SETUID",
+            "--cap-add", "CAP_SETGID", "--dev-bind", "/", "/", *_hide(*_view([])), "--",
+            _which("setpriv"), "--reuid", uid, "--regid", uid, "--clear-groups", "--", *argv]
+
+
+def _exec_bwrap(job: dict, fds: dict[str, int], life: int, sandbox_uid: int | None) -> None:
+    """The supervisor's child: become bwrap, which runs ``_init`` (never returns)."""
+    ctl = fds["ctl"]
     try:
-        _c("unshare", _CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET
-           | _CLONE_NEWIPC | _CLONE_NEWUTS)
-    except OSError as exc:
-        _write_all(sync, f"E{exc}".encode())
-        os._exit(1)
-    _write_all(sync, b"k")
-    if os.read(go, 1) != b"g":
-        os._exit(1)
-    _c("prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
-    init = os.fork()
-    if init == 0:
-        _init(job, workdir, fds)
-    for name in ("out", "nonce", "verdict"):
-        os.close(fds[name])
-    _write_all(fds["ctl"], f"pid {init}\n".encode())
-    os.waitpid(init, 0)
-    os._exit(0)
+        argv = _bwrap_argv(job, sandbox_uid)
+        job_fd = os.memfd_create("job")
+        _write_all(job_fd, marshal.dumps((_code, job)))
+        os.lseek(job_fd, 0, os.SEEK_SET)
+        null = os.open("/dev/null", os.O_RDONLY)
+        sources = [null, fds["out"], fds["out"], fds["nonce"], fds["verdict"], ctl, job_fd,
+                   life]
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in sources]  # a source may be a target
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)
+        ctl = _CTL_FD
+        os.closerange(len(sources), 65536)
+        os.chdir("/")
+        os.umask(0o022)
+        os.execv(argv[0], argv)
+    except BaseException as exc:  # noqa: BLE001
+        _write_all(ctl, f"setup {type(exc).__name__}: {exc}\n".encode())
+        os._exit(121)
 
 
-def _map_ids(pid: int, sandbox_uid: int) -> None:
-    """The helper's namespace root is ``sandbox_uid`` (root caller) or the caller's own ids."""
-    if os.geteuid() == 0:
-        uid = gid = sandbox_uid
-    else:  # an unprivileged caller may map only itself, and must deny setgroups first
-        uid, gid = os.geteuid(), os.getegid()
-        with open(f"/proc/{pid}/setgroups", "w") as f:
-            f.write("deny")
-    with open(f"/proc/{pid}/uid_map", "w") as f:
-        f.write(f"0 {uid} 1")
-    with open(f"/proc/{pid}/gid_map", "w") as f:
-        f.write(f"0 {gid} 1")
+def _children() -> list[int]:
+    """Our children's pids (bwrap, or its init once bwrap is gone: we are a subreaper)."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(pid) for pid in f.read().split()]
+    except OSError:
+        return []
 
 
 def _python_readable_by_others() -> bool:
@@ -444,7 +454,7 @@ def _kill_uid(uid: int) -> None:
                     line = next(x for x in f if x.startswith("Uid:"))
                 if int(line.split()[1]) == uid:
                     found = True
-                    os.kill(int(name), signal.SIGKILL)
+                    os.kill(int(name), _signal.SIGKILL)
             except (OSError, StopIteration, ValueError):
                 continue
         if not found:
@@ -456,14 +466,17 @@ class _Supervisor:
     """Runs one job; ``verdict()`` returns (status, message)."""
 
     def __init__(self, job: dict) -> None:
-        self.job, self.namespaces = job, job["mode"] == "namespaces"
+        self.job, self.bwrap = job, job["mode"] == "bwrap"
         self.out, self.verdict_bytes = bytearray(), bytearray()
         self.exit_status: int | None = None
-        self.init_pid: int | None = None
         self.setup_error = ""
         self.nonce = ""
+        self.life = -1  # the write end of init's lifeline
 
     def verdict(self) -> tuple[str, str]:
+        import shutil
+        import tempfile
+
         workdir = tempfile.mkdtemp(prefix="run-", dir=self.job.get("root"))
         try:
             return self._supervise(workdir)
@@ -471,48 +484,43 @@ class _Supervisor:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _supervise(self, workdir: str) -> tuple[str, str]:
+        import secrets
+
         root = os.geteuid() == 0
         # secrets, not random: every supervisor is a fork of the server, random's state too
         sandbox_uid = (1 << 30) + secrets.randbelow(1 << 30) if root else None
         if root:
             os.setgroups([])  # nothing below inherits the caller's supplementary groups
-        if root and not self.namespaces:
+        if self.bwrap:
+            self.job["workdir"] = workdir  # the same path inside, a private tmpfs there
+            _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # bwrap's init is ours if bwrap dies first
+        elif root:
             if _python_readable_by_others():
                 os.chown(workdir, sandbox_uid, sandbox_uid)
             else:
                 sandbox_uid = None  # stays root: only the guard protects the caller's files
         out_r, out_w = os.pipe()
+        life_r, self.life = os.pipe()  # the write end stays here: exec closes it in the child
         nonce_r, nonce_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
         fds = {"out": out_w, "nonce": nonce_r, "verdict": verdict_w, "ctl": ctl_w}
-        sync_r, sync_w = os.pipe()
-        go_r, go_w = os.pipe()
-        if self.namespaces:
-            self.job["view"] = _view_plan()
         began = time.monotonic()
         pid = os.fork()
         if pid == 0:
             try:
-                for fd in (out_r, nonce_w, verdict_r, ctl_r, sync_r, go_w):
+                for fd in (out_r, nonce_w, verdict_r, ctl_r):
                     os.close(fd)  # else the nonce pipe never reaches end of file
-                if self.namespaces:
-                    _helper(self.job, workdir, fds, sync_w, go_r)
+                if self.bwrap:
+                    _exec_bwrap(self.job, fds, life_r, sandbox_uid)
                 else:
-                    _program(self.job, workdir, fds, False, sandbox_uid)
+                    _program(self.job, workdir, fds, sandbox_uid, confine=True)
             finally:
                 os._exit(120)
         # nonce_r stays open here until the nonce is written: a program that ends at once must
         # not turn that write into a broken pipe
-        for fd in (out_w, verdict_w, ctl_w, sync_w, go_r):
+        for fd in (out_w, verdict_w, ctl_w, life_r):
             os.close(fd)
-        if self.namespaces:
-            answer = os.read(sync_r, 4096)
-            if answer != b"k":
-                os.waitpid(pid, 0)
-                return "error", _dump(f"sandbox setup failed: {answer[1:].decode() or 'no answer'}")
-            _map_ids(pid, sandbox_uid or 0)
-            os.write(go_w, b"g")
         # the nonce is born after the fork: it never was in the program's memory
         self.nonce = secrets.token_hex(_NONCE_BYTES)
         _write_all(nonce_w, self.nonce.encode())
@@ -521,15 +529,17 @@ class _Supervisor:
         timed_out = self._wait(pid, out_r, verdict_r, ctl_r, began)
         self._stop(pid, sandbox_uid)
         self._drain(out_r, verdict_r, ctl_r)
-        for fd in (out_r, verdict_r, ctl_r, sync_r, go_w):
+        for fd in (out_r, verdict_r, ctl_r):
             os.close(fd)
         return self._judge(timed_out)
 
     def _wait(self, pid: int, out_r: int, verdict_r: int, ctl_r: int, began: float) -> bool:
         """Collect output until the program's status is known; True on the wall-clock limit."""
+        import selectors
+
         deadline = began + float(self.job["timeout_s"])
-        # the status comes from init over ctl (namespaces) or from waiting on the child
-        pidfd = None if self.namespaces else os.pidfd_open(pid)
+        # the status comes from init over ctl (bwrap) or from waiting on the child
+        pidfd = None if self.bwrap else os.pidfd_open(pid)
         sel = selectors.DefaultSelector()
         for fd in (out_r, verdict_r, ctl_r, pidfd):
             if fd is not None:
@@ -544,8 +554,8 @@ class _Supervisor:
                         self.exit_status = os.waitpid(pid, 0)[1]
                     elif not self._read(key.fd, out_r, verdict_r, ctl_r):
                         sel.unregister(key.fd)
-                        if key.fd == ctl_r and self.namespaces and self.exit_status is None:
-                            self.exit_status = -1  # helper and init gone without a status
+                        if key.fd == ctl_r and self.bwrap and self.exit_status is None:
+                            self.exit_status = -1  # bwrap and init gone without a status
             return False
         finally:
             sel.close()
@@ -572,23 +582,29 @@ class _Supervisor:
             return True
         for line in chunk.decode(errors="replace").splitlines():
             kind, _, value = line.partition(" ")
-            if kind == "pid":
-                self.init_pid = int(value)
-            elif kind == "status":
+            if kind == "status":
                 self.exit_status = int(value)
             elif kind == "setup":
                 self.setup_error = value
         return bool(chunk)
 
     def _stop(self, pid: int, sandbox_uid: int | None) -> None:
-        """Kill what is left: the namespace (through its init) or the program's session."""
-        if self.namespaces:
-            for target in (self.init_pid, pid):
-                if target:
+        """Kill what is left: the bwrap sandbox (through its init) or the program's session."""
+        os.close(self.life)  # init ends at its end of file
+        if self.bwrap:
+            # killed, bwrap leaves its child to us (a subreaper): kill our children and reap
+            # until none is left (init's exit returns once the kernel has killed the rest of
+            # its namespace)
+            targets = [pid]
+            while True:
+                for target in targets:
                     with _quiet():
-                        os.kill(target, signal.SIGKILL)
-            os.waitpid(pid, 0)  # returns once init and so the whole namespace are gone
-            return
+                        os.kill(target, _signal.SIGKILL)
+                try:
+                    os.waitpid(-1, 0)
+                except ChildProcessError:
+                    return
+                targets = _children()
         _kill_group(pid)
         if sandbox_uid is not None:
             _kill_uid(sandbox_uid)
@@ -603,6 +619,8 @@ class _Supervisor:
                     pass
 
     def _judge(self, timed_out: bool) -> tuple[str, str]:
+        import json
+
         lines = self.verdict_bytes.decode(errors="replace").strip().splitlines()
         try:
             verdict = json.loads(lines[-1]) if lines else {}
@@ -619,27 +637,21 @@ class _Supervisor:
             return "error", _dump(f"sandbox setup failed: {self.setup_error}")
         code = self.exit_status
         if code is None or code < 0:
+            if self.out.startswith(b"bwrap:"):  # bwrap could not set the sandbox up
+                return "error", _dump(f"sandbox setup failed: {self.out.decode().strip()}")
             return "error", "the sandbox's helper died"
         if os.WIFSIGNALED(code):
             sig = os.WTERMSIG(code)
-            if sig == signal.SIGXCPU:
+            if sig == _signal.SIGXCPU:
                 return "timeout", f"CPU time limit of {self.job['cpu_s']}s exceeded"
-            if sig == signal.SIGXFSZ:
+            if sig == _signal.SIGXFSZ:
                 return "error", f"file size limit of {self.job['max_file_mb']} MB exceeded"
+            import signal
+
             return "error", f"killed by {signal.Signals(sig).name}"
         tail = self.out.decode(errors="replace").strip().splitlines()[-1:] or [""]
         how = f"exited with code {os.WEXITSTATUS(code)} before its tests finished"
         return "error", _dump(f"{how}: {tail[0]}" if tail[0] else how)
-
-
-class _quiet:
-    """``with _quiet():`` ignores OSError (a process already gone, a pipe already empty)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
 
 
 def _answer(job: dict) -> None:
@@ -648,12 +660,14 @@ def _answer(job: dict) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # the job lines are the server's, not ours
         os.close(null)
-        _c("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the server killed: so are we
+        _prctl(_PR_SET_PDEATHSIG, _signal.SIGKILL)  # the server killed: so are we
         began = time.monotonic()
         try:
             status, message = _Supervisor(job).verdict()
         except Exception as exc:  # noqa: BLE001  # report, never crash silently
             status, message = "error", _dump(f"sandbox failure: {type(exc).__name__}: {exc}")
+        import json
+
         line = json.dumps({"id": job["id"], "status": status, "message": message,
                            "seconds": round(time.monotonic() - began, 4)}) + "\n"
         os.write(1, line.encode())  # one write below PIPE_BUF: answers never interleave
@@ -663,14 +677,23 @@ def _answer(job: dict) -> None:
 
 def _serve() -> None:
     """Server entry: job lines (JSON) on stdin; a forked supervisor answers each on stdout."""
-    # imported once here instead of in every program (the guard and the set-up need them)
+    # imported once here instead of in every supervisor and program (not socket: the guard)
+    import ctypes  # noqa: F401
     import faulthandler  # noqa: F401
-    import importlib  # noqa: F401
     import io  # noqa: F401
+    import json
     import resource  # noqa: F401
-    import socket  # noqa: F401
-    import subprocess  # noqa: F401
+    import secrets  # noqa: F401
+    import selectors  # noqa: F401
+    import shutil  # noqa: F401
+    import signal  # noqa: F401
+    import tempfile  # noqa: F401
+    import traceback  # noqa: F401
 
+
+    global _code
+    with open(_SERVER, "rb") as f:
+        _code = compile(f.read(), _SERVER, "exec")
     children: set[int] = set()
     for line in sys.stdin.buffer:
         job = json.loads(line)
