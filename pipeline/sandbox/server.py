@@ -137,6 +137,7 @@ def _guard(workdir: str) -> None:
     import builtins
     import faulthandler
     import io
+    import shutil as sh  # imported already (by tempfile)
 
     faulthandler.disable()
 
@@ -155,8 +156,9 @@ def _guard(workdir: str) -> None:
         # threading and logging call it when imported, and fork itself is denied
         if hasattr(os, name):
             setattr(os, name, deny(f"os.{name}"))
-    # the C layer under subprocess and socket, so that neither needs importing here (shutil's
-    # removals end in the os functions above); socket must not be imported before this
+    sh.rmtree, sh.move, sh.chown = deny("shutil.rmtree"), deny("shutil.move"), deny("shutil.chown")
+    # the C layer under subprocess and socket, so that neither needs importing here; socket must
+    # not be imported before this (its classes would already derive from the real one)
     _posixsubprocess.fork_exec = deny("subprocess.Popen")
 
     class NoSocket(_socket.socket):
