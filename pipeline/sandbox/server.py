@@ -321,6 +321,15 @@ def _python_paths() -> list[str]:
     return sorted({os.path.realpath(p) for p in paths})
 
 
+def _closed_on_the_way(path: str, bits: int) -> str | None:
+    """The first folder on the way to ``path`` (itself included) that lacks ``bits`` for others."""
+    parts = path.split("/")
+    for i in range(2, len(parts) + 1):
+        if not os.stat("/".join(parts[:i])).st_mode & bits:
+            return "/".join(parts[:i])
+    return None
+
+
 def _outermost(paths: list[str]) -> list[str]:
     return sorted(p for p in set(paths) if not any(_under(p, q) for q in paths if q != p))
 
@@ -333,13 +342,7 @@ def _view(folders: list[str]) -> tuple[list[str], list[str]]:
     uid bind it). Computed outside, where the caller's home and uid are still known.
     """
     python = _python_paths()
-    hidden = list(folders)
-    for path in python:
-        parts = path.split("/")
-        for i in range(2, len(parts) + 1):
-            if not os.stat("/".join(parts[:i])).st_mode & 0o001:
-                hidden.append("/".join(parts[:i]))
-                break
+    hidden = [*folders, *filter(None, (_closed_on_the_way(p, 0o001) for p in python))]
     hidden = _outermost([p for p in hidden if p != "/" and os.path.isdir(p)])
     keep = _outermost([p for p in python if any(_under(p, h) for h in hidden)])
     return hidden, keep
@@ -368,7 +371,7 @@ def _which(name: str) -> str:
 
     path = shutil.which(name, path=ENV["PATH"])
     if path is None:
-        raise FileNotFoundError(f"{name} not found (Debian: apt-get install bubblewrap)")
+        raise FileNotFoundError(f"{name} not found in {ENV['PATH']}")
     return path
 
 
@@ -417,7 +420,6 @@ def _exec_bwrap(job: dict, fds: dict[str, int], life: int, sandbox_uid: int | No
         ctl = _CTL_FD
         os.closerange(len(sources), 65536)
         os.chdir("/")
-        os.umask(0o022)
         os.execv(argv[0], argv)
     except BaseException as exc:  # noqa: BLE001
         _write_all(ctl, f"setup {type(exc).__name__}: {exc}\n".encode())
@@ -435,13 +437,7 @@ def _children() -> list[int]:
 
 def _python_readable_by_others() -> bool:
     """Can an unrelated uid reach and read the interpreter's files?"""
-    for path in _python_paths():
-        parts = path.split("/")
-        for i in range(2, len(parts) + 1):
-            mode = os.stat("/".join(parts[:i]) or "/").st_mode
-            if not mode & 0o005:
-                return False
-    return True
+    return not any(_closed_on_the_way(path, 0o005) for path in _python_paths())
 
 
 def _kill_uid(uid: int) -> None:
