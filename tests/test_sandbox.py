@@ -209,12 +209,30 @@ def _descendants(pid: int) -> list[int]:
     return [p for c in children for p in (c, *_descendants(c))]
 
 
-def _alive(pid: int) -> bool:
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...); [] once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+            return f.read().rpartition(")")[2].split()
     except OSError:
-        return False
+        return []
+
+
+def _alive(pid: int) -> bool:
+    return _stat(pid)[:1] not in ([], ["Z"])
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _program_runs(tree: list[int]) -> bool:
+    """The program is a fork of its parent (init under bwrap, the supervisor under process)."""
+    return any(_stat(p) and _cmdline(p) == _cmdline(int(_stat(p)[1])) for p in tree[1:])
 
 
 @pytest.mark.parametrize("isolation", [pytest.param("bwrap", marks=NO_BWRAP), "process"])
@@ -224,12 +242,13 @@ def test_program_dies_with_its_supervisor(isolation, tmp_path):
     try:
         server.send({"id": 0, "program": "import time\ntime.sleep(30)\n",
                      **sandbox_client.job_fields(limits, isolation, True, str(tmp_path))})
-        for _ in range(50):  # until the sandbox is set up: its process tree stops growing
+        for _ in range(100):
             time.sleep(0.1)
-            tree, before = _descendants(server.proc.pid), tree
-            if len(tree) > 1 and tree == before:
+            tree = _descendants(server.proc.pid)  # the supervisor first
+            if _program_runs(tree):
                 break
-        os.kill(tree[0], signal.SIGKILL)  # the supervisor
+        assert _program_runs(tree), tree
+        os.kill(tree[0], signal.SIGKILL)
         for _ in range(50):
             if not any(_alive(pid) for pid in tree):
                 break

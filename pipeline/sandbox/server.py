@@ -277,6 +277,7 @@ def _program(job: dict, workdir: str, fds: dict[str, int], sandbox_uid: int | No
                            (_NONCE_FD, fds["nonce"]), (_VERDICT_FD, fds["verdict"])):
             os.dup2(fd, target)
         _set_limits(job)
+        _write_all(fds["ctl"], b"started\n")  # the wall-clock limit counts from here
     except BaseException as exc:  # noqa: BLE001
         _write_all(fds["ctl"], f"setup {type(exc).__name__}: {exc}\n".encode())
         os._exit(121)
@@ -467,6 +468,7 @@ class _Supervisor:
         self.job, self.bwrap = job, job["mode"] == "bwrap"
         self.out, self.verdict_bytes = bytearray(), bytearray()
         self.exit_status: int | None = None
+        self.started: float | None = None  # when the program's own code began
         self.setup_error = ""
         self.nonce = ""
         self.life = -1  # the write end of init's lifeline
@@ -535,7 +537,6 @@ class _Supervisor:
         """Collect output until the program's status is known; True on the wall-clock limit."""
         import selectors
 
-        deadline = began + float(self.job["timeout_s"])
         # the status comes from init over ctl (bwrap) or from waiting on the child
         pidfd = None if self.bwrap else os.pidfd_open(pid)
         sel = selectors.DefaultSelector()
@@ -544,7 +545,8 @@ class _Supervisor:
                 sel.register(fd, selectors.EVENT_READ)
         try:
             while self.exit_status is None:
-                left = deadline - time.monotonic()
+                # the sandbox's own set-up (bounded by the same limit) is not the program's time
+                left = (self.started or began) + float(self.job["timeout_s"]) - time.monotonic()
                 if left <= 0:
                     return True
                 for key, _ in sel.select(left):
@@ -580,7 +582,9 @@ class _Supervisor:
             return True
         for line in chunk.decode(errors="replace").splitlines():
             kind, _, value = line.partition(" ")
-            if kind == "status":
+            if kind == "started":
+                self.started = time.monotonic()
+            elif kind == "status":
                 self.exit_status = int(value)
             elif kind == "setup":
                 self.setup_error = value
