@@ -537,6 +537,11 @@ class _Supervisor:
         """Collect output until the program's status is known; True on the wall-clock limit."""
         import selectors
 
+        limit = float(self.job["timeout_s"])
+
+        def left() -> float:  # the sandbox's own set-up (bounded by the limit) is not counted
+            return (self.started or began) + limit - time.monotonic()
+
         # the status comes from init over ctl (bwrap) or from waiting on the child
         pidfd = None if self.bwrap else os.pidfd_open(pid)
         sel = selectors.DefaultSelector()
@@ -545,17 +550,18 @@ class _Supervisor:
                 sel.register(fd, selectors.EVENT_READ)
         try:
             while self.exit_status is None:
-                # the sandbox's own set-up (bounded by the same limit) is not the program's time
-                left = (self.started or began) + float(self.job["timeout_s"]) - time.monotonic()
-                if left <= 0:
-                    return True
-                for key, _ in sel.select(left):
+                # past the deadline, still read what is there: on a loaded machine we may wake
+                # late, with the program's status (or its start) already waiting
+                wait = left()
+                for key, _ in sel.select(max(wait, 0)):
                     if key.fd == pidfd:
                         self.exit_status = os.waitpid(pid, 0)[1]
                     elif not self._read(key.fd, out_r, verdict_r, ctl_r):
                         sel.unregister(key.fd)
                         if key.fd == ctl_r and self.bwrap and self.exit_status is None:
                             self.exit_status = -1  # bwrap and init gone without a status
+                if wait <= 0 and self.exit_status is None and left() <= 0:
+                    return True
             return False
         finally:
             sel.close()
