@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ from pipeline.sandbox import client as sandbox_client
 # program starts at about 25 MB of address space
 CONFIG = ExecutionConfig(timeout_s=1.5, cpu_s=1, memory_mb=96, max_file_mb=4,
                          max_processes=8, workers=4)
+# programs that should end on their own get more time: on a loaded machine (load 15 to 30 on
+# these 2 cores) a quick program can stall past 1.5 s, which says nothing about the sandbox
+RELAXED = dataclasses.replace(CONFIG, timeout_s=10.0)
 SENTINEL_TEXT = "the caller's data\n"
 
 
@@ -153,12 +157,19 @@ def outcomes(request, world) -> dict[str, ExecResult]:
         cases["kill_all"] = KILL_ALL
     if isolation == "bwrap" and os.geteuid() == 0:
         cases["read_private_file"] = READ_PRIVATE
-    # the programs that spin until the wall-clock limit go last: on a loaded machine they would
-    # starve the quick ones into that limit too
-    names = sorted(cases, key=lambda name: "timeout" in cases[name][1])
-    config = dataclasses.replace(CONFIG, isolation=isolation)
-    results = run_programs([cases[name][0](world) for name in names], config, guard=guard)
-    return dict(zip(names, results))
+    # two batches at once: the programs that spin until the limit, and the others (more time)
+    batches = [(config, [name for name in cases if _spins(name) == (config is CONFIG)])
+               for config in (CONFIG, RELAXED)]
+    with ThreadPoolExecutor(len(batches)) as pool:
+        futures = {pool.submit(run_programs, [cases[name][0](world) for name in names],
+                               dataclasses.replace(config, isolation=isolation), guard=guard):
+                   names for config, names in batches}
+    return {name: result for future, names in futures.items()
+            for name, result in zip(names, future.result())}
+
+
+def _spins(case: str) -> bool:
+    return "timeout" in (CASES.get(case) or EXTRA[case])[1]
 
 
 @pytest.mark.parametrize("case", [*CASES, *EXTRA])
@@ -168,7 +179,8 @@ def test_case_is_contained(outcomes, case):
     result, allowed = outcomes[case], (CASES.get(case) or EXTRA[case])[1]
     assert result.status in allowed, result
     assert not result.message.startswith("sandbox"), result  # the supervisor itself answered
-    assert result.seconds < CONFIG.timeout_s + 3, result  # the whole tree was killed in time
+    limit = (CONFIG if _spins(case) else RELAXED).timeout_s
+    assert result.seconds < limit + 3, result  # the whole tree was killed in time
 
 
 def test_messages_say_what_happened(outcomes):
@@ -196,7 +208,7 @@ def test_callers_world_untouched(outcomes, world):
     assert world.shm_key not in _shm_keys()
     assert socket.gethostname() == world.hostname
     # the harness is alive (this runs) and the sandbox still works after the attacks
-    assert run_program("assert sum([1, 2]) == 3\n", CONFIG).status == "passed"
+    assert run_program("assert sum([1, 2]) == 3\n", RELAXED).status == "passed"
 
 
 def test_auto_is_bwrap_where_bwrap_works():
@@ -274,7 +286,7 @@ def test_environment_is_minimal_and_workdir_private(monkeypatch):
                "with open('scratch.txt', 'w') as f:\n    f.write('ok')\n"
                "assert open('scratch.txt').read() == 'ok'\n"
                "print(os.getcwd())\n")
-    result = run_program(program, CONFIG)
+    result = run_program(program, RELAXED)
     assert result.status == "passed", result
 
 
@@ -282,7 +294,7 @@ def test_run_programs_keeps_order_and_runs_in_parallel():
     programs = [f"import time\ntime.sleep(0.3)\nassert {i} % 3 != 0, 'multiple of 3'\n"
                 for i in range(8)]
     began = time.perf_counter()
-    results = run_programs(programs, CONFIG)
+    results = run_programs(programs, RELAXED)
     wall = time.perf_counter() - began
     assert [r.status for r in results] == ["failed" if i % 3 == 0 else "passed"
                                            for i in range(8)]
