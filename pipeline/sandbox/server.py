@@ -2,8 +2,8 @@
 
 ``python -I -S server.py --serve`` is the supervisor server that ``client.py`` starts: it reads
 job lines (JSON) on stdin and, for each, forks a fresh supervisor that sets the program up,
-enforces the limits and writes one verdict line on stdout. The same code, run by ``_BOOT``, is the
-init of a bwrap sandbox (below). Nothing here may raise into the caller.
+enforces the limits and writes one verdict line on stdout. The same code, started by ``_BOOT``,
+is the init of a bwrap sandbox (below). Nothing here may raise into the caller.
 
 Isolation ``bwrap`` (bubblewrap, the sandbox tool Flatpak uses; chosen by ``auto`` when it works):
     supervisor (caller's uid, outside; a child subreaper)
@@ -24,7 +24,8 @@ Isolation ``bwrap`` (bubblewrap, the sandbox tool Flatpak uses; chosen by ``auto
     namespace's.
   * pid: the program cannot signal the supervisor or the caller (``os.getppid()`` is init,
     which it may not signal); net: only a loopback of its own; ipc, uts: its own.
-  * bwrap, and so init, die with the supervisor (``--die-with-parent``).
+  * init ends when the supervisor's end of its lifeline pipe closes (the supervisor stopped the
+    program, or died), and the namespace with it; bwrap dies with the supervisor too.
 Isolation ``process`` (fallback where bwrap does not work, or forced): the program runs in its
 own session under the supervisor, which takes any signal meant for "the parent"; as root it
 switches to a random unprivileged uid when Python's install is readable by others. It has no
