@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# WordNet for METEOR: Debian's files, copied into an NLTK data folder by `ddpt prepare`.
 	@test -d /usr/share/wordnet || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq wordnet-base wordnet-sense-index; }
+	@# bubblewrap for the sandbox's bwrap isolation (docs/execution.md); setpriv is util-linux's.
+	@test -x /usr/bin/bwrap || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap; }
 	$(BIN)/ddpt prepare
 	@touch $@
 

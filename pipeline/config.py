@@ -327,12 +327,12 @@ class ExecutionConfig:
     memory_mb: int = _help(1024, "address-space limit per program (RLIMIT_AS)")
     max_file_mb: int = _help(
         16, "largest file a program may write (RLIMIT_FSIZE); its working directory holds "
-        "4x this (a private tmpfs under namespaces isolation)")
+        "4x this (a private tmpfs under bwrap isolation)")
     max_processes: int = _help(16, "processes a program may have at once (RLIMIT_NPROC)")
     isolation: str = _help(
-        "auto", "'namespaces' (user/mount/pid/net namespaces, read-only filesystem), 'process' "
-        "(rlimits and an in-process guard only) or 'auto' (namespaces where they work); "
-        "docs/execution.md")
+        "auto", "'bwrap' (bubblewrap: user/mount/pid/net/ipc/uts namespaces, read-only "
+        "filesystem), 'process' (rlimits and an in-process guard only) or 'auto' (bwrap where "
+        "it works, else process); docs/execution.md")
     workers: int = _help(0, "programs run in parallel; 0 = this machine's cores")
     num_samples: int = _help(1, "n: generations per task for pass@k (n > 1 samples)")
     ks: list[int] = _help([1], "k values for pass@k (each <= num_samples)")
@@ -342,7 +342,7 @@ class ExecutionConfig:
         for name in ("cpu_s", "memory_mb", "max_file_mb", "max_processes", "num_samples"):
             _check(getattr(self, name) > 0, f"execution.{name}", "must be > 0")
         _check(self.workers >= 0, "execution.workers", "must be >= 0")
-        _one_of(self.isolation, ("auto", "namespaces", "process"), "execution.isolation")
+        _one_of(self.isolation, ("auto", "bwrap", "process"), "execution.isolation")
         _check(len(self.ks) > 0, "execution.ks", "must name at least one k")
         for k in self.ks:
             _check(1 <= k <= self.num_samples, "execution.ks",

@@ -101,7 +101,7 @@ def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
     assert logged.data.metrics == {"pass_at_1": 0.5, "passed": 1.0, "total": 2.0}
     assert logged.data.params["data.dataset"] == str(data)
     assert logged.data.params["execution.timeout_s"] == "5.0"
-    assert logged.data.tags["ddpt.isolation"] in ("namespaces", "process")
+    assert logged.data.tags["ddpt.isolation"] in ("bwrap", "process")
     assert {a.path for a in client.list_artifacts(run["run_id"])} >= {"metrics.json",
                                                                       "samples.jsonl"}
 
