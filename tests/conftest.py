@@ -22,3 +22,13 @@ def tiny_lm(request) -> FrozenCodeLM:
 @pytest.fixture
 def examples() -> list[Example]:
     return list(EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests: intra-op threads only add contention
+    (10x slower on 2 busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,11 +1,16 @@
 """What tests share: a handful of examples and tiny random LMs built in code (no download)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pipeline.config import ModelConfig, PromptConfig
 from pipeline.data.example import Example
 from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.lm.loader import load_model
 from pipeline.lm.template import PromptTemplate
+
+REPO = Path(__file__).resolve().parent.parent
 
 EXAMPLES = [
     Example("a", "add two numbers `a` and `b`", "a + b"),
@@ -22,3 +27,12 @@ def make_lm(name: str, template: str = "auto", **prompt) -> FrozenCodeLM:
     config = PromptConfig(template=template, max_source_tokens=96, max_target_tokens=24, **prompt)
     return FrozenCodeLM(model, tokenizer,
                         PromptTemplate(tokenizer, config, model.config.is_encoder_decoder))
+
+
+def shared_data_dir() -> Path:
+    """The data folder tests read: ``$DDPT_DATA_DIR``, else ``../shared/data`` beside the clone
+    (where CI puts it)."""
+    return Path(os.environ.get("DDPT_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+DREAM_FIXTURES = shared_data_dir() / "dream-fixtures"

@@ -21,12 +21,7 @@ from pipeline.lm.dream import random_dream, tiny_dream_config
 V, MASK = 32, 31
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ramp_stub(direction: int):

@@ -10,12 +10,7 @@ from pipeline.lm.dream import random_dream, tiny_dream_config
 CALLS, ROWS, K = 400, 8, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from helpers import EXAMPLES
+from helpers import DREAM_FIXTURES, EXAMPLES
 from pipeline.cli import main
 from pipeline.config import ConfigError, ModelConfig, build_config
 from pipeline.evaluation.results import ResultStore
@@ -21,8 +20,7 @@ from pipeline.lm.dream import DreamModel, load_dream
 from pipeline.lm.loader import build_lm, is_diffusion_model, load_hf_config, load_model
 from pipeline.tracking import read_run_file
 
-FIXTURE = Path(os.environ.get("DDPT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared"
-                                                / "data")) / "dream-fixtures" / "tiny-dream"
+FIXTURE = DREAM_FIXTURES / "tiny-dream"
 DREAM = ["model.name=tiny-dream", "decoding.strategy=diffusion", "eval.max_new_tokens=12",
          "pool.backend=local"]
 

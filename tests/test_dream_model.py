@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from helpers import DREAM_FIXTURES
 from pipeline.decoding.masked_diffusion import (
     DiffusionSettings,
     decode_completions,
@@ -24,26 +23,11 @@ from pipeline.lm.dream import (
     tiny_dream_config_for,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (10x slower on 2 shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def data_dir() -> Path:
-    """$DDPT_DATA_DIR, else <repo>/../shared/data, else /work/shared/data."""
-    env = os.environ.get("DDPT_DATA_DIR")
-    if env:
-        return Path(env)
-    near = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return near if near.is_dir() else Path("/work/shared/data")
 
-
-TINY = data_dir() / "dream-fixtures" / "tiny-dream"
+TINY = DREAM_FIXTURES / "tiny-dream"
 needs_fixtures = pytest.mark.skipif(not (TINY / "model.safetensors").is_file(),
                                     reason=f"Dream fixtures absent at {TINY}")
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import DREAM_FIXTURES
 from pipeline.decoding.masked_diffusion import (
     DiffusionSettings,
     decode_completions,
@@ -18,26 +17,11 @@ from pipeline.decoding.masked_diffusion import (
 )
 from pipeline.lm.dream import load_dream, random_dream, tiny_dream_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (10x slower on 2 shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def data_dir() -> Path:
-    """$DDPT_DATA_DIR, else <repo>/../shared/data, else /work/shared/data."""
-    env = os.environ.get("DDPT_DATA_DIR")
-    if env:
-        return Path(env)
-    near = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return near if near.is_dir() else Path("/work/shared/data")
 
-
-FIX = data_dir() / "dream-fixtures"
+FIX = DREAM_FIXTURES
 TORCH = torch.__version__.split("+")[0]
 needs_fixtures = pytest.mark.skipif(not (FIX / "cases.jsonl").is_file(),
                                     reason=f"Dream fixtures absent at {FIX}")
