@@ -50,7 +50,8 @@ def main() -> None:
     lm = build_lm(config)
     encoded = lm.encode(examples)
     model, objective = build_trainable(lm, config)
-    step_fn, _ = local_step_fn(PromptLoss(model, lm, objective), config.train)
+    step_fn, _ = local_step_fn(PromptLoss(model, lm, objective, config.train.lm_autocast),
+                               config.train)
     batches = (lm.collate([encoded[i] for i in batch_indices(len(encoded), args.batch_size, s,
                                                              config.train.seed)])
                for s in range(args.steps))

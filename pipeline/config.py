@@ -198,6 +198,11 @@ class TrainConfig:
     spread_weight: float = _help(0.1, "'spread': weight of the reward for spread between prompts")
     target_spread: float = _help(0.5, "'spread': the spread beyond which there is no reward")
     grad_clip: float = _help(1.0, "max gradient norm; 0 = off")
+    lm_autocast: str = _help(
+        "off", "'bfloat16': the frozen LM's forward in training runs under torch.autocast in "
+        "bfloat16 (the prompt model and the evaluation stay float32); about 2.6x faster steps "
+        "on a CPU with AVX512-BF16 (docs/training.md); 'off': float32"
+    )
     seed: int = _help(0, "seed for initialisation, data order and noise")
     log_every: int = _help(10, "steps between progress lines")
     checkpoint_every: int = _help(50, "steps between checkpoints; 0 = only at the end")
@@ -221,6 +226,7 @@ class TrainConfig:
         _check(self.spread_weight >= 0, "train.spread_weight", "must be >= 0")
         _check(self.target_spread > 0, "train.target_spread", "must be > 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _one_of(self.lm_autocast, ("off", "bfloat16"), "train.lm_autocast")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
 

@@ -121,7 +121,7 @@ def build_worker(loop_config: dict[str, Any]) -> Worker:
         token_norm = embedding.weight.float().norm(dim=-1).mean().item()
         context_embedding = lm.context_embedding().clone()
     prompt_model, objective = build_trainable(lm, config, token_norm, context_embedding)
-    module = PromptLoss(prompt_model, lm, objective)
+    module = PromptLoss(prompt_model, lm, objective, config.train.lm_autocast)
     trainable = [p for p in prompt_model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable,
                                            config=ds_config)

@@ -138,7 +138,7 @@ def train_local(
         chunks = (lm.collate(encoded[i:i + tc.batch_size])
                   for i in range(0, len(encoded), tc.batch_size))
         set_condition_stats(model, *condition_stats(lm, chunks))
-    module = PromptLoss(model, lm, objective)
+    module = PromptLoss(model, lm, objective, tc.lm_autocast)
     step_fn, optimizer = local_step_fn(module, tc)
     start = 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None

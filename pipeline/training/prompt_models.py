@@ -134,21 +134,28 @@ class PromptLoss(nn.Module):
     as they run, so the LM must be a submodule here.
     """
 
-    def __init__(self, prompt_model: nn.Module, lm: FrozenCodeLM, objective):
+    def __init__(self, prompt_model: nn.Module, lm: FrozenCodeLM, objective,
+                 autocast: str = "off"):
         super().__init__()
         self.prompt = prompt_model
         self.lm_model = lm.model  # registered, so DeepSpeed sees (and partitions) it
         self._lm, self.objective = lm, objective
+        self.autocast = autocast  # train.lm_autocast: the frozen LM's forward in bfloat16
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, ObjectiveOutput]:
         """(the loss to back-propagate, the objective's whole output)."""
         extra = {"condition": self._lm.condition(batch)} if is_conditional(self.prompt) else {}
-        # A masked-diffusion LM draws its coupled masks from the step's generator too.
-        output = self.objective.loss(
-            self.prompt, lambda d: self._lm.code_loss(batch, d, generator=generator),
-            batch.input_ids.shape[0], generator, **extra)
+        output = self.objective.loss(self.prompt, lambda d: self._code_loss(batch, d, generator),
+                                     batch.input_ids.shape[0], generator, **extra)
         return output.loss, output
+
+    def _code_loss(self, batch: Batch, direction: torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        # A masked-diffusion LM draws its coupled masks from the step's generator too.
+        device = self._lm.device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast == "bfloat16"):
+            return self._lm.code_loss(batch, direction, generator=generator).float()
 
     def after_step(self, output: ObjectiveOutput, gather=nullcontext) -> None:
         """The objective's update after the optimizer step. ``gather(params)``: a context in
