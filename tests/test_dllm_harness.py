@@ -159,3 +159,11 @@ def test_the_readme_dllm_example_runs(monkeypatch):
     out = namespace["out"]
     assert out.sequences.shape == (2, 21) and len(out.history) == 16
     assert sum(len(p) for p in out.record.positions[0]) == 16
+
+
+def test_a_mismatched_decoding_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "smoke", "--set", "model.name=tiny-dream", "--output",
+                 str(out)]) == 2
+    assert "set decoding.strategy=diffusion" in capsys.readouterr().err
+    assert not out.exists()  # nothing trained, nothing written

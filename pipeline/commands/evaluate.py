@@ -30,8 +30,7 @@ from pipeline.data.splits import tested_eval_examples
 from pipeline.evaluation.comparison import arness_plots, check_before_work, sample_into, score
 from pipeline.evaluation.execution import score_execution
 from pipeline.evaluation.results import ResultStore
-from pipeline.evaluation.sampler import METHODS, check_decoding
-from pipeline.lm.loader import is_diffusion_model
+from pipeline.evaluation.sampler import METHODS
 from pipeline.sandbox import SandboxError, resolve_isolation
 from pipeline.tracking import RunTracker, check_tracking_uri, open_run, resolve_tracking_uri
 
@@ -68,7 +67,6 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     model_methods = [m for m in methods if m in MODEL_METHODS]
     if model_methods:
         check_before_work(config)
-        check_decoding(config, is_diffusion_model(config.model))
     if config.execution.num_samples != 1:
         raise ConfigError("execution.num_samples: evaluate's methods give one program per task; "
                           f"use 1 (got {config.execution.num_samples})")

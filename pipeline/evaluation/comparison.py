@@ -297,9 +297,13 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def check_before_work(config: RunConfig) -> None:
-    """Cheap checks that would otherwise fail after training: the metric names, WordNet."""
+    """Cheap checks that would otherwise fail after training: the decoding strategy against the
+    model, the metric names, WordNet."""
     from pipeline.evaluation.metrics import METRICS
+    from pipeline.evaluation.sampler import check_decoding
+    from pipeline.lm.loader import is_diffusion_model
 
+    check_decoding(config, is_diffusion_model(config.model))
     unknown = [m for m in config.eval.metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"eval.metrics: unknown {unknown}; known: {sorted(METRICS)}")
