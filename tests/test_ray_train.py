@@ -163,7 +163,6 @@ def test_a_per_task_prompt_with_its_teacher_trains_and_resumes_under_zero3(tmp_p
     assert steps_of(client, run) == list(range(1, 9))
     lm = make_lm("tiny-llama")
     c = lm.condition(lm.collate(lm.encode(EXAMPLES[:2])))
-    a, b = model.sample_directions(2, [torch.Generator().manual_seed(0) for _ in range(2)],
-                                   steps=4,
-                                   condition=c)
+    same_noise = [torch.Generator().manual_seed(0) for _ in range(2)]
+    a, b = model.sample_directions(2, same_noise, steps=4, condition=c)
     assert not torch.allclose(a, b)  # two instructions, two prompts
