@@ -182,3 +182,15 @@ def test_the_checks_catch_a_broken_page(tmp_path):
     assert "nowhere" not in anchors(page) and "here" in anchors(page)
     assert MODULE_PATH.findall(page.read_text()) == ["pipeline/ddpt.py"]
     assert github_anchor("### Outputs of `ddpt run`") == "outputs-of-ddpt-run"
+
+
+def test_the_layout_table_is_the_floors_of_test_layers():
+    """The README's layout table lists every room of tests/test_layers.py's FLOORS, on its
+    floor, and nothing else."""
+    from test_layers import FLOORS
+
+    section = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| `([\w.]+?)/?` \|", section, re.MULTILINE)
+    table = {name.removesuffix(".py"): int(floor) for floor, name in rows}
+    expected = {room: level + 1 for level, rooms in enumerate(FLOORS) for room in rooms}
+    assert table == expected
