@@ -24,22 +24,26 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data folder (default $DDPT_DATA_DIR, ../shared/data)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpt", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _output_args(parser: argparse.ArgumentParser, output: str, resume: str,
+                 progress: str = "no progress bars") -> None:
+    parser.add_argument("--output", default=output, help="output folder")
+    parser.add_argument("--resume", action="store_true", help=resume)
+    parser.add_argument("--no-progress", action="store_true", help=progress)
 
+
+def _add_jobs(sub) -> None:
+    """run and train: the training jobs."""
     jobs = [("run", "run", "runs/main", "the main job: train DDPT, sample, compare methods"),
             ("train", "train", "runs/train", "train the prompt model (Ray Train + DeepSpeed)")]
     for name, module, output, text in jobs:
         job = sub.add_parser(name, help=text)
         _config_args(job)
-        job.add_argument("--output", default=output, help="output folder")
-        job.add_argument("--resume", action="store_true",
-                         help="continue from the output folder's last checkpoint (and samples)")
-        job.add_argument("--no-progress", action="store_true", help="no progress bars")
+        _output_args(job, output,
+                     "continue from the output folder's last checkpoint (and samples)")
         job.set_defaults(command_module=module)
 
+
+def _add_sample(sub) -> None:
     sample = sub.add_parser("sample", help="sample prompts and generate code with trained "
                             "prompt models on a pool of Ray actors; compare methods in MLflow")
     _config_args(sample)
@@ -53,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--methods", default="manual,ddpt,ddpt_ddim",
                         help="comma-separated methods (manual, prompt_tuning, ddpt, ddpt_ddim, "
                         "spa, ddpt_spa)")
-    sample.add_argument("--output", default="runs/sample", help="output folder")
-    sample.add_argument("--resume", action="store_true", help="skip what samples.jsonl holds")
-    sample.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _output_args(sample, "runs/sample", "skip what samples.jsonl holds")
     sample.set_defaults(command_module="sample")
 
+
+def _add_compare(sub) -> None:
     compare = sub.add_parser("compare", help="print a comparison's table from MLflow")
     compare.add_argument("--output", help="the output folder of a `ddpt run` or `ddpt sample`")
     compare.add_argument("--tracking-uri", help="MLflow URI (default: the output folder's, "
@@ -67,18 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metrics", help="comma-separated metrics to show (default: all)")
     compare.set_defaults(command_module="compare")
 
+
+def _add_sweep(sub) -> None:
     sweep = sub.add_parser("sweep", help="Ray Tune sweep of training runs (ASHA on the dev "
                            "loss); MLflow parent run with a child run per trial")
     _config_args(sweep)
     sweep.set_defaults(preset=None)  # the space file's sweep.preset unless given
     sweep.add_argument("--space", help="search-space file (default: tune/smoke.yaml with "
                        "--preset smoke, else tune/default.yaml)")
-    sweep.add_argument("--output", default="runs/sweep", help="output folder")
-    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --output "
-                       "after its driver died (finished trials are kept)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress tables")
+    _output_args(sweep, "runs/sweep", "continue the sweep in --output after its driver died "
+                 "(finished trials are kept)", "no progress tables")
     sweep.set_defaults(command_module="sweep")
 
+
+def _add_evaluate(sub) -> None:
     evaluate = sub.add_parser("evaluate", help="run a data set's programs against its tests in "
                               "the sandbox (pass@k); `--method canonical` self-checks the data")
     _config_args(evaluate)
@@ -91,20 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "--set decoding.strategy=diffusion)")
     evaluate.add_argument("--limit", type=int, default=0,
                           help="only the first N examples of data.eval_split (default 0: all)")
-    evaluate.add_argument("--output", default="runs/evaluate", help="output folder")
-    evaluate.add_argument("--resume", action="store_true", help="skip ids already scored")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _output_args(evaluate, "runs/evaluate", "skip ids already scored", "no progress bar")
     evaluate.set_defaults(command_module="evaluate")
 
+
+def _add_experiment(sub) -> None:
     experiment = sub.add_parser("experiment", help="train every arm of an experiment spec with "
                                 "every seed, compare them, and tabulate mean and std over seeds")
     experiment.add_argument("--spec", required=True, help="experiment file (experiments/*.yaml)")
-    experiment.add_argument("--output", default="runs/experiment", help="output folder")
-    experiment.add_argument("--resume", action="store_true",
-                            help="skip finished runs and continue the one cut short")
-    experiment.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _output_args(experiment, "runs/experiment",
+                 "skip finished runs and continue the one cut short")
     experiment.set_defaults(command_module="experiment")
 
+
+def _add_setup(sub) -> None:
+    """config and prepare."""
     show = sub.add_parser("config", help="print the resolved configuration")
     _config_args(show)
     show.set_defaults(command_module="show_config")
@@ -112,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="convert the embedded model and set up WordNet once")
     prepare.add_argument("--force", action="store_true", help="convert again")
     prepare.set_defaults(command_module="prepare")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpt", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_jobs, _add_sample, _add_compare, _add_sweep, _add_evaluate,
+                _add_experiment, _add_setup):
+        add(sub)
     return parser
 
 

@@ -32,3 +32,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_behind():
+    """Shut down a Ray that a module's tests started in this process (``ddpt`` commands run
+    in-process call ``ray.init`` and, as a CLI, leave the shutdown to their exit). A Ray left
+    running breaks the next module's ``ray.init``, and a later ``ray stop`` kills it under this
+    process: Ray's core worker then exits pytest with status 1, no summary printed."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
