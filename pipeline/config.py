@@ -342,6 +342,10 @@ class ExecutionConfig:
     workers: int = _help(0, "programs run in parallel; 0 = this machine's cores")
     num_samples: int = _help(1, "n: generations per task for pass@k (n > 1 samples)")
     ks: list[int] = _help([1], "k values for pass@k (each <= num_samples)")
+    prompt_samples: bool = _help(
+        False, "with num_samples n > 1, the DDPT methods draw n prompts per task (n noises) "
+        "and decode each with the method's own decoding (greedy, SPA) instead of n "
+        "temperature samples under one prompt: pass@k from the prompt distribution")
 
     def __post_init__(self):
         _check(self.timeout_s > 0, "execution.timeout_s", "must be > 0")

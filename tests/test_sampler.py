@@ -156,3 +156,30 @@ def test_data_with_tests_gets_pass_at_k(checkpoints, tmp_path):
     for record in latest.values():
         assert record["status"] in {"passed", "failed", "timeout", "error"}
         assert len(record["samples"]) == 2 and len(record["statuses"]) == 2
+
+
+def test_prompt_samples_decode_one_prompt_per_draw(checkpoints):
+    """execution.prompt_samples: a DDPT method's n samples are greedy decodings under n prompts
+    from n noises (pass@k from the prompt distribution); manual still samples by temperature."""
+    from pipeline.evaluation.sampler import example_seed, method_sample_config
+    from pipeline.training.prompt_models import sampling_args
+
+    sampler = sampler_for(checkpoints)
+    sampler.config.execution = dataclasses.replace(
+        sampler.config.execution, num_samples=3, ks=[1, 3], prompt_samples=True)
+    examples = EXAMPLES[:2]
+    records = sampler.run("ddpt_ddim", examples)
+    model = sampler.prompt_models["ddpt"]
+    for record, example in zip(records, examples):
+        generators = [torch.Generator().manual_seed(
+            example_seed(sampler.config.sample.seed, f"{example.id}#{j}")) for j in range(3)]
+        args = sampling_args(method_sample_config(METHODS["ddpt_ddim"], sampler.config.sample),
+                             model)
+        deltas = model.sample_directions(3, generators, **args)
+        assert not torch.equal(deltas[0], deltas[1])  # three noises, three prompts
+        expected = [generate(sampler.lm, [example], deltas[j:j + 1], 16)[0] for j in range(3)]
+        assert record["samples"] == expected
+    again = sampler.run("ddpt_ddim", examples[::-1])[::-1]  # seeded by id and draw
+    assert [r["samples"] for r in again] == [r["samples"] for r in records]
+    manual = sampler.run("manual", examples)
+    assert all(len(r["samples"]) == 3 for r in manual)  # temperature samples, as before

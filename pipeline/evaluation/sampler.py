@@ -72,6 +72,9 @@ def check_decoding(config: RunConfig, diffusion_model: bool) -> None:
     if not diffusion_model and strategy == "diffusion":
         raise ConfigError(f"decoding.strategy: 'diffusion' needs a masked-diffusion LM "
                           f"(tiny-dream, a Dream/DiffuCoder folder), not {config.model.name!r}")
+    if diffusion_model and config.execution.prompt_samples:
+        raise ConfigError("execution.prompt_samples: not built for masked-diffusion LMs (their "
+                          "n draws come from decoding.diffusion_temperature)")
     if diffusion_model and config.execution.num_samples > 1 and \
             config.decoding.diffusion_temperature == 0:
         raise ConfigError("decoding.diffusion_temperature: 0 gives execution.num_samples "
@@ -164,7 +167,11 @@ class BatchSampler:
         else:
             decoding = method_decoding(method, self.config.decoding)
             generations = generate(lm, examples, delta, ec.max_new_tokens, decoding=decoding)
-            extras, samples = [{} for _ in examples], self._samples(examples, delta, decoding)
+            extras = [{} for _ in examples]
+            if method.prompt == "ddpt" and self.config.execution.prompt_samples:
+                samples = self._prompt_samples(method_name, examples, decoding)
+            else:
+                samples = self._samples(examples, delta, decoding)
         done = time.perf_counter()
         records = [{"id": e.id, "method": method_name, "generation": g, "reference": e.output,
                     "code_ce": ce, "batch_size": len(examples),
@@ -206,6 +213,29 @@ class BatchSampler:
             texts = decode_code(lm, drawn)
             samples = [texts[i:i + n] for i in range(0, len(texts), n)]
         return decode_code(lm, rows), extras, samples
+
+    def _prompt_samples(self, method_name: str, examples: list[Example],
+                        decoding: DecodingConfig) -> list[list[str]] | None:
+        """``execution.num_samples`` n prompts per example, each from its own noise (seeded by
+        the example's id and the draw's index), each decoded with the method's decoding: the
+        prompt distribution's pass@k, against temperature samples at equal n."""
+        n = self.config.execution.num_samples
+        if n == 1:
+            return None
+        method, lm = METHODS[method_name], self.lm
+        model = self.prompt_models[method.prompt]
+        sample = method_sample_config(method, self.config.sample)
+        args = sampling_args(sample, model)
+        if is_conditional(model):
+            condition = lm.condition(lm.collate(lm.encode(examples)).to(lm.device))
+            args["condition"] = condition.repeat_interleave(n, dim=0)
+        generators = [torch.Generator().manual_seed(example_seed(sample.seed, f"{e.id}#{j}"))
+                      for e in examples for j in range(n)]
+        deltas = model.sample_directions(len(examples) * n, generators, **args)
+        repeated = [e for e in examples for _ in range(n)]
+        texts = generate(lm, repeated, deltas, self.config.eval.max_new_tokens,
+                         decoding=decoding)
+        return [texts[i:i + n] for i in range(0, len(texts), n)]
 
     def _samples(self, examples: list[Example], delta: torch.Tensor | None,
                  decoding: DecodingConfig) -> list[list[str]] | None:
