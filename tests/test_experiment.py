@@ -77,3 +77,17 @@ def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--resume",
                  "--no-progress"]) == 0
     assert (out / "results.jsonl").read_text().splitlines() == lines  # nothing ran twice
+
+
+@pytest.mark.parametrize("spec", sorted((REPO / "experiments").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_shipped_spec_is_valid(spec):
+    """Every run of every shipped spec passes the configuration's validation; selection specs
+    never score on a test split."""
+    experiment = load_experiment(spec)
+    runs = list(experiment.runs())
+    assert runs
+    for dataset, arm, seed in runs:
+        config = experiment.config(dataset, arm, seed)
+        if "dev" in spec.stem:
+            assert config.data.eval_split != "test" and not config.data.extra_eval
