@@ -33,7 +33,7 @@ run: install  ## the main job on the embedded model and the shipped data
 	@# --resume: a second `make run` continues (or just reprints) instead of refusing
 	$(BIN)/ddpt run --output $(OUTPUT) --resume $(ARGS)
 
-smoke: install  ## the whole path on a tiny random model, in seconds
+smoke: install  ## the whole path on a tiny random model (30 s of CPU; Ray and DeepSpeed start-up add minutes)
 	$(BIN)/ddpt run --preset smoke --output runs/smoke --resume $(ARGS)
 
 test: install  ## the whole suite, slow end-to-end tests included

@@ -536,7 +536,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The embedded model on CoNaLa; about 10 minutes on 2 CPU cores.
     "default": {},
-    # A tiny random model and a handful of steps: the whole path in well under a minute.
+    # A tiny random model and a handful of steps: the whole path, ~30 s of CPU time (Ray and
+    # DeepSpeed start-up add the rest; docs/results.md).
     "smoke": {
         "model": {"name": "tiny-llama"},
         "prompt": {"max_source_tokens": 64, "max_target_tokens": 48},
