@@ -534,7 +534,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The embedded model on CoNaLa; about 10 minutes on 2 CPU cores.
+    # The embedded model on CoNaLa; about 30 minutes on 2 CPU cores (docs/results.md).
     "default": {},
     # A tiny random model and a handful of steps: the whole path, ~30 s of CPU time (Ray and
     # DeepSpeed start-up add the rest; docs/results.md).
