@@ -73,3 +73,15 @@ def test_the_written_out_default_config_matches_the_defaults():
     written = build_config("default", str(path))
     expected = build_config("default", overrides=["model.device=cpu"])
     assert written.to_flat() == expected.to_flat()
+
+
+def test_yaml_1_1_words_stay_strings(tmp_path):
+    """`off`, `on`, `yes`, `no` are strings (YAML 1.2), on the command line and in files; only
+    true/false are booleans. PyYAML's YAML 1.1 made `--set train.lm_autocast=off` a bool."""
+    from pipeline.config import build_config, load_yaml
+
+    assert build_config(overrides=["train.lm_autocast=off"]).train.lm_autocast == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lm_autocast: off\n")
+    assert build_config(config_file=str(path)).train.lm_autocast == "off"
+    assert load_yaml("[on, yes, no, true, False]") == ["on", "yes", "no", True, False]

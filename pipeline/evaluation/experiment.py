@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
+from pipeline.config import PRESETS, ConfigError, RunConfig, build_config, load_yaml
 from pipeline.evaluation.sampler import METHODS, prompt_models_needed
 
 SETTINGS = ("preset", "seeds", "baseline_methods")
@@ -79,7 +79,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not path.is_file():
         raise ConfigError(f"{source}: experiment file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from err
     unknown = set(data) - {"experiment", "fixed", "datasets", "arms"}

@@ -26,7 +26,7 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
-from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
+from pipeline.config import PRESETS, ConfigError, RunConfig, build_config, load_yaml
 from pipeline.paths import PROJECT_ROOT
 
 SPACES_DIR = PROJECT_ROOT / "tune"
@@ -149,7 +149,7 @@ def _read_space_file(path: Path) -> tuple[dict, dict, dict]:
     if not path.is_file():
         raise ConfigError(f"{source}: space file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
