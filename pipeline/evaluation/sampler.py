@@ -131,13 +131,10 @@ class BatchSampler:
         if method.prompt not in self.prompt_models:
             raise ConfigError(f"method {method_name!r} needs a trained {method.prompt!r} "
                               "checkpoint")
-        model = self.prompt_models[method.prompt]
-        sample = method_sample_config(method, self.config.sample)
-        args = sampling_args(sample, model)
-        if is_conditional(model):  # a prompt per task: each row gets its example's condition
-            lm = self.lm
-            args["condition"] = lm.condition(lm.collate(lm.encode(examples)).to(lm.device))
-        elif sample.prompts == "shared":
+        model, sample, args = self._sampling(method, examples)
+        # A conditional model gives a prompt per task (each row its example's condition); an
+        # unconditional one with shared prompts samples its one prompt once.
+        if not is_conditional(model) and sample.prompts == "shared":
             if method_name not in self._shared:
                 generator = torch.Generator().manual_seed(sample.seed)
                 self._shared[method_name] = model.sample_directions(1, generator, **args)[0]
@@ -149,6 +146,19 @@ class BatchSampler:
             sample.seed if sample.prompts == "shared" else example_seed(sample.seed, e.id))
             for e in examples]
         return model.sample_directions(len(examples), generators, **args)
+
+    def _sampling(self, method: Method, examples: list[Example], repeat: int = 1
+                  ) -> tuple[torch.nn.Module, SampleConfig, dict]:
+        """The method's prompt model, its sample settings and ``sample_directions`` keywords;
+        a conditional model's condition per example, each repeated ``repeat`` times."""
+        model = self.prompt_models[method.prompt]
+        sample = method_sample_config(method, self.config.sample)
+        args = sampling_args(sample, model)
+        if is_conditional(model):
+            lm = self.lm
+            condition = lm.condition(lm.collate(lm.encode(examples)).to(lm.device))
+            args["condition"] = condition.repeat_interleave(repeat, dim=0)
+        return model, sample, args
 
     @torch.no_grad()
     def run(self, method_name: str, examples: list[Example]) -> list[dict]:
@@ -222,18 +232,12 @@ class BatchSampler:
         n = self.config.execution.num_samples
         if n == 1:
             return None
-        method, lm = METHODS[method_name], self.lm
-        model = self.prompt_models[method.prompt]
-        sample = method_sample_config(method, self.config.sample)
-        args = sampling_args(sample, model)
-        if is_conditional(model):
-            condition = lm.condition(lm.collate(lm.encode(examples)).to(lm.device))
-            args["condition"] = condition.repeat_interleave(n, dim=0)
+        model, sample, args = self._sampling(METHODS[method_name], examples, repeat=n)
         generators = [torch.Generator().manual_seed(example_seed(sample.seed, f"{e.id}#{j}"))
                       for e in examples for j in range(n)]
         deltas = model.sample_directions(len(examples) * n, generators, **args)
         repeated = [e for e in examples for _ in range(n)]
-        texts = generate(lm, repeated, deltas, self.config.eval.max_new_tokens,
+        texts = generate(self.lm, repeated, deltas, self.config.eval.max_new_tokens,
                          decoding=decoding)
         return [texts[i:i + n] for i in range(0, len(texts), n)]
 
