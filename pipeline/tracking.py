@@ -277,3 +277,11 @@ def child_runs(uri: str, parent_run_id: str) -> list[Run]:
         runs += page
         if not (token := page.token):
             return runs
+
+
+def metric_history(uri: str, run_id: str, name: str) -> list[tuple[int, float]]:
+    """Every ``(step, value)`` logged for metric ``name`` in a run, by step (a step logged twice,
+    e.g. around a resume, keeps its latest value); empty if never logged."""
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, name)
+    latest = {m.step: m for m in sorted(history, key=lambda m: m.timestamp)}
+    return [(step, latest[step].value) for step in sorted(latest)]
