@@ -9,9 +9,10 @@ diffusion``) on the sampler pool, then run in the same sandbox; they also get th
 
 Writes into the output folder:
     config.yaml        the resolved configuration
-    samples.jsonl      one line per (method, example): id, method, generation, reference,
-                       status, exec_message (docs/execution.md)
+    samples.jsonl      one line per (method, example): id, method, instruction, generation,
+                       reference, status, exec_message (docs/execution.md)
     metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n}}
+    charts/metrics.png a bar panel per metric, a bar per method (``ddpt report`` inlines it)
     evaluate_run.json  the MLflow run (re-attached by ``resume``)
     mlflow.db, mlartifacts/   unless MLFLOW_TRACKING_URI / tracking.uri point elsewhere
 """
@@ -27,10 +28,11 @@ from pipeline.commands.common import overrides, pool_opener
 from pipeline.config import ConfigError, RunConfig, build_config, check_fresh_output
 from pipeline.data.example import Example
 from pipeline.data.splits import tested_eval_examples
+from pipeline.evaluation.charts import CHARTS, METRICS_PNG, metric_chart
 from pipeline.evaluation.comparison import arness_plots, check_before_work, sample_into, score
 from pipeline.evaluation.execution import score_execution
 from pipeline.evaluation.results import ResultStore
-from pipeline.evaluation.sampler import METHODS
+from pipeline.evaluation.sampler import METHODS, task_fields
 from pipeline.sandbox import SandboxError, resolve_isolation
 from pipeline.tracking import RunTracker, check_tracking_uri, open_run, resolve_tracking_uri
 
@@ -98,10 +100,14 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
             done = store.done_ids(method)
             program = EVALUATE_METHODS[method]
             store.append({"id": ex.id, "method": method, "generation": program(ex),
-                          "reference": ex.output} for ex in examples if ex.id not in done)
+                          "reference": ex.output, **task_fields(ex)}
+                         for ex in examples if ex.id not in done)
             metrics[method] = score_execution(store, method, examples, config.execution,
                                               progress=progress)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        chart = output / CHARTS / METRICS_PNG
+        metric_chart(metrics, chart, title=f"{config.data.dataset} / {config.data.eval_split}")
+        tracker.log_artifact(chart, CHARTS)
         # one method: plain metric names (pass_at_1); several: <method>.pass_at_1
         tracker.log_metrics(metrics[methods[0]] if len(methods) == 1 else metrics)
         tracker.log_artifact(output / "metrics.json")

@@ -86,6 +86,13 @@ def example_seed(seed: int, example_id: str) -> int:
     return zlib.crc32(f"{seed}:{example_id}".encode())
 
 
+def task_fields(example: Example) -> dict[str, str]:
+    """What a record keeps of its task, for reading it without the data: the instruction and
+    the input (when there is one)."""
+    return {"instruction": example.instruction, **({"input": example.input} if example.input
+                                                    else {})}
+
+
 def method_sample_config(method: Method, config: SampleConfig) -> SampleConfig:
     return dataclasses.replace(config, sampler=method.sampler or config.sampler)
 
@@ -162,8 +169,9 @@ class BatchSampler:
 
     @torch.no_grad()
     def run(self, method_name: str, examples: list[Example]) -> list[dict]:
-        """One record per example: id, method, generation, reference, code_ce (the reference
-        code's cross-entropy under this prompt), and the batch's prompt/generation seconds."""
+        """One record per example: id, method, generation, reference, instruction (and input),
+        code_ce (the reference code's cross-entropy under this prompt), and the batch's
+        prompt/generation seconds."""
         method = METHODS[method_name]
         began = time.perf_counter()
         delta = self.directions(method_name, examples)
@@ -184,7 +192,7 @@ class BatchSampler:
                 samples = self._samples(examples, delta, decoding)
         done = time.perf_counter()
         records = [{"id": e.id, "method": method_name, "generation": g, "reference": e.output,
-                    "code_ce": ce, "batch_size": len(examples),
+                    **task_fields(e), "code_ce": ce, "batch_size": len(examples),
                     "prompt_seconds": prompted - began, "generate_seconds": done - scored, **x}
                    for e, g, ce, x in zip(examples, generations, code_ce, extras)]
         for record, drawn in zip(records, samples or []):
