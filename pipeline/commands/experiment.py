@@ -5,8 +5,9 @@ Each (data set, arm, seed) is one ``ddpt run`` (training on Ray Train + DeepSpee
 on the Ray actor pool by default) into ``<output>/<data set>/<arm>/seed<k>/``, nested under the
 experiment's MLflow run; its results are appended to ``<output>/results.jsonl`` as it finishes,
 so ``--resume`` skips what is done and continues a run that was cut short from its checkpoints.
-Writes ``<output>/tables.md`` (one Markdown table per evaluation set) and ``results.json`` (the
-aggregated rows), also as MLflow artifacts.
+Writes ``<output>/tables.md`` (one Markdown table per evaluation set), ``results.json`` (the
+aggregated rows) and ``charts/<eval set>_metrics.png`` (every metric per arm and method, mean ±
+std over seeds as error bars), also as MLflow artifacts; ``ddpt report`` makes a page of them.
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ from mlflow import MlflowClient
 from pipeline.commands.common import with_tracking_uri
 from pipeline.commands.run import run_main
 from pipeline.config import check_fresh_output
+from pipeline.evaluation.charts import CHARTS
 from pipeline.evaluation.experiment import (
     Experiment,
     Row,
     aggregate,
+    experiment_charts,
     load_experiment,
     markdown_table,
     read_results,
@@ -81,6 +84,8 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, resume: bool 
         write_tables(rows, output)
         for artifact in (TABLES, SUMMARY, RESULTS):
             parent.log_artifact(output / artifact)
+        for chart in experiment_charts(rows, output / CHARTS):
+            parent.log_artifact(chart, CHARTS)
     return rows
 
 

@@ -79,6 +79,7 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
         other, folder = extra_config(config, name), output / name
         with open_comparison(other, folder, resume, list(methods), parent_run_id) as parent:
             parent.set_tag("ddpt.trained_on", config.data.dataset)
+            other.save(folder / "config.yaml")
             metrics_x = run_comparison(other, folder, list(methods), checkpoints, examples,
                                        parent, pool_opener(other, checkpoints, lm), resume,
                                        progress, lm)

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example, missing_tests
+from pipeline.evaluation.charts import CHARTS, comparison_charts
 from pipeline.evaluation.execution import score_execution
 from pipeline.evaluation.heldout import score_method
 from pipeline.evaluation.results import ResultStore
@@ -134,32 +135,46 @@ def arness_plots(rows: list[dict], folder: Path, method: str) -> list[Path]:
             plot_first_step_confidence(confidence, folder / f"{method}_first_step_confidence.png")]
 
 
+@torch.no_grad()
 def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
-              folder: Path, examples: list[Example], num_prompts: int = 4) -> dict[str, Path]:
-    """Nearest tokens and a t-SNE map per trained prompt model, in ``folder/<model>/``; a
-    conditional model's prompts are those of the first ``num_prompts`` examples."""
-    from pipeline.evaluation.interpret import nearest_tokens, tsne_plot
-    from pipeline.training.checkpoint import load_prompt_model
+              folder: Path, examples: list[Example], methods: list[str],
+              num_prompts: int = 8, draws: int = 4) -> tuple[dict[str, Path], Path | None]:
+    """Nearest tokens per trained prompt model (``folder/<model>/nearest_tokens.json``) and one
+    t-SNE map of them all with the manual context (``folder/tsne.png``). Prompts per task (a
+    conditional model, or ``sample.prompts: per_example``) are the method's own prompts for the
+    first ``num_prompts`` examples; shared prompts are ``draws`` noise draws. Returns
+    ({model: its folder}, the map or None)."""
+    from pipeline.baselines.soft_prompt import SoftPrompt
+    from pipeline.evaluation.interpret import PromptSet, nearest_tokens, tsne_plot
+    from pipeline.evaluation.sampler import BatchSampler
     from pipeline.training.prompt_models import is_conditional, sampling_args
 
-    written = {}
-    for name, path in checkpoints.items():
-        model, _, _ = load_prompt_model(path, map_location=lm.device)
-        generator = torch.Generator().manual_seed(config.sample.seed)
-        args = sampling_args(config.sample, model)
-        if is_conditional(model):
-            chunk = examples[:num_prompts]
-            args["condition"] = lm.condition(lm.collate(lm.encode(chunk)).to(lm.device))
-            num_prompts = len(chunk)
-        directions = model.sample_directions(num_prompts, generator, **args)
+    if not checkpoints:
+        return {}, None
+    sampler = BatchSampler(config, checkpoints, lm)
+    chunk, written, sets = examples[:num_prompts], {}, {}
+    for name, model in sampler.prompt_models.items():
+        method = next((m for m in methods if METHODS[m].prompt == name), None)
+        fixed = isinstance(model, SoftPrompt)  # one learned prompt, nothing sampled
+        per_task = is_conditional(model) or config.sample.prompts == "per_example"
+        if method and chunk and per_task and not fixed:
+            directions, tasks = sampler.directions(method, chunk), [str(e.id) for e in chunk]
+        else:
+            sample = method_sample_config(METHODS[method], config.sample) if method else \
+                config.sample
+            generator = torch.Generator().manual_seed(config.sample.seed)
+            directions = model.sample_directions(1 if fixed else draws, generator,
+                                                 **sampling_args(sample, model))
+            tasks = None
         prompts = lm.context_embedding().float() + directions.float()  # (m, n, d)
-        out = folder / name
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "nearest_tokens.json").write_text(
+        sets[name] = PromptSet(prompts, tasks)
+        written[name] = folder / name
+        written[name].mkdir(parents=True, exist_ok=True)
+        (written[name] / "nearest_tokens.json").write_text(
             json.dumps(nearest_tokens(lm, prompts[0]), indent=1, ensure_ascii=False) + "\n")
-        tsne_plot(lm, {f"{name} prompts": prompts}, out / "tsne.png", seed=config.sample.seed)
-        written[name] = out
-    return written
+    drawn = tsne_plot(lm, sets, folder / "tsne.png", seed=config.sample.seed)
+    log.info("t-SNE map of %s in %.0fs: %s", ", ".join(sets), drawn.seconds, drawn.path)
+    return written, drawn.path
 
 
 @torch.no_grad()
@@ -227,8 +242,9 @@ def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path])
 
 def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[str, float]],
                 store: ResultStore, checkpoints: dict[str, Path],
-                interpreted: dict[str, Path]) -> dict[str, str]:
-    """One child run per method under ``parent`` (re-used on resume); returns method -> run id."""
+                interpreted: dict[str, Path], tsne: Path | None = None) -> dict[str, str]:
+    """One child run per method under ``parent`` (re-used on resume), with its prompt model's
+    nearest tokens and the t-SNE map ``tsne`` under ``interpret/``; returns method -> run id."""
     existing = {run.data.tags.get("ddpt.method"): run.info.run_id
                 for run in child_runs(parent.uri, parent.run_id)
                 if run.data.tags.get(ROLE_TAG) == "method"}
@@ -248,6 +264,8 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
                            "samples.json")
             if METHODS[method].prompt in interpreted:
                 child.log_artifacts(interpreted[METHODS[method].prompt], "interpret")
+                if tsne is not None:
+                    child.log_artifact(tsne, "interpret")
             for plot in arness_plots(by_method.get(method, []), store.path.parent / "arness",
                                      method):
                 child.log_artifact(plot, "arness")
@@ -296,6 +314,15 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join([header, "-" * len(header), *rows])
 
 
+def training_run_files(checkpoints: dict[str, Path]) -> dict[str, Path]:
+    """The MLflow run pointer of each prompt model's training job, beside its checkpoint
+    folder (``<job>/checkpoint`` and ``<job>/mlflow_run.json``), where there is one."""
+    from pipeline.training.job import RUN_FILE
+
+    return {name: Path(path).parent / RUN_FILE for name, path in checkpoints.items()
+            if (Path(path).parent / RUN_FILE).is_file()}
+
+
 def check_before_work(config: RunConfig) -> None:
     """Cheap checks that would otherwise fail after training: the decoding strategy against the
     model, the metric names, WordNet."""
@@ -321,8 +348,8 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
                    checkpoints: dict[str, Path], examples: list[Example], parent: RunTracker,
                    open_pool: Callable[[], SamplerPool], resume: bool, progress: bool = True,
                    lm: FrozenCodeLM | None = None) -> dict[str, dict[str, float]]:
-    """Sample and generate with every method, score, interpret, and log one MLflow child run
-    per method under ``parent``. Returns ``{method: {metric: value}}``."""
+    """Sample and generate with every method, score, chart (``charts/``), interpret, and log
+    one MLflow child run per method under ``parent``. Returns ``{method: {metric: value}}``."""
     import time
 
     from pipeline.lm.loader import build_lm
@@ -338,9 +365,17 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     for method, spread in diversity(config, checkpoints, lm, examples, methods).items():
         metrics[method].update(spread)
     save_json(output / "metrics.json", metrics)
-    interpreted = interpret(config, checkpoints, lm, output / "interpret", examples)
-    log_methods(parent, config, metrics, store, checkpoints, interpreted)
+    pictures = comparison_charts(output / CHARTS, metrics, training_run_files(checkpoints),
+                                 title=f"{config.data.dataset} / {config.data.eval_split} "
+                                 f"({config.model.name}, {len(examples)} examples)")
+    interpreted, tsne = interpret(config, checkpoints, lm, output / "interpret", examples,
+                                  methods)
+    log_methods(parent, config, metrics, store, checkpoints, interpreted, tsne)
     parent.log_artifact(output / "metrics.json")
     parent.log_artifact(store.path)
+    for picture in pictures:
+        parent.log_artifact(picture, CHARTS)
+    if tsne is not None:
+        parent.log_artifact(tsne, "interpret")
     parent.log_dict({"text": format_table(metrics)}, "table.json")
     return metrics

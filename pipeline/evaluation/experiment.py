@@ -190,3 +190,20 @@ def _cell(row: Row, name: str) -> str:
     mean, std = row.mean[name], row.std[name]
     digits = 0 if abs(mean) >= 1000 else 3 if abs(mean) < 10 else 1
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row.seeds > 1 else "")
+
+
+def experiment_charts(rows: list[Row], folder: Path) -> list[Path]:
+    """``<folder>/<eval set>_metrics.png`` per evaluation set: a bar per (arm, method) in each
+    metric's panel, with error bars of the standard deviation over seeds where several ran."""
+    from pipeline.evaluation.charts import metric_chart
+
+    written = []
+    for eval_set in dict.fromkeys(row.eval_set for row in rows):
+        chosen = {f"{r.arm}/{r.method}": r for r in rows if r.eval_set == eval_set}
+        several = any(r.seeds > 1 for r in chosen.values())
+        path = folder / f"{eval_set}_metrics.png"
+        metric_chart({k: r.mean for k, r in chosen.items()}, path,
+                     std={k: r.std for k, r in chosen.items()} if several else None,
+                     title=f"{eval_set}: arm/method, mean ± std over seeds")
+        written.append(path)
+    return written
