@@ -110,6 +110,17 @@ def _add_experiment(sub) -> None:
     experiment.set_defaults(command_module="experiment")
 
 
+def _add_report(sub) -> None:
+    report = sub.add_parser("report", help="write one self-contained HTML page (metrics, "
+                            "pictures, examples) from a finished output folder")
+    report.add_argument("--output", required=True,
+                        help="a finished `ddpt run`, `sample`, `evaluate` or `experiment` folder")
+    report.add_argument("--report", metavar="FILE", help="the page (default <output>/report.html)")
+    report.add_argument("--examples", type=int, default=4,
+                        help="examples shown side by side per comparison (default 4)")
+    report.set_defaults(command_module="report")
+
+
 def _add_setup(sub) -> None:
     """config and prepare."""
     show = sub.add_parser("config", help="print the resolved configuration")
@@ -126,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_jobs, _add_sample, _add_compare, _add_sweep, _add_evaluate,
-                _add_experiment, _add_setup):
+                _add_experiment, _add_report, _add_setup):
         add(sub)
     return parser
 

@@ -38,7 +38,9 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     assert "prompt_tuning" in proc.stdout and "codebleu" in proc.stdout  # the printed table
     for name in ("ddpt", "prompt_tuning"):
         assert (out / name / "checkpoint" / "model.safetensors").is_file()
-        assert (out / "interpret" / name / "tsne.png").is_file()
+        assert (out / "interpret" / name / "nearest_tokens.json").is_file()
+    for picture in ("interpret/tsne.png", "charts/metrics.png", "charts/training.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
 
     # MLflow: the parent comparison run holds the training runs and one run per method.
     saved = json.loads((out / "mlflow_comparison.json").read_text())
@@ -85,7 +87,7 @@ def test_the_script_lists_every_subcommand_with_its_help():
     out = " ".join(ddpt("--help").stdout.split())
     helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
     assert set(helps) == {"run", "train", "sample", "compare", "sweep", "evaluate", "experiment",
-                          "config", "prepare"}
+                          "report", "config", "prepare"}
     for name, text in helps.items():
         assert f"{name} {' '.join(text.split())}" in out, name
     assert "--output" in ddpt("train", "--help").stdout

@@ -1,0 +1,192 @@
+"""The pictures (metric bars with error bars, training curves, the t-SNE map) and `ddpt report`'s
+self-contained page, from a real run of the pipeline on the tiny model in this process."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.container import BarContainer
+from mlflow import MlflowClient
+
+from helpers import make_lm
+from pipeline.cli import main
+from pipeline.evaluation.charts import metric_chart, training_chart
+from pipeline.evaluation.experiment import aggregate, experiment_charts
+from pipeline.evaluation.interpret import PromptSet, tsne_plot
+from pipeline.evaluation.report import build_report, write_report
+from pipeline.evaluation.results import ResultStore
+
+PNG = b"\x89PNG\r\n\x1a\n"
+METRICS = {"manual": {"bleu4": 0.1, "code_ce": 2.5, "unused": float("nan")},
+           "ddpt": {"bleu4": 0.3, "code_ce": 2.0, "unused": float("nan")}}
+
+
+def panels(figure) -> dict[str, object]:
+    return {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
+
+
+def test_metric_chart_draws_a_panel_per_metric_and_a_bar_per_method(tmp_path):
+    figure = metric_chart(METRICS, tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:8] == PNG
+    found = panels(figure)
+    assert list(found) == ["bleu4", "code_ce"]  # the all-NaN metric is left out
+    ax = found["code_ce"]
+    assert [p.get_height() for p in ax.patches] == [2.5, 2.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["manual", "ddpt"]
+    assert not ax.containers[0].errorbar  # one seed: no error bars
+
+
+def test_error_bars_are_mean_plus_minus_std(tmp_path):
+    """Several seeds: aggregated rows of a results file, charted with their standard
+    deviation (the experiment's chart)."""
+    results = [{"eval_set": "mbpp", "arm": arm, "method": "ddpt_ddim", "seed": seed,
+                "metrics": {"pass_at_1": value, "code_ce": 3.0 - value}}
+               for arm, values in (("a", (0.1, 0.3)), ("b", (0.5, 0.5))) for seed, value in
+               enumerate(values)]
+    rows = aggregate(results)
+    [path] = experiment_charts(rows, tmp_path)
+    assert path == tmp_path / "mbpp_metrics.png" and path.read_bytes()[:8] == PNG
+    figure = metric_chart({f"{r.arm}/{r.method}": r.mean for r in rows}, tmp_path / "e.png",
+                          std={f"{r.arm}/{r.method}": r.std for r in rows})
+    ax = panels(figure)["pass_at_1"]
+    [bars] = [c for c in ax.containers if isinstance(c, BarContainer)]
+    _, _, (lines,) = bars.errorbar.lines
+    spans = [(seg[0][1], seg[1][1]) for seg in lines.get_segments()]
+    expected_std = [rows[0].std["pass_at_1"], 0.0]
+    assert expected_std[0] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    for (low, high), row, std in zip(spans, rows, expected_std):
+        assert low == pytest.approx(row.mean["pass_at_1"] - std)
+        assert high == pytest.approx(row.mean["pass_at_1"] + std)
+
+
+def test_training_chart_draws_a_line_per_job(tmp_path):
+    curves = {"ddpt": {"loss": [(1, 3.0), (2, 2.5)], "code_loss": [(1, 2.9), (2, 2.4)]},
+              "prompt_tuning": {"loss": [(1, 3.0), (2, 2.0)]}}
+    figure = training_chart(curves, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == PNG
+    found = panels(figure)
+    assert list(found) == ["loss", "code_loss"]
+    lines = {line.get_label(): line.get_ydata().tolist() for line in found["loss"].lines}
+    assert lines == {"ddpt": [3.0, 2.5], "prompt_tuning": [3.0, 2.0]}
+
+
+def test_the_tsne_map_marks_each_prompt_kind_and_labels_the_nearest_tokens(tmp_path):
+    lm = make_lm("tiny-llama")
+    context = lm.context_embedding().float()  # (n, d)
+    n = context.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    ddpt = context + 0.05 * torch.randn(3, *context.shape, generator=generator)
+    drawn = tsne_plot(lm, {"prompt_tuning": PromptSet(context[None] + 0.1),
+                           "ddpt": PromptSet(ddpt, tasks=["t1", "t2", "t3"])},
+                      tmp_path / "tsne.png", vocab_sample=200, max_labels=12)
+    assert drawn.path.read_bytes()[:8] == PNG
+    assert drawn.markers == {"manual context": "s", "prompt_tuning": "^", "ddpt": "o"}
+    assert {k: len(v) for k, v in drawn.coords.items() if k != "vocabulary"} == {
+        "manual context": n, "prompt_tuning": n, "ddpt": 3 * n}
+    assert drawn.coords["ddpt"].shape == (3 * n, 2)
+    # The manual context's nearest tokens are its own: the most frequent of them is labelled.
+    ids = lm.template.context_ids
+    top = max(set(ids), key=ids.count)
+    text = lm.tokenizer.decode([top])
+    assert len(drawn.labels) == 12 and ascii(text.strip() or text)[1:-1][:14] in drawn.labels
+    assert drawn.seconds > 0
+
+
+def test_a_folder_without_metrics_is_refused_by_name(tmp_path, capsys):
+    (tmp_path / "samples.jsonl").write_text("")
+    assert main(["report", "--output", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'metrics.json'} is missing" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A whole `ddpt run` in this process: tiny model, local training and sampling, MBPP with
+    HumanEval as the extra comparison (both executed: verdicts per example)."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    code = main(["run", "--preset", "smoke", "--output", str(out), "--no-progress",
+                 "--set", "distributed.backend=local", "--set", "pool.backend=local",
+                 "--set", "train.steps=3", "--set", "data.dataset=mbpp",
+                 "--set", "data.max_eval_examples=3", "--set", "data.extra_eval=[humaneval]",
+                 "--set", "data.max_extra_eval_examples=2"])
+    assert code == 0
+    return out
+
+
+def images(page: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in
+            re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+@pytest.mark.slow
+def test_a_run_writes_its_pictures_and_logs_them_to_the_comparison(finished_run):
+    for folder in (finished_run, finished_run / "humaneval"):
+        for picture in ("charts/metrics.png", "charts/training.png", "interpret/tsne.png"):
+            assert (folder / picture).read_bytes()[:8] == PNG, folder / picture
+    saved = json.loads((finished_run / "mlflow_comparison.json").read_text())
+    client = MlflowClient(saved["uri"])
+    logged = {a.path for folder in ("charts", "interpret")
+              for a in client.list_artifacts(saved["run_id"], folder)}
+    assert {"charts/metrics.png", "charts/training.png", "interpret/tsne.png"} <= logged
+
+
+@pytest.mark.slow
+def test_the_report_is_one_self_contained_page(finished_run, capsys):
+    assert main(["report", "--output", str(finished_run), "--examples", "2"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == finished_run / "report.html"
+    page = path.read_text()
+    assert "http://" not in page and "https://" not in page
+    assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * page.count(
+        "src=")
+    pictures = images(page)
+    assert len(pictures) == 6 and all(p[:8] == PNG for p in pictures)  # 3 per comparison
+    sections = page.split("<section>")[1:]
+    assert [re.search("<h2>(.*?)</h2>", s).group(1) for s in sections] == [
+        "mbpp / test", "humaneval / test"]
+    for folder, section in zip((finished_run, finished_run / "humaneval"), sections):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        records = ResultStore(folder / "samples.jsonl").by_method()
+        for method, values in metrics.items():
+            row = re.search(rf"<tr><td>{method}</td>(.*?)</tr>", section).group(1)
+            assert f"{values['code_ce']:.4g}" in row and f"{values['pass_at_1']:.4g}" in row
+            first = sorted(records[method], key=lambda r: str(r["id"]))[0]
+            assert first["status"] in ("passed", "failed", "timeout", "error")
+        example = records["manual"][0]
+        block = section[section.index(f"<h4>{example['id']}</h4>"):]
+        block = block[:block.index('<div class="example">') if '<div class="example">' in
+                      block else len(block)]
+        assert html.escape(example["instruction"][:30]) in block
+        assert block.count('class="verdict"') == len(metrics)  # each method's verdict
+
+
+@pytest.mark.slow
+def test_a_report_of_an_unfinished_folder_names_the_missing_file(finished_run, tmp_path,
+                                                                 capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns(
+        "mlartifacts", "ddpt", "prompt_tuning", "report.html"))
+    (copy / "humaneval" / "metrics.json").unlink()  # the extra comparison did not finish
+    assert main(["report", "--output", str(copy)]) == 2
+    assert f"{copy / 'humaneval' / 'metrics.json'} is missing" in capsys.readouterr().err
+    (copy / "metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"metrics\.json is missing"):
+        write_report(copy)
+    assert not (copy / "report.html").exists()
+
+
+def test_an_experiment_report_shows_mean_and_std(tmp_path):
+    results = [{"eval_set": "mbpp", "arm": "a", "method": "ddpt_ddim", "seed": s,
+                "metrics": {"pass_at_1": v}} for s, v in enumerate((0.25, 0.75))]
+    rows = aggregate(results)
+    (tmp_path / "results.json").write_text(json.dumps([r.__dict__ for r in rows]))
+    experiment_charts(rows, tmp_path / "charts")
+    page = build_report(tmp_path)
+    assert "a/ddpt_ddim (2 seeds)" in page and "0.5 ± 0.3536" in page
+    assert len(images(page)) == 1
