@@ -15,13 +15,16 @@ import torch
 from matplotlib.container import BarContainer
 from mlflow import MlflowClient
 
-from helpers import make_lm
+from helpers import EXAMPLES, make_lm
 from pipeline.cli import main
+from pipeline.config import PRESETS, RunConfig
 from pipeline.evaluation.charts import metric_chart, training_chart
+from pipeline.evaluation.comparison import interpret
 from pipeline.evaluation.experiment import aggregate, experiment_charts
 from pipeline.evaluation.interpret import PromptSet, tsne_plot
 from pipeline.evaluation.report import build_report, write_report
 from pipeline.evaluation.results import ResultStore
+from pipeline.training.loop import train_local
 
 PNG = b"\x89PNG\r\n\x1a\n"
 METRICS = {"manual": {"bleu4": 0.1, "code_ce": 2.5, "unused": float("nan")},
@@ -96,7 +99,35 @@ def test_the_tsne_map_marks_each_prompt_kind_and_labels_the_nearest_tokens(tmp_p
     top = max(set(ids), key=ids.count)
     text = lm.tokenizer.decode([top])
     assert len(drawn.labels) == 12 and ascii(text.strip() or text)[1:-1][:14] in drawn.labels
-    assert drawn.seconds > 0
+    assert drawn.tasks == ["t1", "t2", "t3"] and drawn.seconds > 0
+
+
+@pytest.mark.parametrize("condition, prompts, per_task", [
+    ("instruction", "shared", True),  # a conditional model: a prompt per task
+    ("none", "per_example", True),    # noise per example
+    ("none", "shared", False),        # one prompt for all: noise draws of it, one colour
+])
+def test_interpret_maps_the_method_prompts_per_task_where_there_are(tmp_path, condition,
+                                                                    prompts, per_task):
+    lm = make_lm("tiny-llama")
+    config = RunConfig.from_dict(PRESETS["smoke"]).with_overrides([
+        "train.steps=2", "train.batch_size=3", f"denoiser.condition={condition}",
+        f"sample.prompts={prompts}"])
+    config.prompt = lm.template.config  # the template the tiny LM was built with
+    checkpoints = {}
+    for method in ("ddpt", "prompt_tuning"):
+        job = config.with_overrides([f"train.method={method}"])
+        train_local(job, lm, EXAMPLES, checkpoint_dir=tmp_path / method, progress=False)
+        checkpoints[method] = tmp_path / method
+    written, drawn = interpret(config, checkpoints, lm, tmp_path / "interpret", EXAMPLES,
+                               ["manual", "prompt_tuning", "ddpt_ddim"], num_prompts=4)
+    assert set(written) == {"ddpt", "prompt_tuning"}
+    assert all((folder / "nearest_tokens.json").is_file() for folder in written.values())
+    assert drawn.path == tmp_path / "interpret" / "tsne.png"
+    n = lm.context_length
+    assert len(drawn.coords["prompt_tuning"]) == n  # the one learned prompt
+    assert len(drawn.coords["ddpt"]) == 4 * n  # 4 tasks, or 4 noise draws
+    assert drawn.tasks == ([e.id for e in EXAMPLES[:4]] if per_task else [])
 
 
 def test_a_folder_without_metrics_is_refused_by_name(tmp_path, capsys):

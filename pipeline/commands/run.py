@@ -3,15 +3,22 @@
 Writes into the output folder:
     config.yaml        the resolved configuration
     ddpt/, prompt_tuning/   one training job each (``ddpt train``'s layout: checkpoint/, ray/)
-    samples.jsonl      one line per (method, example): id, method, generation, reference, ...
+    samples.jsonl      one line per (method, example): id, method, instruction, generation,
+                       reference, code_ce, status (where execution ran), ...
     metrics.json       {method: {metric: value}}: text metrics, ``code_ce`` (held-out code
                        cross-entropy), prompt/generation seconds
-    interpret/         nearest tokens and a t-SNE map per trained prompt model
+    charts/            metrics.png (a bar panel per metric, a bar per method), training.png
+                       (loss per step of each training job, from its MLflow run)
+    interpret/         nearest tokens per trained prompt model (<model>/nearest_tokens.json);
+                       tsne.png, one map of the manual context, prompt tuning's prompt and
+                       DDPT's samples among 3000 vocabulary tokens (about 15 s of one core)
+    <data set>/        the same comparison on each entry of data.extra_eval
     mlflow.db, mlartifacts/, mlflow_comparison.json   the MLflow comparison (unless
                        MLFLOW_TRACKING_URI or tracking.uri says otherwise): a parent run with a
                        child per training job and per method
 Re-running with ``resume=True`` continues training from the last checkpoints and skips
-generations already in samples.jsonl.
+generations already in samples.jsonl. ``ddpt report --output DIR`` then writes
+``DIR/report.html``, one self-contained page of the table, the pictures and a few examples.
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from pipeline.data.example import Example, missing_tests
 from pipeline.evaluation.charts import CHARTS, comparison_charts
 from pipeline.evaluation.execution import score_execution
 from pipeline.evaluation.heldout import score_method
+from pipeline.evaluation.interpret import TsneMap
 from pipeline.evaluation.results import ResultStore
 from pipeline.evaluation.sampler import METHODS, SamplerPool, method_sample_config
 from pipeline.lm.frozen import FrozenCodeLM
@@ -138,12 +139,12 @@ def arness_plots(rows: list[dict], folder: Path, method: str) -> list[Path]:
 @torch.no_grad()
 def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
               folder: Path, examples: list[Example], methods: list[str],
-              num_prompts: int = 8, draws: int = 4) -> tuple[dict[str, Path], Path | None]:
+              num_prompts: int = 8, draws: int = 4) -> tuple[dict[str, Path], TsneMap | None]:
     """Nearest tokens per trained prompt model (``folder/<model>/nearest_tokens.json``) and one
     t-SNE map of them all with the manual context (``folder/tsne.png``). Prompts per task (a
     conditional model, or ``sample.prompts: per_example``) are the method's own prompts for the
     first ``num_prompts`` examples; shared prompts are ``draws`` noise draws. Returns
-    ({model: its folder}, the map or None)."""
+    ({model: its folder}, what the map drew, or None without prompt models)."""
     from pipeline.baselines.soft_prompt import SoftPrompt
     from pipeline.evaluation.interpret import PromptSet, nearest_tokens, tsne_plot
     from pipeline.evaluation.sampler import BatchSampler
@@ -174,7 +175,7 @@ def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
             json.dumps(nearest_tokens(lm, prompts[0]), indent=1, ensure_ascii=False) + "\n")
     drawn = tsne_plot(lm, sets, folder / "tsne.png", seed=config.sample.seed)
     log.info("t-SNE map of %s in %.0fs: %s", ", ".join(sets), drawn.seconds, drawn.path)
-    return written, drawn.path
+    return written, drawn
 
 
 @torch.no_grad()
@@ -368,8 +369,9 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     pictures = comparison_charts(output / CHARTS, metrics, training_run_files(checkpoints),
                                  title=f"{config.data.dataset} / {config.data.eval_split} "
                                  f"({config.model.name}, {len(examples)} examples)")
-    interpreted, tsne = interpret(config, checkpoints, lm, output / "interpret", examples,
-                                  methods)
+    interpreted, drawn = interpret(config, checkpoints, lm, output / "interpret", examples,
+                                   methods)
+    tsne = drawn.path if drawn else None
     log_methods(parent, config, metrics, store, checkpoints, interpreted, tsne)
     parent.log_artifact(output / "metrics.json")
     parent.log_artifact(store.path)

@@ -65,18 +65,20 @@ class PromptSet:
 @dataclass
 class TsneMap:
     """What :func:`tsne_plot` drew: the PNG, each group's marker and 2-D points (k, 2), the
-    labelled vocabulary tokens, and the seconds it took."""
+    labelled vocabulary tokens, the tasks that colour prompts, and the seconds it took."""
 
     path: Path
     markers: dict[str, str] = field(default_factory=dict)
     coords: dict[str, object] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
 MARKERS = {"manual context": "s", "prompt_tuning": "^", "ddpt": "o"}
 OTHER_MARKERS = ("D", "P", "X", "v")
 GROUP_COLOURS = ("black", "crimson", "royalblue", "darkorange", "seagreen")  # manual first
+TASK_COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # tab10 without its grey
 
 
 def _label(text: str) -> str:
@@ -162,7 +164,7 @@ def _draw_map(drawn: TsneMap, prompts: dict[str, PromptSet], labelled: int) -> N
     handles = [Line2D([], [], marker="o", linestyle="", color=c, label=text) for c, text in
                (("#cccccc", "vocabulary (random sample)"), ("#555555", "nearest tokens"))]
     others = iter(OTHER_MARKERS)
-    tasks = list(dict.fromkeys(t for s in prompts.values() for t in (s.tasks or [])))
+    tasks = drawn.tasks = list(dict.fromkeys(t for s in prompts.values() for t in (s.tasks or [])))
     for index, name in enumerate(n for n in drawn.coords if n != "vocabulary"):
         marker = drawn.markers[name] = MARKERS.get(name) or next(others, "o")
         xy, colour = drawn.coords[name], GROUP_COLOURS[index % len(GROUP_COLOURS)]
@@ -170,15 +172,16 @@ def _draw_map(drawn: TsneMap, prompts: dict[str, PromptSet], labelled: int) -> N
         by_task = prompt_set is not None and bool(prompt_set.tasks)
         if by_task:  # m prompts of n points each: coloured by the prompt's task
             per_prompt = len(xy) // len(prompt_set.tasks)
-            colour = [f"C{tasks.index(t) % 10}" for t in prompt_set.tasks
+            colour = [TASK_COLOURS[tasks.index(t) % len(TASK_COLOURS)] for t in prompt_set.tasks
                       for _ in range(per_prompt)]
         ax.scatter(xy[:, 0], xy[:, 1], s=30, marker=marker, c=colour, edgecolors="black",
                    linewidths=0.4, alpha=0.85)
         handles.append(Line2D([], [], marker=marker, linestyle="", markeredgecolor="black",
                               color="white" if by_task else colour,
                               label=name + (" (colour: task)" if by_task else "")))
-    handles += [Line2D([], [], marker="o", linestyle="", color=f"C{i % 10}",
-                       label=f"task {t}") for i, t in enumerate(tasks[:10])]
+    handles += [Line2D([], [], marker="o", linestyle="", label=f"task {t}",
+                       color=TASK_COLOURS[i % len(TASK_COLOURS)])
+                for i, t in enumerate(tasks[:len(TASK_COLOURS)])]
     ax.legend(handles=handles, loc="best", fontsize=7)
     ax.set_title("Prompts among token embeddings (t-SNE, cosine geometry)")
     ax.set_xticks([])

@@ -196,15 +196,16 @@ def _examples(folder: Path, metrics: dict, records: dict[str, list[dict]], count
 
 
 def _card(title: str, code: str, record: dict | None, kind: str = "") -> str:
-    verdict = ""
+    """One generation (or the reference) with its verdict and the sandbox's message."""
+    verdict, extra = "", ""
     if record is not None and "status" in record:
         status = str(record["status"])
         colour = VERDICT_COLOURS.get(status, "#57606a")
         verdict = f" <span class=\"verdict\" style=\"background:{colour}\">{_e(status)}</span>"
         if record.get("exec_message"):
-            verdict += f"<div class=\"muted\">{_e(str(record['exec_message'])[:300])}</div>"
-    extra = (f"<div class=\"muted\">code_ce {record['code_ce']:.3f}</div>"
-             if record is not None and isinstance(record.get("code_ce"), (int, float)) else "")
+            extra += f"<div class=\"muted\">{_e(str(record['exec_message'])[:300])}</div>"
+    if record is not None and isinstance(record.get("code_ce"), (int, float)):
+        extra += f"<div class=\"muted\">code_ce {record['code_ce']:.3f}</div>"
     return (f"<div class=\"card {kind}\"><h4>{_e(title)}{verdict}</h4>{extra}"
             f"<pre>{_e(code)}</pre></div>")
 
