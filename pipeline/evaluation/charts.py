@@ -24,7 +24,7 @@ Curves = dict[str, dict[str, list[tuple[int, float]]]]  # {job: {metric: [(step,
 def _grid(panels: int, width: float, height: float) -> tuple[Figure, list]:
     columns = min(COLUMNS, panels)
     rows = math.ceil(panels / columns)
-    figure = Figure(figsize=(width * columns, height * rows))
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
     for spare in axes[panels:]:
         spare.set_visible(False)
@@ -88,8 +88,7 @@ def training_chart(curves: Curves, path: str | Path, title: str = "") -> Figure:
 def _save(figure: Figure, path: str | Path) -> Figure:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110)  # constrained layout: the panels and the title fit
     return figure
 
 

@@ -42,7 +42,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; 
        padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2em; }
 table { border-collapse: collapse; font-size: .85em; margin: .5em 0 1em; }
-th, td { border: 1px solid #d0d7de; padding: .25em .5em; text-align: right; }
+th, td { border: 1px solid #d0d7de; padding: .25em .5em; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; } th { background: #f6f8fa; }
 .scroll { overflow-x: auto; } .best { font-weight: bold; background: #dafbe1; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #d0d7de; }
@@ -230,15 +230,19 @@ def _tasks(folder: Path, records: list[dict]) -> dict[str, dict]:
 
 def _experiment_section(folder: Path) -> str:
     rows = json.loads((folder / EXPERIMENT_FILE).read_text())
-    sections = []
+    sections, pictures = [], []
     for eval_set in dict.fromkeys(r["eval_set"] for r in rows):
         chosen = [r for r in rows if r["eval_set"] == eval_set]
-        means = {f"{r['arm']}/{r['method']} ({r['seeds']} seeds)": r["mean"] for r in chosen}
-        std = {f"{r['arm']}/{r['method']} ({r['seeds']} seeds)": r["std"] for r in chosen}
+        names = [f"{r['arm']}/{r['method']} ({r['seeds']} seed{'s' * (r['seeds'] != 1)})"
+                 for r in chosen]
+        means = {name: r["mean"] for name, r in zip(names, chosen)}
+        std = {name: r["std"] for name, r in zip(names, chosen)}
         sections.append(f"<h3>{_e(eval_set)}: mean ± std over seeds</h3>"
                         f"{metrics_table(means, std)}")
-    pictures = [image(p, f"{p.relative_to(folder)}: every metric per arm/method, mean ± std")
-                for p in sorted((folder / "charts").glob("*.png"))]
+        chart = folder / "charts" / f"{eval_set}_metrics.png"
+        if chart.is_file():
+            pictures.append(image(chart, f"{chart.relative_to(folder)}: every metric per "
+                                  "arm/method, mean ± std over seeds"))
     note = ("<p class=\"muted\">Each run's own page: <code>ddpt report --output "
             f"{_e(folder)}/&lt;data set&gt;/&lt;arm&gt;/seed&lt;k&gt;</code></p>")
     return (f"<section><h2>Experiment</h2>{''.join(sections)}<h3>Pictures</h3>"
