@@ -93,6 +93,7 @@ def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
     assert {i: r["status"] for i, r in records.items()} == {"ok": "passed", "wrong": "failed"}
     assert records["wrong"]["exec_message"].startswith("AssertionError")
     assert records["ok"]["generation"] == records["ok"]["reference"]
+    assert records["wrong"]["instruction"] == "sub"  # for `ddpt report`, without the data
 
     run = json.loads((out / "evaluate_run.json").read_text())
     client = MlflowClient(tracking_uri=run["uri"])
@@ -103,7 +104,11 @@ def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
     assert logged.data.params["execution.timeout_s"] == "5.0"
     assert logged.data.tags["ddpt.isolation"] in ("bwrap", "process")
     assert {a.path for a in client.list_artifacts(run["run_id"])} >= {"metrics.json",
-                                                                      "samples.jsonl"}
+                                                                      "samples.jsonl", "charts"}
+    assert main(["report", "--output", str(out)]) == 0  # the page: a card per task, its verdict
+    page = (out / "report.html").read_text()
+    assert page.count('class="verdict" style="background:#1a7f37">passed') == 1
+    assert page.count('>failed</span>') == 1 and "AssertionError" in page
 
     # a second run needs --resume; with it, scored ids are skipped
     assert main(args) == 2
