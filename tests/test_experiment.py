@@ -71,6 +71,8 @@ def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
     tables = (out / "tables.md").read_text()
     assert "## mbpp" in tables and "## humaneval" in tables
     assert "| ddpt_conditional | ddpt_ddim | 2 |" in tables
+    for eval_set in ("mbpp", "humaneval"):  # every metric per arm, error bars over the seeds
+        assert (out / "charts" / f"{eval_set}_metrics.png").read_bytes()[:4] == b"\x89PNG"
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 * (1 + 2 + 2)  # (baseline + 2 arms x 2 seeds) x 2 evaluation sets
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out)]) == 2  # no --resume
