@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pipeline.config import PRESETS, ConfigError
 from pipeline.data.loaders import DataError
+from pipeline.quiet import VERBOSE_ENV, quiet_process
 from pipeline.tracking import TrackingError
 from pipeline.training.prompt_models import PROMPT_MODELS
 
@@ -123,7 +125,9 @@ def _add_setup(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpt", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the libraries' routine output (Ray, Ray Data, "
+                        "DeepSpeed, MLflow, transformers) that is off by default")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_jobs, _add_sample, _add_compare, _add_sweep, _add_evaluate,
                 _add_experiment, _add_setup):
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # Ray workers inherit it
+    quiet_process()  # before the libraries are imported: some read it from the environment
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's import chatter
