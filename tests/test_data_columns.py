@@ -236,3 +236,38 @@ def test_a_table_trains_and_evaluates(tmp_path, suffix, columns):
                  for i, r in enumerate(rows, 1)}
     assert all(s["reference"] == reference[s["id"]] for s in samples)
     assert json.loads((out / "ddpt" / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow  # a local Ray and one tokenizing actor: about 30 s on 2 busy cores
+def test_ray_data_reads_a_table_through_from_huggingface(tmp_path):
+    """The Ray path: a table's training split goes to Ray Data as a `datasets.Dataset`
+    (``ray.data.from_huggingface``, which reads a local one as Arrow) and is tokenized there
+    exactly as in this process."""
+    import ray
+
+    from pipeline.distributed.data import example_rows, tokenized_dataset
+    from pipeline.distributed.session import use_local_ray_env
+    from pipeline.lm.loader import load_tokenizer
+    from pipeline.lm.template import PromptTemplate
+
+    table = write_parquet(tmp_path / "tasks.parquet", tasks(12))
+    config = build_config("smoke", overrides=[
+        f"data.dataset={table}", "data.columns={id: task_id, instruction: prompt, "
+        "output: solution}"])
+    train = train_examples(config.data)
+    use_local_ray_env()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = example_rows(train, config)
+        assert rows.take_all() == [{"id": e.id, "instruction": e.instruction, "input": e.input,
+                                    "output": e.output} for e in train]
+        assert "FromArrow" in rows.stats()  # from_items would read "FromItems"
+        tokenized = tokenized_dataset(train, config).take_all()
+    finally:
+        ray.shutdown()
+    template = PromptTemplate(load_tokenizer(config.model), config.prompt, False)
+    assert [r["id"] for r in tokenized] == ids(train)
+    for row, example in zip(tokenized, train):
+        encoded = template.encode(example)
+        assert row["prompt_ids"].tolist() == encoded.prompt_ids
+        assert row["target_ids"].tolist() == encoded.target_ids
