@@ -68,7 +68,9 @@ def read_table(dataset: str, columns: dict[str, str] | None = None) -> Table:
     kind = table_kind(dataset)
     if kind is None:
         raise DataError(f"{dataset!r} is not a file, folder or hub name read through datasets")
-    return _read_cached(dataset, kind, tuple(sorted((columns or {}).items())), _stamp(dataset))
+    where = dataset if kind == "hub" else str(Path(dataset).expanduser().resolve())
+    return _read_cached(dataset, kind, tuple(sorted((columns or {}).items())),
+                        (where, *_stamp(dataset)))
 
 
 def load_table_examples(dataset: str, split: str,
@@ -107,7 +109,8 @@ def _stamp(dataset: str) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=4)
 def _read_cached(dataset: str, kind: str, columns: tuple[tuple[str, str], ...],
-                 stamp: tuple[int, ...]) -> Table:
+                 stamp: tuple) -> Table:
+    """`read_table`'s work; ``stamp`` (the absolute path, mtimes and sizes) keys the cache."""
     source, parts = _read_parts(dataset, kind)
     return _validate(source, parts, dict(columns))
 
