@@ -103,6 +103,13 @@ def test_a_json_file_and_save_to_disk_folders(tmp_path):
     assert ids(load_examples(str(tmp_path / "parts"), "test", columns=COLUMNS)) == ["t3", "t4"]
     with pytest.raises(DataError, match="unknown split 'validation'.*valid splits: train, test"):
         load_examples(str(tmp_path / "parts"), "validation", columns=COLUMNS)
+    bad = datasets.Dataset.from_list([*rows[3:4], {**rows[4], "prompt": None}])
+    datasets.DatasetDict({"train": whole.select(range(3)), "test": bad}).save_to_disk(
+        str(tmp_path / "bad"))
+    with pytest.raises(DataError) as err:
+        load_examples(str(tmp_path / "bad"), "train", columns=COLUMNS)
+    assert (err.value.path, err.value.row, err.value.field) == \
+        (f"{tmp_path / 'bad'} [test]", 2, "instruction")
 
 
 def test_a_changed_file_is_read_again(tmp_path):

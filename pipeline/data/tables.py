@@ -115,11 +115,14 @@ def _read_cached(dataset: str, kind: str, columns: tuple[tuple[str, str], ...],
     return _validate(source, parts, dict(columns))
 
 
-def _load(source: str, *args: Any, **kwargs: Any) -> Any:
-    """``datasets.load_dataset`` into the project's cache folder; its errors as a DataError."""
+def _load(source: str, *args: Any, from_disk: bool = False, **kwargs: Any) -> Any:
+    """``datasets.load_dataset`` into the project's cache folder (``load_from_disk`` with
+    ``from_disk``); its errors as a DataError naming ``source``."""
     import datasets
 
     try:
+        if from_disk:
+            return datasets.load_from_disk(*args, **kwargs)
         return datasets.load_dataset(*args, cache_dir=str(cache_dir() / "datasets"), **kwargs)
     except Exception as err:  # datasets and pyarrow raise many kinds; all mean "cannot read it"
         raise DataError(f"datasets cannot read it ({type(err).__name__}: {err})", source,
@@ -140,10 +143,8 @@ def _read_parts(dataset: str, kind: str) -> tuple[str, dict[str, datasets.Datase
         return str(path), {"": _load(str(path), TABLE_SUFFIXES[path.suffix.lower()],
                                      data_files=str(path), split="train")}
     if kind == "folder":
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-        else:
-            loaded = _load(str(path), str(path))
+        saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+        loaded = _load(str(path), str(path), from_disk=saved)
         source = str(path)
     else:
         _check_hub(dataset)
@@ -220,7 +221,8 @@ def _validate(source: str, parts: dict[str, datasets.Dataset],
     """Every row of every part, checked and turned into an Example."""
     import datasets
 
-    if "split" in columns and len(parts) > 1:
+    named = "" not in parts  # a data set with named splits
+    if "split" in columns and named:
         raise DataError(f"data.columns maps 'split', but the data set has its own splits "
                         f"({', '.join(parts)}); drop the mapping", source)
     examples, given = [], []
@@ -231,7 +233,7 @@ def _validate(source: str, parts: dict[str, datasets.Dataset],
         given += [part_name] * len(part_examples) if part_name else part_given
     if not examples:
         raise DataError("no records (the table is empty)", source)
-    if len(parts) > 1:
+    if named:
         split_of, splits = given, tuple(parts)
     else:
         split_of, splits = user_splits(given, lambda i: DataError(
