@@ -510,7 +510,11 @@ class RunConfig:
             section, _, name = key.partition(".")
             if not name:
                 raise ConfigError(f"{key!r}: expected 'section.field'")
-            data.setdefault(section, {})[name] = value
+            head, dot, entry = name.partition(".")
+            if dot and isinstance(data.get(section, {}).get(head), dict):  # data.columns.output
+                data[section][head] = {**data[section][head], entry: value}
+            else:
+                data.setdefault(section, {})[name] = value
         return cls.from_dict(data)
 
     @classmethod

@@ -62,6 +62,10 @@ def test_data_columns_round_trip(tmp_path):
     assert RunConfig.load(tmp_path / "c.yaml") == config
     assert RunConfig().data.columns == {} and RunConfig().data.columns is not \
         RunConfig().data.columns
+    one = config.with_overrides(["data.columns.input=context"])  # one entry, as MLflow logs it
+    assert one.data.columns == {"instruction": "q", "output": "a", "input": "context"}
+    with pytest.raises(ConfigError, match=r"data.columns: unknown record field\(s\) \['q'\]"):
+        config.with_overrides(["data.columns.q=x"])
 
 
 def test_bad_file_names_the_file(tmp_path):
