@@ -43,6 +43,7 @@ from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline.config import ConfigError, RunConfig, check_fresh_output
+from pipeline.data.loaders import DATASETS
 from pipeline.data.splits import dev_examples, train_examples
 from pipeline.distributed.asha import SweepASHA
 from pipeline.distributed.progress import ProgressRelay, ProgressSink
@@ -271,7 +272,7 @@ def _absolute_paths(sweep: Sweep) -> Sweep:
     data = sweep.base.data
     if data.data_dir and not Path(data.data_dir).is_absolute():
         data.data_dir = str(Path(data.data_dir).resolve())
-    if data.dataset.endswith((".jsonl", ".jsonl.gz")) and Path(data.dataset).exists():
+    if data.dataset not in DATASETS and Path(data.dataset).exists():  # a user file or folder
         data.dataset = str(Path(data.dataset).resolve())
     dc = sweep.base.distributed
     if dc.deepspeed_config and Path(dc.deepspeed_config).exists():
