@@ -23,9 +23,10 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars too
     "TRANSFORMERS_VERBOSITY": "warning",
     "RAY_DATA_LOG_LEVEL": "WARNING",  # Ray Data configures its logger from it on import
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # `datasets`' "Generating train split" bars
 }
 QUIET_LOGGERS = ("mlflow", "alembic", "ray.data", "ray.train", "ray.tune", "DeepSpeed",
-                 "transformers", "torch.distributed", "filelock", "urllib3")
+                 "transformers", "datasets", "torch.distributed", "filelock", "urllib3")
 # (category, message regex) of warnings that say nothing to a user of this project: they come
 # from inside DeepSpeed and Ray and would repeat on every step or every run.
 ROUTINE_WARNINGS = (
@@ -51,6 +52,8 @@ def quiet_process() -> None:
         os.environ.setdefault(key, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, set ...": the project turned them off on purpose
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     for category, message in ROUTINE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     # Ray's own deprecation category is a FutureWarning subclass defined inside Ray.
@@ -61,12 +64,15 @@ def quiet_process() -> None:
         sys.modules["huggingface_hub"].utils.disable_progress_bars()
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].utils.logging.disable_progress_bar()
 
 
 def quiet_worker() -> None:
     """:func:`quiet_process` for a Ray worker process, where Ray Train logs through loggers
     outside ``ray.train`` (named by file path) into the root logger: the root logger goes to
-    WARNING, the project's own loggers stay at INFO."""
+    WARNING, the project's own loggers stay at INFO. Ray Train sets the root logger again when
+    a worker joins a run, so the Train worker loop calls this once more."""
     if verbose():
         return
     quiet_process()

@@ -43,7 +43,7 @@ from pipeline.data.example import Example
 from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.session import check_fits, ensure_ray, training_resources
 from pipeline.paths import PROJECT_ROOT
-from pipeline.quiet import verbose
+from pipeline.quiet import quiet_worker, verbose
 from pipeline.tracking import RunTracker
 from pipeline.training.job import CHECKPOINT, TrainRequest
 
@@ -228,6 +228,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.distributed.data import shard_batches
     from pipeline.training.loop import plain_record, run_steps
 
+    quiet_worker()  # after Ray Train's own logging set-up in this process
     worker = build_worker(loop_config)
     tc = worker.config.train
     shard = ray.train.get_dataset_shard("train")
