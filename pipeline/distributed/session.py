@@ -33,12 +33,15 @@ def ensure_ray() -> None:
     if verbose():
         ray.init(log_to_driver=True)
         return
-    quiet_process()  # the raylet and every worker inherit its environment variables
+    # Ray merges this runtime_env with a submitted job's own and refuses one variable set by
+    # both: only the ones this process (the job's driver) does not have yet.
+    env_vars = {key: value for key, value in QUIET_ENV.items() if key not in os.environ}
+    quiet_process()  # a local raylet and its workers inherit the environment variables
     # Every worker process Ray starts runs the same set-up before any task (warnings filters,
-    # library log levels); a job's own runtime_env is merged with this one.
+    # library log levels), on every node.
     context = ray.init(log_to_driver=True, logging_level=logging.WARNING,
                        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK,
-                                    "env_vars": dict(QUIET_ENV)})
+                                    "env_vars": env_vars})
     log.info("Ray: %s (dashboard %s)", "a local instance" if local else "the cluster at "
              f"{os.environ['RAY_ADDRESS']}", context.dashboard_url or "off")
 
