@@ -10,7 +10,7 @@ import ray
 import ray.data
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.quiet import QUIET_ENV, WORKER_SETUP_HOOK, quiet_process, verbose
+from pipeline.quiet import WORKER_SETUP_HOOK, quiet_process, verbose
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,12 @@ def ensure_ray() -> None:
     if verbose():
         ray.init(log_to_driver=True)
         return
-    # Ray merges this runtime_env with a submitted job's own and refuses one variable set by
-    # both: only the ones this process (the job's driver) does not have yet.
-    env_vars = {key: value for key, value in QUIET_ENV.items() if key not in os.environ}
-    quiet_process()  # a local raylet and its workers inherit the environment variables
-    # Every worker process Ray starts runs the same set-up before any task (warnings filters,
-    # library log levels), on every node.
+    quiet_process()
+    # Every worker process Ray starts, on every node, runs the same set-up before any task
+    # (environment variables, warnings filters, library log levels). Ray merges this with a
+    # submitted job's own runtime_env (no env_vars here: Ray refuses one set by both).
     context = ray.init(log_to_driver=True, logging_level=logging.WARNING,
-                       runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK,
-                                    "env_vars": env_vars})
+                       runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     log.info("Ray: %s (dashboard %s)", "a local instance" if local else "the cluster at "
              f"{os.environ['RAY_ADDRESS']}", context.dashboard_url or "off")
 
