@@ -36,3 +36,9 @@ def shared_data_dir() -> Path:
 
 
 DREAM_FIXTURES = shared_data_dir() / "dream-fixtures"
+
+
+def artifacts_dir() -> Path:
+    """Where tests leave files for people to look at (screenshots): ``$DDPT_TEST_ARTIFACTS``,
+    else ``<repo>/test-artifacts`` (git-ignored; CI keeps it)."""
+    return Path(os.environ.get("DDPT_TEST_ARTIFACTS") or REPO / "test-artifacts")
