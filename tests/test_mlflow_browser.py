@@ -234,8 +234,11 @@ def test_the_comparison_in_mlflow_ui(comparison, mlflow_ui, browser, shots):
     methods = comparison["methods"]
     assert sorted(methods) == sorted(METHODS) and comparison["train"] == ["train-ddpt"]
     # The documented filter, as the MLflow backend reads it: exactly the method runs.
-    found = MlflowClient(comparison["uri"]).search_runs([comparison["experiment"]], METHOD_FILTER)
+    client = MlflowClient(comparison["uri"])
+    found = client.search_runs([comparison["experiment"]], METHOD_FILTER)
     assert sorted(r.info.run_name for r in found) == sorted(METHODS)
+    parent = client.get_run(comparison["parent"])  # the row the method runs sit under
+    assert (parent.info.run_name, parent.data.tags[ROLE_TAG]) == ("compare", "comparison")
 
     select_method_runs(browser, mlflow_ui, comparison, shots)
     wait = WebDriverWait(browser, WAIT_S)
@@ -245,6 +248,8 @@ def test_the_comparison_in_mlflow_ui(comparison, mlflow_ui, browser, shots):
     shown = json.loads(urllib.parse.unquote(browser.current_url).split("runs=", 1)[1]
                        .split("&", 1)[0])
     assert sorted(shown) == sorted(r.info.run_id for r in methods.values())
+    # The parallel-coordinates plot (plotly) draws last; the picture is better with it.
+    wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .main-svg")))
     browser.save_screenshot(str(shots / "2-compare-runs.png"))
 
     metric_names = set.intersection(*(set(r.data.metrics) for r in methods.values()))
@@ -259,6 +264,7 @@ def test_the_comparison_in_mlflow_ui(comparison, mlflow_ui, browser, shots):
             assert math.isclose(float(text), stored, rel_tol=1e-3, abs_tol=5e-4), \
                 f"{metric} of {name}: page shows {text}, MLflow holds {stored}"
     browser.set_window_size(1600, 2600)  # the run names, parameters and metrics in one picture
+    wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot .main-svg")))
     browser.execute_script("arguments[0].scrollIntoView({block: 'end'})", browser.find_element(
         By.XPATH, "//a[@title='Plot chart'][normalize-space()='code_ce']"))
     browser.save_screenshot(str(shots / "3-compare-metrics.png"))
