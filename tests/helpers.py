@@ -77,3 +77,9 @@ def run_in_terminal(command: list[str], timeout: float = 900, columns: int = 120
         os.close(master)
         proc.wait()
     return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def artifacts_dir() -> Path:
+    """Where tests leave files for people to look at (screenshots): ``$DDPT_TEST_ARTIFACTS``,
+    else ``<repo>/test-artifacts`` (git-ignored; CI keeps it)."""
+    return Path(os.environ.get("DDPT_TEST_ARTIFACTS") or REPO / "test-artifacts")
