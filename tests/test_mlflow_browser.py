@@ -126,7 +126,10 @@ def mlflow_ui(comparison):
     """``mlflow server`` on a free loopback port, its backend store the comparison's database,
     serving its artifacts; stopped (the whole process group) however the test ends."""
     out, port = comparison["out"], free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    # No job runner: its eight huey consumers (for GenAI evaluation jobs) cost a 2-core machine
+    # a core for half a minute at start and serve nothing here.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = (out / "mlflow-server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
