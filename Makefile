@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 		$(SUDO) apt-get install -y -qq wordnet-base wordnet-sense-index; }
 	@# bubblewrap for the sandbox's bwrap isolation (docs/execution.md); setpriv is util-linux's.
 	@test -x /usr/bin/bwrap || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap; }
+	@# Headless Chromium and its driver for the MLflow UI test (tests/test_mlflow_browser.py).
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(BIN)/ddpt prepare
 	@touch $@
 

@@ -45,6 +45,9 @@ MANUAL_CONTEXT = (
 # The registry (pipeline.training.prompt_models) builds each; a test keeps the two equal.
 PROMPT_MODELS = ("ddpt", "prompt_tuning")
 CONDITIONS = ("none", "instruction")  # what DDPT's denoiser may be conditioned on
+# The fields of a user's record (pipeline.data.example.Example's, plus its split) that
+# data.columns may map to a file's columns; a test keeps them equal to Example's.
+RECORD_FIELDS = ("id", "instruction", "input", "output", "tests", "split")
 
 
 class ConfigError(ValueError):
@@ -64,9 +67,9 @@ def check_fresh_output(output: Path, resume: bool, markers: tuple[str, ...],
 
 
 def _help(default: Any, text: str) -> Any:
-    """A field with help text; a list default is copied per instance."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": text})
+    """A field with help text; a list or dict default is copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
     return field(default=default, metadata={"help": text})
 
 
@@ -121,7 +124,14 @@ class PromptConfig:
 @dataclass
 class DataConfig:
     dataset: str = _help(
-        "conala", "conala, codealpaca, humaneval, mbpp, or a path to your own .jsonl (docs/data.md)"
+        "conala", "conala, codealpaca, humaneval, mbpp, or your own data: a .jsonl, .json, .csv "
+        "or .parquet file, a folder written by datasets' save_to_disk, or a Hugging Face hub "
+        "name owner/name (needs a network) (docs/data.md)"
+    )
+    columns: dict[str, str] = _help(
+        {}, "your file's column for a record field, e.g. {instruction: prompt, output: "
+        f"solution}}; fields: {', '.join(RECORD_FIELDS)}; an unmapped field is read from the "
+        "column of its own name"
     )
     data_dir: str | None = _help(None, "data folder; default $DDPT_DATA_DIR, else ../shared/data")
     train_split: str = _help("train", "split the denoiser trains on")
@@ -147,6 +157,12 @@ class DataConfig:
         _check(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
         _check(bool(self.dev_split), "data.dev_split", "must not be empty")
         _check(self.max_dev_examples >= 0, "data.max_dev_examples", "must be >= 0")
+        unknown = sorted(set(self.columns) - set(RECORD_FIELDS))
+        _check(not unknown, "data.columns", f"unknown record field(s) {unknown}; the fields are "
+               f"{list(RECORD_FIELDS)}")
+        for name, column in self.columns.items():
+            _check(isinstance(column, str) and bool(column.strip()), f"data.columns.{name}",
+                   f"expected a column name, got {column!r}")
 
 
 @dataclass
@@ -494,7 +510,11 @@ class RunConfig:
             section, _, name = key.partition(".")
             if not name:
                 raise ConfigError(f"{key!r}: expected 'section.field'")
-            data.setdefault(section, {})[name] = value
+            head, dot, entry = name.partition(".")
+            if dot and isinstance(data.get(section, {}).get(head), dict):  # data.columns.output
+                data[section][head] = {**data[section][head], entry: value}
+            else:
+                data.setdefault(section, {})[name] = value
         return cls.from_dict(data)
 
     @classmethod
@@ -536,6 +556,12 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         return [_coerce(v, get_args(hint)[0], name) for v in value]
+    if get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        key_type, value_type = get_args(hint)
+        return {_coerce(k, key_type, name): _coerce(v, value_type, f"{name}.{k}")
+                for k, v in value.items()}
     types = tuple(t for t in get_args(hint) if t is not type(None)) or (hint,)
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -36,3 +36,50 @@ def shared_data_dir() -> Path:
 
 
 DREAM_FIXTURES = shared_data_dir() / "dream-fixtures"
+
+
+def run_in_terminal(command: list[str], timeout: float = 900, columns: int = 120,
+                    env: dict | None = None) -> tuple[int, str]:
+    """Run ``command`` with a pseudo-terminal (``columns`` wide) as stdin, stdout and stderr, as
+    a user's shell would; returns (exit code, everything it printed)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env,
+                            start_new_session=True)
+    os.close(slave)
+    chunks, deadline, quiet_since = [], time.monotonic() + timeout, None
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"{command} ran over {timeout}s")
+            ready, _, _ = select.select([master], [], [], 0.5)
+            data = b""
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+                chunks.append(data)
+            if proc.poll() is not None and not data:  # exited; a child may hold the pty
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since > 2:
+                    break
+    finally:
+        os.close(master)
+        proc.wait()
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def artifacts_dir() -> Path:
+    """Where tests leave files for people to look at (screenshots): ``$DDPT_TEST_ARTIFACTS``,
+    else ``<repo>/test-artifacts`` (git-ignored; CI keeps it)."""
+    return Path(os.environ.get("DDPT_TEST_ARTIFACTS") or REPO / "test-artifacts")

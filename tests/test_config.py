@@ -43,10 +43,29 @@ def test_config_file_applies_on_top_of_preset(tmp_path):
     ("trainer.steps=3", "unknown section 'trainer'"),
     ("model.trust_remote_code=maybe", "model.trust_remote_code: expected true/false"),
     ("steps=3", "expected 'section.field'"),
+    ("data.columns={prompt: question}", r"data.columns: unknown record field\(s\) \['prompt'\]"),
+    ("data.columns={output: 3}", "data.columns.output: expected str, got 3"),
+    ("data.columns={output: ' '}", "data.columns.output: expected a column name"),
+    ("data.columns=[instruction]", "data.columns: expected a mapping"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config("default", overrides=[override])
+
+
+def test_data_columns_round_trip(tmp_path):
+    """data.columns from --set and from a file; it survives the flat form and YAML."""
+    config = build_config("smoke", overrides=["data.columns={instruction: q, output: a}"])
+    assert config.data.columns == {"instruction": "q", "output": "a"}
+    assert RunConfig.from_flat(config.to_flat()) == config
+    config.save(tmp_path / "c.yaml")
+    assert RunConfig.load(tmp_path / "c.yaml") == config
+    assert RunConfig().data.columns == {} and RunConfig().data.columns is not \
+        RunConfig().data.columns
+    one = config.with_overrides(["data.columns.input=context"])  # one entry, as MLflow logs it
+    assert one.data.columns == {"instruction": "q", "output": "a", "input": "context"}
+    with pytest.raises(ConfigError, match=r"data.columns: unknown record field\(s\) \['q'\]"):
+        config.with_overrides(["data.columns.q=x"])
 
 
 def test_bad_file_names_the_file(tmp_path):

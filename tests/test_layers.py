@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 # Lowest floor first. The docs' layout map (README) follows this list.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("method", "tracking", "paths"),  # DDPT's math; MLflow bookkeeping; where files are
+    ("method", "tracking", "paths", "quiet"),  # DDPT's math; MLflow bookkeeping; where files
+    # are; which library noise is off
     ("baselines", "config"),  # the soft prompt; every option, typed and validated
     ("data", "sandbox"),  # examples, loaders and splits; running untrusted code
     ("lm",),  # the model loader, the frozen LM, the template

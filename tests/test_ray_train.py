@@ -2,6 +2,7 @@
 in MLflow on SQLite. Slow: each Ray start costs tens of seconds here."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow import MlflowClient
+
+from helpers import run_in_terminal
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +45,17 @@ def steps_of(client, run, key="code_loss"):
 
 def test_zero3_two_workers_shard_learn_and_resume(tmp_path):
     out = tmp_path / "run"
-    ddpt_train(out, "--set", "train.steps=24", "--set", "train.checkpoint_every=12")
+    # In a terminal, as a user runs it: the live training line, none of the libraries' noise.
+    command = [sys.executable, "-m", "pipeline.cli", "train", "--output", str(out),
+               *[a for a in TINY if a != "--no-progress"], "--set", "train.steps=24",
+               "--set", "train.checkpoint_every=12"]
+    code, printed = run_in_terminal(command)
+    assert code == 0, printed[-5000:]
+    assert re.search(r"train run 24/24 \|.*\| loss \d+\.\d{3} · [\d.]+ ex/s", printed), printed
+    assert re.search(r"train run 1\d/24 .* left", printed), printed  # time left, mid-run
+    for noise in ("split(", "Loading weights", "FutureWarning", "Running Dataset",
+                  "TrainController", "built successfully", "Creating initial MLflow"):
+        assert noise not in printed, (noise, printed[-5000:])
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 24
 

@@ -99,6 +99,7 @@ def extra_config(config: RunConfig, dataset: str) -> RunConfig:
     split, ``data.max_extra_eval_examples`` of it, in its own MLflow experiment."""
     return config.with_overrides([
         f"data.dataset={dataset}", "data.eval_split=test", "data.extra_eval=[]",
+        "data.columns={}",
         f"data.max_eval_examples={config.data.max_extra_eval_examples}",
         "tracking.experiment=null"])
 

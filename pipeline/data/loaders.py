@@ -1,4 +1,5 @@
-"""Read the built-in NL-to-code data sets and user JSONL files into `Example` records.
+"""Read the built-in NL-to-code data sets and user JSONL files into `Example` records; other
+user files go through `datasets` (pipeline.data.tables). `load_examples` is the entry point.
 
 The raw files stay in the shared data folder (see its MANIFEST.md); nothing is copied into
 the repository. Every record is validated before anything is returned, and every problem is
@@ -9,30 +10,28 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.data.example import Example
+from pipeline.data.records import (
+    MISSING_SPLIT,
+    SPLITS,
+    USER_FIELDS,
+    DataError,
+    carve,
+    check_unique,
+    user_record,
+    user_splits,
+)
+from pipeline.data.tables import load_table_examples, table_kind
 from pipeline.paths import PROJECT_ROOT
 
 ENV_VAR = "DDPT_DATA_DIR"
-SEED = 0
 _FIX_DIR = (f"Pass --data-dir DIR or set {ENV_VAR}=DIR to the shared data folder "
             "(the files come from it; see its MANIFEST.md)")
 _Record = tuple[int, Any]  # (1-based line where the record starts, decoded JSON value)
-
-
-class DataError(ValueError):
-    """A data problem, located as precisely as possible (file, 1-based line, field)."""
-
-    def __init__(self, problem: str, path: str | os.PathLike | None = None,
-                 line: int | None = None, field: str | None = None, hint: str = "") -> None:
-        self.path, self.line, self.field = (str(path) if path is not None else None), line, field
-        where = "" if path is None else f"{path}:{line}: " if line is not None else f"{path}: "
-        what = f"field {field!r}: " if field else ""
-        super().__init__(f"{where}{what}{problem}" + (f". {hint}" if hint else ""))
 
 
 # ---------------------------------------------------------------- locating files
@@ -156,19 +155,6 @@ def _nl(code: str) -> str:
     return code.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _carve(n: int, sizes: dict[str, int]) -> list[str]:
-    """Split name for each of n items: a seeded permutation fills `sizes` in order, rest train."""
-    order = list(range(n))
-    random.Random(SEED).shuffle(order)
-    names = ["train"] * n
-    start = 0
-    for name, size in sizes.items():
-        for i in order[start:start + size]:
-            names[i] = name
-        start += size
-    return names
-
-
 # ---------------------------------------------------------------- built-in data sets
 
 def load_conala(data_dir: Path, split: str) -> list[Example]:
@@ -186,7 +172,7 @@ def load_conala(data_dir: Path, split: str) -> list[Example]:
             meta={"question_id": obj.get("question_id"), "source": str(path), "line": line}))
     if file_split == "test":
         return examples
-    names = _carve(len(examples), {"validation": 200})
+    names = carve(len(examples), {"validation": 200})
     return [ex for ex, name in zip(examples, names) if name == split]
 
 
@@ -202,7 +188,7 @@ def load_codealpaca(data_dir: Path, split: str) -> list[Example]:
             # two upstream records (237, 1859) have an empty output; they are kept
             output=_str(obj, "output", path, line, nonempty=False),
             meta={"index": index, "source": str(path), "line": line}))
-    names = _carve(len(examples), {"test": 200, "validation": 100})
+    names = carve(len(examples), {"test": 200, "validation": 100})
     return [ex for ex, name in zip(examples, names) if name == split]
 
 
@@ -252,54 +238,32 @@ def load_mbpp(data_dir: Path, split: str) -> list[Example]:
 
 # ---------------------------------------------------------------- user JSONL
 
-_SPLITS = ("train", "validation", "test")
-_USER_FIELDS = {"id", "instruction", "input", "output", "tests", "split"}
-
-
-def load_user_jsonl(path: str | os.PathLike, split: str) -> list[Example]:
-    """A user's JSONL file: id, instruction, output, optional input/tests/split, extras to meta."""
-    path = Path(path).expanduser()
+def load_user_jsonl(path: str | os.PathLike, split: str,
+                    columns: dict[str, str] | None = None) -> list[Example]:
+    """A user's JSONL file: id, instruction, output, optional input/tests/split, extras to meta.
+    ``columns`` maps a record field to the key it is read from (default: its own name)."""
+    path, columns = Path(path).expanduser(), columns or {}
     if not path.is_file():
         raise DataError("user data file not found", path,
                         hint="Give an existing .jsonl/.jsonl.gz path (relative to the working "
                         "directory)")
+    keys = {name: columns.get(name, name) for name in USER_FIELDS}
     examples, splits, seen = [], [], {}
     for rec in _read_jsonl(path):
         obj, line = _obj(rec, path), rec[0]
-        raw_id = obj.get("id")
-        if (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))
-                or str(raw_id).strip() == ""):
-            raise DataError(f"got {raw_id!r:.40}, expected a non-empty string or an integer",
-                            path, line, "id")
-        ex_id = str(raw_id)
-        if ex_id in seen:
-            raise DataError(f"duplicate id {ex_id!r} (lines {seen[ex_id]} and {line})", path,
-                            line, "id")
-        seen[ex_id] = line
-        rec_split = _str(obj, "split", path, line, required=False)
-        if rec_split is not None and rec_split not in _SPLITS:
-            raise DataError(f"got {rec_split!r}, expected one of {', '.join(_SPLITS)}", path,
-                            line, "split")
-        splits.append((line, rec_split))
-        extras = {k: v for k, v in obj.items() if k not in _USER_FIELDS}
-        examples.append(Example(
-            id=ex_id, instruction=_str(obj, "instruction", path, line),
-            input=_str(obj, "input", path, line, required=False, nonempty=False, default=""),
-            output=_str(obj, "output", path, line),
-            tests=_str(obj, "tests", path, line, required=False, nonempty=False),
-            meta={**extras, "source": str(path), "line": line}))
+
+        def fail(problem: str, name: str, line: int = line) -> DataError:
+            return DataError(problem, path, line, name, column=keys[name])
+
+        record = user_record({name: obj.get(key) for name, key in keys.items()}, fail)
+        check_unique(record["id"], seen, line, "line", fail)
+        splits.append(record.pop("split"))
+        extras = {k: v for k, v in obj.items() if k not in keys.values()}
+        examples.append(Example(**record, meta={**extras, "source": str(path), "line": line}))
     if not examples:
         raise DataError("no records (the file is empty)", path)
-    missing = [line for line, s in splits if s is None]
-    if not missing:
-        names = [s for _, s in splits]
-    elif len(missing) == len(splits):
-        n = len(examples)
-        held = max(1, n // 10) if n >= 3 else 0
-        names = _carve(n, {"test": held, "validation": held})
-    else:
-        raise DataError("missing, but other records have one (give every record a split, or none)",
-                        path, missing[0], "split")
+    names = user_splits(splits, lambda i: DataError(
+        MISSING_SPLIT, path, examples[i].meta["line"], "split", column=keys["split"]))
     return [ex for ex, name in zip(examples, names) if name == split]
 
 
@@ -311,7 +275,7 @@ DATASETS: dict[str, Loader] = {
     "humaneval": load_humaneval, "mbpp": load_mbpp,
 }
 DATASET_SPLITS: dict[str, tuple[str, ...]] = {
-    "conala": _SPLITS, "codealpaca": _SPLITS, "humaneval": ("test",),
+    "conala": SPLITS, "codealpaca": SPLITS, "humaneval": ("test",),
     "mbpp": tuple(_MBPP_RANGES),
 }
 
@@ -328,20 +292,29 @@ def _check_split(dataset: str, split: str, valid: tuple[str, ...]) -> None:
 
 
 def load_examples(dataset: str, split: str, data_dir: str | os.PathLike | None = None,
-                  limit: int | None = None) -> list[Example]:
-    """Examples of `split` of a built-in data set (see DATASETS) or of a user .jsonl file.
+                  limit: int | None = None,
+                  columns: dict[str, str] | None = None) -> list[Example]:
+    """Examples of `split` of a built-in data set (see DATASETS), of a user .jsonl file, or of
+    a file, folder or hub name read through `datasets` (pipeline.data.tables). ``columns``
+    (``data.columns``) maps a user record's fields to the file's columns.
 
     `limit` keeps the first N in file order (the order is stable across calls).
     """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
-    if _is_user_file(dataset):
-        _check_split(dataset, split, _SPLITS)
-        examples = load_user_jsonl(dataset, split)
-    elif dataset in DATASETS:
+    if dataset in DATASETS:
+        if columns:
+            raise DataError(f"data.columns is for your own files; the built-in data set "
+                            f"{dataset!r} has its own field mapping (docs/data.md)")
         _check_split(dataset, split, DATASET_SPLITS[dataset])
         examples = DATASETS[dataset](resolve_data_dir(data_dir), split)
+    elif _is_user_file(dataset):
+        _check_split(dataset, split, SPLITS)
+        examples = load_user_jsonl(dataset, split, columns)
+    elif table_kind(dataset) is not None:
+        examples = load_table_examples(dataset, split, columns)
     else:
-        raise DataError(f"unknown data set {dataset!r}; known: {', '.join(DATASETS)}, "
-                        "or a path to a .jsonl / .jsonl.gz file")
+        raise DataError(f"unknown data set {dataset!r}; known: {', '.join(DATASETS)}, a path to "
+                        "a .jsonl, .json, .csv or .parquet file or to a folder, or a Hugging "
+                        "Face hub name owner/name")
     return examples if limit is None else examples[:limit]

@@ -11,7 +11,7 @@ from pipeline.data.loaders import DataError, load_examples
 def train_examples(data: DataConfig) -> list[Example]:
     """``data.train_split``, the first ``data.max_train_examples`` (0: all)."""
     return load_examples(data.dataset, data.train_split, data.data_dir,
-                         data.max_train_examples or None)
+                         data.max_train_examples or None, data.columns)
 
 
 def dev_examples(data: DataConfig) -> list[Example]:
@@ -19,7 +19,7 @@ def dev_examples(data: DataConfig) -> list[Example]:
     loss (``train.eval_every``, sweeps). A missing or empty split fails here."""
     try:
         examples = load_examples(data.dataset, data.dev_split, data.data_dir,
-                                 data.max_dev_examples or None)
+                                 data.max_dev_examples or None, data.columns)
     except DataError as err:
         raise DataError(f"data.dev_split={data.dev_split!r}: {err}; set data.dev_split to "
                         "another split") from err
@@ -32,7 +32,7 @@ def dev_examples(data: DataConfig) -> list[Example]:
 def eval_examples(data: DataConfig) -> list[Example]:
     """The first ``data.max_eval_examples`` of ``data.eval_split``: a fixed subset."""
     return load_examples(data.dataset, data.eval_split, data.data_dir,
-                         data.max_eval_examples or None)
+                         data.max_eval_examples or None, data.columns)
 
 
 def tested_eval_examples(data: DataConfig) -> list[Example]:
@@ -44,10 +44,11 @@ def tested_eval_examples(data: DataConfig) -> list[Example]:
     untested = missing_tests(examples)
     if untested:
         source = examples[0].meta.get("source", data.dataset)
-        lines = {ex.id: ex.meta.get("line") for ex in examples}
+        first = next(ex for ex in examples if ex.id == untested[0]).meta
         raise DataError(
             f"{len(untested)} of {len(examples)} examples of split {data.eval_split!r} have no "
             f"tests (ids {', '.join(map(repr, untested[:5]))}"
             f"{', ...' if len(untested) > 5 else ''}); execution needs Python that raises when "
-            "the code is wrong", source, lines.get(untested[0]), "tests")
+            "the code is wrong", source, first.get("line"), "tests", row=first.get("row"),
+            column=data.columns.get("tests", "tests"))
     return examples

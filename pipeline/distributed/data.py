@@ -14,6 +14,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.config import RunConfig
 from pipeline.data.example import Example
+from pipeline.data.tables import table_rows
 from pipeline.lm.frozen import Batch, FrozenCodeLM
 from pipeline.lm.loader import load_hf_config, load_tokenizer
 from pipeline.lm.template import SPAN_NAMES, EncodedExample, PromptTemplate
@@ -45,10 +46,19 @@ class TokenizeExamples:
         return out
 
 
+def example_rows(examples: list[Example], config: RunConfig) -> ray.data.Dataset:
+    """The examples as Ray Data rows (id, instruction, input, output): read from their
+    `datasets` table with ``ray.data.from_huggingface`` when they are a user table's records
+    (pipeline.data.tables), else from Python rows."""
+    columns = ["id", "instruction", "input", "output"]
+    table = table_rows(examples, config.data.dataset, config.data.columns)
+    if table is not None:
+        return ray.data.from_huggingface(table.select_columns(columns))
+    return ray.data.from_items([{name: getattr(e, name) for name in columns} for e in examples])
+
+
 def tokenized_dataset(examples: list[Example], config: RunConfig) -> ray.data.Dataset:
-    rows = [{"id": e.id, "instruction": e.instruction, "input": e.input, "output": e.output}
-            for e in examples]
-    dataset = ray.data.from_items(rows).map_batches(
+    dataset = example_rows(examples, config).map_batches(
         TokenizeExamples, fn_constructor_kwargs={"config": config.to_dict()}, batch_size=256,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=config.distributed.data_cpus,
     )

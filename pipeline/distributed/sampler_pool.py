@@ -18,11 +18,11 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError
-from tqdm.auto import tqdm
 
 from pipeline.config import RunConfig
 from pipeline.data.example import Example
 from pipeline.distributed.session import check_fits, ensure_ray, sampler_actor_resources
+from pipeline.evaluation.progress import MethodProgress
 from pipeline.evaluation.sampler import Task
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]],
     queue: deque[Task] = deque(tasks)
     idle = list(actors)
     in_flight: dict = {}  # ObjectRef -> (actor, task)
-    bar = tqdm(total=sum(len(examples) for _, examples in tasks), desc="sample",
-               disable=not progress)
+    lines = MethodProgress(tasks, enabled=progress)
     try:
         while queue or in_flight:
             while queue and idle:
@@ -91,10 +90,10 @@ def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]],
                 queue.appendleft(task)
                 continue
             on_records(records)
-            bar.update(len(records))
+            lines.done(task[0], len(task[1]))
             idle.append(actor)
     finally:
-        bar.close()
+        lines.close()
 
 
 class RayPool:

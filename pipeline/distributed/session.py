@@ -2,12 +2,17 @@
 asks for fits the cluster before anything is scheduled (a job that cannot fit would hang)."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 import ray
+import ray.data
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.quiet import WORKER_SETUP_HOOK, quiet_process, verbose
+
+log = logging.getLogger(__name__)
 
 # Ray Train's defaults suit clusters. On one machine (a laptop, CI) the controller polls its
 # workers every 0.2 s instead of 2 s and starts no spot-preemption watcher (one more actor per
@@ -19,11 +24,31 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one
     (with :data:`LOCAL_RAY_ENV`, unless the environment sets those variables itself)."""
+    quiet_ray_data()  # Ray Data's settings live in this process, not in the cluster
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS", "local") == "local":
+    local = os.environ.get("RAY_ADDRESS", "local") == "local"
+    if local:
         use_local_ray_env()
-    ray.init(log_to_driver=True)
+    if verbose():
+        ray.init(log_to_driver=True)
+        return
+    quiet_process()
+    # Every worker process Ray starts, on every node, runs the same set-up before any task
+    # (environment variables, warnings filters, library log levels). Ray merges this with a
+    # submitted job's own runtime_env (no env_vars here: Ray refuses one set by both).
+    context = ray.init(log_to_driver=True, logging_level=logging.WARNING,
+                       runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
+    log.info("Ray: %s (dashboard %s)", "a local instance" if local else "the cluster at "
+             f"{os.environ['RAY_ADDRESS']}", context.dashboard_url or "off")
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars or execution plans on the driver's terminal: the training line
+    says what matters (``-v`` keeps them)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose()
+    context.print_on_execution_start = verbose()
 
 
 def use_local_ray_env() -> None:

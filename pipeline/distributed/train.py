@@ -40,8 +40,10 @@ from ray.train.torch import TorchTrainer
 # train_on_ray import where they run (about 3 s less for every Train run to start).
 from pipeline.config import ConfigError, RunConfig, check_fresh_output
 from pipeline.data.example import Example
+from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.session import check_fits, ensure_ray, training_resources
 from pipeline.paths import PROJECT_ROOT
+from pipeline.quiet import quiet_worker, verbose
 from pipeline.tracking import RunTracker
 from pipeline.training.job import CHECKPOINT, TrainRequest
 
@@ -95,15 +97,23 @@ class Worker:
 
 def build_worker(loop_config: dict[str, Any]) -> Worker:
     """Build the LM inside ZeRO-3's partitioning, the prompt model and the DeepSpeed engine."""
+    config = RunConfig.from_dict(loop_config["config"])
+    if not config.distributed.use_gpu:  # said, so DeepSpeed need not probe (and warn)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
+
+    if not config.distributed.use_gpu:
+        # DeepSpeed JIT-builds a shared-memory all-reduce for CPU ranks (a C++ build of about
+        # a minute of CPU, and again for every new venv) that only tensor-parallel inference
+        # calls; ZeRO-3 training never does, so it is marked unusable before the first use.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     from pipeline.lm.frozen import FrozenCodeLM
     from pipeline.lm.loader import load_model
     from pipeline.lm.template import PromptTemplate
     from pipeline.training.prompt_models import PromptLoss, build_trainable
 
-    config = RunConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if not config.distributed.use_gpu:
@@ -218,6 +228,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.distributed.data import shard_batches
     from pipeline.training.loop import plain_record, run_steps
 
+    quiet_worker()  # after Ray Train's own logging set-up in this process
     worker = build_worker(loop_config)
     tc = worker.config.train
     shard = ray.train.get_dataset_shard("train")
@@ -235,9 +246,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     pending: list[dict] = []  # per-step records since the last checkpoint (tensors inside)
 
+    sink = loop_config.get("progress") if worker.rank == 0 else None
+
     def on_step(step: int, record: dict) -> None:
         record = {**record, "lm_shard_share": worker.shard_share,
                   "examples_per_second": tc.batch_size / record["step_seconds"]}
+        if sink is not None:  # the driver's live line
+            sink.send(step, float(record["code_loss"]), record["examples_per_second"])
         if dev and tc.eval_every and (step == tc.steps or step % tc.eval_every == 0):
             record["dev_loss"] = dev_loss(worker, dev)  # in history.jsonl: logged exactly once
         pending.append(record)
@@ -307,19 +322,22 @@ class MLflowCommit(ray.train.UserCallback):
 
 
 # ---- on the driver -------------------------------------------------------------------------------
-def ray_backend(callbacks: list | None = None, dataset: ray.data.Dataset | None = None):
+def ray_backend(callbacks: list | None = None, dataset: ray.data.Dataset | None = None,
+                progress: ProgressSink | None = None):
     """The training job's Ray backend. ``callbacks``: extra Ray Train ``UserCallback`` s (a
     sweep's report to Tune); ``dataset``: the examples tokenized already (a sweep tokenizes
-    once for its trials)."""
+    once for its trials); ``progress``: where rank 0 sends its steps (a sweep's relay; by
+    default the job draws its own line when the request asks for progress)."""
 
     def train(request: TrainRequest) -> Path:
-        return train_on_ray(request, callbacks, dataset)
+        return train_on_ray(request, callbacks, dataset, progress)
 
     return train
 
 
 def train_on_ray(request: TrainRequest, callbacks: list | None = None,
-                 dataset: ray.data.Dataset | None = None) -> Path:
+                 dataset: ray.data.Dataset | None = None,
+                 progress: ProgressSink | None = None) -> Path:
     """Train on a TorchTrainer; blocks until done and returns the exported portable checkpoint
     (``<output>/checkpoint``). Raises if the run failed for good."""
     from pipeline.distributed.data import tokenized_dataset
@@ -341,29 +359,38 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
     check_fits(training_resources(config), f"distributed: {dc.num_workers} workers x "
                f"cpus_per_worker {dc.cpus_per_worker} + data_cpus {dc.data_cpus}"
                + (" (one GPU each)" if dc.use_gpu else ""))
-    ray.data.DataContext.get_current().enable_progress_bars = request.progress
     if dataset is None:
         dataset = tokenized_dataset(request.examples, config)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": config.to_dict(), "deepspeed": ds_config, "dev": dev},
-        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
-                                     resources_per_worker={"CPU": dc.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=dc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # MLflowCommit first: a step's metrics are in MLflow before a sweep hears of it.
-            callbacks=[MLflowCommit(request.tracker), *(callbacks or [])],
-        ),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
+    with ProgressRelay(enabled=request.progress and progress is None) as relay:
+        sink = progress or relay.sink(f"train {output.name}", tc.steps)
+        result = _fit(request, callbacks, dataset, ds_config, dev, sink)
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError("Ray Train run finished without a checkpoint")
     return export(result.checkpoint, output / CHECKPOINT)
+
+
+def _fit(request: TrainRequest, callbacks: list | None, dataset: ray.data.Dataset,
+         ds_config: dict, dev: list[dict], sink: ProgressSink | None) -> ray.train.Result:
+    config, dc = request.config, request.config.distributed
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.to_dict(), "deepspeed": ds_config, "dev": dev,
+                           "progress": sink},
+        scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
+                                     resources_per_worker={"CPU": dc.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=str(request.output / "ray"),
+            failure_config=FailureConfig(max_failures=dc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # MLflowCommit first: a step's metrics are in MLflow before a sweep hears of it.
+            callbacks=[MLflowCommit(request.tracker), *(callbacks or [])],
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
 
 
 def export(checkpoint: Checkpoint, target: Path) -> Path:

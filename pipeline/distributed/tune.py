@@ -26,6 +26,7 @@ The output folder::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -39,13 +40,16 @@ from typing import Any
 import ray
 from mlflow import MlflowClient
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline.config import ConfigError, RunConfig, check_fresh_output
+from pipeline.data.loaders import DATASETS
 from pipeline.data.splits import dev_examples, train_examples
+from pipeline.distributed.asha import SweepASHA
+from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.session import ensure_ray, how_many_fit, training_resources
 from pipeline.distributed.train import ray_backend
+from pipeline.quiet import verbose
 from pipeline.tracking import (
     MAX_ERROR_CHARS,
     ROLE_TAG,
@@ -82,6 +86,7 @@ class TrialSetup:
     tracking_uri: str
     experiment: str
     parent_run_id: str
+    progress: Any = None  # the driver's Ray queue of training lines (ProgressRelay), or None
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.output / TRIALS_DIR / trial_id
@@ -129,8 +134,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup,
         metrics = tracker.client.get_run(tracker.run_id).data.metrics
         tune.report({**metrics, "step": steps})
         return
-    run_training(config, folder, ray_backend([TuneReportCallback()], dataset), resume=True,
-                 progress=False, run_name=trial_id, tracker=tracker)
+    sink = ProgressSink(setup.progress, trial_id, steps) if setup.progress else None
+    run_training(config, folder, ray_backend([TuneReportCallback()], dataset, sink),
+                 resume=True, progress=False, run_name=trial_id, tracker=tracker)
 
 
 def _trial_run(setup: TrialSetup, folder: Path, trial_id: str, params: dict[str, Any],
@@ -162,45 +168,6 @@ def _trained_steps(folder: Path) -> int:
 
 
 # ---- on the driver -----------------------------------------------------------------------------
-class SweepASHA(ASHAScheduler):
-    """ASHA with two changes for sweeps of training runs.
-
-    It never stops a trial on its final report: there is nothing left to save by stopping it,
-    and Tune would kill the trial before it exports its checkpoint and closes its MLflow run.
-    And it keeps its rungs in ``state_file`` after every decision, because Tune does not save a
-    scheduler's state: after a resume, trials are still compared with those that reached a rung
-    before the driver died.
-    """
-
-    def __init__(self, final_step: int, state_file: str, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._final_step = final_step  # train.steps of the base configuration
-        self._state_file = state_file
-        self._loaded = False
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        if not self._loaded:  # the first call after a (re)start
-            if os.path.exists(self._state_file):
-                self.restore(self._state_file)
-            self._loaded = True
-        super().on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        action = super().on_trial_result(tune_controller, trial, result)
-        self._save()
-        final = int(trial.config.get("train.steps", self._final_step))
-        return TrialScheduler.CONTINUE if result.get("step", 0) >= final else action
-
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        super().on_trial_complete(tune_controller, trial, result)
-        self._save()
-
-    def _save(self) -> None:
-        tmp = f"{self._state_file}.tmp"
-        self.save(tmp)
-        os.replace(tmp, self._state_file)
-
-
 class TrialRuns(tune.Callback):
     """Ends each trial's MLflow child run from the driver, the only place that knows how the
     trial ended: FINISHED (tagged ``ddpt.trial_status``: completed or stopped_early) or FAILED
@@ -305,7 +272,7 @@ def _absolute_paths(sweep: Sweep) -> Sweep:
     data = sweep.base.data
     if data.data_dir and not Path(data.data_dir).is_absolute():
         data.data_dir = str(Path(data.data_dir).resolve())
-    if data.dataset.endswith((".jsonl", ".jsonl.gz")) and Path(data.dataset).exists():
+    if data.dataset not in DATASETS and Path(data.dataset).exists():  # a user file or folder
         data.dataset = str(Path(data.dataset).resolve())
     dc = sweep.base.distributed
     if dc.deepspeed_config and Path(dc.deepspeed_config).exists():
@@ -371,6 +338,30 @@ def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]
     parallel = concurrency(sweep, ray.cluster_resources())
     log.info("sweep: %d sample(s) of %s, %d trial(s) at a time", sweep.num_samples,
              list(sweep.space), parallel)
+    with ProgressRelay(enabled=progress) as relay:  # a live line per trial
+        setup = dataclasses.replace(setup, progress=relay.queue)
+        grid = _fit(setup, resume, progress, parallel)
+    trials = []
+    for result in grid:
+        trial_id = Path(result.path).name
+        metrics = result.metrics or {}
+        step, value = metrics.get("step"), metrics.get(sweep.metric)
+        error = _describe(result.error) if result.error is not None else None
+        # Again, now that every trial is over: a run left open (the driver died between a
+        # trial's end and its callback, before a --resume) ends as Tune saw the trial end.
+        end_trial_run(setup, trial_id, result.config or {}, step, error)
+        run_file = setup.trial_dir(trial_id) / RUN_FILE
+        trials.append(TrialSummary(
+            trial_id=trial_id, params=dict(result.config or {}),
+            status=trial_status(sweep, result.config or {}, step, failed=error is not None),
+            step=step, metric=float(value) if value is not None else None, error=error,
+            run_id=read_run_file(run_file)["run_id"] if run_file.is_file() else None))
+    return sorted(trials, key=lambda t: t.trial_id)
+
+
+def _fit(setup: TrialSetup, resume: bool, progress: bool, parallel: int):
+    """Build (or restore) the Tuner and run it; returns its ResultGrid."""
+    sweep = setup.sweep
     # The trainable holds no CPU: the trial's Train workers and tokenizer actor hold its CPUs.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup, dataset=_shared_dataset(sweep)),
@@ -394,27 +385,12 @@ def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]
                 search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=parallel),
                 trial_dirname_creator=_trial_dirname, reuse_actors=False),
             run_config=tune.RunConfig(
-                name=TUNE_NAME, storage_path=str(setup.output), verbose=1 if progress else 0,
+                name=TUNE_NAME, storage_path=str(setup.output),
+                verbose=1 if progress and verbose() else 0,  # else: the lines per trial
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[TrialRuns(setup)]),
         )
-    grid = tuner.fit()
-    trials = []
-    for result in grid:
-        trial_id = Path(result.path).name
-        metrics = result.metrics or {}
-        step, value = metrics.get("step"), metrics.get(sweep.metric)
-        error = _describe(result.error) if result.error is not None else None
-        # Again, now that every trial is over: a run left open (the driver died between a
-        # trial's end and its callback, before a --resume) ends as Tune saw the trial end.
-        end_trial_run(setup, trial_id, result.config or {}, step, error)
-        run_file = setup.trial_dir(trial_id) / RUN_FILE
-        trials.append(TrialSummary(
-            trial_id=trial_id, params=dict(result.config or {}),
-            status=trial_status(sweep, result.config or {}, step, failed=error is not None),
-            step=step, metric=float(value) if value is not None else None, error=error,
-            run_id=read_run_file(run_file)["run_id"] if run_file.is_file() else None))
-    return sorted(trials, key=lambda t: t.trial_id)
+    return tuner.fit()
 
 
 def _record(parent: RunTracker, setup: TrialSetup, trials: list[TrialSummary],

@@ -287,10 +287,15 @@ class LocalPool:
 
     def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
             progress: bool = True) -> None:
-        from tqdm.auto import tqdm
+        from pipeline.evaluation.progress import MethodProgress
 
-        for method, chunk in tqdm(tasks, desc="sample", disable=not progress):
-            on_records(self.sampler.run(method, chunk))
+        lines = MethodProgress(tasks, enabled=progress)
+        try:
+            for method, chunk in tasks:
+                on_records(self.sampler.run(method, chunk))
+                lines.done(method, len(chunk))
+        finally:
+            lines.close()
 
     def close(self) -> None:
         pass

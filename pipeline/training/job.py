@@ -145,7 +145,8 @@ def local_backend(lm=None) -> TrainBackend:
                 pending.clear()
 
         train_local(config, lm or build_lm(config), request.examples, checkpoint_dir=checkpoint,
-                    resume=request.resume, on_step=on_step, progress=request.progress)
+                    resume=request.resume, on_step=on_step, progress=request.progress,
+                    progress_name=f"train {request.output.name}")
         return checkpoint
 
     return train

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.example import Example
 from pipeline.lm.frozen import Batch, FrozenCodeLM
 from pipeline.training.checkpoint import load_optimizer_state, load_prompt_model, save_checkpoint
+from pipeline.training.progress import StepProgress
 from pipeline.training.prompt_models import (
     PromptLoss,
     build_trainable,
@@ -61,14 +61,13 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 def run_steps(step_fn: StepFn, batches: Iterator[Batch], start: int, steps: int, seed: int,
               rank: int = 0, on_step: Callable[[int, dict], None] | None = None,
               progress: bool = True, device: torch.device | None = None,
-              log_every: int = 10) -> list[dict]:
+              log_every: int = 10, progress_name: str = "train") -> list[dict]:
     """Run optimizer steps ``start+1 .. steps``; returns one record per step. ``on_step(step,
     record)`` runs after each (logging, checkpoints, Ray reports). Records carry the step's
     statistics (tensors), ``step_seconds`` and ``data_seconds`` (the wait for the batch)."""
     history = []
-    bar = tqdm(range(start, steps), desc="train", disable=not progress, initial=start,
-               total=steps)
-    for step in bar:
+    line = StepProgress(progress_name, steps, enabled=progress)
+    for step in range(start, steps):
         waited = time.perf_counter()
         batch = next(batches)
         if device is not None:
@@ -79,10 +78,13 @@ def run_steps(step_fn: StepFn, batches: Iterator[Batch], start: int, steps: int,
         record = {"step": step + 1, **stats, "step_seconds": done - began,
                   "data_seconds": began - waited}
         history.append(record)
-        if progress and ((step + 1) % log_every == 0 or step + 1 == steps):
-            bar.set_postfix(loss=f"{float(stats['code_loss']):.3f}")  # a sync, now and then
+        if progress:  # the loss is a sync: now and then
+            show = (step + 1) % log_every == 0 or step + 1 in (start + 1, steps)
+            line.update(step + 1, float(stats["code_loss"]) if show else None,
+                        batch.input_ids.shape[0] / record["step_seconds"])
         if on_step:
             on_step(step + 1, record)
+    line.close()
     return history
 
 
@@ -122,6 +124,7 @@ def train_local(
     config: RunConfig, lm: FrozenCodeLM, examples: list[Example],
     checkpoint_dir: str | Path | None = None, resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
+    progress_name: str = "train",
 ) -> TrainResult:
     """Train the prompt model (``train.method``) in this process for ``config.train.steps`` steps.
 
@@ -166,7 +169,8 @@ def train_local(
     began = time.perf_counter()
     model.train()
     history = run_steps(step_fn, batches(), start, tc.steps, tc.seed, on_step=after,
-                        progress=progress, device=lm.device, log_every=tc.log_every)
+                        progress=progress, device=lm.device, log_every=tc.log_every,
+                        progress_name=progress_name)
     result.history = [plain_record(record) for record in history]
     result.seconds = time.perf_counter() - began
     model.eval()
