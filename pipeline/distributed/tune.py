@@ -134,7 +134,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup,
         metrics = tracker.client.get_run(tracker.run_id).data.metrics
         tune.report({**metrics, "step": steps})
         return
-    sink = ProgressSink(setup.progress, trial_id, steps) if setup.progress else None
+    sink = ProgressSink(setup.progress, trial_id, steps) if setup.progress is not None else None
     run_training(config, folder, ray_backend([TuneReportCallback()], dataset, sink),
                  resume=True, progress=False, run_name=trial_id, tracker=tracker)
 
