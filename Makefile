@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUTPUT ?= runs/main
 ARGS ?=
 
-.PHONY: install run smoke test test-fast lint clean
+.PHONY: install run smoke test test-fast lint clean browser
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 		$(SUDO) apt-get install -y -qq wordnet-base wordnet-sense-index; }
 	@# bubblewrap for the sandbox's bwrap isolation (docs/execution.md); setpriv is util-linux's.
 	@test -x /usr/bin/bwrap || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap; }
-	@# Headless Chromium and its driver for the MLflow UI test (tests/test_mlflow_browser.py).
-	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(BIN)/ddpt prepare
 	@touch $@
 
@@ -39,8 +36,12 @@ run: install  ## the main job on the embedded model and the shipped data
 smoke: install  ## the whole path on a tiny random model (30 s of CPU; Ray and DeepSpeed start-up add minutes)
 	$(BIN)/ddpt run --preset smoke --output runs/smoke --resume $(ARGS)
 
-test: install  ## the whole suite, slow end-to-end tests included
+test: install browser  ## the whole suite, slow end-to-end tests included
 	$(BIN)/python -m pytest -q $(ARGS)
+
+browser:  ## headless Chromium and its driver, for the MLflow UI test (tests/test_mlflow_browser.py)
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
