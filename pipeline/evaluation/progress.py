@@ -21,7 +21,10 @@ class MethodProgress:
                      for i, (method, count) in enumerate(totals.items())}
 
     def done(self, method: str, count: int) -> None:
-        self.bars[method].update(count)
+        bar = self.bars[method]
+        if bar.n == 0:  # its clock from its first batch, not from the pool's start
+            bar.reset(total=bar.total)
+        bar.update(count)
 
     def close(self) -> None:
         for bar in self.bars.values():
