@@ -83,3 +83,46 @@ def artifacts_dir() -> Path:
     """Where tests leave files for people to look at (screenshots): ``$DDPT_TEST_ARTIFACTS``,
     else ``<repo>/test-artifacts`` (git-ignored; CI keeps it)."""
     return Path(os.environ.get("DDPT_TEST_ARTIFACTS") or REPO / "test-artifacts")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(backend_uri: str, artifacts: Path, cwd: Path, log=None,
+                        env: dict | None = None, timeout: float = 120):
+    """``mlflow server`` on a free loopback port (its own process group, artifacts served from
+    ``artifacts``), once it answers ``/health``; returns (process, base URL). Stopping it is
+    the caller's (``os.killpg(process.pid, ...)``)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", backend_uri,
+         "--artifacts-destination", str(artifacts)],
+        cwd=cwd, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server, base
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            if server.poll() is None:
+                os.killpg(server.pid, 9)
+                server.wait()
+            raise RuntimeError(f"mlflow server did not answer /health in {timeout:.0f} s "
+                               f"(exit code {server.poll()})")
+        time.sleep(0.5)

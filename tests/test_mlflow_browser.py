@@ -13,9 +13,6 @@ import json
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -25,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from helpers import artifacts_dir
+from helpers import artifacts_dir, start_mlflow_server
 from pipeline.tracking import ROLE_TAG, child_runs
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -97,12 +94,6 @@ def stop_group(pgid: int, what: str, grace_s: float = 30) -> None:
         assert not group_members(pgid), f"{what}: {group_members(pgid)} survive SIGKILL"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory) -> dict:
     """A finished smoke comparison, run in this process: the real pipeline (training, sampling,
@@ -125,30 +116,15 @@ def comparison(tmp_path_factory) -> dict:
 def mlflow_ui(comparison):
     """``mlflow server`` on a free loopback port, its backend store the comparison's database,
     serving its artifacts; stopped (the whole process group) however the test ends."""
-    out, port = comparison["out"], free_port()
+    out = comparison["out"]
     # No job runner: its eight huey consumers (for GenAI evaluation jobs) cost a 2-core machine
     # a core for half a minute at start and serve nothing here.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = (out / "mlflow-server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", comparison["uri"],
-         "--artifacts-destination", str(out / "mlartifacts")],
-        cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_mlflow_server(comparison["uri"], out / "mlartifacts", out, log, env,
+                                       timeout=180)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, f"mlflow server exited: {out / 'mlflow-server.log'}"
-            assert time.monotonic() < deadline, "mlflow server did not answer /health in 180 s"
-            time.sleep(0.5)
         yield base
     finally:
         stop_group(server.pid, "mlflow server")

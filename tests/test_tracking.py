@@ -5,16 +5,14 @@ import math
 import os
 import pickle
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from helpers import free_port, start_mlflow_server
 from pipeline.tracking import (
     RunTracker,
     TrackingError,
@@ -35,12 +33,6 @@ def uri(tmp_path_factory) -> str:
 def _no_file_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_params_metrics_artifacts_round_trip(uri, tmp_path):
@@ -218,26 +210,9 @@ def test_flatten():
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_real_mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    server, uri = start_mlflow_server(f"sqlite:///{tmp_path}/server.db",
+                                      tmp_path / "artifacts", tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, "mlflow server exited"
-            assert time.monotonic() < deadline, "mlflow server did not answer /health"
-            time.sleep(0.5)
         check_tracking_uri(uri)
         (tmp_path / "note.txt").write_text("hello")
         with RunTracker.start(uri, "served", "parent", params={"a": 1}) as parent:
