@@ -404,9 +404,14 @@ class PoolConfig:
     gpus_per_actor: float = _help(0.0, "GPUs per actor on a cluster (fractions share a GPU)")
     torch_threads: int = _help(0, "CPU threads per actor; 0 = this node's cores / num_actors")
     max_restarts: int = _help(2, "times Ray restarts a dead actor (its batch is retried)")
+    scheduling: str = _help(
+        "SPREAD", "Ray's scheduling_strategy for the actors: 'SPREAD' puts them on as many nodes "
+        "as it can, 'DEFAULT' packs them onto the fewest"
+    )
 
     def __post_init__(self):
         _one_of(self.backend, ("ray", "local"), "pool.backend")
+        _one_of(self.scheduling, ("SPREAD", "DEFAULT"), "pool.scheduling")
         _check(self.num_actors >= 1, "pool.num_actors", "must be >= 1")
         _check(self.cpus_per_actor > 0, "pool.cpus_per_actor", "must be > 0")
         _check(self.gpus_per_actor >= 0, "pool.gpus_per_actor", "must be >= 0")
@@ -433,6 +438,14 @@ class DistributedConfig:
         "DeepSpeed JSON; default cluster/deepspeed/zero3_cpu.json (CPU) or zero3_gpu_bf16.json",
     )
     max_failures: int = _help(2, "worker failures a run survives (restarts from the checkpoint)")
+    placement_strategy: str = _help(
+        "PACK", "where Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_SPREAD (one "
+        "per node: a run waits for as many nodes as workers) or STRICT_PACK"
+    )
+    storage_path: str | None = _help(
+        None, "where Ray Train and Tune keep checkpoints and run state: a folder every node "
+        "reaches (NFS) or a pyarrow URI (s3://bucket/prefix, gs://...); default <output>/ray"
+    )
     torch_threads: int = _help(
         0, "CPU threads per worker; 0 = this node's cores / num_workers (Ray would otherwise "
         "give a worker as many threads as whole CPUs it reserved)"
@@ -444,6 +457,10 @@ class DistributedConfig:
         _check(self.cpus_per_worker > 0, "distributed.cpus_per_worker", "must be > 0")
         _check(self.data_cpus > 0, "distributed.data_cpus", "must be > 0")
         _check(self.max_failures >= 0, "distributed.max_failures", "must be >= 0")
+        _one_of(self.placement_strategy, ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
+                "distributed.placement_strategy")
+        _check(self.storage_path is None or bool(str(self.storage_path).strip()),
+               "distributed.storage_path", "must not be empty (leave it unset for <output>/ray)")
         _check(self.torch_threads >= 0, "distributed.torch_threads", "must be >= 0")
 
 

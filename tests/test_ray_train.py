@@ -44,11 +44,13 @@ def steps_of(client, run, key="code_loss"):
 
 
 def test_zero3_two_workers_shard_learn_and_resume(tmp_path):
-    out = tmp_path / "run"
+    out, shared = tmp_path / "run", tmp_path / "shared"
+    # Checkpoints in a storage folder outside the output folder (as an NFS mount on a cluster).
+    storage = ["--set", f"distributed.storage_path={shared}"]
     # In a terminal, as a user runs it: the live training line, none of the libraries' noise.
     command = [sys.executable, "-m", "pipeline.cli", "train", "--output", str(out),
                *[a for a in TINY if a != "--no-progress"], "--set", "train.steps=24",
-               "--set", "train.checkpoint_every=12"]
+               "--set", "train.checkpoint_every=12", *storage]
     code, printed = run_in_terminal(command)
     assert code == 0, printed[-5000:]
     assert re.search(r"train run 24/24 \|.*\| loss \d+\.\d{3} · [\d.]+ ex/s", printed), printed
@@ -59,8 +61,16 @@ def test_zero3_two_workers_shard_learn_and_resume(tmp_path):
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 24
 
-    # A full restart: a longer schedule, continued from the last checkpoint.
-    ddpt_train(out, "--resume", "--set", "train.steps=36", "--set", "train.checkpoint_every=12")
+    # Ray's run state went to the storage only; storage.json in the output points at it.
+    pointer = json.loads((out / "storage.json").read_text())
+    assert pointer["root"] == str(shared) and pointer["name"].startswith("train-run-")
+    assert not (out / "ray").exists()
+    saved = [p for p in (shared / pointer["name"]).glob("checkpoint_*") if p.is_dir()]
+    assert len(saved) == 2  # num_to_keep
+
+    # A full restart: a longer schedule, continued from the last checkpoint in the storage.
+    ddpt_train(out, "--resume", "--set", "train.steps=36", "--set", "train.checkpoint_every=12",
+               *storage)
     client, run = mlflow_run(out)
     assert run.data.tags["ddpt.resumed_from_step"] == "24"
     assert steps_of(client, run) == list(range(1, 37))  # every step once, none twice

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -31,19 +32,25 @@ log = logging.getLogger(__name__)
 @ray.remote
 class SamplerActor:
     """One :class:`~pipeline.evaluation.sampler.BatchSampler` per actor, loaded when the actor
-    starts."""
+    starts. The prompt models come as file contents through Ray's object store
+    (:func:`pack_checkpoints`), not as paths: an actor on another node, or one Ray restarts
+    there, need not see the driver's disk."""
 
-    def __init__(self, config: dict, checkpoints: dict[str, str], torch_threads: int):
+    def __init__(self, config: dict, checkpoints: dict[str, dict[str, bytes]],
+                 torch_threads: int):
         import torch
 
         from pipeline.evaluation.sampler import BatchSampler
 
         torch.set_num_threads(torch_threads)
-        self.sampler = BatchSampler(RunConfig.from_dict(config), checkpoints)
+        self.folder = tempfile.TemporaryDirectory(prefix="ddpt-sampler-")  # lives with the actor
+        paths = unpack_checkpoints(checkpoints, Path(self.folder.name))
+        self.sampler = BatchSampler(RunConfig.from_dict(config), paths)
 
     def run(self, method: str, examples: list[Example]) -> list[dict]:
         records = self.sampler.run(method, examples)
-        return [{**r, "actor_pid": os.getpid()} for r in records]
+        node = ray.get_runtime_context().get_node_id()
+        return [{**r, "actor_pid": os.getpid(), "actor_node": node} for r in records]
 
     def pid(self) -> int:
         return os.getpid()
@@ -58,10 +65,34 @@ def start_pool(config: RunConfig, checkpoints: dict[str, Path]) -> list:
     cores = os.cpu_count() or 1
     threads = pool.torch_threads or max(1, cores // pool.num_actors)
     options = {"num_cpus": pool.cpus_per_actor, "num_gpus": pool.gpus_per_actor,
-               "max_restarts": pool.max_restarts, "max_task_retries": -1}
-    paths = {name: str(Path(path).resolve()) for name, path in checkpoints.items()}
-    return [SamplerActor.options(**options).remote(config.to_dict(), paths, threads)
+               "max_restarts": pool.max_restarts, "max_task_retries": -1,
+               "scheduling_strategy": pool.scheduling}
+    packed = ray.put(pack_checkpoints(checkpoints))  # once for every actor (and restart)
+    return [SamplerActor.options(**options).remote(config.to_dict(), packed, threads)
             for _ in range(pool.num_actors)]
+
+
+def pack_checkpoints(checkpoints: dict[str, Path]) -> dict[str, dict[str, bytes]]:
+    """``{method: {relative file path: contents}}`` of each prompt model's checkpoint folder
+    (a few MB at most: the LM is never in it)."""
+    packed = {}
+    for name, folder in checkpoints.items():
+        folder = Path(folder)
+        packed[name] = {str(f.relative_to(folder)): f.read_bytes()
+                        for f in sorted(folder.rglob("*")) if f.is_file()}
+    return packed
+
+
+def unpack_checkpoints(packed: dict[str, dict[str, bytes]], target: Path) -> dict[str, str]:
+    """Write :func:`pack_checkpoints`' folders under ``target``; returns their paths."""
+    paths = {}
+    for name, files in packed.items():
+        for relative, data in files.items():
+            path = target / name / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        paths[name] = str(target / name)
+    return paths
 
 
 def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]], None],

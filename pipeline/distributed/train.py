@@ -38,10 +38,17 @@ from ray.train.torch import TorchTrainer
 # Only light imports at the top: Ray's Train controller imports this module too (it unpickles
 # MLflowCommit and train_worker), and has no use for the model code, which the worker and
 # train_on_ray import where they run (about 3 s less for every Train run to start).
-from pipeline.config import ConfigError, RunConfig, check_fresh_output
+from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
 from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.session import check_fits, ensure_ray, training_resources
+from pipeline.distributed.storage import (
+    RunStorage,
+    check_fresh_storage,
+    check_storage,
+    record_storage,
+    run_storage,
+)
 from pipeline.paths import PROJECT_ROOT
 from pipeline.quiet import quiet_worker, verbose
 from pipeline.tracking import RunTracker
@@ -53,7 +60,7 @@ DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
                       True: "cluster/deepspeed/zero3_gpu_bf16.json"}
 HISTORY_FILE = "history.jsonl"  # in each checkpoint: the per-step records it covers
 BUFFERS_FILE = "buffers.safetensors"
-RUN_NAME = "train"  # the Ray run's name inside <output>/ray; fixed so that a restart finds it
+RUN_NAME = "train"  # the Ray run's name (storage.py adds the output's name to a shared storage)
 
 
 def deepspeed_config(config: RunConfig) -> dict[str, Any]:
@@ -351,8 +358,10 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
     dev = [{"id": e.id, "instruction": e.instruction, "input": e.input, "output": e.output}
            for e in request.dev] if tc.eval_every else []
     ds_config = deepspeed_config(config)
-    storage = output / "ray"
-    check_fresh_output(storage, request.resume, (RUN_NAME,), "training run")
+    storage = run_storage(config, output, RUN_NAME)
+    check_storage(storage)  # before Ray starts: a bad URI fails in seconds
+    check_fresh_storage(storage, request.resume, "training run")
+    storage = record_storage(output, storage, request.resume)
     if config.model.name == "embedded":
         prepare_embedded()  # convert once here, not in every worker at the same time
     ensure_ray()
@@ -363,7 +372,7 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
         dataset = tokenized_dataset(request.examples, config)
     with ProgressRelay(enabled=request.progress and progress is None) as relay:
         sink = progress or relay.sink(f"train {output.name}", tc.steps)
-        result = _fit(request, callbacks, dataset, ds_config, dev, sink)
+        result = _fit(request, storage, callbacks, dataset, ds_config, dev, sink)
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -371,17 +380,19 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
     return export(result.checkpoint, output / CHECKPOINT)
 
 
-def _fit(request: TrainRequest, callbacks: list | None, dataset: ray.data.Dataset,
-         ds_config: dict, dev: list[dict], sink: ProgressSink | None) -> ray.train.Result:
+def _fit(request: TrainRequest, storage: RunStorage, callbacks: list | None,
+         dataset: ray.data.Dataset, ds_config: dict, dev: list[dict],
+         sink: ProgressSink | None) -> ray.train.Result:
     config, dc = request.config, request.config.distributed
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "deepspeed": ds_config, "dev": dev,
                            "progress": sink},
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu,
-                                     resources_per_worker={"CPU": dc.cpus_per_worker}),
+                                     resources_per_worker={"CPU": dc.cpus_per_worker},
+                                     placement_strategy=dc.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=str(request.output / "ray"),
+            name=storage.name, storage_path=storage.root,
             failure_config=FailureConfig(max_failures=dc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # MLflowCommit first: a step's metrics are in MLflow before a sweep hears of it.

@@ -48,6 +48,13 @@ from pipeline.data.splits import dev_examples, train_examples
 from pipeline.distributed.asha import SweepASHA
 from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.session import ensure_ray, how_many_fit, training_resources
+from pipeline.distributed.storage import (
+    RunStorage,
+    check_fresh_storage,
+    check_storage,
+    record_storage,
+    run_storage,
+)
 from pipeline.distributed.train import ray_backend
 from pipeline.quiet import verbose
 from pipeline.tracking import (
@@ -334,13 +341,17 @@ def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]
         prepare_embedded()  # convert once here, not in every trial at the same time
     # Save Tune's state often: a trial that ends just before the driver dies is then not re-run.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    storage = run_storage(sweep.base, setup.output, TUNE_NAME, default_root=setup.output)
+    check_storage(storage)  # before Ray starts
+    check_fresh_storage(storage, resume, "sweep")
+    storage = record_storage(setup.output, storage, resume)
     ensure_ray()
     parallel = concurrency(sweep, ray.cluster_resources())
     log.info("sweep: %d sample(s) of %s, %d trial(s) at a time", sweep.num_samples,
              list(sweep.space), parallel)
     with ProgressRelay(enabled=progress) as relay:  # a live line per trial
         setup = dataclasses.replace(setup, progress=relay.queue)
-        grid = _fit(setup, resume, progress, parallel)
+        grid = _fit(setup, storage, resume, progress, parallel)
     trials = []
     for result in grid:
         trial_id = Path(result.path).name
@@ -359,16 +370,19 @@ def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]
     return sorted(trials, key=lambda t: t.trial_id)
 
 
-def _fit(setup: TrialSetup, resume: bool, progress: bool, parallel: int):
+def _fit(setup: TrialSetup, storage: RunStorage, resume: bool, progress: bool, parallel: int):
     """Build (or restore) the Tuner and run it; returns its ResultGrid."""
     sweep = setup.sweep
     # The trainable holds no CPU: the trial's Train workers and tokenizer actor hold its CPUs.
+    # It runs on the driver's node, where the sweep's output folder is (trials write their
+    # config, exported checkpoint and run pointer there); its Train run's controller follows
+    # it there, and the workers go wherever the cluster has room.
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup, dataset=_shared_dataset(sweep)),
-        TRAINABLE_RESOURCES)
-    path = setup.output / TUNE_NAME
-    if resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+        {**TRAINABLE_RESOURCES, **here})
+    if resume and tune.Tuner.can_restore(storage.location):
+        tuner = tune.Tuner.restore(storage.location, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
         scheduler = SweepASHA(
@@ -385,7 +399,7 @@ def _fit(setup: TrialSetup, resume: bool, progress: bool, parallel: int):
                 search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=parallel),
                 trial_dirname_creator=_trial_dirname, reuse_actors=False),
             run_config=tune.RunConfig(
-                name=TUNE_NAME, storage_path=str(setup.output),
+                name=storage.name, storage_path=storage.root,
                 verbose=1 if progress and verbose() else 0,  # else: the lines per trial
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[TrialRuns(setup)]),

@@ -77,7 +77,7 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
     default the job opens its own run and ends it FINISHED, or FAILED on an exception.
     """
     output = Path(output_dir).resolve()
-    check_fresh_output(output, resume, (CHECKPOINT, "ray"))
+    check_fresh_output(output, resume, (CHECKPOINT, "ray", "storage.json"))
     done = _finished(output, config) if resume else None
     if done:
         log.info("%s already holds step %d of %d: nothing to train", done.checkpoint,
