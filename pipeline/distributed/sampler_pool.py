@@ -56,8 +56,11 @@ class SamplerActor:
         return os.getpid()
 
 
-def start_pool(config: RunConfig, checkpoints: dict[str, Path]) -> list:
-    """Start ``pool.num_actors`` actors (Ray queues any that the cluster cannot fit yet)."""
+def start_pool(config: RunConfig, checkpoints: ray.ObjectRef) -> list:
+    """Start ``pool.num_actors`` actors (Ray queues any that the cluster cannot fit yet).
+    ``checkpoints``: :func:`pack_checkpoints`' output put in the object store once, for every
+    actor and restart; the caller keeps the reference for as long as the pool lives (Ray
+    cannot restart an actor whose constructor arguments went out of scope)."""
     pool = config.pool
     ensure_ray()
     check_fits(sampler_actor_resources(config), f"pool: one actor (cpus_per_actor "
@@ -67,8 +70,7 @@ def start_pool(config: RunConfig, checkpoints: dict[str, Path]) -> list:
     options = {"num_cpus": pool.cpus_per_actor, "num_gpus": pool.gpus_per_actor,
                "max_restarts": pool.max_restarts, "max_task_retries": -1,
                "scheduling_strategy": pool.scheduling}
-    packed = ray.put(pack_checkpoints(checkpoints))  # once for every actor (and restart)
-    return [SamplerActor.options(**options).remote(config.to_dict(), packed, threads)
+    return [SamplerActor.options(**options).remote(config.to_dict(), checkpoints, threads)
             for _ in range(pool.num_actors)]
 
 
@@ -132,7 +134,9 @@ class RayPool:
     :func:`pipeline.evaluation.comparison.sample_into`."""
 
     def __init__(self, config: RunConfig, checkpoints: dict[str, Path]):
-        self.actors = start_pool(config, checkpoints)
+        ensure_ray()
+        self.checkpoints = ray.put(pack_checkpoints(checkpoints))
+        self.actors = start_pool(config, self.checkpoints)
 
     def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
             progress: bool = True) -> None:

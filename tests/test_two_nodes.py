@@ -1,0 +1,179 @@
+"""Two Ray nodes on one machine, for real (cluster/local_nodes.py): network namespaces joined by
+a veth pair, the worker node in a mount namespace where the job's output folders are hidden,
+so only ``distributed.storage_path`` is shared, as on a cluster with node-local disks. MLflow is
+a ``mlflow server`` on the head. A worker node is killed mid-run and replaced: training goes on
+from the last checkpoint in the shared storage with every step once in MLflow, and the sampler
+pool loses and duplicates no example."""
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import shared_data_dir
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+SPEC = importlib.util.spec_from_file_location("local_nodes", REPO / "cluster" / "local_nodes.py")
+local_nodes = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(local_nodes)
+
+TINY = ["--preset", "smoke", "--no-progress", "--set", "model.name=tiny-llama",
+        "--set", "data.max_train_examples=12", "--set", "train.batch_size=6",
+        "--set", "train.lr=1e-2"]
+READ_MLFLOW = """
+import json, sys
+from mlflow import MlflowClient
+client = MlflowClient(sys.argv[1])
+run = client.get_run(sys.argv[2])
+print(json.dumps({"steps": [m.step for m in client.get_metric_history(sys.argv[2], "code_loss")],
+                  "shares": [m.value for m in client.get_metric_history(sys.argv[2],
+                                                                        "lm_shard_share")],
+                  "tags": run.data.tags, "status": run.info.status,
+                  "artifacts": [a.path for a in client.list_artifacts(sys.argv[2], "checkpoint")]}))
+"""
+WAIT_HTTP = """
+import sys, time, urllib.request
+deadline = time.time() + float(sys.argv[2])
+while True:
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=2); break
+    except OSError:
+        if time.time() > deadline: raise
+        time.sleep(0.5)
+"""
+
+
+@pytest.fixture()
+def cluster(tmp_path):
+    reason = local_nodes.available()
+    if reason is not None:
+        pytest.skip(f"network namespaces unavailable here: {reason}")
+    outputs = tmp_path / "outputs"  # the driver's disk: hidden on the worker node
+    outputs.mkdir()
+    nodes = local_nodes.LocalNodes(tmp_path / "nodes", hidden=[outputs])
+    try:
+        nodes.start_head()
+        nodes.add_worker()
+        yield nodes, outputs
+    finally:
+        nodes.close()  # raises if a process, namespace, link or mount is left behind
+        assert local_nodes.leftovers(nodes.prefix) == []
+
+
+def submit(nodes, env: dict, *argv: str) -> subprocess.Popen:
+    """``ray job submit`` from the head's namespace (it waits for the job and prints its log)."""
+    runtime_env = json.dumps({"env_vars": env})
+    return nodes.popen([nodes.ray, "job", "submit", "--address", nodes.dashboard_url,
+                        "--runtime-env-json", runtime_env, "--", sys.executable, "-m",
+                        "pipeline.cli", *argv], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, cwd=str(REPO))
+
+
+def wait_for(condition, job: subprocess.Popen, what: str, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended before {what}:\n{job.stdout.read()[-5000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def test_training_and_sampling_survive_a_lost_node(cluster, tmp_path):
+    nodes, outputs = cluster
+    shared = tmp_path / "shared"  # the storage every node reaches (NFS on a cluster)
+    server_dir = tmp_path / "mlflow"
+    server_dir.mkdir()
+    port = 5000
+    uri = f"http://{nodes.head_ip}:{port}"
+    nodes.popen([sys.executable, "-m", "mlflow", "server", "--host", nodes.head_ip,
+                 "--port", str(port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
+                 "--artifacts-destination", str(server_dir / "artifacts")],
+                env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=str(server_dir))
+    nodes.run([sys.executable, "-c", WAIT_HTTP, f"{uri}/health", "120"], check=True,
+              timeout=150)
+    data_dir = shared_data_dir().resolve()
+    env = {"MLFLOW_TRACKING_URI": uri, "DDPT_DATA_DIR": str(data_dir)}
+
+    # Training: one ZeRO-3 worker per node (gloo over the veth), checkpoints only in `shared`.
+    out = outputs / "train"
+    steps = 60
+    job = submit(nodes, env, "train", "--output", str(out), *TINY,
+                 "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=10",
+                 "--set", "train.log_every=100", "--set", "distributed.num_workers=2",
+                 "--set", "distributed.placement_strategy=STRICT_SPREAD",
+                 "--set", "distributed.max_failures=3",
+                 "--set", f"distributed.storage_path={shared}")
+    try:
+        def checkpoints():
+            return [p for p in shared.glob("train-*/checkpoint_*") if p.is_dir()]
+
+        wait_for(lambda: len(checkpoints()) >= 2, job, "a second checkpoint")
+        lost = nodes.worker_node_id
+        dead_after = nodes.kill_worker()  # its raylet and workers, SIGKILL
+        replacement = nodes.add_worker()
+        printed, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, printed[-6000:]
+    assert replacement != lost and dead_after < 30
+    assert not (out / "ray").exists()  # Ray's state is in the shared storage only
+    pointer = json.loads((out / "storage.json").read_text())
+    assert pointer["root"] == str(shared)
+
+    # MLflow, read back from the server: every step exactly once, across the restart.
+    saved = json.loads((out / "mlflow_run.json").read_text())
+    assert saved["uri"] == uri
+    read = nodes.run([sys.executable, "-c", READ_MLFLOW, uri, saved["run_id"]],
+                     capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    assert read.returncode == 0, read.stderr[-3000:]
+    run = json.loads(read.stdout)
+    assert run["steps"] == list(range(1, steps + 1)), run["steps"]
+    assert int(run["tags"]["ddpt.resumed_from_step"]) >= 10  # it restarted from a checkpoint
+    assert set(run["shares"]) == {0.5}  # two ranks, half the LM each
+    assert run["status"] == "FINISHED" and "checkpoint/model.safetensors" in run["artifacts"]
+
+    # The exported prompt model: loadable, and the last checkpoint's in the shared storage.
+    import torch
+
+    from pipeline.training.checkpoint import load_prompt_model
+
+    exported, _ = load_prompt_model(out / "checkpoint")
+    last = max(p for p in shared.glob(f"{pointer['name']}/checkpoint_*") if p.is_dir())
+    stored, _ = load_prompt_model(last / "prompt_model")
+    mine, theirs = exported.state_dict(), stored.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == steps
+
+    # The sampler pool, an actor on each node; the worker node dies mid-run.
+    samples = outputs / "sample"
+    job = submit(nodes, env, "sample", "--output", str(samples), *TINY,
+                 "--checkpoint", str(out / "checkpoint"), "--methods", "manual,ddpt",
+                 "--set", "data.max_eval_examples=16", "--set", "eval.batch_size=2",
+                 "--set", "pool.num_actors=2", "--set", "pool.cpus_per_actor=1",
+                 "--set", "pool.scheduling=SPREAD")
+    store = samples / "samples.jsonl"
+    worker = nodes.worker_node_id
+    try:
+        def worker_wrote():
+            lines = store.read_text().splitlines() if store.is_file() else []
+            return any(json.loads(line).get("actor_node") == worker for line in lines)
+
+        wait_for(worker_wrote, job, "a batch from the worker node's actor")
+        nodes.kill_worker()
+        printed, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, printed[-6000:]
+    records = [json.loads(line) for line in store.read_text().splitlines()]
+    keys = [(r["method"], r["id"]) for r in records]
+    assert len(keys) == len(set(keys)) == 2 * 16  # every example exactly once per method
+    assert {r["actor_node"] for r in records} == {nodes.head_node_id, worker}
