@@ -58,6 +58,11 @@ def main() -> None:
     local = run_steps(step_fn, batches, 0, args.steps, config.train.seed, progress=False)
     del lm, model
 
+    # DeepSpeed ZeRO-3 on one rank in this process, no Ray: what DeepSpeed alone costs; and
+    # with every parameter persistent (ZeRO-3 partitions nothing, its hooks still run).
+    engines = {name: deepspeed_steps(config, examples, args, persistent)
+               for name, persistent in (("zero3", False), ("zero3_persistent", True))}
+
     # Ray Train + DeepSpeed ZeRO-3, one worker, through the real training job.
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
@@ -71,6 +76,8 @@ def main() -> None:
 
     skip = args.warmup
     local_step = statistics.median(r["step_seconds"] for r in local[skip:])
+    in_process = {name: statistics.median(r["step_seconds"] for r in steps[skip:])
+                  for name, steps in engines.items()}
     ray_step = statistics.median(history["step_seconds"][skip:])
     ray_data = sum(history["data_seconds"][skip:])
     ray_total = sum(history["step_seconds"][skip:]) + ray_data
@@ -78,6 +85,10 @@ def main() -> None:
         "model": args.model, "batch_size": args.batch_size, "steps_timed": args.steps - skip,
         "local_step_seconds": round(local_step, 4), "ray_step_seconds": round(ray_step, 4),
         "ray_over_local": round(ray_step / local_step, 3),
+        **{f"{name}_in_process_step_seconds": round(t, 4) for name, t in in_process.items()},
+        **{f"{name}_in_process_over_local": round(t / local_step, 3)
+           for name, t in in_process.items()},
+        "ray_over_zero3_in_process": round(ray_step / in_process["zero3"], 3),
         "ray_data_wait_share": round(ray_data / ray_total, 4),
         "ray_job_wall_seconds": round(wall, 1),
     }
@@ -85,6 +96,37 @@ def main() -> None:
     print(f"step time ratio Ray+DeepSpeed / single process: {result['ray_over_local']:.3f} "
           f"(goal <= 1.15); data wait share: {100 * result['ray_data_wait_share']:.2f}% "
           f"(goal <= 5%)")
+
+
+def deepspeed_steps(config, examples, args, persistent: bool) -> list[dict]:
+    """The Ray worker's own engine (``build_worker``) on one rank in this process, gloo."""
+    import os
+    import socket
+
+    import deepspeed
+    import torch.distributed
+
+    from pipeline.distributed.train import build_worker, deepspeed_config, step_fn
+    from pipeline.training.loop import batch_indices, run_steps
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds = deepspeed_config(config)
+    if persistent:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10 ** 12
+    worker = build_worker({"config": config.to_dict(), "deepspeed": ds}, ranks=(0, 1, 1))
+    encoded = worker.lm.encode(examples)
+    batches = (worker.lm.collate([encoded[i] for i in batch_indices(
+        len(encoded), args.batch_size, s, config.train.seed)]) for s in range(args.steps))
+    history = run_steps(step_fn(worker), batches, 0, args.steps, config.train.seed,
+                        progress=False)
+    worker.engine.destroy()
+    torch.distributed.destroy_process_group()
+    return history
 
 
 if __name__ == "__main__":

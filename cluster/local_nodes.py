@@ -239,9 +239,13 @@ class LocalNodes:
     def _env(self, extra: dict | None) -> dict:
         return {**os.environ, **self.auth_env, **(extra or {})}
 
-    def _node_env(self) -> dict:
-        # this Python first on PATH: a job's `python` entrypoint is then the one Ray runs on
-        return {**HEALTH_ENV, "PATH": f"{Path(self.ray).parent}:{os.environ.get('PATH', '')}"}
+    def _node_env(self, ns: str) -> dict:
+        # this Python first on PATH: a job's `python` entrypoint is then the one Ray runs on.
+        # Gloo (torch.distributed on CPU) takes its address from the host name, which resolves
+        # to 127.0.0.1 here: the node's veth is named instead, as NCCL/GLOO_SOCKET_IFNAME name
+        # the cluster network on a machine with several interfaces.
+        return {**HEALTH_ENV, "PATH": f"{Path(self.ray).parent}:{os.environ.get('PATH', '')}",
+                "GLOO_SOCKET_IFNAME": ns}
 
     def popen(self, argv: Sequence[str], node: str = "head", env: dict | None = None,
               **kwargs: Any) -> subprocess.Popen:
@@ -298,7 +302,7 @@ class LocalNodes:
                 "--object-store-memory", str(self.object_store_mb << 20),
                 "--temp-dir", str(self.temp / "head"), "--disable-usage-stats", "--block"]
         with log.open("w") as out:
-            self._head = self.popen(argv, env=self._node_env(), stdout=out,
+            self._head = self.popen(argv, env=self._node_env(self.head_ns), stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         self.head_node_id = self._wait("the head", lambda nodes: _find(
@@ -332,9 +336,9 @@ class LocalNodes:
         log = self.work / f"worker{k}.log"
         with log.open("w") as out:
             # every exec in the chain keeps the pid: self._worker.pid is `ray start` in the node
-            self._worker = subprocess.Popen(argv, env=self._env(self._node_env()), stdout=out,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            env = self._env(self._node_env(self.worker_ns))
+            self._worker = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
         self.worker_node_id = self._wait(f"worker node {k}", lambda nodes: _find(
             nodes, known, node_ip=self.worker_ip, state="ALIVE"), timeout, self._worker, log)
         return self.worker_node_id

@@ -136,6 +136,8 @@ def test_training_and_sampling_survive_a_lost_node(cluster, tmp_path):
     run = json.loads(read.stdout)
     assert run["steps"] == list(range(1, steps + 1)), run["steps"]
     assert int(run["tags"]["ddpt.resumed_from_step"]) >= 10  # it restarted from a checkpoint
+    print(f"node marked dead {dead_after:.1f} s after the kill; training resumed from step "
+          f"{run['tags']['ddpt.resumed_from_step']}")
     assert set(run["shares"]) == {0.5}  # two ranks, half the LM each
     assert run["status"] == "FINISHED" and "checkpoint/model.safetensors" in run["artifacts"]
 
@@ -144,9 +146,9 @@ def test_training_and_sampling_survive_a_lost_node(cluster, tmp_path):
 
     from pipeline.training.checkpoint import load_prompt_model
 
-    exported, _ = load_prompt_model(out / "checkpoint")
+    exported = load_prompt_model(out / "checkpoint")[0]
     last = max(p for p in shared.glob(f"{pointer['name']}/checkpoint_*") if p.is_dir())
-    stored, _ = load_prompt_model(last / "prompt_model")
+    stored = load_prompt_model(last / "prompt_model")[0]
     mine, theirs = exported.state_dict(), stored.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -102,8 +102,11 @@ class Worker:
     shard_share: float  # the largest share of the LM any rank holds (1/world under ZeRO-3)
 
 
-def build_worker(loop_config: dict[str, Any]) -> Worker:
-    """Build the LM inside ZeRO-3's partitioning, the prompt model and the DeepSpeed engine."""
+def build_worker(loop_config: dict[str, Any], ranks: tuple[int, int, int] | None = None
+                 ) -> Worker:
+    """Build the LM inside ZeRO-3's partitioning, the prompt model and the DeepSpeed engine.
+    ``ranks``: (rank, world size, ranks on this node), from Ray Train's context unless given
+    (benchmarks/train_step.py builds one rank in its own process, torch.distributed set up)."""
     config = RunConfig.from_dict(loop_config["config"])
     if not config.distributed.use_gpu:  # said, so DeepSpeed need not probe (and warn)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -121,10 +124,13 @@ def build_worker(loop_config: dict[str, Any]) -> Worker:
     from pipeline.lm.template import PromptTemplate
     from pipeline.training.prompt_models import PromptLoss, build_trainable
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    if ranks is None:
+        context = ray.train.get_context()
+        ranks = (context.get_world_rank(), context.get_world_size(),
+                 context.get_local_world_size())
+    rank, world, per_node = ranks
     if not config.distributed.use_gpu:
-        per_node = max(1, context.get_local_world_size())
+        per_node = max(1, per_node)
         torch.set_num_threads(config.distributed.torch_threads
                               or max(1, (os.cpu_count() or 1) // per_node))
     ds_config = loop_config["deepspeed"]
