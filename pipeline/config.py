@@ -438,6 +438,11 @@ class DistributedConfig:
         "DeepSpeed JSON; default cluster/deepspeed/zero3_cpu.json (CPU) or zero3_gpu_bf16.json",
     )
     max_failures: int = _help(2, "worker failures a run survives (restarts from the checkpoint)")
+    zero3_single_worker: bool = _help(
+        False, "with one worker and no offload, ZeRO-3 has nothing to shard: DeepSpeed then runs "
+        "stage 0 (the prompt model's optimizer only; no per-module gather/release); true keeps "
+        "ZeRO-3"
+    )
     placement_strategy: str = _help(
         "PACK", "where Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_SPREAD (one "
         "per node: a run waits for as many nodes as workers) or STRICT_PACK"

@@ -22,9 +22,20 @@ def test_gpu_deepspeed_config_is_bf16_zero3():
 
 
 def test_cpu_deepspeed_config_is_fp32_zero3():
-    ds = deepspeed_config(build_config("smoke"))
+    ds = deepspeed_config(build_config("smoke", overrides=["distributed.num_workers=2"]))
     assert ds["zero_optimization"]["stage"] == 3 and not ds.get("bf16", {}).get("enabled")
     assert ds["optimizer"]["params"]["torch_adam"] is True  # no C++ op build on CPU
+
+
+def test_one_worker_runs_stage_0_unless_zero3_is_asked_for_or_offloads():
+    assert deepspeed_config(build_config("smoke"))["zero_optimization"] == {"stage": 0}
+    kept = build_config("smoke", overrides=["distributed.zero3_single_worker=true"])
+    assert deepspeed_config(kept)["zero_optimization"]["stage"] == 3
+    offload = build_config("default", overrides=[
+        "distributed.num_workers=1", "distributed.use_gpu=true", "model.dtype=bfloat16",
+        "distributed.deepspeed_config=cluster/deepspeed/zero3_gpu_bf16_offload.json"])
+    zero = deepspeed_config(offload)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]  # one GPU that needs host memory
 
 
 @pytest.mark.gpu
