@@ -126,3 +126,14 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, cwd: Path, log=None,
             raise RuntimeError(f"mlflow server did not answer /health in {timeout:.0f} s "
                                f"(exit code {server.poll()})")
         time.sleep(0.5)
+
+
+def load_local_nodes():
+    """``cluster/local_nodes.py`` (the two-node cluster helper; cluster/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_nodes",
+                                                  REPO / "cluster" / "local_nodes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

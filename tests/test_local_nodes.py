@@ -2,26 +2,18 @@
 see the driver's folders, and a killed node is noticed and can be replaced."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import load_local_nodes
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_local_nodes():
-    """cluster/ is no package: the module by its path."""
-    path = REPO / "cluster" / "local_nodes.py"
-    spec = importlib.util.spec_from_file_location("local_nodes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-local_nodes = _load_local_nodes()
+local_nodes = load_local_nodes()
 
 # A driver on the head node: the alive nodes, and whether a task pinned to each sees the file.
 PROBE = """

@@ -4,7 +4,6 @@ so only ``distributed.storage_path`` is shared, as on a cluster with node-local 
 a ``mlflow server`` on the head. A worker node is killed mid-run and replaced: training goes on
 from the last checkpoint in the shared storage with every step once in MLflow, and the sampler
 pool loses and duplicates no example."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import shared_data_dir
+from helpers import load_local_nodes, shared_data_dir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-SPEC = importlib.util.spec_from_file_location("local_nodes", REPO / "cluster" / "local_nodes.py")
-local_nodes = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(local_nodes)
+local_nodes = load_local_nodes()
 
 TINY = ["--preset", "smoke", "--no-progress", "--set", "model.name=tiny-llama",
         "--set", "data.max_train_examples=12", "--set", "train.batch_size=6",
@@ -124,6 +121,9 @@ def test_training_and_sampling_survive_a_lost_node(cluster, tmp_path):
     assert job.returncode == 0, printed[-6000:]
     assert replacement != lost and dead_after < 30
     assert not (out / "ray").exists()  # Ray's state is in the shared storage only
+    seen = nodes.run(["ls", "-A", str(outputs)], node="worker", capture_output=True, text=True,
+                     timeout=30)
+    assert seen.returncode == 0 and seen.stdout == ""  # the worker node never saw the output
     pointer = json.loads((out / "storage.json").read_text())
     assert pointer["root"] == str(shared)
 
