@@ -215,11 +215,18 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory) -> Path:
-    """`ddpt sweep --preset smoke --output DIR`, as a user types it: tune/smoke.yaml."""
+    """`ddpt sweep --preset smoke --output DIR`, as a user types it: tune/smoke.yaml, with Ray's
+    state in a storage folder outside the output (as on a cluster)."""
     out = tmp_path_factory.mktemp("sweep") / "smoke"
-    proc = run_cli("--preset", "smoke", "--output", str(out), "--no-progress")
+    shared = out.parent / "shared"
+    proc = run_cli("--preset", "smoke", "--output", str(out), "--no-progress",
+                   "--set", f"distributed.storage_path={shared}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "best: trial" in proc.stdout and "ddpt train --config" in proc.stdout
+    # Tune's experiment state and every trial's Train run went to the storage only.
+    stored = sorted(p.name.split("-")[0] for p in shared.iterdir())
+    assert stored == ["train"] * 4 + ["tune"], stored
+    assert not (out / "tune").exists() and not list(out.glob("trials/*/ray"))
     return out
 
 
