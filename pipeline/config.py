@@ -297,6 +297,9 @@ class EvalConfig:
     metrics: list[str] = _help(
         ["bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"], "metrics to compute"
     )
+    methods: list[str] = _help(
+        ["manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa"],
+        "methods `ddpt run` compares (`ddpt sample --help` lists them all)")
     max_new_tokens: int = _help(128, "greedy decoding length limit")
     batch_size: int = _help(
         16, "generation / loss batch size (rows per forward; why 16 on CPU: benchmarks/README.md)"
@@ -304,6 +307,7 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(len(self.metrics) > 0, "eval.metrics", "must name at least one metric")
+        _check(len(self.methods) > 0, "eval.methods", "must name at least one method")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
 
@@ -602,9 +606,28 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     return value
 
 
+# The main job (issue 12): prompts trained on MBPP's train split, the DDPT variant chosen on
+# MBPP's validation split (per-task prompts, the `unrolled` objective, a learned up-projection;
+# docs/results.md), judged by running the code on fixed subsets of MBPP's test split and
+# HumanEval. The caps, steps and subsets fit 30 minutes on 2 CPU cores (docs/results.md).
+MAIN_JOB: dict[str, dict[str, Any]] = {
+    "data": {"dataset": "mbpp", "train_split": "train", "eval_split": "test",
+             "max_eval_examples": 32, "extra_eval": ["humaneval"],
+             "max_extra_eval_examples": 32},
+    "prompt": {"max_source_tokens": 128, "max_target_tokens": 128},
+    "denoiser": {"condition": "instruction", "up_projection": "learned"},
+    "train": {"objective": "unrolled", "steps": 32},
+    "sample": {"prompts": "per_example"},
+    "eval": {"methods": ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"]},
+}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The embedded model on CoNaLa; about 30 minutes on 2 CPU cores (docs/results.md).
-    "default": {},
+    # The embedded model on MBPP and HumanEval (MAIN_JOB).
+    "default": MAIN_JOB,
+    # The library's own defaults: the paper's set-up, CoNaLa and the unconditional DDPT through
+    # a fixed random projection; the main job before issue 12 (docs/results.md). The experiment
+    # specs start from it and set every choice they compare.
+    "paper": {},
     # A tiny random model and a handful of steps: the whole path, ~30 s of CPU time (Ray and
     # DeepSpeed start-up add the rest; docs/results.md).
     "smoke": {

@@ -7,11 +7,12 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.commands.run import DEFAULT_METHODS
+from pipeline.config import build_config
 from pipeline.evaluation.results import ResultStore
 from pipeline.tracking import child_runs
 
 DDPT = [sys.executable, "-m", "pipeline.cli"]
+SMOKE_METHODS = build_config("smoke").eval.methods
 METRICS = {"bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match", "code_ce"}
 
 
@@ -27,13 +28,13 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     out = tmp_path / "run"
     proc = ddpt("run", "--preset", "smoke", "--output", str(out), "--no-progress")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == list(DEFAULT_METHODS)
+    assert list(metrics) == list(SMOKE_METHODS)
     for values in metrics.values():
         assert METRICS <= set(values)
         assert all(0 <= values[m] <= 1 for m in METRICS - {"code_ce"})
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert {s["method"] for s in samples} == set(DEFAULT_METHODS)
-    total = len(DEFAULT_METHODS) * 8
+    assert {s["method"] for s in samples} == set(SMOKE_METHODS)
+    total = len(SMOKE_METHODS) * 8
     assert len(samples) == total and {"id", "method", "generation", "reference"} <= set(samples[0])
     assert "prompt_tuning" in proc.stdout and "codebleu" in proc.stdout  # the printed table
     for name in ("ddpt", "prompt_tuning"):
@@ -48,7 +49,7 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     children = child_runs(saved["uri"], saved["run_id"])
     roles = sorted((c.data.tags["ddpt.role"], c.info.run_name) for c in children)
     assert roles == sorted([("train", "train-ddpt"), ("train", "train-prompt_tuning")]
-                           + [("method", m) for m in DEFAULT_METHODS])
+                           + [("method", m) for m in SMOKE_METHODS])
     train = next(c for c in children if c.info.run_name == "train-ddpt")
     assert [m.step for m in client.get_metric_history(train.info.run_id, "code_loss")] == \
         [1, 2, 3, 4]

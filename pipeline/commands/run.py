@@ -45,18 +45,16 @@ from pipeline.training.job import run_training
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa")
-
-
 def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
-             methods: tuple[str, ...] = DEFAULT_METHODS, progress: bool = True,
+             methods: tuple[str, ...] | None = None, progress: bool = True,
              parent_run_id: str | None = None) -> dict:
     """Train the prompt models the methods need (on ``distributed.backend``: Ray + DeepSpeed by
     default), then compare the methods (on ``data.extra_eval`` too). Returns ``{method: {metric:
-    value}}``, with ``<data set>/<method>`` keys for the extra data sets. ``parent_run_id``: an
-    experiment's MLflow run the comparisons nest under."""
+    value}}``, with ``<data set>/<method>`` keys for the extra data sets. ``methods``: default
+    ``eval.methods``. ``parent_run_id``: an experiment's MLflow run the comparisons nest under."""
     output = Path(output_dir).resolve()
-    check_methods(methods)
+    methods = tuple(config.eval.methods if methods is None else methods)
+    check_methods(methods, "eval.methods")
     check_fresh_output(output, resume, (COMPARISON_FILE,))
     training, evaluation = train_examples(config.data), eval_examples(config.data)
     extra = {name: eval_examples(extra_config(config, name).data)

@@ -53,7 +53,7 @@ def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str
     """Compare ``methods`` with already trained prompt models (``sources``: prompt model name
     -> checkpoint folder or MLflow run id). Returns ``{method: metrics}``."""
     output = Path(output_dir).resolve()
-    check_methods(methods)
+    check_methods(methods, "--methods")
     missing = [p for p in prompt_models_needed(methods) if p not in sources]
     if missing:
         flags = ", ".join(PROMPT_MODELS[p].checkpoint_flag for p in missing)

@@ -52,10 +52,11 @@ METHODS: dict[str, Method] = {
 }
 
 
-def check_methods(methods: list[str] | tuple[str, ...]) -> None:
+def check_methods(methods: list[str] | tuple[str, ...], field: str = "methods") -> None:
+    """ConfigError naming ``field`` (where the names came from) for an unknown method."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+        raise ConfigError(f"{field}: unknown method(s) {unknown}; known: {list(METHODS)}")
 
 
 def prompt_models_needed(methods: list[str] | tuple[str, ...]) -> list[str]:
