@@ -19,7 +19,9 @@ from pipeline.training.prompt_models import PROMPT_MODELS
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS),
-                        help="starting configuration (smoke: tiny random model, a few steps)")
+                        help="starting configuration (default: the main job on MBPP and HumanEval; "
+                        "paper: the library defaults, CoNaLa; smoke: tiny random model, a few "
+                        "steps)")
     parser.add_argument("--config", help="YAML/JSON config file applied on top of the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE", help="override one field (repeatable)")

@@ -70,6 +70,8 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     (["--data-dir", "/nonexistent/data"], "/nonexistent/data"),
     (["--set", "data.dataset=nosuch"], "unknown data set 'nosuch'"),
     (["--set", "eval.metrics=[bleu4, bleu5]"], "unknown ['bleu5']"),
+    (["--set", "eval.methods=[manual, ddpt_spa2]"],
+     "eval.methods: unknown method(s) ['ddpt_spa2']"),
 ])
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path, capsys, args, message):
     """The `ddpt` command in this process (the one-line CLI test below covers the script)."""
@@ -77,6 +79,21 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, capsys, args, messa
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "ddpt").exists()  # nothing expensive started
+
+
+def test_the_default_is_the_function_level_main_job():
+    """`ddpt run` with no preset: trained on MBPP, judged on MBPP test and HumanEval by running
+    the code, with the DDPT variant chosen on MBPP's validation split; `paper` is the library's
+    own defaults (CoNaLa, the unconditional DDPT)."""
+    from pipeline.config import RunConfig
+
+    main_job, paper = build_config(), build_config("paper")
+    assert (main_job.data.dataset, main_job.data.train_split, main_job.data.eval_split,
+            main_job.data.extra_eval) == ("mbpp", "train", "test", ["humaneval"])
+    assert (main_job.denoiser.condition, main_job.train.objective,
+            main_job.sample.prompts) == ("instruction", "unrolled", "per_example")
+    assert main_job.eval.methods == ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"]
+    assert paper == RunConfig() and paper.data.dataset == "conala"
 
 
 def test_the_script_lists_every_subcommand_with_its_help():
