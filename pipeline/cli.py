@@ -110,6 +110,12 @@ def _add_experiment(sub) -> None:
     experiment = sub.add_parser("experiment", help="train every arm of an experiment spec with "
                                 "every seed, compare them, and tabulate mean and std over seeds")
     experiment.add_argument("--spec", required=True, help="experiment file (experiments/*.yaml)")
+    experiment.add_argument("--set", dest="overrides", action="append", default=[],
+                            metavar="SECTION.FIELD=VALUE",
+                            help="one more of the spec's fixed settings, e.g. "
+                            "distributed.use_gpu=true (repeatable; data sets and arms still win)")
+    experiment.add_argument("--data-dir", help="data folder (default $DDPT_DATA_DIR, "
+                            "../shared/data)")
     _output_args(experiment, "runs/experiment",
                  "skip finished runs and continue the one cut short")
     experiment.set_defaults(command_module="experiment")

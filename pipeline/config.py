@@ -554,13 +554,7 @@ class RunConfig:
     def with_overrides(self, overrides: list[str]) -> RunConfig:
         """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``,
         ``[a, b]``)."""
-        flat = {}
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set {item!r}: expected section.field=value")
-            flat[key.strip()] = load_yaml(raw)
-        return type(self).from_flat(flat, base=self)
+        return type(self).from_flat(parse_overrides(overrides), base=self)
 
     def __post_init__(self):
         workers = self.distributed.num_workers
@@ -604,6 +598,17 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         names = "/".join(t.__name__ for t in types)
         raise ConfigError(f"{name}: expected {names}, got {value!r}")
     return value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``section.field=value`` strings (``--set``) as a flat dict; values parsed as YAML."""
+    flat = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        flat[key.strip()] = load_yaml(raw)
+    return flat
 
 
 # The main job (issue 12): prompts trained on MBPP's train split, the DDPT variant chosen on

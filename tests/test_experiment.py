@@ -31,8 +31,9 @@ def write(tmp_path: Path, **changes) -> Path:
 def test_the_smoke_spec_expands_to_every_arm_and_seed():
     experiment = load_experiment(SMOKE)
     runs = [(d, a.name if a else None, s) for d, a, s in experiment.runs()]
-    assert runs == [("mbpp", None, 0), ("mbpp", "prompt_tuning", 0), ("mbpp", "prompt_tuning", 1),
-                    ("mbpp", "ddpt_conditional", 0), ("mbpp", "ddpt_conditional", 1)]
+    assert runs == [("mbpp", None, 0),  # seed by seed: every arm of seed 0 first
+                    ("mbpp", "prompt_tuning", 0), ("mbpp", "ddpt_conditional", 0),
+                    ("mbpp", "prompt_tuning", 1), ("mbpp", "ddpt_conditional", 1)]
     arm = experiment.arms[1]
     config = experiment.config("mbpp", arm, 1)
     assert config.train.seed == 1 and config.denoiser.condition == "instruction"
@@ -56,6 +57,16 @@ def test_a_bad_spec_fails_before_any_work_naming_the_key(tmp_path, changes, mess
     assert message in str(err.value)
 
 
+def test_the_command_line_adds_fixed_settings_under_the_arms():
+    """`ddpt experiment --set`: one more fixed setting for every run; an arm's own wins."""
+    experiment = load_experiment(SMOKE, ["train.steps=5", "denoiser.condition=none"])
+    tuning, ddpt = (experiment.config("mbpp", arm, 0) for arm in experiment.arms)
+    assert tuning.train.steps == ddpt.train.steps == 5
+    assert tuning.denoiser.condition == "none" and ddpt.denoiser.condition == "instruction"
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_experiment(SMOKE, ["train.stepz=5"])
+
+
 def test_rows_are_mean_and_std_over_seeds():
     results = [{"eval_set": "mbpp", "arm": "a", "method": "m", "metrics": {"x": v}}
                for v in (1.0, 2.0, 3.0)]
@@ -76,6 +87,9 @@ def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 * (1 + 2 + 2)  # (baseline + 2 arms x 2 seeds) x 2 evaluation sets
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out)]) == 2  # no --resume
+    # A resume with other --set settings would mix two configurations in one table.
+    assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--resume",
+                 "--set", "train.lr=0.5"]) == 2
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--resume",
                  "--no-progress"]) == 0
     assert (out / "results.jsonl").read_text().splitlines() == lines  # nothing ran twice

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipeline.commands.common import with_tracking_uri
+from pipeline.commands.common import overrides, with_tracking_uri
 from pipeline.commands.run import run_main
-from pipeline.config import check_fresh_output
+from pipeline.config import ConfigError, check_fresh_output
 from pipeline.evaluation.charts import CHARTS
 from pipeline.evaluation.experiment import (
     Experiment,
@@ -41,6 +41,7 @@ from pipeline.training.job import CHECKPOINT, RUN_FILE
 log = logging.getLogger(__name__)
 RESULTS, TABLES, SUMMARY, RUN_POINTER = "results.jsonl", "tables.md", "results.json", \
     "experiment_run.json"
+OVERRIDES = "overrides.json"  # the command line's --set, kept so --resume runs the same
 TABLE_METRICS = ["pass_at_1", "code_ce", "bleu4", "codebleu", "prompt_spread_per_condition",
                  "prompt_spread_across_conditions", "prompt_model_parameters",
                  "train_step_seconds", "step_time_vs_prompt_tuning"]
@@ -54,6 +55,7 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, resume: bool 
     output.mkdir(parents=True, exist_ok=True)
     if not (output / "experiment.yaml").exists():
         shutil.copyfile(experiment.source, output / "experiment.yaml")
+    check_same_overrides(output / OVERRIDES, list(experiment.overrides))
     uri = resolve_tracking_uri(output, None)
     name = f"ddpt-experiment-{Path(experiment.source).stem}"
     results_file = output / RESULTS
@@ -87,6 +89,18 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, resume: bool 
         for chart in experiment_charts(rows, output / CHARTS):
             parent.log_artifact(chart, CHARTS)
     return rows
+
+
+def check_same_overrides(path: Path, overrides: list[str]) -> None:
+    """Record the command line's ``--set`` in ``path``; a resumed experiment must give the same
+    ones (else its seeds would mix two configurations)."""
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != overrides:
+            raise ConfigError(f"--set: this experiment ran with {recorded} ({path}), now "
+                              f"{overrides}; give the same settings or a new --output")
+    else:
+        path.write_text(json.dumps(overrides) + "\n")
 
 
 def _training_facts(folder: Path) -> dict[str, float]:
@@ -132,7 +146,8 @@ def write_tables(rows: list[Row], output: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    experiment = load_experiment(args.spec)  # every run's configuration checked first
+    # every run's configuration checked first
+    experiment = load_experiment(args.spec, overrides(args))
     rows = run_experiment(experiment, args.output, resume=args.resume,
                           progress=not args.no_progress)
     print((Path(args.output) / TABLES).read_text())

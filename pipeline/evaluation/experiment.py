@@ -25,7 +25,14 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import PRESETS, ConfigError, RunConfig, build_config, load_yaml
+from pipeline.config import (
+    PRESETS,
+    ConfigError,
+    RunConfig,
+    build_config,
+    load_yaml,
+    parse_overrides,
+)
 from pipeline.evaluation.sampler import METHODS, prompt_models_needed
 
 SETTINGS = ("preset", "seeds", "baseline_methods")
@@ -49,6 +56,7 @@ class Experiment:
     datasets: dict[str, dict[str, Any]]
     arms: list[Arm]
     baseline_methods: tuple[str, ...] = ("manual",)
+    overrides: tuple[str, ...] = ()  # the command line's --set, already in ``fixed``
 
     def config(self, dataset: str, arm: Arm | None, seed: int) -> RunConfig:
         """The run of ``arm`` (None: the untrained baselines) with ``seed`` on ``dataset``."""
@@ -61,20 +69,23 @@ class Experiment:
             raise ConfigError(f"{self.source}: datasets.{dataset} + {where}: {err}") from err
 
     def runs(self) -> list[tuple[str, Arm | None, int]]:
-        """Every (data set, arm, seed) to run; the baselines once per data set (seed-free)."""
+        """Every (data set, arm, seed) to run; the baselines once per data set (seed-free).
+        Seed by seed, so an experiment cut short holds whole comparisons of every arm."""
         out: list[tuple[str, Arm | None, int]] = []
         for dataset in self.datasets:
             if self.baseline_methods:
                 out.append((dataset, None, self.seeds[0]))
-            out += [(dataset, arm, seed) for arm in self.arms for seed in self.seeds]
+            out += [(dataset, arm, seed) for seed in self.seeds for arm in self.arms]
         return out
 
     def methods(self, arm: Arm | None) -> tuple[str, ...]:
         return arm.methods if arm else self.baseline_methods
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment spec (every run's configuration is built once)."""
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read and validate an experiment spec (every run's configuration is built once).
+    ``overrides`` (``--set`` strings) join the spec's ``fixed`` settings, under the data sets'
+    and arms' own (an arm still decides what it compares)."""
     path, source = Path(path), str(path)
     if not path.is_file():
         raise ConfigError(f"{source}: experiment file not found")
@@ -104,9 +115,10 @@ def load_experiment(path: str | Path) -> Experiment:
     if prompt_models_needed(baselines):
         raise ConfigError(f"{source}: experiment.baseline_methods: {list(baselines)} need "
                           "trained prompts; give them to an arm")
-    experiment = Experiment(source, preset, seeds, dict(data.get("fixed") or {}),
+    fixed = {**dict(data.get("fixed") or {}), **parse_overrides(overrides or [])}
+    experiment = Experiment(source, preset, seeds, fixed,
                             {k: dict(v or {}) for k, v in data["datasets"].items()}, arms,
-                            baselines)
+                            baselines, tuple(overrides or ()))
     for dataset, arm, seed in experiment.runs():  # every combination valid, before any work
         experiment.config(dataset, arm, seed)
     return experiment
