@@ -116,9 +116,11 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
 
 
 def main(args: argparse.Namespace) -> None:
-    # --limit before --set (an explicit --set wins), --data last (it is the command's subject)
-    config = build_config(args.preset, args.config, [f"data.max_eval_examples={args.limit}",
-                                                     *overrides(args), f"data.dataset={args.data}"])
+    # --limit before --set (an explicit --set wins), --data last (it is the command's subject;
+    # the main job's extra evaluation sets are not this command's)
+    config = build_config(args.preset, args.config, [
+        f"data.max_eval_examples={args.limit}", *overrides(args), f"data.dataset={args.data}",
+        "data.extra_eval=[]"])
     metrics = run_evaluate(config, args.output, methods=args.method or ["canonical"],
                            resume=args.resume, progress=not args.no_progress)
     for method, values in metrics.items():
