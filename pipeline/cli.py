@@ -23,8 +23,13 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         "paper: the library defaults, CoNaLa; smoke: tiny random model, a few "
                         "steps)")
     parser.add_argument("--config", help="YAML/JSON config file applied on top of the preset")
+    _override_args(parser, "override one field (repeatable)")
+
+
+def _override_args(parser: argparse.ArgumentParser, set_help: str) -> None:
+    """--set and --data-dir (``commands.common.overrides`` reads both)."""
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override one field (repeatable)")
+                        metavar="SECTION.FIELD=VALUE", help=set_help)
     parser.add_argument("--data-dir", help="data folder (default $DDPT_DATA_DIR, ../shared/data)")
 
 
@@ -110,12 +115,8 @@ def _add_experiment(sub) -> None:
     experiment = sub.add_parser("experiment", help="train every arm of an experiment spec with "
                                 "every seed, compare them, and tabulate mean and std over seeds")
     experiment.add_argument("--spec", required=True, help="experiment file (experiments/*.yaml)")
-    experiment.add_argument("--set", dest="overrides", action="append", default=[],
-                            metavar="SECTION.FIELD=VALUE",
-                            help="one more of the spec's fixed settings, e.g. "
-                            "distributed.use_gpu=true (repeatable; data sets and arms still win)")
-    experiment.add_argument("--data-dir", help="data folder (default $DDPT_DATA_DIR, "
-                            "../shared/data)")
+    _override_args(experiment, "one more of the spec's fixed settings, e.g. "
+                   "distributed.use_gpu=true (repeatable; data sets and arms still win)")
     _output_args(experiment, "runs/experiment",
                  "skip finished runs and continue the one cut short")
     experiment.set_defaults(command_module="experiment")
