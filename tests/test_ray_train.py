@@ -44,9 +44,21 @@ def steps_of(client, run, key="code_loss"):
 
 
 def test_zero3_two_workers_shard_learn_and_resume(tmp_path):
+    """The per-task prompt model on two Train workers: the conditional denoiser, its EMA
+    teacher (buffers, updated from the gathered ZeRO-3 parameters) and the condition statistics
+    (all-reduced over the ranks' shards); a full restart continues with the saved teacher.
+    (The unconditional model under ZeRO-3 on two workers: tests/test_two_nodes.py.)"""
+    import torch
+
+    from helpers import EXAMPLES, make_lm
+    from pipeline.training.checkpoint import load_prompt_model
+
     out, shared = tmp_path / "run", tmp_path / "shared"
-    # Checkpoints in a storage folder outside the output folder (as an NFS mount on a cluster).
-    storage = ["--set", f"distributed.storage_path={shared}"]
+    # Checkpoints in a storage folder outside the output folder (as an NFS mount on a cluster),
+    # and the per-task prompt model with its teacher.
+    storage = ["--set", f"distributed.storage_path={shared}",
+               "--set", "denoiser.condition=instruction",
+               "--set", "train.objective=bootstrap_teacher"]
     # In a terminal, as a user runs it: the live training line, none of the libraries' noise.
     command = [sys.executable, "-m", "pipeline.cli", "train", "--output", str(out),
                *[a for a in TINY if a != "--no-progress"], "--set", "train.steps=24",
@@ -67,6 +79,7 @@ def test_zero3_two_workers_shard_learn_and_resume(tmp_path):
     assert not (out / "ray").exists()
     saved = [p for p in (shared / pointer["name"]).glob("checkpoint_*") if p.is_dir()]
     assert len(saved) == 2  # num_to_keep
+    first, _, _ = load_prompt_model(out / "checkpoint")
 
     # A full restart: a longer schedule, continued from the last checkpoint in the storage.
     ddpt_train(out, "--resume", "--set", "train.steps=36", "--set", "train.checkpoint_every=12",
@@ -88,6 +101,19 @@ def test_zero3_two_workers_shard_learn_and_resume(tmp_path):
     files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert "checkpoint/model.safetensors" in files and "checkpoint/optimizer.pt" not in files
     assert run.info.status == "FINISHED"
+
+    # The saved prompt model: the teacher moved on after the restart, the condition statistics
+    # came from the data, and two instructions get two prompts from the same noise.
+    model, config, state = load_prompt_model(out / "checkpoint")
+    assert state["step"] == 36 and config.train.objective == "bootstrap_teacher"
+    assert model.conditional and float(model.denoiser.cond_scale.min()) > 0
+    assert not torch.equal(model.denoiser.cond_mean, torch.zeros_like(model.denoiser.cond_mean))
+    assert not torch.equal(first.teacher.out.weight, model.teacher.out.weight)
+    lm = make_lm("tiny-llama")
+    c = lm.condition(lm.collate(lm.encode(EXAMPLES[:2])))
+    same_noise = [torch.Generator().manual_seed(0) for _ in range(2)]
+    a, b = model.sample_directions(2, same_noise, steps=4, condition=c)
+    assert not torch.allclose(a, b)
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
@@ -160,32 +186,3 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
     finally:
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True,
                        timeout=120)
-
-
-def test_a_per_task_prompt_with_its_teacher_trains_and_resumes_under_zero3(tmp_path):
-    """The conditional denoiser, the EMA teacher (buffers, updated from the gathered
-    ZeRO-3 parameters) and the condition statistics (all-reduced over the ranks' shards) on two
-    Train workers; a full restart continues with the saved teacher."""
-    import torch
-
-    from helpers import EXAMPLES, make_lm
-    from pipeline.training.checkpoint import load_prompt_model
-
-    out = tmp_path / "cond"
-    per_task = ["--set", "denoiser.condition=instruction", "--set",
-                "train.objective=bootstrap_teacher", "--set", "train.checkpoint_every=4"]
-    ddpt_train(out, *per_task, "--set", "train.steps=4")
-    first, _, _ = load_prompt_model(out / "checkpoint")
-    ddpt_train(out, *per_task, "--resume", "--set", "train.steps=8")
-    model, config, state = load_prompt_model(out / "checkpoint")
-    assert state["step"] == 8 and config.train.objective == "bootstrap_teacher"
-    assert model.conditional and float(model.denoiser.cond_scale.min()) > 0
-    assert not torch.equal(model.denoiser.cond_mean, torch.zeros_like(model.denoiser.cond_mean))
-    assert not torch.equal(first.teacher.out.weight, model.teacher.out.weight)  # it moved on
-    client, run = mlflow_run(out)
-    assert steps_of(client, run) == list(range(1, 9))
-    lm = make_lm("tiny-llama")
-    c = lm.condition(lm.collate(lm.encode(EXAMPLES[:2])))
-    same_noise = [torch.Generator().manual_seed(0) for _ in range(2)]
-    a, b = model.sample_directions(2, same_noise, steps=4, condition=c)
-    assert not torch.allclose(a, b)  # two instructions, two prompts
