@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 from helpers import run_in_terminal
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["--preset", "smoke", "--no-progress", "--set", "model.name=tiny-llama",
         "--set", "data.max_train_examples=12", "--set", "train.batch_size=6",
         "--set", "train.lr=1e-2", "--set", "distributed.num_workers=2"]
@@ -155,34 +154,3 @@ def test_bad_tracking_uri_fails_before_ray_starts(tmp_path):
          "--set", "tracking.uri=foo://nowhere"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "foo://nowhere" in proc.stderr
     assert time.time() - started < 30 and not (tmp_path / "o" / "ray").exists()
-
-
-def test_ray_job_submit_runs_the_training_job(tmp_path):
-    """`ray start --head`, then `ray job submit --working-dir . -- python jobs/train.py`."""
-    bin_dir = Path(sys.executable).parent
-    # The entrypoint's `python` must be this environment's (as with an activated venv).
-    from pipeline.distributed.session import LOCAL_RAY_ENV
-
-    # A one-machine cluster, tuned as `ensure_ray` tunes the Ray it starts itself.
-    env = {**LOCAL_RAY_ENV, **os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DDPT_DATA_DIR": str(Path(os.environ.get("DDPT_DATA_DIR", REPO.parent / "shared" /
-                                                    "data")).resolve())}
-    dashboard = 8265 + (os.getpid() % 500)
-    subprocess.run([str(bin_dir / "ray"), "start", "--head", "--num-cpus", "2",
-                    "--dashboard-port", str(dashboard), "--port", str(6379 + os.getpid() % 500),
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True,
-                   timeout=180)
-    try:
-        out = tmp_path / "job"
-        proc = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-             "--working-dir", str(REPO), "--", "python", "jobs/train.py", "--output", str(out),
-             *TINY, "--set", "train.steps=4"],
-            env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "succeeded" in proc.stdout.lower()
-        assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
-    finally:
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)

@@ -62,11 +62,14 @@ def cluster(tmp_path):
 
 
 def submit(nodes, env: dict, *argv: str) -> subprocess.Popen:
-    """``ray job submit`` from the head's namespace (it waits for the job and prints its log)."""
+    """``ray job submit --working-dir . -- python jobs/<command>.py ...`` from the head's
+    namespace, as a user submits (it waits for the job and prints its log). The working dir is
+    uploaded to the cluster, so the worker node runs the uploaded code."""
+    command, *rest = argv
     runtime_env = json.dumps({"env_vars": env})
     return nodes.popen([nodes.ray, "job", "submit", "--address", nodes.dashboard_url,
-                        "--runtime-env-json", runtime_env, "--", sys.executable, "-m",
-                        "pipeline.cli", *argv], stdout=subprocess.PIPE,
+                        "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
+                        sys.executable, f"jobs/{command}.py", *rest], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, cwd=str(REPO))
 
 
@@ -119,6 +122,7 @@ def test_training_and_sampling_survive_a_lost_node(cluster, tmp_path):
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, printed[-6000:]
+    assert "succeeded" in printed.lower()
     assert replacement != lost and dead_after < 30
     assert not (out / "ray").exists()  # Ray's state is in the shared storage only
     seen = nodes.run(["ls", "-A", str(outputs)], node="worker", capture_output=True, text=True,
