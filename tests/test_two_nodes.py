@@ -63,8 +63,8 @@ def cluster(tmp_path):
 
 def submit(nodes, env: dict, *argv: str) -> subprocess.Popen:
     """``ray job submit --working-dir . -- python jobs/<command>.py ...`` from the head's
-    namespace, as a user submits (it waits for the job and prints its log). The working dir is
-    uploaded to the cluster, so the worker node runs the uploaded code."""
+    namespace, as a user submits (it waits for the job and prints its log); Ray uploads the
+    working dir and starts the entrypoint in its copy."""
     command, *rest = argv
     runtime_env = json.dumps({"env_vars": env})
     return nodes.popen([nodes.ray, "job", "submit", "--address", nodes.dashboard_url,
