@@ -124,9 +124,10 @@ class PromptConfig:
 @dataclass
 class DataConfig:
     dataset: str = _help(
-        "conala", "conala, codealpaca, humaneval, mbpp, or your own data: a .jsonl, .json, .csv "
-        "or .parquet file, a folder written by datasets' save_to_disk, or a Hugging Face hub "
-        "name owner/name (needs a network) (docs/data.md)"
+        "conala", "conala, codealpaca, humaneval, mbpp, mbpp_functions (MBPP in HumanEval's "
+        "shape), or your own data: a .jsonl, .json, .csv or .parquet file, a folder written by "
+        "datasets' save_to_disk, or a Hugging Face hub name owner/name (needs a network) "
+        "(docs/data.md)"
     )
     columns: dict[str, str] = _help(
         {}, "your file's column for a record field, e.g. {instruction: prompt, output: "

@@ -45,7 +45,8 @@ def test_default_data_dir_is_shared_folder():
 
 
 def test_registry_and_splits_agree():
-    assert set(DATASETS) == set(DATASET_SPLITS) == {"conala", "codealpaca", "humaneval", "mbpp"}
+    assert set(DATASETS) == set(DATASET_SPLITS) == {"conala", "codealpaca", "humaneval", "mbpp",
+                                                      "mbpp_functions"}
 
 
 def test_conala():
@@ -111,6 +112,45 @@ def test_mbpp():
     assert by_id["mbpp-367"].tests.startswith("root = Node(1)")
     [result] = run_programs([build_program(by_id["mbpp-367"], by_id["mbpp-367"].output)], SANDBOX)
     assert result.status == "passed", result.message
+
+
+def test_mbpp_functions_are_mbpp_in_humaneval_shape():
+    """The same tasks, splits and tests as mbpp; the instruction is a function to complete and
+    the canonical program (that stub, then the reference code, then the tests) passes."""
+    for split in DATASET_SPLITS["mbpp_functions"]:
+        plain, shaped = load_examples("mbpp", split), load_examples("mbpp_functions", split)
+        assert [(e.id, e.output, e.tests) for e in plain] == \
+            [(e.id, e.output, e.tests) for e in shaped]
+    by_id = {e.id: e for e in load_examples("mbpp_functions", "validation")}
+    assert by_id["mbpp-518"].meta["prompt"] == (
+        'import math\n\n\ndef sqrt_root(num):\n    """\n'
+        "    Write a function to find the square root of a perfect number.\n"
+        '    assert sqrt_root(4)==2\n    """\n')
+    assert by_id["mbpp-518"].instruction == \
+        "Complete the following Python function:\n" + by_id["mbpp-518"].meta["prompt"]
+    assert by_id["mbpp-518"].input == "" and by_id["mbpp-518"].meta["entry_point"] == "sqrt_root"
+    examples = list(by_id.values())
+    body_only = "    return None\n"  # a completion that leaves the stub as it is: fails
+    programs = [build_program(e, e.output) for e in examples] + \
+        [build_program(examples[0], body_only)]
+    statuses = [r.status for r in run_programs(programs, SANDBOX)]
+    assert statuses == ["passed"] * len(examples) + ["failed"]
+
+
+@pytest.mark.parametrize("code, message", [
+    ("def f(:\n", "the reference code does not parse"),
+    ("def g(x):\n    return x\n", "no top-level function of the reference code is called"),
+])
+def test_mbpp_functions_name_the_record_they_cannot_shape(tmp_path, code, message):
+    record = {"task_id": 601, "text": "t", "code": code, "test_list": ["assert f(1) == 1"]}
+    (tmp_path / "mbpp").mkdir()
+    path = tmp_path / "mbpp" / "mbpp.jsonl"
+    path.write_text(json.dumps({**record, "task_id": 602, "code": "def f(x):\n    return x\n"})
+                    + "\n" + json.dumps(record) + "\n")
+    assert len(load_examples("mbpp", "train", data_dir=str(tmp_path))) == 2
+    with pytest.raises(DataError, match=message) as err:
+        load_examples("mbpp_functions", "train", data_dir=str(tmp_path))
+    check(err, path, 2, "code")
 
 
 # ---------------------------------------------------------------- user JSONL

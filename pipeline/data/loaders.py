@@ -7,10 +7,14 @@ reported as a `DataError` naming the file, the 1-based line and the field.
 """
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import os
+import re
+import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +240,47 @@ def load_mbpp(data_dir: Path, split: str) -> list[Example]:
     return examples
 
 
+def load_mbpp_functions(data_dir: Path, split: str) -> list[Example]:
+    """MBPP in HumanEval's shape: the same tasks, splits and tests, but the instruction is a
+    function to complete (the reference code's imports, the tested function's signature and a
+    docstring with the task's text and its first test), as HumanEval asks. A prompt trained on
+    MBPP's one-line instructions explains a given signature instead of completing it
+    (docs/results.md): this is function-shaped training and dev data for HumanEval."""
+    return [_as_function(example) for example in load_mbpp(data_dir, split)]
+
+
+def _as_function(example: Example) -> Example:
+    path, line = example.meta["source"], example.meta["line"]
+    try:
+        with warnings.catch_warnings():  # upstream regexes in plain strings ("\w"): not ours
+            warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+            tree = ast.parse(example.output)
+    except SyntaxError as error:
+        raise DataError(f"the reference code does not parse ({error.msg})", path, line,
+                        "code") from None
+    # The tested function: the top-level def that the tests call first.
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    calls = {name: match.start() for name in functions
+             if (match := re.search(rf"\b{re.escape(name)}\s*\(", example.tests))}
+    if not calls:
+        raise DataError("no top-level function of the reference code is called by its tests",
+                        path, line, "code")
+    entry = min(calls, key=calls.get)
+    node = functions[entry]
+    imports = [ast.get_source_segment(example.output, n) for n in tree.body
+               if isinstance(n, (ast.Import, ast.ImportFrom))]
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    first_test = example.input.split("\n", 1)[1]
+    # Escaped so that the docstring stays one valid string literal.
+    text = f"{example.instruction.strip()}\n{first_test}".replace("\\", "\\\\")
+    text = text.replace('"""', "'''")
+    docstring = "\n".join(f"    {row}" if row.strip() else "" for row in text.splitlines())
+    prompt = ("\n".join(imports) + "\n\n\n" if imports else "") + \
+        f'def {entry}({ast.unparse(node.args)}){returns}:\n    """\n{docstring}\n    """\n'
+    return replace(example, instruction="Complete the following Python function:\n" + prompt,
+                   input="", meta={**example.meta, "entry_point": entry, "prompt": prompt})
+
+
 # ---------------------------------------------------------------- user JSONL
 
 def load_user_jsonl(path: str | os.PathLike, split: str,
@@ -272,11 +317,11 @@ def load_user_jsonl(path: str | os.PathLike, split: str,
 Loader = Callable[[Path, str], list[Example]]
 DATASETS: dict[str, Loader] = {
     "conala": load_conala, "codealpaca": load_codealpaca,
-    "humaneval": load_humaneval, "mbpp": load_mbpp,
+    "humaneval": load_humaneval, "mbpp": load_mbpp, "mbpp_functions": load_mbpp_functions,
 }
 DATASET_SPLITS: dict[str, tuple[str, ...]] = {
     "conala": SPLITS, "codealpaca": SPLITS, "humaneval": ("test",),
-    "mbpp": tuple(_MBPP_RANGES),
+    "mbpp": tuple(_MBPP_RANGES), "mbpp_functions": tuple(_MBPP_RANGES),
 }
 
 
