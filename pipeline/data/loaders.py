@@ -212,6 +212,7 @@ def load_humaneval(data_dir: Path, split: str) -> list[Example]:
     return examples
 
 
+_MBPP_TEST_INTRO = "Your code should pass this test:\n"  # before the first assert, in input
 _MBPP_RANGES = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 
 
@@ -230,7 +231,7 @@ def load_mbpp(data_dir: Path, split: str) -> list[Example]:
         setup = _str(obj, "test_setup_code", path, line, required=False, nonempty=False, default="")
         example = Example(
             id=f"mbpp-{task_id}", instruction=_str(obj, "text", path, line),
-            input="Your code should pass this test:\n" + asserts[0],
+            input=_MBPP_TEST_INTRO + asserts[0],
             output=_nl(_str(obj, "code", path, line)),
             tests="\n".join(_nl(t) for t in ([setup] if setup.strip() else []) + asserts) + "\n",
             meta={"task_id": task_id, "challenge_test_list": obj.get("challenge_test_list", []),
@@ -270,7 +271,7 @@ def _as_function(example: Example) -> Example:
     imports = [ast.get_source_segment(example.output, n) for n in tree.body
                if isinstance(n, (ast.Import, ast.ImportFrom))]
     returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-    first_test = example.input.split("\n", 1)[1]
+    first_test = example.input.removeprefix(_MBPP_TEST_INTRO)
     # Escaped so that the docstring stays one valid string literal.
     text = f"{example.instruction.strip()}\n{first_test}".replace("\\", "\\\\")
     text = text.replace('"""', "'''")
