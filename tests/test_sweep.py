@@ -262,8 +262,10 @@ def test_smoke_sweep_stops_trials_early_and_nests_mlflow_runs(smoke_sweep):
         dev = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "dev_loss")}
         if trial["status"] == "completed":
             assert sorted(dev) == [2, 4, 6]
-        else:  # a step after the stop may reach MLflow before Tune's stop does
-            assert 2 in dev and set(dev) <= {2, 4}
+        else:
+            # Tune's stop is asynchronous: the trial may log the steps up to max_t before it
+            # arrives (on a slow host, all of them), but never a step Tune did not allow.
+            assert 2 in dev and trial["step"] in dev and set(dev) <= {2, 4, 6}
         assert dev[trial["step"]] == pytest.approx(trial["metric"])
         code_steps = [m.step for m in client.get_metric_history(child.info.run_id, "code_loss")]
         assert code_steps == sorted(set(code_steps)) and code_steps[0] == 1  # each step once
