@@ -60,7 +60,8 @@ def _add_sample(sub) -> None:
     for name, spec in PROMPT_MODELS.items():  # --checkpoint (DDPT), --prompt-tuning, ...
         sample.add_argument(spec.checkpoint_flag, dest=f"checkpoint_{name}",
                             metavar="FOLDER_OR_RUN_ID",
-                            help=f"trained {name} checkpoint folder or MLflow run id ({spec.help})"
+                            help=f"trained {name} checkpoint folder (or the training output folder "
+                            f"holding it, runs/main/{name}) or MLflow run id ({spec.help})"
                             + ("; its config is the base configuration unless --preset is given"
                                if name == "ddpt" else ""))
     sample.add_argument("--methods", default="manual,ddpt,ddpt_ddim",

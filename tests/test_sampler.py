@@ -139,6 +139,22 @@ def test_sample_needs_the_checkpoints_its_methods_use(tmp_path, capsys):
                  "--output", str(tmp_path / "o")]) == 2
 
 
+
+def test_a_training_output_folder_resolves_to_its_checkpoint(tmp_path):
+    """``--checkpoint runs/main/ddpt`` works as well as ``runs/main/ddpt/checkpoint``."""
+    from pipeline.commands.sample import resolve_checkpoint
+    from pipeline.training.checkpoint import STATE_FILE
+
+    job = tmp_path / "ddpt"
+    (job / "checkpoint").mkdir(parents=True)
+    (job / "checkpoint" / STATE_FILE).write_text("{}")
+    for source in (job, job / "checkpoint"):
+        found = resolve_checkpoint(str(source), "ddpt", smoke_config(), tmp_path / "out")
+        assert found == (job / "checkpoint").resolve()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: not a checkpoint folder"):
+        resolve_checkpoint(str(tmp_path / "empty"), "ddpt", smoke_config(), tmp_path / "out")
+
 def test_data_with_tests_gets_pass_at_k(checkpoints, tmp_path):
     out = tmp_path / "mbpp"
     assert main(["sample", "--preset", "smoke", "--checkpoint", str(checkpoints["ddpt"]),

@@ -22,16 +22,19 @@ from pipeline.training.prompt_models import PROMPT_MODELS
 
 
 def resolve_checkpoint(source: str, name: str, config: RunConfig, output: Path) -> Path:
-    """A checkpoint folder, or an MLflow run id (``<id>`` or ``runs:/<id>``) whose
+    """A checkpoint folder, a training job's output folder holding one as ``checkpoint/``
+    (``runs/main/ddpt``), or an MLflow run id (``<id>`` or ``runs:/<id>``) whose
     ``checkpoint`` artifact is downloaded into ``output/checkpoints/<name>``."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     path = Path(source)
     if path.is_dir():
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint folder (no {STATE_FILE})")
-        return path.resolve()
+        for folder in (path, path / "checkpoint"):
+            if (folder / STATE_FILE).is_file():
+                return folder.resolve()
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no {STATE_FILE} in it or in "
+                                "its checkpoint/)")
     run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
     if not re.fullmatch(r"[0-9a-f]{32}", run_id):
         raise FileNotFoundError(f"{PROMPT_MODELS[name].checkpoint_flag} {source!r}: neither a "
