@@ -139,7 +139,6 @@ def test_sample_needs_the_checkpoints_its_methods_use(tmp_path, capsys):
                  "--output", str(tmp_path / "o")]) == 2
 
 
-
 def test_a_training_output_folder_resolves_to_its_checkpoint(tmp_path):
     """``--checkpoint runs/main/ddpt`` works as well as ``runs/main/ddpt/checkpoint``."""
     from pipeline.commands.sample import resolve_checkpoint
@@ -154,6 +153,7 @@ def test_a_training_output_folder_resolves_to_its_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty: not a checkpoint folder"):
         resolve_checkpoint(str(tmp_path / "empty"), "ddpt", smoke_config(), tmp_path / "out")
+
 
 def test_data_with_tests_gets_pass_at_k(checkpoints, tmp_path):
     out = tmp_path / "mbpp"
