@@ -18,6 +18,7 @@ from pipeline.evaluation.comparison import (
 )
 from pipeline.evaluation.sampler import check_methods, prompt_models_needed
 from pipeline.training.checkpoint import STATE_FILE
+from pipeline.training.job import CHECKPOINT
 from pipeline.training.prompt_models import PROMPT_MODELS
 
 
@@ -30,22 +31,22 @@ def resolve_checkpoint(source: str, name: str, config: RunConfig, output: Path) 
 
     path = Path(source)
     if path.is_dir():
-        for folder in (path, path / "checkpoint"):
+        for folder in (path, path / CHECKPOINT):
             if (folder / STATE_FILE).is_file():
                 return folder.resolve()
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no {STATE_FILE} in it or in "
-                                "its checkpoint/)")
+                                f"its {CHECKPOINT}/)")
     run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
     if not re.fullmatch(r"[0-9a-f]{32}", run_id):
         raise FileNotFoundError(f"{PROMPT_MODELS[name].checkpoint_flag} {source!r}: neither a "
                                 "checkpoint folder nor an MLflow run id")
     target = output / "checkpoints" / name
-    if (target / "checkpoint" / STATE_FILE).is_file():
-        return target / "checkpoint"
+    if (target / CHECKPOINT / STATE_FILE).is_file():
+        return target / CHECKPOINT
     target.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=config.tracking.uri)
     try:
-        return Path(client.download_artifacts(run_id, "checkpoint", str(target)))
+        return Path(client.download_artifacts(run_id, CHECKPOINT, str(target)))
     except MlflowException as err:
         raise FileNotFoundError(f"MLflow run {run_id} at {config.tracking.uri}: no checkpoint "
                                 f"artifact ({err})") from err
