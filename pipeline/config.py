@@ -146,7 +146,8 @@ class DataConfig:
     max_dev_examples: int = _help(32, "0 = all; the first N of the dev split")
     extra_eval: list[str] = _help(
         [], "more data sets the trained prompts are compared on (their 'test' split; e.g. "
-        "[humaneval] after training on mbpp); each gets its own comparison in <output>/<name>/"
+        "[humaneval] after training on mbpp); each gets its own comparison in <output>/<name>/ "
+        "(by ddpt run and ddpt sample); the evaluated data set itself is not compared twice"
     )
     max_extra_eval_examples: int = _help(0, "0 = all; the first N of each extra_eval test split")
 
@@ -158,6 +159,14 @@ class DataConfig:
         _check(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
         _check(bool(self.dev_split), "data.dev_split", "must not be empty")
         _check(self.max_dev_examples >= 0, "data.max_dev_examples", "must be >= 0")
+
+    @property
+    def extra_sets(self) -> list[str]:
+        """The ``extra_eval`` sets compared after the evaluation split: all of them but the
+        evaluated data set itself when its test split is the one evaluated already
+        (``--set data.dataset=humaneval`` on the main job's configuration: HumanEval once)."""
+        again = self.dataset if self.eval_split == "test" else None
+        return [name for name in self.extra_eval if name != again]
         unknown = sorted(set(self.columns) - set(RECORD_FIELDS))
         _check(not unknown, "data.columns", f"unknown record field(s) {unknown}; the fields are "
                f"{list(RECORD_FIELDS)}")

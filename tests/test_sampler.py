@@ -199,3 +199,27 @@ def test_prompt_samples_decode_one_prompt_per_draw(checkpoints):
     assert [r["samples"] for r in again] == [r["samples"] for r in records]
     manual = sampler.run("manual", examples)
     assert all(len(r["samples"]) == 3 for r in manual)  # temperature samples, as before
+
+
+def test_sample_compares_on_the_extra_sets_as_run_does(checkpoints, tmp_path, capsys):
+    """`ddpt sample` compares on data.extra_eval too (its own folder, executed), and a data set
+    that is already the evaluated test split is not compared a second time."""
+    out = tmp_path / "cmp"
+    common = ["--preset", "smoke", "--checkpoint", str(checkpoints["ddpt"]), "--methods",
+              "manual,ddpt_ddim", "--no-progress", "--set", "pool.backend=local",
+              "--set", "data.max_eval_examples=2", "--set", "data.max_extra_eval_examples=2",
+              "--set", "eval.max_new_tokens=4"]
+    assert main(["sample", *common, "--output", str(out), "--set", "data.dataset=mbpp",
+                 "--set", "data.extra_eval=[humaneval]"]) == 0
+    assert "humaneval / test" in capsys.readouterr().out
+    extra = json.loads((out / "humaneval" / "metrics.json").read_text())
+    assert set(extra) == {"manual", "ddpt_ddim"}
+    assert all(values["total"] == 2 and "pass_at_1" in values for values in extra.values())
+    ids = {json.loads(line)["id"] for line in (out / "humaneval" / "samples.jsonl").open()}
+    assert ids == {"HumanEval/0", "HumanEval/1"}
+
+    again = tmp_path / "again"
+    assert main(["sample", *common, "--output", str(again), "--set", "data.dataset=humaneval",
+                 "--set", "data.extra_eval=[humaneval]"]) == 0
+    assert not (again / "humaneval").exists()
+    assert "humaneval / test" in capsys.readouterr().out  # the evaluation split's table

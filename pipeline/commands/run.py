@@ -31,6 +31,7 @@ import torch
 
 from pipeline.commands.common import config_from_args, pool_opener, train_backend, with_tracking_uri
 from pipeline.config import RunConfig, check_fresh_output
+from pipeline.data.example import Example
 from pipeline.data.splits import eval_examples, train_examples
 from pipeline.evaluation.comparison import (
     COMPARISON_FILE,
@@ -57,8 +58,7 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
     check_methods(methods, "eval.methods")
     check_fresh_output(output, resume, (COMPARISON_FILE,))
     training, evaluation = train_examples(config.data), eval_examples(config.data)
-    extra = {name: eval_examples(extra_config(config, name).data)
-             for name in config.data.extra_eval}
+    extra = extra_examples(config)
     check_before_work(config)  # data, metric and WordNet problems surface before any work
     config = with_tracking_uri(config, output)
     output.mkdir(parents=True, exist_ok=True)
@@ -80,15 +80,8 @@ def run_main(config: RunConfig, output_dir: str | Path, resume: bool = False,
             checkpoints[name] = trained.checkpoint
         metrics = run_comparison(config, output, list(methods), checkpoints, evaluation, parent,
                                  pool_opener(config, checkpoints, lm), resume, progress, lm)
-    for name, examples in extra.items():  # the same prompts on other data: its own comparison
-        other, folder = extra_config(config, name), output / name
-        with open_comparison(other, folder, resume, list(methods), parent_run_id) as parent:
-            parent.set_tag("ddpt.trained_on", config.data.dataset)
-            other.save(folder / "config.yaml")
-            metrics_x = run_comparison(other, folder, list(methods), checkpoints, examples,
-                                       parent, pool_opener(other, checkpoints, lm), resume,
-                                       progress, lm)
-        metrics.update({f"{name}/{method}": values for method, values in metrics_x.items()})
+    metrics.update(compare_on_extra(config, output, methods, checkpoints, extra, resume, progress,
+                                    lm, parent_run_id))
     return metrics
 
 
@@ -102,16 +95,47 @@ def extra_config(config: RunConfig, dataset: str) -> RunConfig:
         "tracking.experiment=null"])
 
 
-def main(args: argparse.Namespace) -> None:
-    config = config_from_args(args)  # before the heavy work: a bad option fails in a second
-    metrics = run_main(config, args.output, resume=args.resume, progress=not args.no_progress)
+def extra_examples(config: RunConfig) -> dict[str, list[Example]]:
+    """The examples of every extra data set (``data.extra_sets``), read (and checked) before
+    any work."""
+    return {name: eval_examples(extra_config(config, name).data)
+            for name in config.data.extra_sets}
+
+
+def compare_on_extra(config: RunConfig, output: Path, methods: tuple[str, ...],
+                     checkpoints: dict[str, Path], extra: dict[str, list[Example]], resume: bool,
+                     progress: bool, lm=None, parent_run_id: str | None = None) -> dict:
+    """The same prompts compared on each extra data set (``extra``: name -> examples), each its
+    own comparison in ``output/<name>/``. Returns ``{"<name>/<method>": metrics}``."""
+    metrics = {}
+    for name, examples in extra.items():
+        other, folder = extra_config(config, name), output / name
+        with open_comparison(other, folder, resume, list(methods), parent_run_id) as parent:
+            parent.set_tag("ddpt.trained_on", config.data.dataset)
+            other.save(folder / "config.yaml")
+            found = run_comparison(other, folder, list(methods), checkpoints, examples, parent,
+                                   pool_opener(other, checkpoints, lm), resume, progress, lm)
+        metrics.update({f"{name}/{method}": values for method, values in found.items()})
+    return metrics
+
+
+def print_tables(config: RunConfig, metrics: dict, output: str | Path) -> None:
+    """One table per compared data set: the evaluation split, then each extra one (the
+    ``<data set>/<method>`` keys of ``metrics``)."""
+    extra = list(dict.fromkeys(m.split("/", 1)[0] for m in metrics if "/" in m))
     tables = {(config.data.dataset, config.data.eval_split): {
         m: v for m, v in metrics.items() if "/" not in m}}
-    for name in config.data.extra_eval:
+    for name in extra:
         tables[(name, "test")] = {m.split("/", 1)[1]: v for m, v in metrics.items()
                                   if m.startswith(f"{name}/")}
     for (dataset, split), table in tables.items():
         print(f"\n{dataset} / {split} ({config.model.name}):")
         print(format_table(table))
-    print(f"\nwrote {args.output}/metrics.json and {args.output}/samples.jsonl"
-          + "".join(f", {args.output}/{name}/" for name in config.data.extra_eval))
+    print(f"\nwrote {output}/metrics.json and {output}/samples.jsonl"
+          + "".join(f", {output}/{name}/" for name in extra))
+
+
+def main(args: argparse.Namespace) -> None:
+    config = config_from_args(args)  # before the heavy work: a bad option fails in a second
+    metrics = run_main(config, args.output, resume=args.resume, progress=not args.no_progress)
+    print_tables(config, metrics, args.output)

@@ -1,5 +1,6 @@
 """``ddpt sample``: compare methods with prompt models trained already (a checkpoint folder or an
-MLflow run id each), on the sampler pool; the comparison lands in MLflow like ``ddpt run``'s."""
+MLflow run id each), on the sampler pool, on the evaluation split and on each ``data.extra_eval``
+set (``<output>/<data set>/``), as ``ddpt run`` does; the comparisons land in MLflow like its."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +8,12 @@ import re
 from pathlib import Path
 
 from pipeline.commands.common import config_from_args, config_on, pool_opener, with_tracking_uri
+from pipeline.commands.run import compare_on_extra, extra_examples, print_tables
 from pipeline.config import ConfigError, RunConfig, check_fresh_output
 from pipeline.data.splits import eval_examples
 from pipeline.evaluation.comparison import (
     COMPARISON_FILE,
     check_before_work,
-    format_table,
     open_comparison,
     run_comparison,
 )
@@ -55,7 +56,8 @@ def resolve_checkpoint(source: str, name: str, config: RunConfig, output: Path) 
 def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str],
                methods: tuple[str, ...], resume: bool = False, progress: bool = True) -> dict:
     """Compare ``methods`` with already trained prompt models (``sources``: prompt model name
-    -> checkpoint folder or MLflow run id). Returns ``{method: metrics}``."""
+    -> checkpoint folder or MLflow run id), on ``data.eval_split`` and each ``data.extra_eval``.
+    Returns ``{method: metrics}``, with ``<data set>/<method>`` keys for the extra data sets."""
     output = Path(output_dir).resolve()
     check_methods(methods, "--methods")
     missing = [p for p in prompt_models_needed(methods) if p not in sources]
@@ -63,7 +65,7 @@ def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str
         flags = ", ".join(PROMPT_MODELS[p].checkpoint_flag for p in missing)
         raise ConfigError(f"methods {list(methods)} need trained prompt models: pass {flags}")
     check_fresh_output(output, resume, (COMPARISON_FILE,), "comparison")
-    examples = eval_examples(config.data)
+    examples, extra = eval_examples(config.data), extra_examples(config)
     check_before_work(config)
     config = with_tracking_uri(config, output)
     output.mkdir(parents=True, exist_ok=True)
@@ -73,8 +75,11 @@ def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str
     with open_comparison(config, output, resume, list(methods)) as parent:
         for name, path in checkpoints.items():
             parent.set_tag(f"ddpt.checkpoint.{name}", path)
-        return run_comparison(config, output, list(methods), checkpoints, examples, parent,
-                              pool_opener(config, checkpoints), resume, progress)
+        metrics = run_comparison(config, output, list(methods), checkpoints, examples, parent,
+                                 pool_opener(config, checkpoints), resume, progress)
+    metrics.update(compare_on_extra(config, output, methods, checkpoints, extra, resume,
+                                    progress))
+    return metrics
 
 
 def main(args: argparse.Namespace) -> None:
@@ -92,5 +97,4 @@ def main(args: argparse.Namespace) -> None:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     metrics = run_sample(config, args.output, sources, methods, resume=args.resume,
                          progress=not args.no_progress)
-    print(format_table(metrics))
-    print(f"\nwrote {args.output}/metrics.json and {args.output}/samples.jsonl")
+    print_tables(config, metrics, args.output)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import DataConfig
 from pipeline.evaluation.results import ResultStore
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def build_report(folder: Path, examples: int = 4) -> str:
     else:
         require(folder, COMPARISON_FILES, "comparison (`ddpt run`, `sample` or `evaluate`)")
         config = _config(folder)
-        extra = (config.get("data") or {}).get("extra_eval") or []
+        extra = DataConfig(**(config.get("data") or {})).extra_sets
         for name in extra:
             require(folder / name, COMPARISON_FILES, f"comparison on {name}")
         body = _comparison_section(folder, config, examples)
