@@ -159,6 +159,12 @@ class DataConfig:
         _check(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
         _check(bool(self.dev_split), "data.dev_split", "must not be empty")
         _check(self.max_dev_examples >= 0, "data.max_dev_examples", "must be >= 0")
+        unknown = sorted(set(self.columns) - set(RECORD_FIELDS))
+        _check(not unknown, "data.columns", f"unknown record field(s) {unknown}; the fields are "
+               f"{list(RECORD_FIELDS)}")
+        for name, column in self.columns.items():
+            _check(isinstance(column, str) and bool(column.strip()), f"data.columns.{name}",
+                   f"expected a column name, got {column!r}")
 
     @property
     def extra_sets(self) -> list[str]:
@@ -167,12 +173,6 @@ class DataConfig:
         (``--set data.dataset=humaneval`` on the main job's configuration: HumanEval once)."""
         again = self.dataset if self.eval_split == "test" else None
         return [name for name in self.extra_eval if name != again]
-        unknown = sorted(set(self.columns) - set(RECORD_FIELDS))
-        _check(not unknown, "data.columns", f"unknown record field(s) {unknown}; the fields are "
-               f"{list(RECORD_FIELDS)}")
-        for name, column in self.columns.items():
-            _check(isinstance(column, str) and bool(column.strip()), f"data.columns.{name}",
-                   f"expected a column name, got {column!r}")
 
 
 @dataclass
