@@ -60,7 +60,8 @@ def start_pool(config: RunConfig, checkpoints: ray.ObjectRef) -> list:
     """Start ``pool.num_actors`` actors (Ray queues any that the cluster cannot fit yet).
     ``checkpoints``: :func:`pack_checkpoints`' output put in the object store once, for every
     actor and restart; the caller keeps the reference for as long as the pool lives (Ray
-    cannot restart an actor whose constructor arguments went out of scope)."""
+    cannot restart an actor whose constructor arguments went out of scope,
+    ray-project/ray#47043)."""
     pool = config.pool
     ensure_ray()
     check_fits(sampler_actor_resources(config), f"pool: one actor (cpus_per_actor "
