@@ -147,3 +147,31 @@ def test_spread_keeps_a_distribution_where_unrolled_does_not_have_to():
                                        sampler="ddpm", condition=c)
         assert not torch.allclose(ddpm, draws)
     assert spreads["spread"] > spreads["unrolled"], spreads
+
+
+@pytest.mark.parametrize("objective, asked, expected", [
+    ("unrolled", ("ddpm", 50, 0.0), ("ddim", 3, 1.0)),     # its own 3-step chain, fresh noise
+    ("unrolled", ("ddim", 50, 0.0), ("ddim", 3, 0.0)),
+    ("deterministic", ("ddpm", 50, 0.0), ("deterministic", 1, 0.0)),
+    ("bootstrap", ("ddpm", 50, 0.0), ("ddpm", 100, 0.0)),  # all T of the smoke preset
+    ("bootstrap", ("ddim", 7, 0.5), ("ddim", 7, 0.5)),
+])
+def test_chain_names_the_reverse_process_that_sampling_runs(objective, asked, expected):
+    """What MLflow records as a method's chain (comparison._method_params) is what ran."""
+    from pipeline.method.samplers import sample
+
+    lm = make_lm("tiny-llama")
+    model = trained(tiny_config(steps=2, objective=objective, unroll_steps=3)).model
+    assert model.chain(*asked) == expected
+    if expected[0] == "deterministic":
+        return
+    c = conditions(lm, EXAMPLES[:2])
+    seeded = lambda: [torch.Generator().manual_seed(i) for i in range(2)]
+    sampler, steps, eta = asked
+    drawn = model.sample_latents(2, seeded(), sampler=sampler, steps=steps, eta=eta, condition=c)
+    sampler, steps, eta = expected
+    model.eval()
+    with torch.no_grad():
+        direct = sample(lambda x, t: model.predict(x, t, c), model.schedule, drawn.shape,
+                        sampler=sampler, steps=steps, eta=eta, generator=seeded())
+    torch.testing.assert_close(drawn, direct)

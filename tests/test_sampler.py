@@ -113,6 +113,9 @@ def test_sample_compares_every_method_in_mlflow(checkpoints, tmp_path, capsys):
     ddpt_child = by_method["ddpt"]
     assert ddpt_child.data.params["sampler"] == "ddpm"
     assert by_method["ddpt_ddim"].data.params["sampler"] == "ddim"
+    # The chain that ran: the smoke preset's bootstrap model samples as asked, DDPM over all T.
+    assert (ddpt_child.data.params["chain"], ddpt_child.data.params["steps"]) == ("ddpm", "100")
+    assert by_method["ddpt_ddim"].data.params["steps"] == "10"
     artifacts = {a.path for a in client.list_artifacts(ddpt_child.info.run_id, "interpret")}
     assert {"interpret/nearest_tokens.json", "interpret/tsne.png"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {

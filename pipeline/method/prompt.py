@@ -107,6 +107,17 @@ class DiffusionPrompt(nn.Module):
         for name, param in self.denoiser.named_parameters():
             teacher[name].lerp_(param.detach().to(teacher[name].dtype), rate)
 
+    def chain(self, sampler: str = "ddim", steps: int = 50, eta: float = 0.0
+              ) -> tuple[str, int, float]:
+        """The reverse process that sampling with ``(sampler, steps, eta)`` really runs, as
+        ``(sampler, steps, eta)``: the one asked for; the ``chain_steps``-step DDIM chain the model
+        was trained through (eta 1 for 'ddpm'); or the deterministic generator's single call."""
+        if self.deterministic:
+            return "deterministic", 1, 0.0
+        if self.chain_steps:
+            return "ddim", self.chain_steps, 1.0 if sampler == "ddpm" else eta
+        return sampler, self.schedule.timesteps if sampler == "ddpm" else steps, eta
+
     @torch.no_grad()
     def sample_latents(self, num: int, generator: Generators = None, *, sampler: str = "ddim",
                        steps: int = 50, eta: float = 0.0, condition: torch.Tensor | None = None,
@@ -124,8 +135,7 @@ class DiffusionPrompt(nn.Module):
         try:
             if self.deterministic:
                 return self.zero_noise_latents(num, condition, guidance)
-            if self.chain_steps:
-                sampler, steps, eta = "ddim", self.chain_steps, 1.0 if sampler == "ddpm" else eta
+            sampler, steps, eta = self.chain(sampler, steps, eta)
             return sample(lambda x, t: self.predict(x, t, condition, guidance), self.schedule,
                           (num, *self.latent_shape), sampler=sampler, steps=steps, eta=eta,
                           generator=generator, device=device)
