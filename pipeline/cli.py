@@ -116,6 +116,9 @@ def _add_experiment(sub) -> None:
     experiment = sub.add_parser("experiment", help="train every arm of an experiment spec with "
                                 "every seed, compare them, and tabulate mean and std over seeds")
     experiment.add_argument("--spec", required=True, help="experiment file (experiments/*.yaml)")
+    experiment.add_argument("--arms", help="comma-separated arms of the spec to run, and "
+                            "'baseline' for its baseline methods (default: all); the others can "
+                            "run later into the same --output with --resume")
     _override_args(experiment, "one more of the spec's fixed settings, e.g. "
                    "distributed.use_gpu=true (repeatable; data sets and arms still win)")
     _output_args(experiment, "runs/experiment",

@@ -67,6 +67,18 @@ def test_the_command_line_adds_fixed_settings_under_the_arms():
         load_experiment(SMOKE, ["train.stepz=5"])
 
 
+def test_arms_runs_some_arms_and_names_an_unknown_one():
+    """`ddpt experiment --arms`: the named arms only; 'baseline' adds the baseline methods."""
+    only = load_experiment(SMOKE, only_arms=["ddpt_conditional"])
+    assert [(a.name, s) for _, a, s in only.runs()] == [("ddpt_conditional", 0),
+                                                         ("ddpt_conditional", 1)]
+    with_baseline = load_experiment(SMOKE, only_arms=["baseline", "prompt_tuning"])
+    assert [(a and a.name, s) for _, a, s in with_baseline.runs()] == [
+        (None, 0), ("prompt_tuning", 0), ("prompt_tuning", 1)]
+    with pytest.raises(ConfigError, match=r"no arm \['ddpt_typo'\].*'ddpt_conditional'"):
+        load_experiment(SMOKE, only_arms=["ddpt_conditional", "ddpt_typo"])
+
+
 def test_rows_are_mean_and_std_over_seeds():
     results = [{"eval_set": "mbpp", "arm": "a", "method": "m", "metrics": {"x": v}}
                for v in (1.0, 2.0, 3.0)]

@@ -27,6 +27,7 @@ from pipeline.commands.run import run_main
 from pipeline.config import ConfigError, check_fresh_output
 from pipeline.evaluation.charts import CHARTS
 from pipeline.evaluation.experiment import (
+    BASELINE,
     Experiment,
     Row,
     aggregate,
@@ -64,7 +65,7 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, resume: bool 
                   output=output, params={"experiment.source": experiment.source,
                                          "experiment.seeds": experiment.seeds}) as parent:
         for dataset, arm, seed in experiment.runs():
-            arm_name = arm.name if arm else "baseline"
+            arm_name = arm.name if arm else BASELINE
             if (dataset, arm_name, seed) in done:
                 continue
             folder = output / dataset / arm_name / f"seed{seed}"
@@ -147,7 +148,8 @@ def write_tables(rows: list[Row], output: Path) -> None:
 
 def main(args: argparse.Namespace) -> None:
     # every run's configuration checked first
-    experiment = load_experiment(args.spec, overrides(args))
+    arms = [name.strip() for name in args.arms.split(",")] if args.arms else None
+    experiment = load_experiment(args.spec, overrides(args), arms)
     rows = run_experiment(experiment, args.output, resume=args.resume,
                           progress=not args.no_progress)
     print((Path(args.output) / TABLES).read_text())

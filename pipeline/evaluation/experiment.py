@@ -36,6 +36,7 @@ from pipeline.config import (
 from pipeline.evaluation.sampler import METHODS, prompt_models_needed
 
 SETTINGS = ("preset", "seeds", "baseline_methods")
+BASELINE = "baseline"  # the untrained baselines' name among the arms (their runs' folder)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class Experiment:
         return arm.methods if arm else self.baseline_methods
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+def load_experiment(path: str | Path, overrides: list[str] | None = None,
+                    only_arms: list[str] | None = None) -> Experiment:
     """Read and validate an experiment spec (every run's configuration is built once).
     ``overrides`` (``--set`` strings) join the spec's ``fixed`` settings, under the data sets'
     and arms' own (an arm still decides what it compares)."""
@@ -115,6 +117,13 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     if prompt_models_needed(baselines):
         raise ConfigError(f"{source}: experiment.baseline_methods: {list(baselines)} need "
                           "trained prompts; give them to an arm")
+    if only_arms is not None:  # some arms only: the rest can run later into the same output
+        unknown = sorted(set(only_arms) - {arm.name for arm in arms} - {BASELINE})
+        if unknown:
+            raise ConfigError(f"--arms: {source} has no arm {unknown}; its arms: "
+                              f"{[arm.name for arm in arms] + [BASELINE]}")
+        arms = [arm for arm in arms if arm.name in only_arms]
+        baselines = baselines if BASELINE in only_arms else ()
     fixed = {**dict(data.get("fixed") or {}), **parse_overrides(overrides or [])}
     experiment = Experiment(source, preset, seeds, fixed,
                             {k: dict(v or {}) for k, v in data["datasets"].items()}, arms,
