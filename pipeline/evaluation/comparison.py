@@ -223,19 +223,18 @@ def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path])
                       diffusion_steps=dc.diffusion_steps or config.eval.max_new_tokens,
                       diffusion_alg=dc.diffusion_alg,
                       diffusion_temperature=dc.diffusion_temperature)
-    model = None
-    if spec.prompt and spec.prompt in checkpoints:
-        from pipeline.training.checkpoint import load_prompt_model
-        from pipeline.training.prompt_models import parameter_count
-
-        model = load_prompt_model(checkpoints[spec.prompt])[0]
-        params["prompt_model_parameters"] = parameter_count(model)
     if spec.prompt:
         sample = method_sample_config(spec, config.sample)
         params.update(sampler=sample.sampler, prompts=sample.prompts,
                       checkpoint=str(checkpoints.get(spec.prompt, "")),
                       steps=sample.ddim_steps if sample.sampler == "ddim"
                       else config.diffusion.timesteps, eta=sample.eta)
+    if spec.prompt in checkpoints:
+        from pipeline.training.checkpoint import load_prompt_model
+        from pipeline.training.prompt_models import parameter_count
+
+        model = load_prompt_model(checkpoints[spec.prompt])[0]
+        params["prompt_model_parameters"] = parameter_count(model)
         if hasattr(model, "chain"):  # what the model really runs (its own chain, if trained on one)
             chain, steps, eta = model.chain(sample.sampler, sample.ddim_steps, sample.eta)
             params.update(chain=chain, steps=steps, eta=eta)
