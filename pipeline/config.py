@@ -110,7 +110,8 @@ class PromptConfig:
     context_tokens: int = _help(
         0, "context length n in tokens: 0 = the context's own length; larger pads, smaller cuts"
     )
-    max_source_tokens: int = _help(256, "instruction (+ input) tokens kept (cut from the right)")
+    # 512: HumanEval prompts run to 402 tokens (83 of 164 over 128).
+    max_source_tokens: int = _help(512, "instruction (+ input) tokens kept (cut from the right)")
     max_target_tokens: int = _help(128, "reference-code tokens kept for the loss")
 
     def __post_init__(self):
@@ -124,7 +125,7 @@ class PromptConfig:
 @dataclass
 class DataConfig:
     dataset: str = _help(
-        "conala", "conala, codealpaca, humaneval, mbpp, mbpp_functions (MBPP in HumanEval's "
+        "mbpp", "conala, codealpaca, humaneval, mbpp, mbpp_functions (MBPP in HumanEval's "
         "shape), or your own data: a .jsonl, .json, .csv or .parquet file, a folder written by "
         "datasets' save_to_disk, or a Hugging Face hub name owner/name (needs a network) "
         "(docs/data.md)"
@@ -138,18 +139,20 @@ class DataConfig:
     train_split: str = _help("train", "split the denoiser trains on")
     eval_split: str = _help("test", "split generations are scored on")
     max_train_examples: int = _help(0, "0 = all")
-    max_eval_examples: int = _help(64, "0 = all; the first N of the eval split, a fixed subset")
+    max_eval_examples: int = _help(
+        32, "0 = all; the first N of the eval split, a fixed subset (32: MBPP's test tasks 11-42)")
     dev_split: str = _help(
         "validation", "held-out split of the dev loss (train.eval_every, sweeps); HumanEval has "
         "only 'test'"
     )
     max_dev_examples: int = _help(32, "0 = all; the first N of the dev split")
     extra_eval: list[str] = _help(
-        [], "more data sets the trained prompts are compared on (their 'test' split; e.g. "
+        ["humaneval"], "more data sets the trained prompts are compared on (their 'test' split; e.g. "
         "[humaneval] after training on mbpp); each gets its own comparison in <output>/<name>/ "
         "(by ddpt run and ddpt sample); the evaluated data set itself is not compared twice"
     )
-    max_extra_eval_examples: int = _help(0, "0 = all; the first N of each extra_eval test split")
+    max_extra_eval_examples: int = _help(
+        32, "0 = all; the first N of each extra_eval test split (32: HumanEval/0-31)")
 
     def __post_init__(self):
         _check(self.max_extra_eval_examples >= 0, "data.max_extra_eval_examples",
@@ -192,12 +195,12 @@ class DenoiserConfig:
     num_blocks: int = _help(2, "residual MLP blocks")
     time_embed_dim: int = _help(64, "sinusoidal timestep embedding width")
     up_projection: str = _help(
-        "fixed", "'fixed': random k -> d map (BBT's low-dimensional search); 'learned': the "
+        "learned", "'fixed': random k -> d map (BBT's low-dimensional search); 'learned': the "
         "same map, trained"
     )
     up_scale: float = _help(0.5, "a unit-normal latent maps to this share of the mean token norm")
     condition: str = _help(
-        "none", "what the denoiser is conditioned on: 'none' (one prompt distribution for every "
+        "instruction", "what the denoiser is conditioned on: 'none' (one prompt distribution for every "
         "task) or 'instruction' (the mean of the frozen LM's input embeddings over the "
         "example's instruction and input: a prompt per task)"
     )
@@ -218,12 +221,12 @@ class TrainConfig:
         "baseline: the n context embeddings learned directly, same loss, data and steps)"
     )
     objective: str = _help(
-        "bootstrap", "DDPT's training objective (method.md section 1): 'bootstrap' (a global "
+        "unrolled", "DDPT's training objective (method.md section 1): 'bootstrap' (a global "
         "EMA target), 'bootstrap_teacher' (an EMA teacher's sample per example), 'unrolled' "
         "(LM loss through a short DDIM chain from noise), 'spread' (unrolled, rewarding spread "
         "between samples), 'deterministic' (the ablation: one step from zero noise)"
     )
-    steps: int = _help(80, "optimizer steps")
+    steps: int = _help(28, "optimizer steps")
     batch_size: int = _help(
         8, "examples per optimizer step, over all workers (each Ray worker takes "
         "batch_size / distributed.num_workers)"
@@ -285,7 +288,7 @@ class SampleConfig:
     eta: float = _help(0.0, "DDIM noise: 0 = deterministic, 1 = DDPM-like")
     seed: int = _help(0, "seed of x_T")
     prompts: str = _help(
-        "shared", "'shared': one sampled prompt for every example (a conditional model: the "
+        "per_example", "'shared': one sampled prompt for every example (a conditional model: the "
         "same noise, each example's condition); 'per_example': noise per example (seeded by "
         "the example id, so a retried batch gets the same prompts)"
     )
@@ -308,7 +311,7 @@ class EvalConfig:
         ["bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"], "metrics to compute"
     )
     methods: list[str] = _help(
-        ["manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa"],
+        ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"],
         "methods `ddpt run` compares (`ddpt sample --help` lists them all)")
     max_new_tokens: int = _help(128, "greedy decoding length limit")
     batch_size: int = _help(
@@ -621,32 +624,42 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return flat
 
 
-# The main job (issue 12): prompts trained on MBPP's train split, the DDPT variant chosen on
-# MBPP's validation split (per-task prompts, the `unrolled` objective, a learned up-projection;
-# docs/results.md), judged by running the code on fixed subsets of MBPP's test split and
-# HumanEval. The caps, steps and subsets fit 30 minutes on 2 CPU cores (docs/results.md).
-MAIN_JOB: dict[str, dict[str, Any]] = {
-    "data": {"dataset": "mbpp", "train_split": "train", "eval_split": "test",
-             "max_eval_examples": 32, "extra_eval": ["humaneval"],
-             "max_extra_eval_examples": 32},
-    # 512 instruction tokens: HumanEval prompts run to 402 (83 of 164 over 128).
-    "prompt": {"max_source_tokens": 512, "max_target_tokens": 128},
-    "denoiser": {"condition": "instruction", "up_projection": "learned"},
-    "train": {"objective": "unrolled", "steps": 28},
-    "sample": {"prompts": "per_example"},
-    "eval": {"methods": ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"]},
+# The dataclass defaults above ARE the main job (`ddpt run`, `make run`): prompts trained on
+# MBPP's train split, the DDPT variant chosen on MBPP's validation split (a prompt per task, the
+# `unrolled` objective, a learned up-projection; docs/results.md), judged by running the code on
+# fixed subsets of MBPP's test split and HumanEval. The caps, steps and subsets fit 30 minutes on
+# 2 CPU cores (docs/results.md). A preset is what it changes in them.
+PAPER: dict[str, dict[str, Any]] = {
+    # The paper's set-up (Li et al. 2025): CoNaLa, one prompt distribution for every task
+    # through a fixed random up-projection, the bootstrap objective, 80 steps, every method.
+    "data": {"dataset": "conala", "max_eval_examples": 64, "extra_eval": [],
+             "max_extra_eval_examples": 0},
+    "prompt": {"max_source_tokens": 256},
+    "denoiser": {"condition": "none", "up_projection": "fixed"},
+    "train": {"objective": "bootstrap", "steps": 80},
+    "sample": {"prompts": "shared"},
+    "eval": {"methods": ["manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa"]},
 }
 
+
+def _on_top(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]]
+            ) -> dict[str, dict[str, Any]]:
+    """``base`` with the fields ``changes`` sets replaced, section by section."""
+    merged = {section: dict(values) for section, values in base.items()}
+    for section, values in changes.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The embedded model on MBPP and HumanEval (MAIN_JOB).
-    "default": MAIN_JOB,
-    # The library's own defaults: the paper's set-up, CoNaLa and the unconditional DDPT through
-    # a fixed random projection; the main job before issue 12 (docs/results.md). The experiment
-    # specs start from it and set every choice they compare.
-    "paper": {},
-    # A tiny random model and a handful of steps: the whole path, ~30 s of CPU time (Ray and
-    # DeepSpeed start-up add the rest; docs/results.md).
-    "smoke": {
+    # The main job: the dataclass defaults, nothing changed.
+    "main": {},
+    # The paper's set-up on CoNaLa (the main job before issue 12; docs/results.md). The
+    # experiment specs start from it and set every choice they compare.
+    "paper": PAPER,
+    # The paper's set-up on a tiny random model with a handful of steps: the whole path, ~30 s
+    # of CPU time (Ray and DeepSpeed start-up add the rest; docs/results.md).
+    "smoke": _on_top(PAPER, {
         "model": {"name": "tiny-llama"},
         "prompt": {"max_source_tokens": 64, "max_target_tokens": 48},
         "data": {"max_train_examples": 64, "max_eval_examples": 8},
@@ -656,12 +669,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sample": {"ddim_steps": 10},
         "eval": {"max_new_tokens": 16, "batch_size": 4},
         "distributed": {"num_workers": 1},
-    },
+    }),
 }
 
 
 def build_config(
-    preset: str = "default", config_file: str | None = None, overrides: list[str] | None = None
+    preset: str = "main", config_file: str | None = None, overrides: list[str] | None = None
 ) -> RunConfig:
     """Preset, then a config file on top, then ``--set`` overrides on top of that."""
     if preset not in PRESETS:

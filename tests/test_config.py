@@ -1,4 +1,5 @@
 """The configuration: validation names the field, conversions round-trip."""
+import json
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,25 @@ from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
 def test_defaults_follow_method_md():
     config = RunConfig()
     assert config.diffusion.timesteps == 2000 and config.diffusion.schedule == "linear"
-    assert config.train.objective == "bootstrap" and config.denoiser.bottleneck == 16
+    assert config.train.objective == "unrolled" and config.denoiser.bottleneck == 16
     assert config.prompt.context.startswith("Below is an instruction that describes a task.")
+
+
+# What each preset resolved to before the dataclass defaults became the main job (they were the
+# paper's set-up): `make run` (main), `--preset paper`, and every smoke-based test must not move.
+PINNED = Path(__file__).with_name("presets_resolved.json")
+
+
+@pytest.mark.parametrize("preset", ["main", "paper", "smoke"])
+def test_presets_resolve_to_their_pinned_configuration(preset):
+    assert build_config(preset).to_dict() == json.loads(PINNED.read_text())[preset]
+
+
+def test_the_main_preset_is_the_defaults_and_what_ddpt_run_starts_from():
+    from pipeline.cli import build_parser
+
+    assert PRESETS["main"] == {} and build_config("main") == RunConfig() == build_config()
+    assert build_parser().parse_args(["run"]).preset == "main"
 
 
 def test_flat_round_trip():
@@ -50,7 +68,7 @@ def test_config_file_applies_on_top_of_preset(tmp_path):
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
-        build_config("default", overrides=[override])
+        build_config("main", overrides=[override])
 
 
 def test_data_columns_round_trip(tmp_path):
@@ -72,25 +90,25 @@ def test_bad_file_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
-        build_config("default", str(path))
+        build_config("main", str(path))
     path.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown field\(s\) \['train.stepz'\]"):
-        build_config("default", str(path))
+        build_config("main", str(path))
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
-        build_config("default", str(tmp_path / "missing.yaml"))
+        build_config("main", str(tmp_path / "missing.yaml"))
 
 
 def test_batch_must_split_over_ray_workers():
     with pytest.raises(ConfigError, match="does not split evenly over distributed.num_workers=2"):
-        build_config("default", overrides=["train.batch_size=7"])
-    build_config("default", overrides=["train.batch_size=7", "distributed.backend=local"])
+        build_config("main", overrides=["train.batch_size=7"])
+    build_config("main", overrides=["train.batch_size=7", "distributed.backend=local"])
 
 
 def test_the_written_out_default_config_matches_the_defaults():
     """cluster/configs/embedded-cpu.yaml says every value equals the default (device pinned)."""
     path = Path(__file__).resolve().parent.parent / "cluster" / "configs" / "embedded-cpu.yaml"
-    written = build_config("default", str(path))
-    expected = build_config("default", overrides=["model.device=cpu"])
+    written = build_config("main", str(path))
+    expected = build_config("main", overrides=["model.device=cpu"])
     assert written.to_flat() == expected.to_flat()
 
 

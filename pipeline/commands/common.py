@@ -23,7 +23,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> RunConfig:
     """Preset, then --config, then --set (and ``extra`` overrides after them)."""
-    return build_config(args.preset or "default", args.config,
+    return build_config(args.preset or "main", args.config,
                         [*overrides(args), *(extra or [])])
 
 

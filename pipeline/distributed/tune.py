@@ -297,7 +297,7 @@ def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
     if resume:
         if not state_file.is_file():
             raise ConfigError(f"{output}: no sweep to resume ({SWEEP_FILE} is missing)")
-        sweep = load_sweep(output / SPACE_COPY, preset="default",
+        sweep = load_sweep(output / SPACE_COPY, preset="main",
                            config_file=str(output / BASE_COPY))
     else:
         check_fresh_output(output, resume, (SWEEP_FILE, TUNE_NAME), "sweep")

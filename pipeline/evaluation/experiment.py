@@ -5,7 +5,7 @@ the spec (on Ray by default) and appends one result per (data set, arm, seed) as
 
 A spec file (YAML; ``experiments/*.yaml``)::
 
-    experiment: {preset: default, seeds: [0, 1, 2], baseline_methods: [manual]}
+    experiment: {preset: main, seeds: [0, 1, 2], baseline_methods: [manual]}
     fixed:      {flat config keys set in every run}
     datasets:   {name: {flat config keys: the training data, its eval split, data.extra_eval}}
     arms:       {name: {set: {flat config keys}, methods: [comparison methods it gives]}}
@@ -102,7 +102,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None,
     if set(settings) - set(SETTINGS):
         raise ConfigError(f"{source}: experiment: unknown {sorted(set(settings) - set(SETTINGS))}"
                           f"; known: {list(SETTINGS)}")
-    preset = settings.get("preset", "default")
+    preset = settings.get("preset", "main")
     if preset not in PRESETS:
         raise ConfigError(f"{source}: experiment.preset: unknown {preset!r}; known: "
                           f"{list(PRESETS)}")

@@ -169,7 +169,7 @@ def _base_config(path: Path, settings: dict, fixed: dict, raw_space: dict, prese
                  config_file: str | None, overrides: list[str] | None) -> RunConfig:
     """What every trial starts from: preset, config file, ``fixed``, then ``--set``."""
     source = str(path)
-    preset = preset or settings.get("preset") or "default"
+    preset = preset or settings.get("preset") or "main"
     if preset not in PRESETS:
         raise ConfigError(f"{source}: sweep.preset: unknown preset {preset!r}; "
                           f"known: {list(PRESETS)}")
