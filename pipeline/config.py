@@ -147,9 +147,10 @@ class DataConfig:
     )
     max_dev_examples: int = _help(32, "0 = all; the first N of the dev split")
     extra_eval: list[str] = _help(
-        ["humaneval"], "more data sets the trained prompts are compared on (their 'test' split; e.g. "
-        "[humaneval] after training on mbpp); each gets its own comparison in <output>/<name>/ "
-        "(by ddpt run and ddpt sample); the evaluated data set itself is not compared twice"
+        ["humaneval"], "more data sets the trained prompts are compared on (their 'test' "
+        "split; e.g. [humaneval] after training on mbpp); each gets its own comparison in "
+        "<output>/<name>/ (by ddpt run and ddpt sample); the evaluated data set itself is not "
+        "compared twice"
     )
     max_extra_eval_examples: int = _help(
         32, "0 = all; the first N of each extra_eval test split (32: HumanEval/0-31)")
@@ -200,9 +201,9 @@ class DenoiserConfig:
     )
     up_scale: float = _help(0.5, "a unit-normal latent maps to this share of the mean token norm")
     condition: str = _help(
-        "instruction", "what the denoiser is conditioned on: 'none' (one prompt distribution for every "
-        "task) or 'instruction' (the mean of the frozen LM's input embeddings over the "
-        "example's instruction and input: a prompt per task)"
+        "instruction", "what the denoiser is conditioned on: 'none' (one prompt distribution "
+        "for every task) or 'instruction' (the mean of the frozen LM's input embeddings over "
+        "the example's instruction and input: a prompt per task)"
     )
 
     def __post_init__(self):

@@ -225,7 +225,7 @@ def test_the_splits_a_run_reads_and_the_rows_ray_reads(tmp_path):
 def test_a_table_trains_and_evaluates(tmp_path, suffix, columns):
     """The tiny model trains a DDPT prompt for two steps on a Parquet / CSV file and compares
     it with the manual prompt on the file's test split, all in this process."""
-    from pipeline.commands.run import run_main
+    from pipeline.studies.main_job import run_main
 
     rows = tasks(12)
     table = (write_parquet if suffix == "parquet" else write_csv)(tmp_path / f"t.{suffix}", rows)

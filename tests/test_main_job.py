@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import build_config
-from pipeline.evaluation.results import ResultStore
+from pipeline.scoring.results import ResultStore
 from pipeline.tracking import child_runs
 
 DDPT = [sys.executable, "-m", "pipeline.cli"]

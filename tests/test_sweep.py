@@ -17,9 +17,9 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, RunConfig, build_config
 from pipeline.data.loaders import DataError
 from pipeline.data.splits import dev_examples
-from pipeline.evaluation.heldout import heldout_code_loss, sharded_code_loss
+from pipeline.scoring.heldout import heldout_code_loss, sharded_code_loss
+from pipeline.studies.sweep import Sweep, TrialSummary, default_space_file, load_sweep, pick_best
 from pipeline.tracking import child_runs
-from pipeline.training.sweep import Sweep, TrialSummary, default_space_file, load_sweep, pick_best
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_SPACE = REPO / "tune" / "smoke.yaml"

@@ -293,7 +293,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 def dev_loss(worker: Worker, dev: list) -> float:
     """Code cross-entropy on the dev examples given one prompt sampled as evaluation does; all
     ranks together."""
-    from pipeline.evaluation.heldout import sharded_code_loss  # it imports the metrics
+    from pipeline.scoring.heldout import sharded_code_loss  # it imports the metrics
     from pipeline.training.prompt_models import is_conditional, sampling_args
 
     config, model, lm = worker.config, worker.prompt_model, worker.lm

@@ -57,6 +57,7 @@ from pipeline.distributed.storage import (
 )
 from pipeline.distributed.train import ray_backend
 from pipeline.quiet import verbose
+from pipeline.studies.sweep import Sweep, TrialSummary, load_sweep, pick_best, trial_status
 from pipeline.tracking import (
     MAX_ERROR_CHARS,
     ROLE_TAG,
@@ -67,7 +68,6 @@ from pipeline.tracking import (
     resolve_tracking_uri,
 )
 from pipeline.training.job import RUN_FILE, open_tracker, run_training
-from pipeline.training.sweep import Sweep, TrialSummary, load_sweep, pick_best, trial_status
 
 log = logging.getLogger(__name__)
 

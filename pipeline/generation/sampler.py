@@ -206,7 +206,7 @@ class BatchSampler:
         each example's AR-ness and first-step confidences, and n draws per example when
         ``execution.num_samples`` > 1 (decoding.diffusion_temperature > 0)."""
         from pipeline.decoding.dllm import generate_ids_diffusion
-        from pipeline.evaluation.arness import arness_from_record
+        from pipeline.scoring.arness import arness_from_record
 
         lm, decoding, length = self.lm, self.config.decoding, self.config.eval.max_new_tokens
         spa = method.decoding == "spa"
@@ -288,7 +288,7 @@ class LocalPool:
 
     def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
             progress: bool = True) -> None:
-        from pipeline.evaluation.progress import MethodProgress
+        from pipeline.generation.progress import MethodProgress
 
         lines = MethodProgress(tasks, enabled=progress)
         try:

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 from pipeline.config import ExecutionConfig
 from pipeline.data.example import Example, missing_tests
-from pipeline.evaluation.passk import PASSED, pass_at_k_metrics
-from pipeline.evaluation.results import ResultStore
 from pipeline.sandbox import run_programs
+from pipeline.scoring.passk import PASSED, pass_at_k_metrics
+from pipeline.scoring.results import ResultStore
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # programs per sandbox batch (and per store append)

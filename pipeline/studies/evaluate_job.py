@@ -1,4 +1,4 @@
-"""``ddpt evaluate``: execution-based evaluation of a data set's programs (pass@k).
+"""Execution-based evaluation of a data set's programs (``ddpt evaluate``; pass@k).
 
 The ``canonical`` method runs each example's reference solution against its tests: a
 self-check of the data and of the sandbox (HumanEval and MBPP should pass every task). The
@@ -18,22 +18,21 @@ Writes into the output folder:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.commands.common import overrides, pool_opener
-from pipeline.config import ConfigError, RunConfig, build_config, check_fresh_output
+from pipeline.config import ConfigError, RunConfig, check_fresh_output
 from pipeline.data.example import Example
 from pipeline.data.splits import tested_eval_examples
-from pipeline.evaluation.charts import CHARTS, METRICS_PNG, metric_chart
-from pipeline.evaluation.comparison import arness_plots, check_before_work, sample_into, score
-from pipeline.evaluation.execution import score_execution
-from pipeline.evaluation.results import ResultStore
-from pipeline.evaluation.sampler import METHODS, task_fields
+from pipeline.generation.sampler import METHODS, task_fields
 from pipeline.sandbox import SandboxError, resolve_isolation
+from pipeline.scoring.execution import score_execution
+from pipeline.scoring.results import ResultStore
+from pipeline.studies.backends import LOCAL, Backends
+from pipeline.studies.charts import CHARTS, METRICS_PNG, metric_chart
+from pipeline.studies.comparison import arness_plots, check_before_work, sample_into, score
 from pipeline.tracking import RunTracker, check_tracking_uri, open_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -48,14 +47,15 @@ MODEL_METHODS = {name: spec for name, spec in METHODS.items() if spec.prompt is 
 
 
 def _open_run(config: RunConfig, output: Path, uri: str, methods: Sequence[str],
-              isolation: str, resume: bool) -> RunTracker:
+              isolation: str, *, resume: bool) -> RunTracker:
     return open_run(output / RUN_FILE, resume, uri, config.tracking.experiment_name(config),
                     "evaluate", role="evaluate", output=output, params=config.to_flat(),
                     tags={"ddpt.methods": ",".join(methods), "ddpt.isolation": isolation})
 
 
 def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] = ("canonical",),
-                 resume: bool = False, progress: bool = False) -> dict[str, dict[str, float]]:
+                 *, backends: Backends = LOCAL, resume: bool = False, progress: bool = False
+                 ) -> dict[str, dict[str, float]]:
     """Execute each method's program for every example of ``data.eval_split``; returns
     ``{method: {"pass_at_1": ..., "passed": ..., "total": ...}}``. With ``resume``, ids already
     scored are skipped and the MLflow run is continued."""
@@ -87,10 +87,10 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     output.mkdir(parents=True, exist_ok=True)
     config.save(output / "config.yaml")
     metrics: dict[str, dict[str, float]] = {}
-    with _open_run(config, output, uri, methods, isolation, resume) as tracker:
+    with _open_run(config, output, uri, methods, isolation, resume=resume) as tracker:
         if model_methods:  # generate what the store lacks, batch by batch
-            sample_into(store, config, model_methods, examples, pool_opener(config, {}),
-                        progress)
+            sample_into(store, config, model_methods, examples,
+                        backends.pool(config, {}, None), progress=progress)
             metrics.update(score(store, config, model_methods, examples))
             for method in model_methods:
                 for plot in arness_plots(store.by_method().get(method, []), output / "arness",
@@ -113,17 +113,3 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
         tracker.log_artifact(output / "metrics.json")
         tracker.log_artifact(store.path)
     return metrics
-
-
-def main(args: argparse.Namespace) -> None:
-    # --limit before --set (an explicit --set wins), --data last (it is the command's subject;
-    # the main job's extra evaluation sets are not this command's)
-    config = build_config(args.preset, args.config, [
-        f"data.max_eval_examples={args.limit}", *overrides(args), f"data.dataset={args.data}",
-        "data.extra_eval=[]"])
-    metrics = run_evaluate(config, args.output, methods=args.method or ["canonical"],
-                           resume=args.resume, progress=not args.no_progress)
-    for method, values in metrics.items():
-        print(f"{method}: {values['passed']}/{values['total']} passed; " + ", ".join(
-            f"{k} {v:.4f}" for k, v in values.items() if k.startswith("pass_at")))
-    print(f"wrote {args.output}/metrics.json and {args.output}/samples.jsonl")

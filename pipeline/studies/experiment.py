@@ -33,7 +33,7 @@ from pipeline.config import (
     load_yaml,
     parse_overrides,
 )
-from pipeline.evaluation.sampler import METHODS, prompt_models_needed
+from pipeline.generation.sampler import METHODS, prompt_models_needed
 
 SETTINGS = ("preset", "seeds", "baseline_methods")
 BASELINE = "baseline"  # the untrained baselines' name among the arms (their runs' folder)
@@ -216,7 +216,7 @@ def _cell(row: Row, name: str) -> str:
 def experiment_charts(rows: list[Row], folder: Path) -> list[Path]:
     """``<folder>/<eval set>_metrics.png`` per evaluation set: a bar per (arm, method) in each
     metric's panel, with error bars of the standard deviation over seeds where several ran."""
-    from pipeline.evaluation.charts import metric_chart
+    from pipeline.studies.charts import metric_chart
 
     written = []
     for eval_set in dict.fromkeys(row.eval_set for row in rows):

@@ -1,5 +1,6 @@
-"""``ddpt experiment``: every arm of an experiment spec, trained with every seed on every data set
-and compared on its evaluation sets; a table of mean and standard deviation over the seeds.
+"""Running an experiment (``ddpt experiment``): every arm of an experiment spec, trained with
+every seed on every data set and compared on its evaluation sets; a table of mean and standard
+deviation over the seeds.
 
 Each (data set, arm, seed) is one ``ddpt run`` (training on Ray Train + DeepSpeed and sampling
 on the Ray actor pool by default) into ``<output>/<data set>/<arm>/seed<k>/``, nested under the
@@ -11,7 +12,6 @@ std over seeds as error bars), also as MLflow artifacts; ``ddpt report`` makes a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -22,20 +22,20 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipeline.commands.common import overrides, with_tracking_uri
-from pipeline.commands.run import run_main
 from pipeline.config import ConfigError, check_fresh_output
-from pipeline.evaluation.charts import CHARTS
-from pipeline.evaluation.experiment import (
+from pipeline.studies.backends import LOCAL, Backends
+from pipeline.studies.charts import CHARTS
+from pipeline.studies.comparison import with_tracking_uri
+from pipeline.studies.experiment import (
     BASELINE,
     Experiment,
     Row,
     aggregate,
     experiment_charts,
-    load_experiment,
     markdown_table,
     read_results,
 )
+from pipeline.studies.main_job import run_main
 from pipeline.tracking import open_run, read_run_file, resolve_tracking_uri
 from pipeline.training.job import CHECKPOINT, RUN_FILE
 
@@ -48,7 +48,8 @@ TABLE_METRICS = ["pass_at_1", "code_ce", "bleu4", "codebleu", "prompt_spread_per
                  "train_step_seconds", "step_time_vs_prompt_tuning"]
 
 
-def run_experiment(experiment: Experiment, output_dir: str | Path, resume: bool = False,
+def run_experiment(experiment: Experiment, output_dir: str | Path, *,
+                   backends: Backends = LOCAL, resume: bool = False,
                    progress: bool = True) -> list[Row]:
     """Run (or continue) ``experiment`` into ``output_dir``; returns the aggregated rows."""
     output = Path(output_dir).resolve()
@@ -72,8 +73,9 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, resume: bool 
             config = with_tracking_uri(experiment.config(dataset, arm, seed), folder)
             log.info("experiment: %s / %s / seed %d into %s", dataset, arm_name, seed, folder)
             began = time.perf_counter()
-            metrics = run_main(config, folder, resume=True, methods=experiment.methods(arm),
-                               progress=progress, parent_run_id=parent.run_id)
+            metrics = run_main(config, folder, backends=backends, resume=True,
+                               methods=experiment.methods(arm), progress=progress,
+                               parent_run_id=parent.run_id)
             extra = _training_facts(folder)
             with results_file.open("a") as out:
                 for key, values in metrics.items():
@@ -144,13 +146,3 @@ def write_tables(rows: list[Row], output: Path) -> None:
             for eval_set in eval_sets]
     (output / TABLES).write_text("\n".join(text))
     (output / SUMMARY).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
-
-
-def main(args: argparse.Namespace) -> None:
-    # every run's configuration checked first
-    arms = [name.strip() for name in args.arms.split(",")] if args.arms else None
-    experiment = load_experiment(args.spec, overrides(args), arms)
-    rows = run_experiment(experiment, args.output, resume=args.resume,
-                          progress=not args.no_progress)
-    print((Path(args.output) / TABLES).read_text())
-    print(f"{len(rows)} rows; wrote {args.output}/{TABLES}, {SUMMARY} and {RESULTS}")

@@ -1,23 +1,24 @@
-"""``ddpt sample``: compare methods with prompt models trained already (a checkpoint folder or an
-MLflow run id each), on the sampler pool, on the evaluation split and on each ``data.extra_eval``
-set (``<output>/<data set>/``), as ``ddpt run`` does; the comparisons land in MLflow like its."""
+"""Comparing trained prompt models (``ddpt sample``): methods with prompt models trained already
+(a checkpoint folder or an MLflow run id each), on the sampler pool, on the evaluation split and
+on each ``data.extra_eval`` set (``<output>/<data set>/``), as the main job does; the
+comparisons land in MLflow like its."""
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
-from pipeline.commands.common import config_from_args, config_on, pool_opener, with_tracking_uri
-from pipeline.commands.run import compare_on_extra, extra_examples, print_tables
 from pipeline.config import ConfigError, RunConfig, check_fresh_output
 from pipeline.data.splits import eval_examples
-from pipeline.evaluation.comparison import (
+from pipeline.generation.sampler import check_methods, prompt_models_needed
+from pipeline.studies.backends import LOCAL, Backends
+from pipeline.studies.comparison import (
     COMPARISON_FILE,
     check_before_work,
     open_comparison,
     run_comparison,
+    with_tracking_uri,
 )
-from pipeline.evaluation.sampler import check_methods, prompt_models_needed
+from pipeline.studies.main_job import compare_on_extra, extra_examples
 from pipeline.training.checkpoint import STATE_FILE
 from pipeline.training.job import CHECKPOINT
 from pipeline.training.prompt_models import PROMPT_MODELS
@@ -54,7 +55,8 @@ def resolve_checkpoint(source: str, name: str, config: RunConfig, output: Path) 
 
 
 def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str],
-               methods: tuple[str, ...], resume: bool = False, progress: bool = True) -> dict:
+               methods: tuple[str, ...], *, backends: Backends = LOCAL, resume: bool = False,
+               progress: bool = True) -> dict:
     """Compare ``methods`` with already trained prompt models (``sources``: prompt model name
     -> checkpoint folder or MLflow run id), on ``data.eval_split`` and each ``data.extra_eval``.
     Returns ``{method: metrics}``, with ``<data set>/<method>`` keys for the extra data sets."""
@@ -72,29 +74,12 @@ def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str
     checkpoints = {name: resolve_checkpoint(sources[name], name, config, output)
                    for name in prompt_models_needed(methods)}
     config.save(output / "config.yaml")
-    with open_comparison(config, output, resume, list(methods)) as parent:
+    with open_comparison(config, output, list(methods), resume=resume) as parent:
         for name, path in checkpoints.items():
             parent.set_tag(f"ddpt.checkpoint.{name}", path)
-        metrics = run_comparison(config, output, list(methods), checkpoints, examples, parent,
-                                 pool_opener(config, checkpoints), resume, progress)
-    metrics.update(compare_on_extra(config, output, methods, checkpoints, extra, resume,
-                                    progress))
+        metrics = run_comparison(config, output, list(methods), checkpoints, examples,
+                                 parent=parent, open_pool=backends.pool(config, checkpoints, None),
+                                 resume=resume, progress=progress)
+    metrics.update(compare_on_extra(config, output, methods, checkpoints, extra,
+                                    backends=backends, resume=resume, progress=progress))
     return metrics
-
-
-def main(args: argparse.Namespace) -> None:
-    sources = {name: getattr(args, f"checkpoint_{name}") for name in PROMPT_MODELS
-               if getattr(args, f"checkpoint_{name}", None)}
-    ddpt_checkpoint = sources.get("ddpt")
-    if args.preset is None and ddpt_checkpoint and Path(ddpt_checkpoint, "config.yaml").is_file():
-        # Sample with the model and template the prompt model was trained with.
-        # Its tracking URI was the training run's: this comparison gets its own.
-        base = RunConfig.load(Path(ddpt_checkpoint, "config.yaml")).with_overrides(
-            ["tracking.uri=null"])
-        config = config_on(base, args)
-    else:
-        config = config_from_args(args)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    metrics = run_sample(config, args.output, sources, methods, resume=args.resume,
-                         progress=not args.no_progress)
-    print_tables(config, metrics, args.output)
