@@ -560,7 +560,7 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         """Read a YAML or JSON file (JSON is YAML); missing fields keep their defaults."""
-        return cls.from_dict(_read_yaml(path), source=str(path))
+        return cls.from_dict(read_mapping(path), source=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -674,13 +674,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def preset_config(name: str, where: str = "preset") -> RunConfig:
+    """The configuration preset ``name`` gives (:data:`PRESETS`); a ConfigError naming
+    ``where`` (the option or the file's key it came from) for an unknown name."""
+    if name not in PRESETS:
+        raise ConfigError(f"{where}: unknown preset {name!r}; known: {list(PRESETS)}")
+    return RunConfig.from_dict(PRESETS[name], source=f"preset {name}")
+
+
 def build_config(
     preset: str = "main", config_file: str | None = None, overrides: list[str] | None = None
 ) -> RunConfig:
     """Preset, then a config file on top, then ``--set`` overrides on top of that."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; known: {list(PRESETS)}")
-    config = RunConfig.from_dict(PRESETS[preset], source=f"preset {preset}")
+    config = preset_config(preset)
     if config_file:
         config = merge_file(config, config_file)
     return config.with_overrides(overrides or [])
@@ -689,7 +695,7 @@ def build_config(
 def merge_file(config: RunConfig, config_file: str | Path) -> RunConfig:
     """``config`` with the fields a YAML/JSON file sets replaced."""
     merged = config.to_dict()
-    for section, values in _read_yaml(config_file).items():
+    for section, values in read_mapping(config_file).items():
         if section in merged and isinstance(values, dict):
             merged[section].update(values)
         else:
@@ -697,14 +703,18 @@ def merge_file(config: RunConfig, config_file: str | Path) -> RunConfig:
     return RunConfig.from_dict(merged, source=str(config_file))
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML (or JSON) file holds, parsed as every file here is (YAML 1.2
+    booleans); ``{}`` for an empty file. The one reader of config files, sweep spaces and
+    experiment specs: a ConfigError names the file (``what``: what it should be) if it is
+    missing, not YAML, or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from err
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} holds a mapping, not a {type(data).__name__}")
     return data or {}

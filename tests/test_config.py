@@ -122,3 +122,24 @@ def test_yaml_1_1_words_stay_strings(tmp_path):
     path.write_text("train:\n  lm_autocast: off\n")
     assert build_config(config_file=str(path)).train.lm_autocast == "off"
     assert load_yaml("[on, yes, no, true, False]") == ["on", "yes", "no", True, False]
+
+
+def test_one_reader_for_config_files_sweep_spaces_and_experiment_specs(tmp_path):
+    """Every YAML file is read by one reader and every preset looked up by one function: the
+    same errors, each naming the file (and the key a preset came from)."""
+    from pipeline.studies.experiment import load_experiment
+    from pipeline.studies.sweep import load_sweep
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    for load, what in ((lambda path: build_config("main", str(path)), "config file"),
+                       (load_sweep, "space file"), (load_experiment, "experiment file")):
+        with pytest.raises(ConfigError, match=f"list.yaml: a {what} holds a mapping, not a list"):
+            load(listed)
+        with pytest.raises(ConfigError, match=f"missing.yaml: {what} not found"):
+            load(tmp_path / "missing.yaml")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("experiment: {preset: huge}\ndatasets: {a: {}}\narms: {}\n")
+    with pytest.raises(ConfigError, match=r"spec.yaml: experiment.preset: unknown preset 'huge'; "
+                       r"known: \['main', 'paper', 'smoke'\]"):
+        load_experiment(spec)
