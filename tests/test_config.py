@@ -143,3 +143,71 @@ def test_one_reader_for_config_files_sweep_spaces_and_experiment_specs(tmp_path)
     with pytest.raises(ConfigError, match=r"spec.yaml: experiment.preset: unknown preset 'huge'; "
                        r"known: \['main', 'paper', 'smoke'\]"):
         load_experiment(spec)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("execution.cpu_s=100000000000000000000", "execution.cpu_s: must be in (0, 86400]"),
+    ("execution.cpu_s=1e20", "execution.cpu_s: expected an integer"),
+    ("execution.cpu_s=1.0e20", "execution.cpu_s: expected an integer"),
+    ("execution.max_file_mb=9999999999999", "execution.max_file_mb: must be in (0, 1048576]"),
+    ("execution.memory_mb=0", "execution.memory_mb: must be in (0, 1048576]"),
+    ("execution.timeout_s=inf", "execution.timeout_s: must be a finite number, got inf"),
+    ("execution.timeout_s=.inf", "execution.timeout_s: must be a finite number, got inf"),
+    ("execution.timeout_s=nan", "execution.timeout_s: must be a finite number, got nan"),
+    ("execution.timeout_s=86401", "execution.timeout_s: must be in (0, 86400], got 86401.0"),
+    ("train.weight_decay=-inf", "train.weight_decay: must be a finite number"),
+])
+def test_sandbox_limits_and_non_finite_numbers_fail_at_config_time(override, message):
+    with pytest.raises(ConfigError) as err:
+        build_config("main", overrides=[override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_the_largest_sandbox_limits_pass():
+    config = build_config("main", overrides=[
+        "execution.timeout_s=86400", "execution.cpu_s=86400", "execution.memory_mb=1048576",
+        "execution.max_file_mb=1048576"])
+    assert config.execution.cpu_s == 86400 and config.execution.max_file_mb == 2 ** 20
+
+
+def _violations(bounds) -> list:
+    """Values that break ``bounds`` (a field's metadata["bounds"])."""
+    values = []
+    if bounds.choices is not None:
+        values.append("__no_such_choice__")
+    for low in (bounds.gt, bounds.ge):
+        if low is not None:
+            values.append(low - 1)
+    for high in (bounds.lt, bounds.le):
+        if high is not None:
+            values.append(high + 1)
+    if bounds.nonempty:
+        values.append("  ")
+    if bounds.at_least_one:
+        values.append([])
+    return values
+
+
+def test_every_bound_is_checked_and_names_its_field():
+    """Bounds live in the fields' metadata and are checked in one place: every bound of every
+    field rejects a value past it, through --set, with the field's section.name."""
+    import dataclasses
+
+    checked = 0
+    for section in dataclasses.fields(RunConfig):
+        for item in dataclasses.fields(getattr(RunConfig(), section.name)):
+            for value in _violations(item.metadata["bounds"]):
+                key = f"{section.name}.{item.name}"
+                with pytest.raises(ConfigError) as err:
+                    RunConfig.from_flat({key: value}, base=RunConfig.from_dict(
+                        {"distributed": {"backend": "local"}}))
+                assert str(err.value).startswith(f"{key}: "), str(err.value)
+                checked += 1
+    assert checked > 70
+
+
+def test_the_sandbox_and_the_configuration_name_the_same_isolations():
+    from pipeline.config import ISOLATIONS
+    from pipeline.sandbox import MODES
+
+    assert MODES == ISOLATIONS

@@ -272,7 +272,7 @@ def test_ray_data_reads_a_table_through_from_huggingface(tmp_path):
         tokenized = tokenized_dataset(train, config).take_all()
     finally:
         ray.shutdown()
-    template = PromptTemplate(load_tokenizer(config.model), config.prompt, False)
+    template = PromptTemplate(load_tokenizer(config.model), config.prompt, is_encoder_decoder=False)
     assert [r["id"] for r in tokenized] == ids(train)
     for row, example in zip(tokenized, train):
         encoded = template.encode(example)

@@ -98,7 +98,7 @@ def unpack_checkpoints(packed: dict[str, dict[str, bytes]], target: Path) -> dic
     return paths
 
 
-def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]], None],
+def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]], None], *,
              progress: bool = True) -> None:
     """Run every task on the pool; ``on_records`` gets each task's records once, as it
     finishes. Raises if every actor is gone for good (what finished is already handed over)."""
@@ -139,9 +139,9 @@ class RayPool:
         self.checkpoints = ray.put(pack_checkpoints(checkpoints))
         self.actors = start_pool(config, self.checkpoints)
 
-    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
+    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None], *,
             progress: bool = True) -> None:
-        run_pool(self.actors, tasks, on_records, progress)
+        run_pool(self.actors, tasks, on_records, progress=progress)
 
     def close(self) -> None:
         for actor in self.actors:

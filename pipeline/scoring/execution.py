@@ -66,7 +66,7 @@ def _is_scored(record: dict, n: int) -> bool:
 
 
 def score_execution(store: ResultStore, method: str, examples: Sequence[Example],
-                    config: ExecutionConfig, progress: bool = False) -> dict[str, float]:
+                    config: ExecutionConfig, *, progress: bool = False) -> dict[str, float]:
     """Run every unscored record of ``method`` (for ``examples``) in the sandbox, write the
     statuses back into ``store``, and return pass@k over all of the method's scored records:
     ``{"pass_at_1": ..., "pass_at_<k>": ..., "passed": tasks whose status passed, "total":

@@ -62,9 +62,10 @@ def open_comparison(config: RunConfig, output: Path, methods: list[str], *, resu
     """The comparison's parent run (itself a child of ``parent_run_id``, an experiment's, when
     given); re-attached on resume."""
     uri = resolve_tracking_uri(output, config.tracking.uri)
-    return open_run(output / COMPARISON_FILE, resume, uri, config.tracking.experiment_name(config),
-                    "compare", role="comparison", output=output, params=config.to_flat(),
-                    tags={"ddpt.methods": ",".join(methods)}, parent_run_id=parent_run_id)
+    return open_run(output / COMPARISON_FILE, uri, config.tracking.experiment_name(config),
+                    "compare", resume=resume, role="comparison", output=output,
+                    params=config.to_flat(), tags={"ddpt.methods": ",".join(methods)},
+                    parent_run_id=parent_run_id)
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -84,7 +85,7 @@ def sample_into(store: ResultStore, config: RunConfig, methods: list[str],
         return
     pool = open_pool()
     try:
-        pool.run(tasks, store.append, progress)
+        pool.run(tasks, store.append, progress=progress)
     finally:
         pool.close()
 
@@ -344,7 +345,7 @@ def check_before_work(config: RunConfig) -> None:
     from pipeline.lm.loader import is_diffusion_model
     from pipeline.scoring.metrics import METRICS
 
-    check_decoding(config, is_diffusion_model(config.model))
+    check_decoding(config, diffusion_model=is_diffusion_model(config.model))
     unknown = [m for m in config.eval.metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"eval.metrics: unknown {unknown}; known: {sorted(METRICS)}")

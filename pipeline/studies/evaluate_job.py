@@ -48,8 +48,8 @@ MODEL_METHODS = {name: spec for name, spec in METHODS.items() if spec.prompt is 
 
 def _open_run(config: RunConfig, output: Path, uri: str, methods: Sequence[str],
               isolation: str, *, resume: bool) -> RunTracker:
-    return open_run(output / RUN_FILE, resume, uri, config.tracking.experiment_name(config),
-                    "evaluate", role="evaluate", output=output, params=config.to_flat(),
+    return open_run(output / RUN_FILE, uri, config.tracking.experiment_name(config), "evaluate",
+                    resume=resume, role="evaluate", output=output, params=config.to_flat(),
                     tags={"ddpt.methods": ",".join(methods), "ddpt.isolation": isolation})
 
 
@@ -73,7 +73,7 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
         raise ConfigError("execution.num_samples: evaluate's methods give one program per task; "
                           f"use 1 (got {config.execution.num_samples})")
     store = ResultStore(output / "samples.jsonl")
-    check_fresh_output(output, resume, (store.path.name, RUN_FILE), "evaluation")
+    check_fresh_output(output, (store.path.name, RUN_FILE), "evaluation", resume=resume)
     examples = tested_eval_examples(config.data)  # data errors surface before any work
     uri = resolve_tracking_uri(output, config.tracking.uri)
     check_tracking_uri(uri)

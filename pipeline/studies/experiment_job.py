@@ -53,7 +53,7 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, *,
                    progress: bool = True) -> list[Row]:
     """Run (or continue) ``experiment`` into ``output_dir``; returns the aggregated rows."""
     output = Path(output_dir).resolve()
-    check_fresh_output(output, resume, (RESULTS, RUN_POINTER), "experiment")
+    check_fresh_output(output, (RESULTS, RUN_POINTER), "experiment", resume=resume)
     output.mkdir(parents=True, exist_ok=True)
     if not (output / "experiment.yaml").exists():
         shutil.copyfile(experiment.source, output / "experiment.yaml")
@@ -62,7 +62,7 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, *,
     name = f"ddpt-experiment-{Path(experiment.source).stem}"
     results_file = output / RESULTS
     done = {(r["dataset"], r["arm"], r["seed"]) for r in read_results(results_file)}
-    with open_run(output / RUN_POINTER, True, uri, name, output.name, role="experiment",
+    with open_run(output / RUN_POINTER, uri, name, output.name, resume=True, role="experiment",
                   output=output, params={"experiment.source": experiment.source,
                                          "experiment.seeds": experiment.seeds}) as parent:
         for dataset, arm, seed in experiment.runs():

@@ -59,7 +59,7 @@ def run_main(config: RunConfig, output_dir: str | Path, *, backends: Backends = 
     output = Path(output_dir).resolve()
     methods = tuple(config.eval.methods if methods is None else methods)
     check_methods(methods, "eval.methods")
-    check_fresh_output(output, resume, (COMPARISON_FILE,))
+    check_fresh_output(output, (COMPARISON_FILE,), resume=resume)
     training, evaluation = train_examples(config.data), eval_examples(config.data)
     extra = extra_examples(config)
     check_before_work(config)  # data, metric and WordNet problems surface before any work

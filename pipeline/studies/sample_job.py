@@ -66,7 +66,7 @@ def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str
     if missing:
         flags = ", ".join(PROMPT_MODELS[p].checkpoint_flag for p in missing)
         raise ConfigError(f"methods {list(methods)} need trained prompt models: pass {flags}")
-    check_fresh_output(output, resume, (COMPARISON_FILE,), "comparison")
+    check_fresh_output(output, (COMPARISON_FILE,), "comparison", resume=resume)
     examples, extra = eval_examples(config.data), extra_examples(config)
     check_before_work(config)
     config = with_tracking_uri(config, output)

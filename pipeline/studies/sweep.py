@@ -113,7 +113,8 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
     path = Path(path)
     source = str(path)
     settings, fixed, raw_space = _read_space_file(path)
-    base = _base_config(path, settings, fixed, raw_space, preset, config_file, overrides)
+    base = _base_config(path, settings, fixed, raw_space, preset=preset,
+                        config_file=config_file, overrides=overrides)
     space = {key: _distribution(key, spec, base, source) for key, spec in raw_space.items()}
 
     setting = {f.name: f.default for f in dataclasses.fields(Sweep)
@@ -154,8 +155,9 @@ def _read_space_file(path: Path) -> tuple[dict, dict, dict]:
     return settings, fixed, raw_space
 
 
-def _base_config(path: Path, settings: dict, fixed: dict, raw_space: dict, preset: str | None,
-                 config_file: str | None, overrides: list[str] | None) -> RunConfig:
+def _base_config(path: Path, settings: dict, fixed: dict, raw_space: dict, *,
+                 preset: str | None, config_file: str | None, overrides: list[str] | None
+                 ) -> RunConfig:
     """What every trial starts from: preset, config file, ``fixed``, then ``--set``."""
     source = str(path)
     base = preset_config(preset or settings.get("preset") or "main", f"{source}: sweep.preset")
@@ -264,7 +266,8 @@ class TrialSummary:
     run_id: str | None = None  # the MLflow child run
 
 
-def trial_status(sweep: Sweep, params: dict[str, Any], step: int | None, failed: bool) -> str:
+def trial_status(sweep: Sweep, params: dict[str, Any], step: int | None, *, failed: bool
+                 ) -> str:
     if failed:
         return "failed"
     if step is None:
