@@ -1,2 +1,4 @@
-"""Evaluation: text metrics, held-out loss, the results store, execution and pass@k, AR-ness of
-masked-diffusion decoding, interpretability, the batch sampler and the comparison harness."""
+"""Studies: what a ``ddpt`` command runs, without Ray (the backends are handed in,
+:mod:`pipeline.studies.backends`): the comparison harness, the main job, comparing trained
+prompt models, execution-based evaluation, experiments (specs, runs, tables), sweep specs,
+charts, the HTML report and interpretability."""

@@ -1,6 +1,6 @@
 """Experiment specifications and their tables: several prompt models ("arms"), each trained with
 several seeds on one or more data sets and compared on their evaluation sets, reported as mean
-and standard deviation over the seeds. No Ray here: :mod:`pipeline.commands.experiment` runs
+and standard deviation over the seeds. No Ray here: :mod:`pipeline.studies.experiment_job` runs
 the spec (on Ray by default) and appends one result per (data set, arm, seed) as it finishes.
 
 A spec file (YAML; ``experiments/*.yaml``)::
