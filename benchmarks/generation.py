@@ -56,7 +56,7 @@ def main() -> None:
     from pipeline.training.checkpoint import load_prompt_model
     from pipeline.training.prompt_models import build_trainable
 
-    config = build_config("default", overrides=[f"model.name={args.model}"])
+    config = build_config("main", overrides=[f"model.name={args.model}"])
     lm = build_lm(config)
     examples = load_examples("conala", "test", config.data.data_dir, args.examples)
     if args.checkpoint:

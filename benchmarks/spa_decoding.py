@@ -63,7 +63,8 @@ def main() -> None:
 
     model, tokenizer = load_model(ModelConfig(name=args.model))
     lm = FrozenCodeLM(model, tokenizer,
-                      PromptTemplate(tokenizer, PromptConfig(), model.config.is_encoder_decoder))
+                      PromptTemplate(tokenizer, PromptConfig(),
+                                     is_encoder_decoder=model.config.is_encoder_decoder))
     lm.template.stop_ids = []  # force --new-tokens tokens per row: equal work for every method
     examples = load_examples("conala", "test", None, args.batch_size)
     batch = lm.collate(lm.encode(examples), with_targets=False).to(lm.device)
@@ -72,7 +73,7 @@ def main() -> None:
     n = args.new_tokens
     methods = {
         "greedy": lambda: generate_ids(lm, batch, None, n),
-        "spa_batched": lambda: generate_ids(lm, batch, None, n, spa),
+        "spa_batched": lambda: generate_ids(lm, batch, None, n, decoding=spa),
         "spa_reference": lambda: reference_spa(lm, batch, args.omega, anchors, n),
     }
     print(f"model {args.model}, batch {len(examples)}, prompt width {batch.input_ids.shape[1]}, "
@@ -101,7 +102,7 @@ def main() -> None:
               + ("  (goal <= 1.3)" if name == "spa_batched" else ""))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     omega_one = DecodingConfig(strategy="spa", spa_omega=1.0, spa_anchors=anchors)
-    print("checks: spa(omega=1) == greedy:", generate_ids(lm, batch, None, n, omega_one)
+    print("checks: spa(omega=1) == greedy:", generate_ids(lm, batch, None, n, decoding=omega_one)
           == outputs["greedy"], "| spa_batched == spa_reference:",
           outputs["spa_batched"] == outputs["spa_reference"], "| spa changed the tokens:",
           outputs["spa_batched"] != outputs["greedy"])

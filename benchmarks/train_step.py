@@ -38,7 +38,7 @@ def main() -> None:
 
     from pipeline.config import build_config
     from pipeline.data.splits import train_examples
-    config = build_config("default", overrides=[
+    config = build_config("main", overrides=[
         f"model.name={args.model}", f"train.steps={args.steps}",
         f"train.batch_size={args.batch_size}", "train.checkpoint_every=0",
         "distributed.num_workers=1", "distributed.cpus_per_worker=1",

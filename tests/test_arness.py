@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.decoding.masked_diffusion import DiffusionSettings, diffusion_generate
-from pipeline.evaluation.arness import (
+from pipeline.lm.dream import random_dream, tiny_dream_config
+from pipeline.scoring.arness import (
     arness_curves,
     arness_from_record,
     global_arness,
@@ -16,7 +17,6 @@ from pipeline.evaluation.arness import (
     plot_arness,
     plot_first_step_confidence,
 )
-from pipeline.lm.dream import random_dream, tiny_dream_config
 
 V, MASK = 32, 31
 

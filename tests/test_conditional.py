@@ -131,7 +131,7 @@ def test_an_unconditional_model_is_unchanged_by_the_new_options():
 def test_spread_keeps_a_distribution_where_unrolled_does_not_have_to():
     """Two noises, one condition: 'spread' rewards their prompts being apart; its DDPM-like
     and DDIM samples then differ, as they do for every chain model with fresh noise."""
-    from pipeline.evaluation.diversity import pairwise_spread
+    from pipeline.scoring.diversity import pairwise_spread
 
     lm = make_lm("tiny-llama")
     c = conditions(lm, EXAMPLES[:1]).repeat(4, 1)

@@ -16,8 +16,8 @@ from pipeline.data.loaders import (
     load_examples,
     resolve_data_dir,
 )
-from pipeline.evaluation.execution import build_program
 from pipeline.sandbox import run_programs
+from pipeline.scoring.execution import build_program
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -225,7 +225,7 @@ def test_the_splits_a_run_reads_and_the_rows_ray_reads(tmp_path):
 def test_a_table_trains_and_evaluates(tmp_path, suffix, columns):
     """The tiny model trains a DDPT prompt for two steps on a Parquet / CSV file and compares
     it with the manual prompt on the file's test split, all in this process."""
-    from pipeline.commands.run import run_main
+    from pipeline.studies.main_job import run_main
 
     rows = tasks(12)
     table = (write_parquet if suffix == "parquet" else write_csv)(tmp_path / f"t.{suffix}", rows)
@@ -272,7 +272,7 @@ def test_ray_data_reads_a_table_through_from_huggingface(tmp_path):
         tokenized = tokenized_dataset(train, config).take_all()
     finally:
         ray.shutdown()
-    template = PromptTemplate(load_tokenizer(config.model), config.prompt, False)
+    template = PromptTemplate(load_tokenizer(config.model), config.prompt, is_encoder_decoder=False)
     assert [r["id"] for r in tokenized] == ids(train)
     for row, example in zip(tokenized, train):
         encoded = template.encode(example)

@@ -14,10 +14,10 @@ from mlflow import MlflowClient
 from helpers import DREAM_FIXTURES, EXAMPLES
 from pipeline.cli import main
 from pipeline.config import ConfigError, ModelConfig, build_config
-from pipeline.evaluation.results import ResultStore
-from pipeline.evaluation.sampler import BatchSampler
+from pipeline.generation.sampler import BatchSampler
 from pipeline.lm.dream import DreamModel, load_dream
 from pipeline.lm.loader import build_lm, is_diffusion_model, load_hf_config, load_model
+from pipeline.scoring.results import ResultStore
 from pipeline.tracking import read_run_file
 
 FIXTURE = DREAM_FIXTURES / "tiny-dream"

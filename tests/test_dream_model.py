@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from helpers import DREAM_FIXTURES
 from pipeline.decoding.masked_diffusion import (
     DiffusionSettings,
-    decode_completions,
+    completion_ids,
     diffusion_generate,
 )
 from pipeline.lm.dream import (
@@ -142,6 +142,9 @@ def test_tiny_dream_from_tokenizer_decodes_text():
     s = DiffusionSettings(max_new_tokens=8, steps=8, alg="entropy")
     out = diffusion_generate(model, enc["input_ids"], enc["attention_mask"], s,
                              tok.mask_token_id, valid_vocab_size=len(tok))
-    texts = decode_completions(out.sequences, enc["input_ids"].shape[1], tok)
+    rows = completion_ids(out.sequences, enc["input_ids"].shape[1],
+                          {tok.eos_token_id, tok.pad_token_id} - {None},
+                          mask_id=tok.mask_token_id, vocab_size=len(tok))
+    texts = tok.batch_decode(rows)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert not (out.sequences[:, enc["input_ids"].shape[1]:] == tok.mask_token_id).any()

@@ -8,12 +8,12 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.commands.evaluate import run_evaluate
 from pipeline.config import ExecutionConfig, RunConfig
 from pipeline.data.example import Example
 from pipeline.data.loaders import load_examples
-from pipeline.evaluation.execution import build_program, score_execution
-from pipeline.evaluation.results import ResultStore
+from pipeline.scoring.execution import build_program, score_execution
+from pipeline.scoring.results import ResultStore
+from pipeline.studies.evaluate_job import run_evaluate
 
 FAST = ExecutionConfig(timeout_s=5.0, cpu_s=5, workers=2)
 PROMPT = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum."""\n'

@@ -9,7 +9,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.evaluation.experiment import aggregate, load_experiment, markdown_table
+from pipeline.studies.experiment import aggregate, load_experiment, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"

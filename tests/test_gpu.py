@@ -14,7 +14,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def test_gpu_deepspeed_config_is_bf16_zero3():
-    config = build_config("default", overrides=["distributed.use_gpu=true",
+    config = build_config("main", overrides=["distributed.use_gpu=true",
                                                  "model.dtype=bfloat16", "train.batch_size=4"])
     ds = deepspeed_config(config)
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
@@ -31,7 +31,7 @@ def test_one_worker_runs_stage_0_unless_zero3_is_asked_for_or_offloads():
     assert deepspeed_config(build_config("smoke"))["zero_optimization"] == {"stage": 0}
     kept = build_config("smoke", overrides=["distributed.zero3_single_worker=true"])
     assert deepspeed_config(kept)["zero_optimization"]["stage"] == 3
-    offload = build_config("default", overrides=[
+    offload = build_config("main", overrides=[
         "distributed.num_workers=1", "distributed.use_gpu=true", "model.dtype=bfloat16",
         "distributed.deepspeed_config=cluster/deepspeed/zero3_gpu_bf16_offload.json"])
     zero = deepspeed_config(offload)["zero_optimization"]

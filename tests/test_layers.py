@@ -20,11 +20,13 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("baselines", "config"),  # the soft prompt; every option, typed and validated
     ("data", "sandbox"),  # examples, loaders and splits; running untrusted code
     ("lm",),  # the model loader, the frozen LM, the template
-    ("decoding",),  # greedy, sampling, SPA
+    ("decoding",),  # greedy, sampling, SPA; masked-diffusion decoding
+    ("scoring",),  # measures of records: text metrics, pass@k, execution, held-out loss, ...
     ("training",),  # the step loop, checkpoints, prompt-model registry, the training job
-    ("evaluation",),  # metrics, held-out loss, results, pass@k, the sampler, the comparison
+    ("generation",),  # the batch sampler: methods -> records (it scores nothing)
+    ("studies",),  # comparisons, the main job, experiments, sweep specs, charts, the report
     ("distributed",),  # the Ray glue: the only room that imports Ray
-    ("commands",),  # one module per `ddpt` subcommand
+    ("commands",),  # one module per `ddpt` subcommand: arguments in, a study called
     ("cli",),  # argparse only
 )
 RAY_ROOMS = {"distributed"}
@@ -103,9 +105,12 @@ def test_every_room_is_on_a_floor():
 
 @pytest.mark.parametrize("path, source, expected", [
     ("lm/frozen.py", "from pipeline.training.loop import run_steps\n", "a higher floor"),
-    ("lm/frozen.py", "def f():\n    from pipeline.evaluation import metrics\n", "a higher floor"),
+    ("lm/frozen.py", "def f():\n    from pipeline.scoring import metrics\n", "a higher floor"),
+    ("scoring/heldout.py", "from pipeline.generation.sampler import METHODS\n", "a higher floor"),
+    ("studies/comparison.py", "from pipeline.distributed.backends import CONFIGURED\n",
+     "a higher floor"),
     ("data/splits.py", "import pipeline.sandbox\n", "its own floor"),
-    ("evaluation/sampler.py", "import ray\n", "only ['distributed'] import Ray"),
+    ("generation/sampler.py", "import ray\n", "only ['distributed'] import Ray"),
     ("method/prompt.py", "from pipeline.config import DenoiserConfig\n", "forbidden in method/"),
     ("method/prompt.py", "import deepspeed\n", "forbidden in method/"),
     ("method/prompt.py", "from mlflow import MlflowClient\n", "forbidden in method/"),

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import build_config
-from pipeline.evaluation.results import ResultStore
+from pipeline.scoring.results import ResultStore
 from pipeline.tracking import child_runs
 
 DDPT = [sys.executable, "-m", "pipeline.cli"]
@@ -83,8 +83,8 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, capsys, args, messa
 
 def test_the_default_is_the_function_level_main_job():
     """`ddpt run` with no preset: trained on MBPP, judged on MBPP test and HumanEval by running
-    the code, with the DDPT variant chosen on MBPP's validation split; `paper` is the library's
-    own defaults (CoNaLa, the unconditional DDPT)."""
+    the code, with the DDPT variant chosen on MBPP's validation split: the configuration's
+    defaults; `paper` is the paper's set-up (CoNaLa, the unconditional DDPT)."""
     from pipeline.config import RunConfig
 
     main_job, paper = build_config(), build_config("paper")
@@ -93,7 +93,8 @@ def test_the_default_is_the_function_level_main_job():
     assert (main_job.denoiser.condition, main_job.train.objective,
             main_job.sample.prompts) == ("instruction", "unrolled", "per_example")
     assert main_job.eval.methods == ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"]
-    assert paper == RunConfig() and paper.data.dataset == "conala"
+    assert main_job == RunConfig() and paper.data.dataset == "conala"
+    assert (paper.denoiser.condition, paper.train.objective) == ("none", "bootstrap")
 
 
 def test_the_script_lists_every_subcommand_with_its_help():

@@ -9,12 +9,12 @@ import torch
 from helpers import DREAM_FIXTURES
 from pipeline.decoding.masked_diffusion import (
     DiffusionSettings,
-    decode_completions,
+    completion_ids,
     diffusion_generate,
-    dream_model_fn,
-    spa_model_fn,
-    transfer_schedule,
+    reveal_count,
+    step_times,
 )
+from pipeline.decoding.model_fns import dream_model_fn, spa_model_fn
 from pipeline.lm.dream import load_dream, random_dream, tiny_dream_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,6 +85,18 @@ def test_parity_rng_cases_on_this_torch(fixture_model):
         pytest.skip(f"no RNG-drawing fixture record was made on torch {TORCH}")
     assert any("remasked" in r for r in cases) and any(r["quirks"] for r in cases)
     assert _mismatches(fixture_model, cases) == []
+
+
+def transfer_schedule(L: int, S: int, eps: float = 1e-3) -> list[int]:
+    """K per step for one row of L masks under the confidence algs, from the decoder's own
+    step_times and reveal_count (float32 as the reference): S = L <= 768 gives [0, 1, ..., 1,
+    2]."""
+    times, left, out = step_times(S, eps), L, []
+    for i in range(S):
+        k = int(reveal_count(torch.tensor(left) / 1, times[i], times[i + 1], last=i == S - 1))
+        out.append(k)
+        left -= k
+    return out
 
 
 def test_transfer_schedule_counts():
@@ -233,16 +245,10 @@ def test_settings_validation():
             DiffusionSettings(**{"max_new_tokens": 4, "steps": 4, **bad})
 
 
-def test_decode_completions_cuts_and_drops():
-    class Tok:
-        eos_token_id, pad_token_id, mask_token_id = 1, 0, 9
-
-        def __len__(self):
-            return 10
-
-        def decode(self, ids, skip_special_tokens=False):
-            return " ".join(map(str, ids))
-
+def test_completion_ids_cut_and_drop():
+    """Cut at the first stop id (eos 1, pad 0, 6), drop mask ids (9) and ids beyond the
+    tokenizer (12), as the harness's decoding does."""
     seq = torch.tensor([[5, 5, 3, 12, 9, 4, 1, 6], [5, 5, 7, 0, 8, 8, 8, 8],
                         [5, 5, 2, 3, 4, 6, 7, 8]])
-    assert decode_completions(seq, 2, Tok(), stop_ids=(6,)) == ["3 4", "7", "2 3 4"]
+    assert completion_ids(seq, 2, {1, 0, 6}, mask_id=9, vocab_size=10) == [[3, 4], [7], [2, 3, 4]]
+    assert completion_ids(seq, 2, {1, 0, 6}, mask_id=9)[0] == [3, 12, 4]

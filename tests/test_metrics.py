@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluation.metrics and pipeline.evaluation.wordnet (offline WordNet for
+"""Tests for pipeline.scoring.metrics and pipeline.scoring.wordnet (offline WordNet for
 METEOR)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import nltk
 import pytest
 
-from pipeline.evaluation import metrics, wordnet
-from pipeline.evaluation.metrics import METRICS, compute_metrics
+from pipeline.scoring import metrics, wordnet
+from pipeline.scoring.metrics import METRICS, compute_metrics
 
 CODE = [
     "def add(a, b):\n    return a + b",

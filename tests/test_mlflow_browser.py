@@ -98,8 +98,8 @@ def stop_group(pgid: int, what: str, grace_s: float = 30) -> None:
 def comparison(tmp_path_factory) -> dict:
     """A finished smoke comparison, run in this process: the real pipeline (training, sampling,
     scoring, MLflow) on the tiny random model, no Ray."""
-    from pipeline.commands.run import run_main
     from pipeline.config import build_config
+    from pipeline.studies.main_job import run_main
 
     out = tmp_path_factory.mktemp("browser") / "run"
     config = build_config("smoke", overrides=["distributed.backend=local", "pool.backend=local"])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.evaluation.passk import metric_name, pass_at_k, pass_at_k_metrics
+from pipeline.scoring.passk import metric_name, pass_at_k, pass_at_k_metrics
 
 
 def brute_force(n: int, c: int, k: int) -> float:

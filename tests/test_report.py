@@ -18,12 +18,12 @@ from mlflow import MlflowClient
 from helpers import EXAMPLES, make_lm
 from pipeline.cli import main
 from pipeline.config import PRESETS, RunConfig
-from pipeline.evaluation.charts import metric_chart, training_chart
-from pipeline.evaluation.comparison import interpret
-from pipeline.evaluation.experiment import aggregate, experiment_charts
-from pipeline.evaluation.interpret import PromptSet, tsne_plot
-from pipeline.evaluation.report import build_report, write_report
-from pipeline.evaluation.results import ResultStore
+from pipeline.scoring.results import ResultStore
+from pipeline.studies.charts import metric_chart, training_chart
+from pipeline.studies.comparison import interpret
+from pipeline.studies.experiment import aggregate, experiment_charts
+from pipeline.studies.interpret import PromptSet, tsne_plot
+from pipeline.studies.report import build_report, write_report
 from pipeline.training.loop import train_local
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """The results file keeps everything written and survives a torn last line."""
 import pytest
 
-from pipeline.evaluation.results import ResultStore
+from pipeline.scoring.results import ResultStore
 
 
 def record(i, method="m"):

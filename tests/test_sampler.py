@@ -11,8 +11,8 @@ from helpers import EXAMPLES, make_lm
 from pipeline.cli import main
 from pipeline.config import PRESETS, RunConfig
 from pipeline.decoding.autoregressive import generate
-from pipeline.evaluation.interpret import nearest_tokens
-from pipeline.evaluation.sampler import METHODS, BatchSampler
+from pipeline.generation.sampler import METHODS, BatchSampler
+from pipeline.studies.interpret import nearest_tokens
 from pipeline.training.loop import train_local
 
 ALL_METHODS = ",".join(METHODS)
@@ -144,7 +144,7 @@ def test_sample_needs_the_checkpoints_its_methods_use(tmp_path, capsys):
 
 def test_a_training_output_folder_resolves_to_its_checkpoint(tmp_path):
     """``--checkpoint runs/main/ddpt`` works as well as ``runs/main/ddpt/checkpoint``."""
-    from pipeline.commands.sample import resolve_checkpoint
+    from pipeline.studies.sample_job import resolve_checkpoint
     from pipeline.training.checkpoint import STATE_FILE
 
     job = tmp_path / "ddpt"
@@ -180,7 +180,7 @@ def test_data_with_tests_gets_pass_at_k(checkpoints, tmp_path):
 def test_prompt_samples_decode_one_prompt_per_draw(checkpoints):
     """execution.prompt_samples: a DDPT method's n samples are greedy decodings under n prompts
     from n noises (pass@k from the prompt distribution); manual still samples by temperature."""
-    from pipeline.evaluation.sampler import example_seed, method_sample_config
+    from pipeline.generation.sampler import example_seed, method_sample_config
     from pipeline.training.prompt_models import sampling_args
 
     sampler = sampler_for(checkpoints)

@@ -96,7 +96,7 @@ def test_omega_one_is_greedy_token_for_token(tiny_lm, examples, anchors, with_de
     batch = _batch(tiny_lm, examples)
     delta = _delta(tiny_lm) if with_delta else None
     greedy = generate_ids(tiny_lm, batch, delta, 12)
-    assert generate_ids(tiny_lm, batch, delta, 12, _spa(1.0, anchors)) == greedy
+    assert generate_ids(tiny_lm, batch, delta, 12, decoding=_spa(1.0, anchors)) == greedy
 
 
 def _reference_spa(lm: FrozenCodeLM, example: Example, anchors: list[str], omega: float,
@@ -137,7 +137,7 @@ def _reference_spa(lm: FrozenCodeLM, example: Example, anchors: list[str], omega
 def test_spa_equals_the_reference_and_changes_outputs(tiny_lm, omega, anchors, with_delta):
     examples = EXAMPLES[:4]  # one of them has an input
     batch, delta = _batch(tiny_lm, examples), _delta(tiny_lm, seed=1) if with_delta else None
-    mine = generate_ids(tiny_lm, batch, delta, 8, _spa(omega, anchors))
+    mine = generate_ids(tiny_lm, batch, delta, 8, decoding=_spa(omega, anchors))
     with torch.no_grad():
         reference = [_reference_spa(tiny_lm, e, anchors, omega, 8, delta) for e in examples]
     assert mine == reference
@@ -146,8 +146,8 @@ def test_spa_equals_the_reference_and_changes_outputs(tiny_lm, omega, anchors, w
 
 def test_batched_spa_equals_one_at_a_time(tiny_lm, examples):
     decoding, delta = _spa(2.5, ["instruction", "input"]), _delta(tiny_lm, seed=2)
-    together = generate_ids(tiny_lm, _batch(tiny_lm, examples), delta, 12, decoding)
-    alone = [generate_ids(tiny_lm, _batch(tiny_lm, [e]), delta, 12, decoding)[0]
+    together = generate_ids(tiny_lm, _batch(tiny_lm, examples), delta, 12, decoding=decoding)
+    alone = [generate_ids(tiny_lm, _batch(tiny_lm, [e]), delta, 12, decoding=decoding)[0]
              for e in examples]
     assert together == alone
 
@@ -171,7 +171,7 @@ def test_masked_stream_masks_exactly_the_anchors_in_one_forward(tiny_lm, example
     bsz = len(examples)
     calls, handle = _record_prompt_inputs(tiny_lm)
     try:
-        generate_ids(tiny_lm, batch, delta, 6, _spa(1.5, anchors))
+        generate_ids(tiny_lm, batch, delta, 6, decoding=_spa(1.5, anchors))
     finally:
         handle.remove()
     prompt = [c for c in calls if c["embeds"] is not None]
@@ -192,7 +192,8 @@ def test_masked_stream_masks_exactly_the_anchors_in_one_forward(tiny_lm, example
 def test_sampling_is_reproducible_and_seeded(tiny_lm, examples):
     batch = _batch(tiny_lm, examples)
     sample = lambda seed: generate_ids(tiny_lm,
-        batch, None, 10, DecodingConfig(strategy="sample", temperature=1.0, top_p=1.0, seed=seed))
+        batch, None, 10,
+        decoding=DecodingConfig(strategy="sample", temperature=1.0, top_p=1.0, seed=seed))
     assert sample(0) == sample(0)
     assert sample(0) != sample(1)
     assert sample(0) != generate_ids(tiny_lm, batch, None, 10)
@@ -202,10 +203,12 @@ def test_sampling_is_reproducible_and_seeded(tiny_lm, examples):
                                       {"temperature": 1.0, "top_p": 1e-6}])
 def test_near_deterministic_sampling_is_greedy(tiny_lm, examples, settings):
     batch, delta = _batch(tiny_lm, examples), _delta(tiny_lm)
-    drawn = generate_ids(tiny_lm, batch, delta, 10, DecodingConfig(strategy="sample", **settings))
+    drawn = generate_ids(tiny_lm, batch, delta, 10,
+                         decoding=DecodingConfig(strategy="sample", **settings))
     assert drawn == generate_ids(tiny_lm, batch, delta, 10)
-    spa_drawn = generate_ids(tiny_lm, batch, delta, 10, _spa(2.0, spa_sample=True, **settings))
-    assert spa_drawn == generate_ids(tiny_lm, batch, delta, 10, _spa(2.0))
+    spa_drawn = generate_ids(tiny_lm, batch, delta, 10,
+                             decoding=_spa(2.0, spa_sample=True, **settings))
+    assert spa_drawn == generate_ids(tiny_lm, batch, delta, 10, decoding=_spa(2.0))
 
 
 def test_generate_samples_gives_n_reproducible_draws_per_example():

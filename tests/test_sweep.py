@@ -17,9 +17,9 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, RunConfig, build_config
 from pipeline.data.loaders import DataError
 from pipeline.data.splits import dev_examples
-from pipeline.evaluation.heldout import heldout_code_loss, sharded_code_loss
+from pipeline.scoring.heldout import heldout_code_loss, sharded_code_loss
+from pipeline.studies.sweep import Sweep, TrialSummary, default_space_file, load_sweep, pick_best
 from pipeline.tracking import child_runs
-from pipeline.training.sweep import Sweep, TrialSummary, default_space_file, load_sweep, pick_best
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_SPACE = REPO / "tune" / "smoke.yaml"
@@ -45,14 +45,14 @@ def test_shipped_spaces_load():
     assert smoke.base.model.name == "tiny-llama" and smoke.base.train.steps == 6
     assert len(smoke.space["train.lr"].values) * smoke.num_samples >= 4  # trials
     assert (smoke.asha.grace_period, smoke.asha.max_t, smoke.max_concurrent_trials) == (2, 6, 2)
-    default = load_sweep(default_space_file("default"))
+    default = load_sweep(default_space_file("main"))
     assert default.base.model.name == "embedded" and default.max_concurrent_trials is None
     assert {"diffusion.schedule", "diffusion.timesteps", "denoiser.bottleneck",
             "denoiser.hidden_dim", "train.lr", "train.consistency_weight",
             "train.objective"} <= set(default.space)
     assert default.space["train.lr"].kind == "loguniform"
     # The command line's preset wins over the file's.
-    with_smoke = load_sweep(default_space_file("default"), preset="smoke",
+    with_smoke = load_sweep(default_space_file("main"), preset="smoke",
                             overrides=["train.steps=40"])
     assert with_smoke.base.model.name == "tiny-llama" and with_smoke.asha.max_t == 40
 
@@ -281,10 +281,10 @@ def test_smoke_sweep_exports_the_best_configuration(smoke_sweep):
     assert parent.data.metrics["best_dev_loss"] == pytest.approx(best["metric"])
     best_file = smoke_sweep / "best_config.yaml"
     # The file `ddpt train --config` reads: the best trial's configuration...
-    sweep = load_sweep(smoke_sweep / "space.yaml", preset="default",
+    sweep = load_sweep(smoke_sweep / "space.yaml", preset="main",
                        config_file=str(smoke_sweep / "base_config.yaml"))
     assert RunConfig.load(best_file) == sweep.trial_config(best["params"])
-    assert build_config("default", str(best_file)) == RunConfig.load(best_file)
+    assert build_config("main", str(best_file)) == RunConfig.load(best_file)
     assert RunConfig.load(best_file).train.lr == best["params"]["train.lr"]
     # ... is what that trial trained, less the sweep's own bookkeeping.
     trained = RunConfig.load(smoke_sweep / "trials" / best["trial_id"] / "config.yaml")

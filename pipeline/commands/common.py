@@ -1,16 +1,12 @@
-"""What every command shares: the configuration from the command line, the MLflow store, and
-the backends the configuration asks for (the Ray glue is imported only when it is used)."""
+"""What every command shares: the configuration from the command line and the tables it prints.
+The backends the configuration asks for come from :mod:`pipeline.distributed.backends`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import RunConfig, build_config, merge_file
-from pipeline.evaluation.sampler import LocalPool, SamplerPool
-from pipeline.tracking import check_tracking_uri, resolve_tracking_uri
-from pipeline.training.job import TrainBackend, local_backend
+from pipeline.studies.comparison import format_table
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -23,7 +19,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> RunConfig:
     """Preset, then --config, then --set (and ``extra`` overrides after them)."""
-    return build_config(args.preset or "default", args.config,
+    return build_config(args.preset or "main", args.config,
                         [*overrides(args), *(extra or [])])
 
 
@@ -34,28 +30,17 @@ def config_on(base: RunConfig, args: argparse.Namespace) -> RunConfig:
     return base.with_overrides(overrides(args))
 
 
-def with_tracking_uri(config: RunConfig, output: Path) -> RunConfig:
-    """Pin the resolved MLflow URI, so that every job of the run (training jobs in their own
-    folders included) logs into the same store; a bad URI fails here, before any work."""
-    uri = resolve_tracking_uri(output, config.tracking.uri)
-    check_tracking_uri(uri)
-    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, uri=uri))
-
-
-def train_backend(config: RunConfig, lm=None) -> TrainBackend:
-    """``distributed.backend``: Ray Train + DeepSpeed ZeRO-3, or this process (reusing ``lm``)."""
-    if config.distributed.backend == "ray":
-        from pipeline.distributed.train import ray_backend
-
-        return ray_backend()
-    return local_backend(lm)
-
-
-def pool_opener(config: RunConfig, checkpoints: dict[str, Path], lm=None
-                ) -> Callable[[], SamplerPool]:
-    """``pool.backend``: sampler actors on Ray, or one sampler in this process."""
-    if config.pool.backend == "ray":
-        from pipeline.distributed.sampler_pool import RayPool
-
-        return lambda: RayPool(config, checkpoints)
-    return lambda: LocalPool(config, checkpoints, lm=lm)
+def print_tables(config: RunConfig, metrics: dict, output: str | Path) -> None:
+    """One table per compared data set: the evaluation split, then each extra one (the
+    ``<data set>/<method>`` keys of ``metrics``)."""
+    extra = list(dict.fromkeys(m.split("/", 1)[0] for m in metrics if "/" in m))
+    tables = {(config.data.dataset, config.data.eval_split): {
+        m: v for m, v in metrics.items() if "/" not in m}}
+    for name in extra:
+        tables[(name, "test")] = {m.split("/", 1)[1]: v for m, v in metrics.items()
+                                  if m.startswith(f"{name}/")}
+    for (dataset, split), table in tables.items():
+        print(f"\n{dataset} / {split} ({config.model.name}):")
+        print(format_table(table))
+    print(f"\nwrote {output}/metrics.json and {output}/samples.jsonl"
+          + "".join(f", {output}/{name}/" for name in extra))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.evaluation.comparison import (
+from pipeline.studies.comparison import (
     COMPARISON_FILE,
     comparison_table,
     find_comparison,

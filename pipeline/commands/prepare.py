@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.evaluation.wordnet import ensure_wordnet
 from pipeline.lm.loader import prepare_embedded
+from pipeline.scoring.wordnet import ensure_wordnet
 
 
 def main(args: argparse.Namespace) -> None:

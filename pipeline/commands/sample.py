@@ -1,85 +1,15 @@
-"""``ddpt sample``: compare methods with prompt models trained already (a checkpoint folder or an
-MLflow run id each), on the sampler pool, on the evaluation split and on each ``data.extra_eval``
-set (``<output>/<data set>/``), as ``ddpt run`` does; the comparisons land in MLflow like its."""
+"""``ddpt sample``: compare methods with trained prompt models
+(:mod:`pipeline.studies.sample_job`)."""
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-from pipeline.commands.common import config_from_args, config_on, pool_opener, with_tracking_uri
-from pipeline.commands.run import compare_on_extra, extra_examples, print_tables
-from pipeline.config import ConfigError, RunConfig, check_fresh_output
-from pipeline.data.splits import eval_examples
-from pipeline.evaluation.comparison import (
-    COMPARISON_FILE,
-    check_before_work,
-    open_comparison,
-    run_comparison,
-)
-from pipeline.evaluation.sampler import check_methods, prompt_models_needed
-from pipeline.training.checkpoint import STATE_FILE
-from pipeline.training.job import CHECKPOINT
+from pipeline.commands.common import config_from_args, config_on, print_tables
+from pipeline.config import RunConfig
+from pipeline.distributed.backends import CONFIGURED
+from pipeline.studies.sample_job import run_sample
 from pipeline.training.prompt_models import PROMPT_MODELS
-
-
-def resolve_checkpoint(source: str, name: str, config: RunConfig, output: Path) -> Path:
-    """A checkpoint folder, a training job's output folder holding one as ``checkpoint/``
-    (``runs/main/ddpt``), or an MLflow run id (``<id>`` or ``runs:/<id>``) whose
-    ``checkpoint`` artifact is downloaded into ``output/checkpoints/<name>``."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    path = Path(source)
-    if path.is_dir():
-        for folder in (path, path / CHECKPOINT):
-            if (folder / STATE_FILE).is_file():
-                return folder.resolve()
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (no {STATE_FILE} in it or in "
-                                f"its {CHECKPOINT}/)")
-    run_id = source.removeprefix("runs:/").strip("/").split("/")[0]
-    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
-        raise FileNotFoundError(f"{PROMPT_MODELS[name].checkpoint_flag} {source!r}: neither a "
-                                "checkpoint folder nor an MLflow run id")
-    target = output / "checkpoints" / name
-    if (target / CHECKPOINT / STATE_FILE).is_file():
-        return target / CHECKPOINT
-    target.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=config.tracking.uri)
-    try:
-        return Path(client.download_artifacts(run_id, CHECKPOINT, str(target)))
-    except MlflowException as err:
-        raise FileNotFoundError(f"MLflow run {run_id} at {config.tracking.uri}: no checkpoint "
-                                f"artifact ({err})") from err
-
-
-def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str],
-               methods: tuple[str, ...], resume: bool = False, progress: bool = True) -> dict:
-    """Compare ``methods`` with already trained prompt models (``sources``: prompt model name
-    -> checkpoint folder or MLflow run id), on ``data.eval_split`` and each ``data.extra_eval``.
-    Returns ``{method: metrics}``, with ``<data set>/<method>`` keys for the extra data sets."""
-    output = Path(output_dir).resolve()
-    check_methods(methods, "--methods")
-    missing = [p for p in prompt_models_needed(methods) if p not in sources]
-    if missing:
-        flags = ", ".join(PROMPT_MODELS[p].checkpoint_flag for p in missing)
-        raise ConfigError(f"methods {list(methods)} need trained prompt models: pass {flags}")
-    check_fresh_output(output, resume, (COMPARISON_FILE,), "comparison")
-    examples, extra = eval_examples(config.data), extra_examples(config)
-    check_before_work(config)
-    config = with_tracking_uri(config, output)
-    output.mkdir(parents=True, exist_ok=True)
-    checkpoints = {name: resolve_checkpoint(sources[name], name, config, output)
-                   for name in prompt_models_needed(methods)}
-    config.save(output / "config.yaml")
-    with open_comparison(config, output, resume, list(methods)) as parent:
-        for name, path in checkpoints.items():
-            parent.set_tag(f"ddpt.checkpoint.{name}", path)
-        metrics = run_comparison(config, output, list(methods), checkpoints, examples, parent,
-                                 pool_opener(config, checkpoints), resume, progress)
-    metrics.update(compare_on_extra(config, output, methods, checkpoints, extra, resume,
-                                    progress))
-    return metrics
 
 
 def main(args: argparse.Namespace) -> None:
@@ -95,6 +25,6 @@ def main(args: argparse.Namespace) -> None:
     else:
         config = config_from_args(args)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    metrics = run_sample(config, args.output, sources, methods, resume=args.resume,
-                         progress=not args.no_progress)
+    metrics = run_sample(config, args.output, sources, methods, backends=CONFIGURED,
+                         resume=args.resume, progress=not args.no_progress)
     print_tables(config, metrics, args.output)

@@ -5,7 +5,7 @@ import argparse
 import logging
 
 from pipeline.commands.common import overrides
-from pipeline.training.sweep import default_space_file, format_trials, load_sweep
+from pipeline.studies.sweep import default_space_file, format_trials, load_sweep
 
 
 def main(args: argparse.Namespace) -> None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.common import config_from_args, train_backend
+from pipeline.commands.common import config_from_args
+from pipeline.distributed.backends import train_backend
 from pipeline.training.job import run_training
 
 

@@ -15,7 +15,7 @@ class DataError(ValueError):
     files) or row (tables read through `datasets`), the record field and the file's column."""
 
     def __init__(self, problem: str, path: str | os.PathLike | None = None,
-                 line: int | None = None, field: str | None = None, hint: str = "",
+                 line: int | None = None, field: str | None = None, *, hint: str = "",
                  row: int | None = None, column: str | None = None) -> None:
         self.path = str(path) if path is not None else None
         self.line, self.row, self.field, self.column = line, row, field, column

@@ -18,7 +18,7 @@ from pipeline.lm.template import extract_code
 
 @torch.no_grad()
 def generate_ids(lm: FrozenCodeLM, batch: Batch, delta: torch.Tensor | None = None,
-                 max_new_tokens: int = 128, decoding: DecodingConfig | None = None,
+                 max_new_tokens: int = 128, *, decoding: DecodingConfig | None = None,
                  generator: torch.Generator | None = None) -> list[list[int]]:
     """Decode the whole batch at once with a KV cache; each row stops at a stop token (not
     included). Returns the new token ids per row.
@@ -71,16 +71,17 @@ def decode_code(lm: FrozenCodeLM, rows: list[list[int]]) -> list[str]:
 
 
 def generate(lm: FrozenCodeLM, examples: list[Example], delta: torch.Tensor | None = None,
-             max_new_tokens: int = 128, decoding: DecodingConfig | None = None,
+             max_new_tokens: int = 128, *, decoding: DecodingConfig | None = None,
              generator: torch.Generator | None = None) -> list[str]:
     """Code for each example (decoded, code extracted from markdown fences); greedy unless
     ``decoding`` says otherwise (see :func:`generate_ids`)."""
     batch = lm.collate(lm.encode(examples), with_targets=False).to(lm.device)
-    return decode_code(lm, generate_ids(lm, batch, delta, max_new_tokens, decoding, generator))
+    return decode_code(lm, generate_ids(lm, batch, delta, max_new_tokens, decoding=decoding,
+                                        generator=generator))
 
 
 def generate_samples(lm: FrozenCodeLM, examples: list[Example], num_samples: int,
-                     delta: torch.Tensor | None = None, max_new_tokens: int = 128,
+                     delta: torch.Tensor | None = None, max_new_tokens: int = 128, *,
                      decoding: DecodingConfig | None = None,
                      generator: torch.Generator | None = None) -> list[list[str]]:
     """``num_samples`` generations per example (pass@k), as one batch of B * n rows (each
@@ -91,5 +92,6 @@ def generate_samples(lm: FrozenCodeLM, examples: list[Example], num_samples: int
     if delta is not None and delta.dim() == 3:  # per-example prompts follow their rows
         delta = delta.repeat_interleave(num_samples, dim=0)
     batch = lm.collate(encoded, with_targets=False).to(lm.device)
-    texts = decode_code(lm, generate_ids(lm, batch, delta, max_new_tokens, decoding, generator))
+    texts = decode_code(lm, generate_ids(lm, batch, delta, max_new_tokens, decoding=decoding,
+                                         generator=generator))
     return [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]

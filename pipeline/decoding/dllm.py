@@ -15,11 +15,10 @@ from pipeline.config import DecodingConfig
 from pipeline.decoding.masked_diffusion import (
     DecodingRecord,
     DiffusionSettings,
+    completion_ids,
     diffusion_generate,
-    dream_model_fn,
-    spa_model_fn,
 )
-from pipeline.decoding.spa import MASK_FILL
+from pipeline.decoding.model_fns import dream_model_fn, spa_model_fn
 from pipeline.lm.frozen import Batch, FrozenCodeLM
 
 
@@ -37,11 +36,12 @@ def diffusion_settings(decoding: DecodingConfig, max_new_tokens: int) -> Diffusi
 
 @torch.no_grad()
 def generate_ids_diffusion(lm: FrozenCodeLM, batch: Batch, delta: torch.Tensor | None,
-                           max_new_tokens: int, decoding: DecodingConfig, spa: bool = False,
+                           max_new_tokens: int, decoding: DecodingConfig, *, spa: bool = False,
                            generator: torch.Generator | None = None
                            ) -> tuple[list[list[int]], DecodingRecord]:
     """Decode a batch collated without targets (left-padded prompts): the new token ids of
-    each row, cut at the first stop id, and the decoding record."""
+    each row (cut at the first stop or pad id, without mask ids or ids beyond the tokenizer),
+    and the decoding record."""
     model = lm.model
     prompt_embeds = prompt_mask = None
     if delta is not None:
@@ -52,17 +52,15 @@ def generate_ids_diffusion(lm: FrozenCodeLM, batch: Batch, delta: torch.Tensor |
     mask = batch.attention_mask
     if spa:
         model_fn = spa_model_fn(model, mask, batch.anchor_mask(decoding.spa_anchors),
-                                decoding.spa_omega, MASK_FILL, prompt_embeds, prompt_mask)
+                                decoding.spa_omega, prompt_embeds=prompt_embeds,
+                                prompt_mask=prompt_mask)
     else:
         model_fn = dream_model_fn(model, mask, prompt_embeds, prompt_mask)
     out = diffusion_generate(model_fn, batch.input_ids, mask,
                              diffusion_settings(decoding, max_new_tokens),
-                             model.config.mask_token_id, generator,
+                             model.config.mask_token_id, generator=generator,
                              valid_vocab_size=len(lm.tokenizer))
-    stops = {*lm.template.stop_ids, lm.pad_id}
-    width, mask_id = batch.input_ids.shape[1], model.config.mask_token_id
-    rows = []
-    for row in out.sequences[:, width:].tolist():
-        cut = next((j for j, tok in enumerate(row) if tok in stops), len(row))
-        rows.append([tok for tok in row[:cut] if tok != mask_id])
+    rows = completion_ids(out.sequences, batch.input_ids.shape[1],
+                          {*lm.template.stop_ids, lm.pad_id}, mask_id=model.config.mask_token_id,
+                          vocab_size=len(lm.tokenizer))
     return rows, out.record

@@ -5,9 +5,8 @@ predicts every masked position (logit j comes from hidden j-1: the *shift*) and 
 them: ``origin`` reveals each with probability 1 - s/t; the confidence algs (``maskgit_plus``: the
 token's probability, ``topk_margin``: top-1 minus top-2, ``entropy``: -H) reveal the K most
 confident (or K drawn from softmax(conf / alg_temp)), K from the linear schedule. The loop only
-sees ``model_fn(x: LongTensor[B, N]) -> logits[B, N, V]``, so prompt offsets
-(:func:`dream_model_fn`) and SPA's two canvases (:func:`spa_model_fn`) plug in without touching
-it.
+sees ``model_fn(x: LongTensor[B, N]) -> logits[B, N, V]``, so prompt offsets and SPA's two
+canvases (:mod:`pipeline.decoding.model_fns`) plug in without touching it.
 
 ``parity=True`` reproduces the reference ``diffusion_generate`` token for token on CPU fp32, with
 the global torch RNG (``torch.manual_seed(seed)`` before the call) and the reference's RNG calls,
@@ -37,10 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.lm.dream import padding_inputs
-
-ModelFn = Callable[[torch.Tensor], torch.Tensor]
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+from pipeline.config import DIFFUSION_ALGS as ALGS
+from pipeline.decoding.model_fns import ModelFn, dream_model_fn
 
 
 @dataclass(frozen=True)
@@ -82,18 +79,6 @@ class DiffusionSettings:
             raise ValueError(f"parity must be a bool, got {self.parity!r}")
 
 
-def transfer_schedule(L: int, S: int, eps: float = 1e-3) -> list[int]:
-    """K per step for one row of L masks under the confidence algs: ``int(n * (1 - s/t))`` with
-    n the masks left and (t, s) from ``linspace(1, eps, S+1)``, float32 as the reference; the
-    last step takes all that is left. S = L <= 768 gives [0, 1, ..., 1, 2]."""
-    tau, left, out = torch.linspace(1, eps, S + 1), L, []
-    for i in range(S):
-        k = int(torch.tensor(left) / 1 * (1 - tau[i + 1] / tau[i])) if i < S - 1 else left
-        out.append(k)
-        left -= k
-    return out
-
-
 @dataclass
 class DecodingRecord:
     """What was revealed when. Positions index the N canvas columns (prompt included)."""
@@ -123,30 +108,62 @@ class DiffusionOutput:
     record: DecodingRecord | None
 
 
+# ---- notation ----------------------------------------------------------------------------------
+# Variable names below, and what docs/dllm.md and Dream's reference ``diffusion_generate`` call
+# them (B rows, n prompt columns, L canvas columns, N = n + L, V the vocabulary, S steps):
+#   canvas           x            (B, N) long: the prompt, then the canvas; updated in place
+#   masked           M_i          (B, N) bool: still masked at step i (``mask_index``)
+#   logits           z            (B, N, V): the step's logits after the shift
+#   t, s             t, s         the step's times, s < t: consecutive entries of
+#                                 ``step_times(S, eps)`` = linspace(1, eps, S + 1) (``timesteps``)
+#   reveal           K            positions a confidence step reveals: int(count * (1 - s / t)),
+#                                 every one left on the last step (``number_transfer_tokens``)
+#   confidence       c            per masked position: p(x0) (maskgit_plus), top-1 minus top-2
+#                                 (topk_margin), or -H (entropy) (``confidence``)
+#   proposal         x0           the token drawn (or the argmax) for a masked position (``x0``)
+#   mask_id          m            the mask token's id (``mask_token_id``)
+
+
+def step_times(steps: int, eps: float, device: torch.device | str | None = None
+               ) -> torch.Tensor:
+    """The S + 1 times 1 = t_0 > ... > t_S = eps, float32 as the reference: step i goes from
+    t_i to t_{i+1}."""
+    return torch.linspace(1, eps, steps + 1, device=device)
+
+
+def reveal_count(count: torch.Tensor, t: torch.Tensor, s: torch.Tensor, *, last: bool
+                 ) -> torch.Tensor:
+    """K for a confidence step from time t to s: ``count`` (float32 masked counts, any shape)
+    times 1 - s/t, truncated to integers; all of them on the last step."""
+    return (count if last else count * (1 - s / t)).long()
+
+
 # ---- the token distribution -------------------------------------------------------------------
-def _filtered(z: torch.Tensor, s: DiffusionSettings, fill: float) -> torch.Tensor:
-    """Temperature, then nucleus (keeps the first token past top_p), then top-k."""
-    if s.temperature > 0:
-        z = z / s.temperature
-    if s.top_p is not None and s.top_p < 1:
+def _filtered(logits: torch.Tensor, settings: DiffusionSettings, *, fill: float) -> torch.Tensor:
+    """Temperature, then nucleus (keeps the first token past top_p), then top-k; dropped
+    entries get ``fill``."""
+    z = logits
+    if settings.temperature > 0:
+        z = z / settings.temperature
+    if settings.top_p is not None and settings.top_p < 1:
         sz, si = torch.sort(z, dim=-1, descending=True)
-        drop = torch.cumsum(F.softmax(sz, dim=-1), dim=-1) > s.top_p
+        drop = torch.cumsum(F.softmax(sz, dim=-1), dim=-1) > settings.top_p
         drop[..., 1:] = drop[..., :-1].clone()
         drop[..., 0] = False
         z = z.masked_fill(torch.zeros_like(drop).scatter(-1, si, drop), fill)
-    if s.top_k is not None:
-        kth = torch.topk(z, min(s.top_k, z.shape[-1]))[0][..., -1:]
+    if settings.top_k is not None:
+        kth = torch.topk(z, min(settings.top_k, z.shape[-1]))[0][..., -1:]
         z = z.masked_fill(z < kth, fill)
     return z
 
 
-def _draw(P: torch.Tensor, parity: bool, generator: torch.Generator | None
+def _draw(probs: torch.Tensor, generator: torch.Generator | None, *, parity: bool
           ) -> torch.Tensor | None:
-    """One token per row ~ P. Parity: like ``Categorical(probs=P).sample()`` (renormalised,
-    1e-6 simplex check); None where the reference would fall back to argmax."""
+    """One token per row ~ ``probs`` (M, V). Parity: like ``Categorical(probs=P).sample()``
+    (renormalised, 1e-6 simplex check); None where the reference would fall back to argmax."""
     if not parity:
-        return torch.multinomial(P, 1, True, generator=generator)[:, 0]
-    P = P / P.sum(-1, keepdim=True)
+        return torch.multinomial(probs, 1, True, generator=generator)[:, 0]
+    P = probs / probs.sum(-1, keepdim=True)
     if not bool(((P >= 0).all(-1) & ((P.sum(-1) - 1).abs() < 1e-6)).all()):
         return None
     try:
@@ -155,132 +172,169 @@ def _draw(P: torch.Tensor, parity: bool, generator: torch.Generator | None
         return None
 
 
-def sample_tokens(z: torch.Tensor, s: DiffusionSettings, generator: torch.Generator | None
+def _fill(settings: DiffusionSettings, dtype: torch.dtype) -> float:
+    """What filtering writes: the reference's finfo.min in parity mode, else -inf."""
+    return torch.finfo(dtype).min if settings.parity else -math.inf
+
+
+def sample_tokens(logits: torch.Tensor, settings: DiffusionSettings,
+                  generator: torch.Generator | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(M, V) logits -> (confidence (M,), token (M,), probs (M, V)) for ``s.alg``."""
-    fill = torch.finfo(z.dtype).min if s.parity else -math.inf
-    P = F.softmax(_filtered(z, s, fill), dim=-1)
+    """(M, V) logits of M masked positions -> (confidence (M,), proposal x0 (M,), probs
+    (M, V)) for ``settings.alg``."""
+    probs = F.softmax(_filtered(logits, settings, fill=_fill(settings, logits.dtype)), dim=-1)
     x0 = None
-    if s.temperature > 0 and P.shape[0] > 0:
-        x0 = _draw(P, s.parity, generator)
+    if settings.temperature > 0 and probs.shape[0] > 0:
+        x0 = _draw(probs, generator, parity=settings.parity)
     if x0 is None:
-        conf, x0 = P.max(dim=-1)
+        confidence, x0 = probs.max(dim=-1)
     else:
-        conf = P.gather(-1, x0[:, None])[:, 0]
-    if s.alg == "topk_margin":
-        top2 = P.topk(2, dim=-1).values if P.shape[-1] > 1 else F.pad(P, (0, 1))
-        conf = top2[:, 0] - top2[:, 1]
-    elif s.alg == "entropy":
-        conf = (P * torch.log(P + 1e-10)).sum(-1)
-    return conf, x0, P
+        confidence = probs.gather(-1, x0[:, None])[:, 0]
+    if settings.alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values if probs.shape[-1] > 1 else F.pad(probs, (0, 1))
+        confidence = top2[:, 0] - top2[:, 1]
+    elif settings.alg == "entropy":
+        confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+    return confidence, x0, probs
 
 
 # ---- one step ---------------------------------------------------------------------------------
 Chosen = list[tuple[torch.Tensor, torch.Tensor]]  # per row: (positions, confidences) as chosen
 
 
-def _origin_step(x, Mi, z, t, s_, last, st, m, gen) -> tuple[Chosen, list[int] | None, None]:
-    """Each masked position is revealed with probability 1 - s/t (all on the last step): one
-    ``torch.rand`` over the masked positions, then tokens for the selected ones only."""
-    n = int(Mi.sum())
-    x0 = torch.full((n,), m, dtype=torch.long, device=x.device)
-    sel = torch.rand(n, generator=gen, device=x.device) < (1 if last else 1 - s_ / t)
-    conf, tok, _ = sample_tokens(z[Mi][sel], st, gen)
-    x0[sel] = tok
-    x[Mi] = x0
-    chosen_full = torch.zeros_like(Mi)
-    chosen_full[Mi] = sel
-    cf = torch.full(Mi.shape, math.nan, device=x.device)
-    cf[chosen_full] = conf.float()
-    rows = [chosen_full[b].nonzero()[:, 0] for b in range(x.shape[0])]
-    return [(p, cf[b, p]) for b, p in enumerate(rows)], None, None
+@dataclass(frozen=True)
+class StepContext:
+    """What every step of one decoding shares: the settings, the mask token's id and the
+    random stream."""
+
+    settings: DiffusionSettings
+    mask_id: int
+    generator: torch.Generator | None
 
 
-def _confidence_step(x, Mi, z, t, s_, last, st, m, gen
-                     ) -> tuple[Chosen, list[int], torch.Tensor]:
-    """Sample every masked position, then reveal the K most confident (or K drawn from
-    softmax(conf / alg_temp)). Parity: one K from the batch's mean masked count."""
-    conf, x0, _ = sample_tokens(z[Mi], st, gen)
-    B = x.shape[0]
-    if st.parity:
-        mean = Mi.sum() / B  # float32, as the reference
-        ks = [int(mean) if last else int(mean * (1 - s_ / t))] * B
-    else:
-        counts = Mi.sum(1) / 1
-        ks = (counts if last else counts * (1 - s_ / t)).long().tolist()
-    C = torch.full(Mi.shape, -math.inf, dtype=conf.dtype, device=x.device)
-    C[Mi] = conf
-    x_ = torch.full_like(x, m)
-    x_[Mi] = x0
-    kmax = max(ks)
-    if kmax <= 0:
-        return [(x.new_zeros(0), C.new_zeros(0)) for _ in range(B)], ks, conf
-    if not st.alg_temp:
-        idx = list(torch.topk(C, kmax, dim=-1).indices)  # descending confidence
-    elif st.parity:  # one draw without replacement over all N columns, per row
-        idx = list(torch.multinomial(F.softmax(C / st.alg_temp, dim=-1), kmax, generator=gen))
+def origin_step(canvas: torch.Tensor, masked: torch.Tensor, logits: torch.Tensor,
+                t: torch.Tensor, s: torch.Tensor, *, last: bool, context: StepContext
+                ) -> tuple[Chosen, None, None]:
+    """``origin``: each masked position is revealed with probability 1 - s/t (all on the last
+    step): one ``torch.rand`` over the masked positions, then tokens for the selected ones only.
+    Updates ``canvas``; returns what each row revealed (no K, no step-wide confidence)."""
+    count = int(masked.sum())
+    proposal = torch.full((count,), context.mask_id, dtype=torch.long, device=canvas.device)
+    reveal = torch.rand(count, generator=context.generator, device=canvas.device) < (
+        1 if last else 1 - s / t)
+    confidence, tokens, _ = sample_tokens(logits[masked][reveal], context.settings,
+                                          context.generator)
+    proposal[reveal] = tokens
+    canvas[masked] = proposal
+    revealed = torch.zeros_like(masked)
+    revealed[masked] = reveal
+    confidences = torch.full(masked.shape, math.nan, device=canvas.device)
+    confidences[revealed] = confidence.float()
+    rows = [revealed[b].nonzero()[:, 0] for b in range(canvas.shape[0])]
+    return [(p, confidences[b, p]) for b, p in enumerate(rows)], None, None
+
+
+def _reveal_per_row(masked: torch.Tensor, t: torch.Tensor, s: torch.Tensor, *, last: bool,
+                    parity: bool) -> list[int]:
+    """K for each row: from its own masked count, or (parity) one K for the whole batch from
+    the mean masked count, float32 as the reference."""
+    if parity:
+        return [int(reveal_count(masked.sum() / masked.shape[0], t, s, last=last))] * \
+            masked.shape[0]
+    return reveal_count(masked.sum(1) / 1, t, s, last=last).tolist()
+
+
+def confidence_step(canvas: torch.Tensor, masked: torch.Tensor, logits: torch.Tensor,
+                    t: torch.Tensor, s: torch.Tensor, *, last: bool, context: StepContext
+                    ) -> tuple[Chosen, list[int], torch.Tensor]:
+    """The confidence algs: a proposal for every masked position, then the K most confident
+    revealed (or K drawn from softmax(confidence / alg_temp)). Updates ``canvas``; returns what
+    each row revealed, each row's K and the confidence of every masked position."""
+    settings, generator = context.settings, context.generator
+    confidence, x0, _ = sample_tokens(logits[masked], settings, generator)
+    B = canvas.shape[0]
+    reveal = _reveal_per_row(masked, t, s, last=last, parity=settings.parity)
+    scores = torch.full(masked.shape, -math.inf, dtype=confidence.dtype, device=canvas.device)
+    scores[masked] = confidence
+    proposal = torch.full_like(canvas, context.mask_id)
+    proposal[masked] = x0
+    most = max(reveal)
+    if most <= 0:
+        return [(canvas.new_zeros(0), scores.new_zeros(0)) for _ in range(B)], reveal, confidence
+    if not settings.alg_temp:
+        order = list(torch.topk(scores, most, dim=-1).indices)  # descending confidence
+    elif settings.parity:  # one draw without replacement over all N columns, per row
+        order = list(torch.multinomial(F.softmax(scores / settings.alg_temp, dim=-1), most,
+                                       generator=generator))
     else:  # only over the row's own masked positions
-        idx = []
+        order = []
         for b in range(B):
-            pos = Mi[b].nonzero()[:, 0]
-            w = F.softmax(C[b, pos].float() / st.alg_temp, dim=-1)
-            pick = torch.multinomial(w, ks[b], generator=gen) if ks[b] else pos[:0]
-            idx.append(pos[pick])
-    out = []
+            positions = masked[b].nonzero()[:, 0]
+            weights = F.softmax(scores[b, positions].float() / settings.alg_temp, dim=-1)
+            pick = (torch.multinomial(weights, reveal[b], generator=generator) if reveal[b]
+                    else positions[:0])
+            order.append(positions[pick])
+    chosen = []
     for b in range(B):
-        p = idx[b][:ks[b]]
-        x[b, p] = x_[b, p]
-        out.append((p, C[b, p].float()))
-    return out, ks, conf
+        p = order[b][:reveal[b]]
+        canvas[b, p] = proposal[b, p]
+        chosen.append((p, scores[b, p].float()))
+    return chosen, reveal, confidence
 
 
-def _first_confidence(z: torch.Tensor, st: DiffusionSettings) -> torch.Tensor:
+def _first_confidence(logits: torch.Tensor, settings: DiffusionSettings) -> torch.Tensor:
     """``origin`` computes no confidence; for the record use the filtered max probability,
     without drawing (the RNG stream is left as the reference's)."""
-    fill = torch.finfo(z.dtype).min if st.parity else -math.inf
-    return F.softmax(_filtered(z, st, fill), dim=-1).max(dim=-1).values
+    filtered = _filtered(logits, settings, fill=_fill(settings, logits.dtype))
+    return F.softmax(filtered, dim=-1).max(dim=-1).values
 
 
 class _Recorder:
+    """Builds the :class:`DecodingRecord` step by step."""
+
     def __init__(self, B: int, n: int, L: int, alg: str):
         self.n, self.L, self.alg = n, L, alg
         self.pos: list[list[torch.Tensor]] = [[] for _ in range(B)]
         self.conf: list[list[torch.Tensor]] = [[] for _ in range(B)]
         self.remasked: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        self.ks: list[list[int]] = []
+        self.reveal: list[list[int]] = []
         self.first: torch.Tensor | None = None
 
-    def add(self, prev, x, chosen: Chosen, ks, m: int) -> None:
-        if ks is not None:
-            self.ks.append(ks)
+    def add(self, before: torch.Tensor, after: torch.Tensor, chosen: Chosen,
+            reveal: list[int] | None, mask_id: int) -> None:
+        """One step: the canvas ``before`` and ``after`` it, what it chose, its K per row."""
+        if reveal is not None:
+            self.reveal.append(reveal)
+        m = mask_id
         for b, (p, c) in enumerate(chosen):
-            keep = (prev[b, p] == m) & (x[b, p] != m)  # drops mask draws and re-mask picks
+            keep = (before[b, p] == m) & (after[b, p] != m)  # drops mask draws, re-mask picks
             self.pos[b].append(p[keep].cpu())
             self.conf[b].append(c[keep].cpu())
-            self.remasked[b].append(((prev[b] != m) & (x[b] == m)).nonzero()[:, 0].cpu())
+            self.remasked[b].append(((before[b] != m) & (after[b] == m)).nonzero()[:, 0].cpu())
 
-    def first_step(self, Mi: torch.Tensor, conf: torch.Tensor) -> None:
-        self.first = torch.full(Mi.shape, math.nan)
-        self.first[Mi.cpu()] = conf.float().cpu()
+    def first_step(self, masked: torch.Tensor, confidence: torch.Tensor) -> None:
+        self.first = torch.full(masked.shape, math.nan)
+        self.first[masked.cpu()] = confidence.float().cpu()
 
     def done(self) -> DecodingRecord:
-        nt = torch.tensor(self.ks, dtype=torch.long) if self.ks else None
-        return DecodingRecord(self.n, self.L, self.alg, self.pos, self.conf, self.first, nt,
+        reveal = torch.tensor(self.reveal, dtype=torch.long) if self.reveal else None
+        return DecodingRecord(self.n, self.L, self.alg, self.pos, self.conf, self.first, reveal,
                               self.remasked)
 
 
-def _suppress(z: torch.Tensor, m: int, valid_vocab_size: int | None) -> torch.Tensor:
-    z[..., m] = -math.inf
-    if valid_vocab_size is not None and valid_vocab_size < z.shape[-1]:
-        z[..., valid_vocab_size:] = -math.inf
-    return z
+def _suppress(logits: torch.Tensor, mask_id: int, valid_vocab_size: int | None) -> torch.Tensor:
+    """The mask id, and ids at or beyond ``valid_vocab_size``, never drawn (default mode)."""
+    logits[..., mask_id] = -math.inf
+    if valid_vocab_size is not None and valid_vocab_size < logits.shape[-1]:
+        logits[..., valid_vocab_size:] = -math.inf
+    return logits
 
 
 # ---- the loop ---------------------------------------------------------------------------------
 @torch.no_grad()
 def diffusion_generate(model_fn: ModelFn | nn.Module, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None, settings: DiffusionSettings,
-                       mask_token_id: int, generator: torch.Generator | None = None,
+                       mask_token_id: int, *, generator: torch.Generator | None = None,
                        record: bool = True, output_history: bool = False,
                        valid_vocab_size: int | None = None,
                        tokens_hook: Callable | None = None,
@@ -292,132 +346,52 @@ def diffusion_generate(model_fn: ModelFn | nn.Module, input_ids: torch.Tensor,
     business). ``valid_vocab_size`` (default mode only): ids at or above it are never produced.
     Hooks as the reference's: ``tokens_hook(step, x, logits) -> x`` (once with None before the
     loop), ``logits_hook(step, x, logits) -> logits`` after the shift."""
-    st, m = settings, mask_token_id
     if isinstance(model_fn, nn.Module):
         model_fn = dream_model_fn(model_fn, attention_mask)
+    context = StepContext(settings, mask_token_id, generator)
     B, n = input_ids.shape
-    L, S = st.max_new_tokens, st.steps
-    x = F.pad(input_ids, (0, L), value=m)
-    canvas = torch.arange(n + L, device=x.device) >= n
-    tau = torch.linspace(1, st.eps, S + 1, device=x.device)
-    rec = _Recorder(B, n, L, st.alg) if record else None
+    L, S = settings.max_new_tokens, settings.steps
+    canvas = F.pad(input_ids, (0, L), value=mask_token_id)
+    is_canvas = torch.arange(n + L, device=canvas.device) >= n
+    times = step_times(S, settings.eps, canvas.device)
+    recorder = _Recorder(B, n, L, settings.alg) if record else None
     history: list[torch.Tensor] | None = [] if output_history else None
-    step = _origin_step if st.alg == "origin" else _confidence_step
+    step = origin_step if settings.alg == "origin" else confidence_step
     if tokens_hook is not None:
-        x = tokens_hook(None, x, None)
+        canvas = tokens_hook(None, canvas, None)
     for i in range(S):
-        Mi = (x == m) if st.parity else (x == m) & canvas
-        z = model_fn(x)
-        z = torch.cat([z[:, :1], z[:, :-1]], dim=1)  # logit j from hidden j-1
-        if not st.parity:
-            z = _suppress(z.float(), m, valid_vocab_size)
+        masked = canvas == mask_token_id
+        if not settings.parity:
+            masked &= is_canvas
+        logits = model_fn(canvas)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # logit j from hidden j-1
+        if not settings.parity:
+            logits = _suppress(logits.float(), mask_token_id, valid_vocab_size)
         if logits_hook is not None:
-            z = logits_hook(i, x, z)
-        prev = x.clone()
-        chosen, ks, conf_all = step(x, Mi, z, tau[i], tau[i + 1], i == S - 1, st, m, generator)
-        if rec is not None:
+            logits = logits_hook(i, canvas, logits)
+        before = canvas.clone()
+        chosen, reveal, confidence = step(canvas, masked, logits, times[i], times[i + 1],
+                                          last=i == S - 1, context=context)
+        if recorder is not None:
             if i == 0:
-                rec.first_step(Mi, conf_all if conf_all is not None
-                               else _first_confidence(z[Mi], st))
-            rec.add(prev, x, chosen, ks, m)
+                recorder.first_step(masked, confidence if confidence is not None
+                                    else _first_confidence(logits[masked], settings))
+            recorder.add(before, canvas, chosen, reveal, mask_token_id)
         if tokens_hook is not None:
-            x = tokens_hook(i, x, z)
+            canvas = tokens_hook(i, canvas, logits)
         if history is not None:
-            history.append(x.clone())
-    return DiffusionOutput(x, history, rec.done() if rec is not None else None)
+            history.append(canvas.clone())
+    return DiffusionOutput(canvas, history, recorder.done() if recorder is not None else None)
 
 
-# ---- model functions --------------------------------------------------------------------------
-def _span_mask(prompt_mask: torch.Tensor, N: int, n_ctx: int) -> torch.Tensor:
-    mask = F.pad(prompt_mask.bool(), (0, N - prompt_mask.shape[1]), value=False)
-    if not bool((mask.sum(1) == n_ctx).all()):
-        raise ValueError(f"prompt_mask must mark exactly n_ctx={n_ctx} positions in every row, "
-                         f"got {mask.sum(1).tolist()}")
-    return mask
-
-
-def _embed(model: nn.Module, x: torch.Tensor, prompt_embeds: torch.Tensor | None,
-           span: torch.Tensor | None) -> torch.Tensor:
-    emb = model.get_input_embeddings()(x)
-    if prompt_embeds is not None:  # replace the span's embeddings, row-major within each row
-        emb = emb.masked_scatter(span[..., None], prompt_embeds.to(emb.dtype))
-    return emb
-
-
-def dream_model_fn(model: nn.Module, attention_mask: torch.Tensor | None = None,
-                   prompt_embeds: torch.Tensor | None = None,
-                   prompt_mask: torch.Tensor | None = None) -> ModelFn:
-    """x (B, N) -> logits (B, N, V). The 4-D mask and positions are built once from the 0/1
-    ``attention_mask`` (B, n <= N), as the reference does (only when something is padded).
-    With ``prompt_embeds`` (B, n_ctx, d) and ``prompt_mask`` (B, n <= N) bool marking n_ctx
-    positions per row, those positions' input embeddings are replaced at every step."""
-    if (prompt_embeds is None) != (prompt_mask is None):
-        raise ValueError("prompt_embeds and prompt_mask go together")
-    cache: dict[int, tuple] = {}
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        N = x.shape[1]
-        if N not in cache:
-            span = (None if prompt_mask is None
-                    else _span_mask(prompt_mask.to(x.device), N, prompt_embeds.shape[1]))
-            cache[N] = (*padding_inputs(attention_mask, N), span)
-        mask4, pos, span = cache[N]
-        if prompt_embeds is None:
-            return model(input_ids=x, attention_mask=mask4, position_ids=pos).logits
-        return model(inputs_embeds=_embed(model, x, prompt_embeds, span),
-                     attention_mask=mask4, position_ids=pos).logits
-
-    return fn
-
-
-def combine_streams(two_stream_fn: ModelFn, omega: float) -> ModelFn:
-    """SPA over one canvas: ``two_stream_fn`` maps (2B, N) -> (2B, N, V), rows [:B] the full
-    prompt and [B:] the anchor-masked one; the combined logits are ``masked + omega * (full -
-    masked)`` in float32, written ``full + (omega - 1) * (full - masked)`` so that omega = 1
-    gives ``full`` bit for bit. Both canvases are the same x, so they update identically."""
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        full, masked = two_stream_fn(torch.cat([x, x])).float().chunk(2)
-        return full + (omega - 1.0) * (full - masked)
-
-    return fn
-
-
-def spa_model_fn(model: nn.Module, attention_mask: torch.Tensor | None,
-                 anchor_mask: torch.Tensor, omega: float, fill: float = 0.0,
-                 prompt_embeds: torch.Tensor | None = None,
-                 prompt_mask: torch.Tensor | None = None) -> ModelFn:
-    """SPA with a Dream model: the anchored positions ((B, n <= N) bool) get the embedding
-    ``fill`` (the zero vector, as pipeline.spa) in the second stream; positions and attention
-    are kept. Prompt offsets as in :func:`dream_model_fn` apply to both streams."""
-    am2 = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    cache: dict[int, tuple] = {}
-
-    def two(x2: torch.Tensor) -> torch.Tensor:
-        N, B = x2.shape[1], x2.shape[0] // 2
-        if N not in cache:
-            anchor = F.pad(anchor_mask.bool().to(x2.device), (0, N - anchor_mask.shape[1]))
-            span = (None if prompt_mask is None
-                    else _span_mask(prompt_mask.to(x2.device), N, prompt_embeds.shape[1]))
-            cache[N] = (*padding_inputs(am2, N), anchor, span)
-        mask4, pos, anchor, span = cache[N]
-        emb = _embed(model, x2[:B], prompt_embeds, span)
-        emb = torch.cat([emb, emb.masked_fill(anchor[..., None], fill)])
-        return model(inputs_embeds=emb, attention_mask=mask4, position_ids=pos).logits
-
-    return combine_streams(two, omega)
-
-
-def decode_completions(sequences: torch.Tensor, prompt_len: int, tokenizer,
-                       stop_ids: tuple[int, ...] | list[int] = ()) -> list[str]:
-    """Cut each row's canvas at the first eos / pad / stop id, drop ids outside the tokenizer
-    (>= len(tokenizer), or negative) and leftover mask ids, decode."""
-    stops = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id, *stop_ids)
-             if i is not None}
-    mask_id, size = getattr(tokenizer, "mask_token_id", None), len(tokenizer)
-    out = []
+def completion_ids(sequences: torch.Tensor, prompt_len: int, stop_ids: set[int] | tuple[int, ...],
+                   *, mask_id: int, vocab_size: int | None = None) -> list[list[int]]:
+    """Each row's canvas (the columns after ``prompt_len``) cut at its first stop id, without
+    leftover mask ids and, given ``vocab_size``, without ids outside [0, vocab_size) (the padded
+    embedding rows beyond the tokenizer)."""
+    rows = []
     for row in sequences[:, prompt_len:].tolist():
-        cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-        ids = [t for t in row[:cut] if 0 <= t < size and t != mask_id]
-        out.append(tokenizer.decode(ids, skip_special_tokens=False))
-    return out
+        cut = next((j for j, token in enumerate(row) if token in stop_ids), len(row))
+        rows.append([token for token in row[:cut] if token != mask_id
+                     and (vocab_size is None or 0 <= token < vocab_size)])
+    return rows

@@ -27,7 +27,8 @@ class TokenizeExamples:
         run_config = RunConfig.from_dict(config)
         tokenizer = load_tokenizer(run_config.model)
         encoder_decoder = load_hf_config(run_config.model).is_encoder_decoder
-        self.template = PromptTemplate(tokenizer, run_config.prompt, encoder_decoder)
+        self.template = PromptTemplate(tokenizer, run_config.prompt,
+                                       is_encoder_decoder=encoder_decoder)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"id": [], "prompt_ids": [], "context_start": [], "target_ids": [],

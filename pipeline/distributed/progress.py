@@ -38,7 +38,7 @@ class ProgressSink:
 class ProgressRelay:
     """Open it around ``trainer.fit()`` / ``tuner.fit()``; :meth:`sink` per job."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, *, enabled: bool = True):
         self.enabled = enabled
         self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0}) if enabled else None
         self.lines: dict[str, StepProgress] = {}

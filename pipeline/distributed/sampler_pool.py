@@ -4,7 +4,7 @@ The driver cuts the work into ``(method, batch of examples)`` tasks, keeps one t
 actor, and appends each finished batch to the results store as it arrives (nothing finished is
 ever lost). An actor that dies is restarted by Ray (``pool.max_restarts``) and its task retried;
 an actor that is gone for good hands its task to the others. A task's records depend only on its
-examples (:mod:`pipeline.evaluation.sampler`), so a retried task returns the same records, and
+examples (:mod:`pipeline.generation.sampler`), so a retried task returns the same records, and
 the driver writes a task's records once, when it first returns: every example appears exactly
 once.
 """
@@ -23,15 +23,15 @@ from ray.exceptions import RayActorError
 from pipeline.config import RunConfig
 from pipeline.data.example import Example
 from pipeline.distributed.session import check_fits, ensure_ray, sampler_actor_resources
-from pipeline.evaluation.progress import MethodProgress
-from pipeline.evaluation.sampler import Task
+from pipeline.generation.progress import MethodProgress
+from pipeline.generation.sampler import Task
 
 log = logging.getLogger(__name__)
 
 
 @ray.remote
 class SamplerActor:
-    """One :class:`~pipeline.evaluation.sampler.BatchSampler` per actor, loaded when the actor
+    """One :class:`~pipeline.generation.sampler.BatchSampler` per actor, loaded when the actor
     starts. The prompt models come as file contents through Ray's object store
     (:func:`pack_checkpoints`), not as paths: an actor on another node, or one Ray restarts
     there, need not see the driver's disk."""
@@ -40,7 +40,7 @@ class SamplerActor:
                  torch_threads: int):
         import torch
 
-        from pipeline.evaluation.sampler import BatchSampler
+        from pipeline.generation.sampler import BatchSampler
 
         torch.set_num_threads(torch_threads)
         self.folder = tempfile.TemporaryDirectory(prefix="ddpt-sampler-")  # lives with the actor
@@ -98,7 +98,7 @@ def unpack_checkpoints(packed: dict[str, dict[str, bytes]], target: Path) -> dic
     return paths
 
 
-def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]], None],
+def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]], None], *,
              progress: bool = True) -> None:
     """Run every task on the pool; ``on_records`` gets each task's records once, as it
     finishes. Raises if every actor is gone for good (what finished is already handed over)."""
@@ -132,16 +132,16 @@ def run_pool(actors: list, tasks: list[Task], on_records: Callable[[list[dict]],
 
 class RayPool:
     """The sampler pool on Ray actors (``pool.backend: ray``), for
-    :func:`pipeline.evaluation.comparison.sample_into`."""
+    :func:`pipeline.studies.comparison.sample_into`."""
 
     def __init__(self, config: RunConfig, checkpoints: dict[str, Path]):
         ensure_ray()
         self.checkpoints = ray.put(pack_checkpoints(checkpoints))
         self.actors = start_pool(config, self.checkpoints)
 
-    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
+    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None], *,
             progress: bool = True) -> None:
-        run_pool(self.actors, tasks, on_records, progress)
+        run_pool(self.actors, tasks, on_records, progress=progress)
 
     def close(self) -> None:
         for actor in self.actors:

@@ -106,7 +106,7 @@ def check_storage(storage: RunStorage, timeout: float = REACH_TIMEOUT_S) -> None
                           f"{outcome[0]}") from outcome[0]
 
 
-def record_storage(output: Path, storage: RunStorage, resume: bool) -> RunStorage:
+def record_storage(output: Path, storage: RunStorage, *, resume: bool) -> RunStorage:
     """Write (or, on resume, check) ``<output>/storage.json``; returns the storage to use. A
     resume with another storage_path than the run was started with fails, naming both."""
     pointer = Path(output) / POINTER_FILE
@@ -123,7 +123,7 @@ def record_storage(output: Path, storage: RunStorage, resume: bool) -> RunStorag
     return storage
 
 
-def check_fresh_storage(storage: RunStorage, resume: bool, what: str) -> None:
+def check_fresh_storage(storage: RunStorage, what: str, *, resume: bool) -> None:
     """Refuse to start over an earlier run in the storage (``--resume`` continues it)."""
     if not resume and storage.exists():
         raise ConfigError(f"{storage.location} holds an earlier {what}: pass --resume to "

@@ -147,7 +147,8 @@ def build_worker(loop_config: dict[str, Any], ranks: tuple[int, int, int] | None
     hf_deepspeed = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model, tokenizer = load_model(config.model, seed=config.train.seed)
     lm = FrozenCodeLM(model, tokenizer,
-                      PromptTemplate(tokenizer, config.prompt, model.config.is_encoder_decoder))
+                      PromptTemplate(tokenizer, config.prompt,
+                                     is_encoder_decoder=model.config.is_encoder_decoder))
     embedding = model.get_input_embeddings()
     with deepspeed.zero.GatheredParameters([embedding.weight]):  # partitioned outside forward
         token_norm = embedding.weight.float().norm(dim=-1).mean().item()
@@ -293,7 +294,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 def dev_loss(worker: Worker, dev: list) -> float:
     """Code cross-entropy on the dev examples given one prompt sampled as evaluation does; all
     ranks together."""
-    from pipeline.evaluation.heldout import sharded_code_loss  # it imports the metrics
+    from pipeline.scoring.heldout import sharded_code_loss  # it imports the metrics
     from pipeline.training.prompt_models import is_conditional, sampling_args
 
     config, model, lm = worker.config, worker.prompt_model, worker.lm
@@ -375,8 +376,8 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
     ds_config = deepspeed_config(config)
     storage = run_storage(config, output, RUN_NAME)
     check_storage(storage)  # before Ray starts: a bad URI fails in seconds
-    check_fresh_storage(storage, request.resume, "training run")
-    storage = record_storage(output, storage, request.resume)
+    check_fresh_storage(storage, "training run", resume=request.resume)
+    storage = record_storage(output, storage, resume=request.resume)
     if config.model.name == "embedded":
         prepare_embedded()  # convert once here, not in every worker at the same time
     ensure_ray()
@@ -387,7 +388,7 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
         dataset = tokenized_dataset(request.examples, config)
     with ProgressRelay(enabled=request.progress and progress is None) as relay:
         sink = progress or relay.sink(f"train {output.name}", tc.steps)
-        result = _fit(request, storage, callbacks, dataset, ds_config, dev, sink)
+        result = _fit(request, storage, callbacks, dataset, ds_config, dev=dev, sink=sink)
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -396,7 +397,7 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
 
 
 def _fit(request: TrainRequest, storage: RunStorage, callbacks: list | None,
-         dataset: ray.data.Dataset, ds_config: dict, dev: list[dict],
+         dataset: ray.data.Dataset, ds_config: dict, *, dev: list[dict],
          sink: ProgressSink | None) -> ray.train.Result:
     config, dc = request.config, request.config.distributed
     trainer = TorchTrainer(

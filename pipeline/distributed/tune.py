@@ -57,6 +57,7 @@ from pipeline.distributed.storage import (
 )
 from pipeline.distributed.train import ray_backend
 from pipeline.quiet import verbose
+from pipeline.studies.sweep import Sweep, TrialSummary, load_sweep, pick_best, trial_status
 from pipeline.tracking import (
     MAX_ERROR_CHARS,
     ROLE_TAG,
@@ -67,7 +68,6 @@ from pipeline.tracking import (
     resolve_tracking_uri,
 )
 from pipeline.training.job import RUN_FILE, open_tracker, run_training
-from pipeline.training.sweep import Sweep, TrialSummary, load_sweep, pick_best, trial_status
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,8 @@ def _open_bare_run(setup: TrialSetup, trial_id: str, params: dict[str, Any]) -> 
     """The child run of a trial without a valid configuration: its params are the sampled
     values. Re-attached if the trial folder names one already."""
     folder = setup.trial_dir(trial_id)
-    return open_run(folder / RUN_FILE, True, setup.tracking_uri, setup.experiment, trial_id,
-                    role="trial", output=folder, params=params,
+    return open_run(folder / RUN_FILE, setup.tracking_uri, setup.experiment, trial_id,
+                    resume=True, role="trial", output=folder, params=params,
                     parent_run_id=setup.parent_run_id)
 
 
@@ -287,7 +287,7 @@ def _absolute_paths(sweep: Sweep) -> Sweep:
     return sweep
 
 
-def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
+def run_sweep(sweep: Sweep | None, output_dir: str | Path, *, resume: bool = False,
               progress: bool = True) -> SweepOutcome:
     """Run (or, with ``resume``, continue) a sweep into ``output_dir``; blocks until every trial
     has finished, failed or been stopped. On resume the space and base configuration saved in
@@ -297,10 +297,10 @@ def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
     if resume:
         if not state_file.is_file():
             raise ConfigError(f"{output}: no sweep to resume ({SWEEP_FILE} is missing)")
-        sweep = load_sweep(output / SPACE_COPY, preset="default",
+        sweep = load_sweep(output / SPACE_COPY, preset="main",
                            config_file=str(output / BASE_COPY))
     else:
-        check_fresh_output(output, resume, (SWEEP_FILE, TUNE_NAME), "sweep")
+        check_fresh_output(output, (SWEEP_FILE, TUNE_NAME), "sweep", resume=resume)
     if sweep is None:
         raise ValueError("run_sweep needs a sweep unless it resumes one")
     sweep = _absolute_paths(sweep)
@@ -319,21 +319,21 @@ def run_sweep(sweep: Sweep | None, output_dir: str | Path, resume: bool = False,
         experiment = sweep.base.tracking.experiment_name(sweep.base)
         shutil.copyfile(sweep.source, output / SPACE_COPY)
         sweep.base.save(output / BASE_COPY)
-        parent = open_run(state_file, False, uri, experiment, f"sweep {output.name}",
+        parent = open_run(state_file, uri, experiment, f"sweep {output.name}", resume=False,
                           role="sweep", output=output,
                           params={**sweep.settings(), **sweep.base.to_flat()},
                           note={"experiment": experiment})
         parent.log_artifact(output / SPACE_COPY)
     with parent:
         setup = TrialSetup(sweep, output, uri, experiment, parent.run_id)
-        trials = _tune(setup, resume, progress)
+        trials = _tune(setup, resume=resume, progress=progress)
         best = pick_best(sweep, trials)
         best_file = _record(parent, setup, trials, best)
     return SweepOutcome(sweep, output, uri, parent.run_id, trials, best, best_file,
                         time.perf_counter() - began)
 
 
-def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]:
+def _tune(setup: TrialSetup, *, resume: bool, progress: bool) -> list[TrialSummary]:
     from pipeline.lm.loader import prepare_embedded
 
     sweep = setup.sweep
@@ -343,15 +343,15 @@ def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     storage = run_storage(sweep.base, setup.output, TUNE_NAME, default_root=setup.output)
     check_storage(storage)  # before Ray starts
-    check_fresh_storage(storage, resume, "sweep")
-    storage = record_storage(setup.output, storage, resume)
+    check_fresh_storage(storage, "sweep", resume=resume)
+    storage = record_storage(setup.output, storage, resume=resume)
     ensure_ray()
     parallel = concurrency(sweep, ray.cluster_resources())
     log.info("sweep: %d sample(s) of %s, %d trial(s) at a time", sweep.num_samples,
              list(sweep.space), parallel)
     with ProgressRelay(enabled=progress) as relay:  # a live line per trial
         setup = dataclasses.replace(setup, progress=relay.queue)
-        grid = _fit(setup, storage, resume, progress, parallel)
+        grid = _fit(setup, storage, parallel, resume=resume, progress=progress)
     trials = []
     for result in grid:
         trial_id = Path(result.path).name
@@ -370,7 +370,8 @@ def _tune(setup: TrialSetup, resume: bool, progress: bool) -> list[TrialSummary]
     return sorted(trials, key=lambda t: t.trial_id)
 
 
-def _fit(setup: TrialSetup, storage: RunStorage, resume: bool, progress: bool, parallel: int):
+def _fit(setup: TrialSetup, storage: RunStorage, parallel: int, *, resume: bool,
+         progress: bool):
     """Build (or restore) the Tuner and run it; returns its ResultGrid."""
     sweep = setup.sweep
     # The trainable holds no CPU: the trial's Train workers and tokenizer actor hold its CPUs.

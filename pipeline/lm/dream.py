@@ -26,7 +26,7 @@ class DreamConfig(PretrainedConfig):
 
     model_type = "Dream"
 
-    def __init__(self, vocab_size: int = 151936, hidden_size: int = 4096,
+    def __init__(self, *, vocab_size: int = 151936, hidden_size: int = 4096,
                  intermediate_size: int = 22016, num_hidden_layers: int = 32,
                  num_attention_heads: int = 32, num_key_value_heads: int | None = 32,
                  hidden_act: str = "silu", max_position_embeddings: int = 32768,

@@ -116,7 +116,7 @@ class FrozenCodeLM:
     def encode(self, examples: list[Example]) -> list[EncodedExample]:
         return [self.template.encode(example) for example in examples]
 
-    def collate(self, encoded: list[EncodedExample], with_targets: bool = True) -> Batch:
+    def collate(self, encoded: list[EncodedExample], *, with_targets: bool = True) -> Batch:
         """Pad a list of encoded examples. Causal sequences are left-padded so that generation
         continues every row from the same last column."""
         n = self.context_length
@@ -199,7 +199,7 @@ class FrozenCodeLM:
         # Left padding: real tokens start at position 0 in every row.
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def code_loss(self, batch: Batch, delta: torch.Tensor | None = None,
+    def code_loss(self, batch: Batch, delta: torch.Tensor | None = None, *,
                   per_example: bool = False, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
         """Cross-entropy on the code tokens only. Returns the token mean over the batch, or (B,)
@@ -210,7 +210,8 @@ class FrozenCodeLM:
         if batch.labels is None:
             raise ValueError("code_loss needs a batch collated with targets")
         if self.is_diffusion:
-            return self._diffusion_code_loss(batch, delta, per_example, generator)
+            return self._diffusion_code_loss(batch, delta, per_example=per_example,
+                                             generator=generator)
         embeds = self.prompt_embeds(batch, delta)
         if self.is_encoder_decoder:
             logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
@@ -236,8 +237,9 @@ class FrozenCodeLM:
             return token_loss.sum(-1) / counts.clamp(min=1)
         return token_loss.sum() / counts.sum().clamp(min=1)
 
-    def _diffusion_code_loss(self, batch: Batch, delta: torch.Tensor | None, per_example: bool,
-                             generator: torch.Generator | None) -> torch.Tensor:
+    def _diffusion_code_loss(self, batch: Batch, delta: torch.Tensor | None, *,
+                             per_example: bool, generator: torch.Generator | None
+                             ) -> torch.Tensor:
         from pipeline.lm.coupled import coupled_scores_at
         from pipeline.lm.dream import padding_inputs
 

@@ -57,7 +57,7 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def prepare_embedded(force: bool = False) -> Path:
+def prepare_embedded(*, force: bool = False) -> Path:
     """Convert the GGUF once into a plain safetensors model folder in the cache; return it.
 
     Dequantising the GGUF takes ~30 s; loading the converted folder takes ~1 s. A quantised GGUF
@@ -273,5 +273,6 @@ def build_lm(config: RunConfig) -> FrozenCodeLM:
 
     model, tokenizer = load_model(config.model)
     model.to(resolve_device(config.model.device))
-    template = PromptTemplate(tokenizer, config.prompt, model.config.is_encoder_decoder)
+    template = PromptTemplate(tokenizer, config.prompt,
+                              is_encoder_decoder=model.config.is_encoder_decoder)
     return FrozenCodeLM(model, tokenizer, template)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.config import PromptConfig
+from pipeline.config import SPANS, PromptConfig
 from pipeline.data.example import Example
 
 _SYSTEM_SLOT, _USER_SLOT = "\x00DDPT_SYSTEM\x00", "\x00DDPT_USER\x00"
 _FENCE = re.compile(r"```[ \t]*[\w+#-]*[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
-SPAN_NAMES = ("context", "instruction", "input")  # the anchorable spans of every prompt
+SPAN_NAMES = SPANS  # the anchorable spans of every prompt (decoding.spa_anchors' choices)
 ANCHORS_META_KEY = "anchors"  # Example.meta key: data-given anchors inside the instruction
 
 
@@ -40,7 +40,7 @@ class PromptTemplate:
     the user turn, the code is the assistant's reply. 'plain': the CodeAlpaca text template.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PromptConfig,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PromptConfig, *,
                  is_encoder_decoder: bool = False):
         self.tokenizer, self.config = tokenizer, config
         self.is_encoder_decoder = is_encoder_decoder

@@ -228,7 +228,7 @@ def cfg_drop(batch_size: int, probability: float, condition: torch.Tensor | None
 
 
 def ddim_chain(model: DiffusionPrompt, x_T: torch.Tensor, condition: torch.Tensor | None,
-               steps: int, drop: torch.Tensor | None = None, teacher: bool = False
+               steps: int, drop: torch.Tensor | None = None, *, teacher: bool = False
                ) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from x_T (B, n, k) in ``steps`` steps, T-1 .. 0, with
     gradients through every call unless run under no_grad: x_0 (B, n, k). The chain
@@ -238,7 +238,7 @@ def ddim_chain(model: DiffusionPrompt, x_T: torch.Tensor, condition: torch.Tenso
     for t, t_prev in zip(times, times[1:] + [-1]):
         step = torch.full((batch,), t, dtype=torch.long, device=x.device)
         x0_hat = model.predict(x, step, condition, drop=drop, teacher=teacher)
-        x = ddim_step(model.schedule, x0_hat, x, t, t_prev, 0.0, None).prev_sample
+        x = ddim_step(model.schedule, x0_hat, x, t, t_prev, eta=0.0, noise=None).prev_sample
     return x
 
 

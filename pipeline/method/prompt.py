@@ -78,7 +78,7 @@ class DiffusionPrompt(nn.Module):
                 net.set_condition_stats(mean, std)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None,
-                guidance: float = 1.0, drop: torch.Tensor | None = None,
+                guidance: float = 1.0, drop: torch.Tensor | None = None, *,
                 teacher: bool = False) -> torch.Tensor:
         """x0_hat (B, n, k). With a condition and classifier-free guidance scale w:
         ``x0_u + w (x0_c - x0_u)``; w = 1 is the conditional prediction, w = 0 the

@@ -32,7 +32,7 @@ def ddpm_step(
 
 
 def ddim_step(
-    schedule: NoiseSchedule, x0_hat: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
+    schedule: NoiseSchedule, x0_hat: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int, *,
     eta: float, noise: torch.Tensor | None,
 ) -> StepOutput:
     """One DDIM step (Song et al. 2021, eq. 12), t -> t_prev (t_prev = -1 means x_0).
@@ -60,7 +60,7 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def sample(
-    model: Denoise, schedule: NoiseSchedule, shape: tuple[int, ...], sampler: str = "ddim",
+    model: Denoise, schedule: NoiseSchedule, shape: tuple[int, ...], sampler: str = "ddim", *,
     steps: int = 50, eta: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     x_T: torch.Tensor | None = None, device: torch.device | str = "cpu",
@@ -94,6 +94,6 @@ def sample(
         for t, t_prev in zip(times, times[1:] + [-1]):
             x0_hat = model(x, torch.full((batch,), t, dtype=torch.long, device=device))
             noise = randn() if eta > 0 and t_prev >= 0 else None
-            x = ddim_step(schedule, x0_hat, x, t, t_prev, eta, noise).prev_sample
+            x = ddim_step(schedule, x0_hat, x, t, t_prev, eta=eta, noise=noise).prev_sample
         return x
     raise ValueError(f"unknown sampler {sampler!r}; known: ['ddpm', 'ddim']")

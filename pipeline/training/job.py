@@ -54,19 +54,19 @@ class TrainRequest:
 TrainBackend = Callable[[TrainRequest], Path]
 
 
-def open_tracker(config: RunConfig, output: Path, resume: bool, run_name: str,
+def open_tracker(config: RunConfig, output: Path, run_name: str, *, resume: bool,
                  parent_run_id: str | None = None) -> RunTracker:
     """Start the job's MLflow run (a child of ``parent_run_id`` if given), or re-attach to it on
     resume."""
     uri = resolve_tracking_uri(output, config.tracking.uri)
-    return open_run(output / RUN_FILE, resume, uri, config.tracking.experiment_name(config),
-                    run_name, role="train", output=output, params=config.to_flat(),
+    return open_run(output / RUN_FILE, uri, config.tracking.experiment_name(config), run_name,
+                    resume=resume, role="train", output=output, params=config.to_flat(),
                     tags={"ddpt.backend": config.distributed.backend,
                           "ddpt.train_method": config.train.method},
                     parent_run_id=parent_run_id)
 
 
-def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBackend,
+def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBackend, *,
                  resume: bool = False, examples: list[Example] | None = None,
                  progress: bool = True, parent_run_id: str | None = None,
                  run_name: str = "train", tracker: RunTracker | None = None) -> TrainOutcome:
@@ -77,7 +77,7 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
     default the job opens its own run and ends it FINISHED, or FAILED on an exception.
     """
     output = Path(output_dir).resolve()
-    check_fresh_output(output, resume, (CHECKPOINT, "ray", "storage.json"))
+    check_fresh_output(output, (CHECKPOINT, "ray", "storage.json"), resume=resume)
     done = _finished(output, config) if resume else None
     if done:
         log.info("%s already holds step %d of %d: nothing to train", done.checkpoint,
@@ -90,7 +90,8 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
     config.save(output / "config.yaml")
     began = time.perf_counter()
     owned = tracker is None
-    tracker = tracker or open_tracker(config, output, resume, run_name, parent_run_id)
+    tracker = tracker or open_tracker(config, output, run_name, resume=resume,
+                                      parent_run_id=parent_run_id)
     with tracker if owned else nullcontext(tracker):
         checkpoint = backend(TrainRequest(config, examples, output, tracker, resume, progress,
                                           dev))

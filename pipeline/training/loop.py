@@ -58,7 +58,7 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
 
 
-def run_steps(step_fn: StepFn, batches: Iterator[Batch], start: int, steps: int, seed: int,
+def run_steps(step_fn: StepFn, batches: Iterator[Batch], start: int, steps: int, seed: int, *,
               rank: int = 0, on_step: Callable[[int, dict], None] | None = None,
               progress: bool = True, device: torch.device | None = None,
               log_every: int = 10, progress_name: str = "train") -> list[dict]:
@@ -121,7 +121,7 @@ class TrainResult:
 
 
 def train_local(
-    config: RunConfig, lm: FrozenCodeLM, examples: list[Example],
+    config: RunConfig, lm: FrozenCodeLM, examples: list[Example], *,
     checkpoint_dir: str | Path | None = None, resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
     progress_name: str = "train",

@@ -27,7 +27,7 @@ def format_seconds(seconds: float) -> str:
 class StepProgress:
     """A tqdm line for ``steps`` optimizer steps named ``name``; :meth:`update` per step."""
 
-    def __init__(self, name: str, steps: int, enabled: bool = True,
+    def __init__(self, name: str, steps: int, *, enabled: bool = True,
                  position: int | None = None, window: int = 10):
         self.steps = steps
         self.bar = tqdm(total=steps, desc=name, bar_format=FORMAT, disable=not enabled,

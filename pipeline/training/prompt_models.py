@@ -1,9 +1,9 @@
 """The prompt models by name (``train.method``): how each is built from a run's configuration,
 what objective trains it, and which ``ddpt sample`` option names a trained one.
 
-Adding a prompt model means one entry in :data:`PROMPT_MODELS` (and its name among
-``train.method``'s choices in :mod:`pipeline.config`); training, checkpoints, sampling and the
-comparison look it up here instead of branching on its name.
+Adding a prompt model means its name in :data:`pipeline.config.PROMPT_MODELS` (``train.method``'s
+choices) and its entry in :data:`PROMPT_MODELS` here (checked at import); training, checkpoints,
+sampling and the comparison look it up here instead of branching on its name.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.baselines.soft_prompt import PromptTuningObjective, SoftPrompt
+from pipeline.config import PROMPT_MODELS as PROMPT_MODEL_NAMES
 from pipeline.config import RunConfig, SampleConfig
 from pipeline.method.objectives import OBJECTIVES, ObjectiveOutput
 from pipeline.method.prompt import DiffusionPrompt
@@ -89,6 +90,9 @@ PROMPT_MODELS: dict[str, PromptModelSpec] = {
                                      "--prompt-tuning",
                                      "the baseline: the n context embeddings learned directly"),
 }
+if tuple(PROMPT_MODELS) != PROMPT_MODEL_NAMES:  # one entry per train.method choice, in order
+    raise ImportError(f"prompt model registry {list(PROMPT_MODELS)} does not match "
+                      f"pipeline.config.PROMPT_MODELS {list(PROMPT_MODEL_NAMES)}")
 
 
 def lm_facts(lm: FrozenCodeLM, token_norm: float | None = None,

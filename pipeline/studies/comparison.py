@@ -14,6 +14,7 @@ MLflow layout, one experiment per data set and model (``tracking.experiment_name
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -25,17 +26,18 @@ from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example, missing_tests
-from pipeline.evaluation.charts import CHARTS, comparison_charts
-from pipeline.evaluation.execution import score_execution
-from pipeline.evaluation.heldout import score_method
-from pipeline.evaluation.interpret import TsneMap
-from pipeline.evaluation.results import ResultStore
-from pipeline.evaluation.sampler import METHODS, SamplerPool, method_sample_config
+from pipeline.generation.sampler import METHODS, SamplerPool, method_sample_config
 from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.scoring.execution import score_execution
+from pipeline.scoring.heldout import score_method
+from pipeline.scoring.results import ResultStore
+from pipeline.studies.charts import CHARTS, comparison_charts
+from pipeline.studies.interpret import TsneMap
 from pipeline.tracking import (
     ROLE_TAG,
     RunTracker,
     TrackingError,
+    check_tracking_uri,
     child_runs,
     open_run,
     read_run_file,
@@ -47,14 +49,23 @@ log = logging.getLogger(__name__)
 COMPARISON_FILE = "mlflow_comparison.json"  # {"uri", "run_id"} of the parent run
 
 
-def open_comparison(config: RunConfig, output: Path, resume: bool, methods: list[str],
+def with_tracking_uri(config: RunConfig, output: Path) -> RunConfig:
+    """Pin the resolved MLflow URI, so that every job of the run (training jobs in their own
+    folders included) logs into the same store; a bad URI fails here, before any work."""
+    uri = resolve_tracking_uri(output, config.tracking.uri)
+    check_tracking_uri(uri)
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, uri=uri))
+
+
+def open_comparison(config: RunConfig, output: Path, methods: list[str], *, resume: bool,
                     parent_run_id: str | None = None) -> RunTracker:
     """The comparison's parent run (itself a child of ``parent_run_id``, an experiment's, when
     given); re-attached on resume."""
     uri = resolve_tracking_uri(output, config.tracking.uri)
-    return open_run(output / COMPARISON_FILE, resume, uri, config.tracking.experiment_name(config),
-                    "compare", role="comparison", output=output, params=config.to_flat(),
-                    tags={"ddpt.methods": ",".join(methods)}, parent_run_id=parent_run_id)
+    return open_run(output / COMPARISON_FILE, uri, config.tracking.experiment_name(config),
+                    "compare", resume=resume, role="comparison", output=output,
+                    params=config.to_flat(), tags={"ddpt.methods": ",".join(methods)},
+                    parent_run_id=parent_run_id)
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -62,7 +73,7 @@ def _batches(items: list, size: int) -> list[list]:
 
 
 def sample_into(store: ResultStore, config: RunConfig, methods: list[str],
-                examples: list[Example], open_pool: Callable[[], SamplerPool],
+                examples: list[Example], open_pool: Callable[[], SamplerPool], *,
                 progress: bool = True) -> None:
     """Generate every (method, example) the store lacks on the pool that ``open_pool`` starts
     (only when there is work); each batch is appended to the store as it finishes."""
@@ -74,7 +85,7 @@ def sample_into(store: ResultStore, config: RunConfig, methods: list[str],
         return
     pool = open_pool()
     try:
-        pool.run(tasks, store.append, progress)
+        pool.run(tasks, store.append, progress=progress)
     finally:
         pool.close()
 
@@ -122,7 +133,7 @@ def arness_metrics(rows: list[dict]) -> dict[str, float]:
 
 def arness_plots(rows: list[dict], folder: Path, method: str) -> list[Path]:
     """AR-ness against k and first-step confidence by position, as PNGs in ``folder``."""
-    from pipeline.evaluation.arness import ArnessCurves, plot_arness, plot_first_step_confidence
+    from pipeline.scoring.arness import ArnessCurves, plot_arness, plot_first_step_confidence
 
     if not rows or "arness_local" not in rows[0]:
         return []
@@ -138,7 +149,7 @@ def arness_plots(rows: list[dict], folder: Path, method: str) -> list[Path]:
 
 @torch.no_grad()
 def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
-              folder: Path, examples: list[Example], methods: list[str],
+              folder: Path, examples: list[Example], methods: list[str], *,
               num_prompts: int = 8, draws: int = 4) -> tuple[dict[str, Path], TsneMap | None]:
     """Nearest tokens per trained prompt model (``folder/<model>/nearest_tokens.json``) and one
     t-SNE map of them all with the manual context (``folder/tsne.png``). Prompts per task (a
@@ -146,8 +157,8 @@ def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
     first ``num_prompts`` examples; shared prompts are ``draws`` noise draws. Returns
     ({model: its folder}, what the map drew, or None without prompt models)."""
     from pipeline.baselines.soft_prompt import SoftPrompt
-    from pipeline.evaluation.interpret import PromptSet, nearest_tokens, tsne_plot
-    from pipeline.evaluation.sampler import BatchSampler
+    from pipeline.generation.sampler import BatchSampler
+    from pipeline.studies.interpret import PromptSet, nearest_tokens, tsne_plot
     from pipeline.training.prompt_models import is_conditional, sampling_args
 
     if not checkpoints:
@@ -180,13 +191,13 @@ def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
 
 @torch.no_grad()
 def diversity(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
-              examples: list[Example], methods: list[str], num_examples: int = 8,
+              examples: list[Example], methods: list[str], *, num_examples: int = 8,
               samples: int = 8) -> dict[str, dict[str, float]]:
     """Per method: the spread of its sampled directions, for ``samples`` noise draws on each of
-    the first ``num_examples`` examples and across them (:mod:`pipeline.evaluation.diversity`),
+    the first ``num_examples`` examples and across them (:mod:`pipeline.scoring.diversity`),
     with the method's own sampler; 0 for the manual prompt (one point), so that every method
     has the same metric names."""
-    from pipeline.evaluation.diversity import prompt_diversity
+    from pipeline.scoring.diversity import prompt_diversity
     from pipeline.training.checkpoint import load_prompt_model
     from pipeline.training.prompt_models import is_conditional, sampling_args
 
@@ -246,7 +257,7 @@ def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path])
 
 def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[str, float]],
                 store: ResultStore, checkpoints: dict[str, Path],
-                interpreted: dict[str, Path], tsne: Path | None = None) -> dict[str, str]:
+                interpreted: dict[str, Path], *, tsne: Path | None = None) -> dict[str, str]:
     """One child run per method under ``parent`` (re-used on resume), with its prompt model's
     nearest tokens and the t-SNE map ``tsne`` under ``interpret/``; returns method -> run id."""
     existing = {run.data.tags.get("ddpt.method"): run.info.run_id
@@ -330,16 +341,16 @@ def training_run_files(checkpoints: dict[str, Path]) -> dict[str, Path]:
 def check_before_work(config: RunConfig) -> None:
     """Cheap checks that would otherwise fail after training: the decoding strategy against the
     model, the metric names, WordNet."""
-    from pipeline.evaluation.metrics import METRICS
-    from pipeline.evaluation.sampler import check_decoding
+    from pipeline.generation.sampler import check_decoding
     from pipeline.lm.loader import is_diffusion_model
+    from pipeline.scoring.metrics import METRICS
 
-    check_decoding(config, is_diffusion_model(config.model))
+    check_decoding(config, diffusion_model=is_diffusion_model(config.model))
     unknown = [m for m in config.eval.metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"eval.metrics: unknown {unknown}; known: {sorted(METRICS)}")
     if "meteor" in config.eval.metrics:
-        from pipeline.evaluation.wordnet import ensure_wordnet
+        from pipeline.scoring.wordnet import ensure_wordnet
 
         ensure_wordnet()
 
@@ -349,9 +360,10 @@ def save_json(path: Path, data: dict) -> None:
 
 
 def run_comparison(config: RunConfig, output: Path, methods: list[str],
-                   checkpoints: dict[str, Path], examples: list[Example], parent: RunTracker,
-                   open_pool: Callable[[], SamplerPool], resume: bool, progress: bool = True,
-                   lm: FrozenCodeLM | None = None) -> dict[str, dict[str, float]]:
+                   checkpoints: dict[str, Path], examples: list[Example], *,
+                   parent: RunTracker, open_pool: Callable[[], SamplerPool], resume: bool,
+                   progress: bool = True, lm: FrozenCodeLM | None = None
+                   ) -> dict[str, dict[str, float]]:
     """Sample and generate with every method, score, chart (``charts/``), interpret, and log
     one MLflow child run per method under ``parent``. Returns ``{method: {metric: value}}``."""
     import time
@@ -362,7 +374,7 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     if not resume and store.path.exists():
         store.path.unlink()
     began = time.perf_counter()
-    sample_into(store, config, methods, examples, open_pool, progress)
+    sample_into(store, config, methods, examples, open_pool, progress=progress)
     log.info("generated in %.0fs", time.perf_counter() - began)
     metrics = score(store, config, methods, examples)
     lm = lm or build_lm(config)
@@ -375,7 +387,7 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     interpreted, drawn = interpret(config, checkpoints, lm, output / "interpret", examples,
                                    methods)
     tsne = drawn.path if drawn else None
-    log_methods(parent, config, metrics, store, checkpoints, interpreted, tsne)
+    log_methods(parent, config, metrics, store, checkpoints, interpreted, tsne=tsne)
     parent.log_artifact(output / "metrics.json")
     parent.log_artifact(store.path)
     for picture in pictures:

@@ -64,7 +64,7 @@ def prompt_models_needed(methods: list[str] | tuple[str, ...]) -> list[str]:
     return [p for p in PROMPT_MODELS if any(METHODS[m].prompt == p for m in methods)]
 
 
-def check_decoding(config: RunConfig, diffusion_model: bool) -> None:
+def check_decoding(config: RunConfig, *, diffusion_model: bool) -> None:
     """A masked-diffusion LM decodes with ``decoding.strategy: diffusion``, and only it does."""
     strategy = config.decoding.strategy
     if diffusion_model and strategy != "diffusion":
@@ -118,7 +118,7 @@ class BatchSampler:
 
         self.config = config
         self.lm = lm or build_lm(config)
-        check_decoding(config, self.lm.is_diffusion)
+        check_decoding(config, diffusion_model=self.lm.is_diffusion)
         self.prompt_models = {}
         for name, path in checkpoints.items():
             model, saved, _ = load_prompt_model(path, map_location=self.lm.device)
@@ -206,15 +206,16 @@ class BatchSampler:
         each example's AR-ness and first-step confidences, and n draws per example when
         ``execution.num_samples`` > 1 (decoding.diffusion_temperature > 0)."""
         from pipeline.decoding.dllm import generate_ids_diffusion
-        from pipeline.evaluation.arness import arness_from_record
+        from pipeline.scoring.arness import arness_from_record
 
         lm, decoding, length = self.lm, self.config.decoding, self.config.eval.max_new_tokens
         spa = method.decoding == "spa"
         batch = lm.collate(lm.encode(examples), with_targets=False).to(lm.device)
         # Seeded by the batch's ids: a retried batch decodes the same way.
         seed = example_seed(decoding.seed, ",".join(e.id for e in examples))
-        rows, record = generate_ids_diffusion(lm, batch, delta, length, decoding, spa,
-                                              torch.Generator(lm.device).manual_seed(seed))
+        rows, record = generate_ids_diffusion(
+            lm, batch, delta, length, decoding, spa=spa,
+            generator=torch.Generator(lm.device).manual_seed(seed))
         curves = arness_from_record(record)
         first = record.first_step_confidence[:, batch.input_ids.shape[1]:]
         extras = [{"arness_local": curves.local[i].tolist(),
@@ -228,7 +229,7 @@ class BatchSampler:
             repeated = lm.collate(encoded, with_targets=False).to(lm.device)
             drawn, _ = generate_ids_diffusion(
                 lm, repeated, None if delta is None else delta.repeat_interleave(n, 0), length,
-                decoding, spa, torch.Generator(lm.device).manual_seed(seed + 1))
+                decoding, spa=spa, generator=torch.Generator(lm.device).manual_seed(seed + 1))
             texts = decode_code(lm, drawn)
             samples = [texts[i:i + n] for i in range(0, len(texts), n)]
         return decode_code(lm, rows), extras, samples
@@ -264,7 +265,7 @@ class BatchSampler:
         # Seeded by the batch's ids: a retried batch draws the same samples.
         seed = example_seed(decoding.seed, ",".join(e.id for e in examples))
         return generate_samples(self.lm, examples, n, delta, self.config.eval.max_new_tokens,
-                                sampled, torch.Generator().manual_seed(seed))
+                                decoding=sampled, generator=torch.Generator().manual_seed(seed))
 
 
 Task = tuple[str, list[Example]]  # (method, examples)
@@ -273,7 +274,7 @@ Task = tuple[str, list[Example]]  # (method, examples)
 class SamplerPool(Protocol):
     """Runs tasks; ``on_records`` gets each task's records once, as it finishes."""
 
-    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
+    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None], *,
             progress: bool = True) -> None: ...
 
     def close(self) -> None: ...
@@ -286,9 +287,9 @@ class LocalPool:
                  lm: FrozenCodeLM | None = None):
         self.sampler = BatchSampler(config, checkpoints, lm=lm)
 
-    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None],
+    def run(self, tasks: list[Task], on_records: Callable[[list[dict]], None], *,
             progress: bool = True) -> None:
-        from pipeline.evaluation.progress import MethodProgress
+        from pipeline.generation.progress import MethodProgress
 
         lines = MethodProgress(tasks, enabled=progress)
         try:

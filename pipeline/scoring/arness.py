@@ -50,7 +50,7 @@ def _check(order: Order, L: int | None) -> tuple[np.ndarray, int]:
     return p, T
 
 
-def _runs(p: np.ndarray, prompt_prefix: bool) -> np.ndarray:
+def _runs(p: np.ndarray, *, prompt_prefix: bool) -> np.ndarray:
     """r_t: how many decodes right before step t continue leftwards from p_t (inf: into the
     prompt prefix)."""
     r = np.zeros(len(p))
@@ -63,12 +63,12 @@ def _runs(p: np.ndarray, prompt_prefix: bool) -> np.ndarray:
 
 
 def local_arness(order: Order, ks: Sequence[int], L: int | None = None, normalize: str = "T",
-                 prompt_prefix: bool = True) -> np.ndarray:
+                 *, prompt_prefix: bool = True) -> np.ndarray:
     """Local AR-ness@k for each k in ``ks`` (len(ks),) of one reveal order."""
     if normalize not in ("T", "T-k"):
         raise ValueError(f"normalize must be 'T' or 'T-k', got {normalize!r}")
     p, T = _check(order, L)
-    r = _runs(p, prompt_prefix and normalize == "T")
+    r = _runs(p, prompt_prefix=prompt_prefix and normalize == "T")
     out = []
     for k in ks:
         if normalize == "T":
@@ -106,12 +106,12 @@ class ArnessCurves:
 
 
 def arness_curves(orders: Sequence[Order], L: int | None = None, k_local: int = 9,
-                  k_global: int = 4, normalize: str = "T", prompt_prefix: bool = True
+                  k_global: int = 4, normalize: str = "T", *, prompt_prefix: bool = True
                   ) -> ArnessCurves:
     """AR-ness@k for k = 1..k_local (local) and 1..k_global (global), one row per order (the
     paper plots 1..9 and 1..4). ``L`` defaults to each order's own length."""
     kl, kg = list(range(1, k_local + 1)), list(range(1, k_global + 1))
-    loc = [local_arness(o, kl, L, normalize, prompt_prefix) for o in orders]
+    loc = [local_arness(o, kl, L, normalize, prompt_prefix=prompt_prefix) for o in orders]
     glo = [global_arness(o, kg, L) for o in orders]
     return ArnessCurves(kl, np.stack(loc), kg, np.stack(glo))
 

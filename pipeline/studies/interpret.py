@@ -111,7 +111,7 @@ def _embed_2d(points: torch.Tensor, seed: int, max_iter: int):
 
 
 @torch.no_grad()
-def tsne_plot(lm: FrozenCodeLM, prompts: dict[str, PromptSet], path: str | Path,
+def tsne_plot(lm: FrozenCodeLM, prompts: dict[str, PromptSet], path: str | Path, *,
               vocab_sample: int = 3000, seed: int = 0, max_iter: int = 500,
               max_labels: int = 30) -> TsneMap:
     """Save a t-SNE map of ``prompts`` ({prompt model: PromptSet}) and the manual context among

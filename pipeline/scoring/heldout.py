@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 
 from pipeline.data.example import Example
-from pipeline.evaluation.metrics import compute_metrics
-from pipeline.evaluation.results import ResultStore
 from pipeline.lm.frozen import Batch, FrozenCodeLM
 from pipeline.lm.template import EncodedExample
+from pipeline.scoring.metrics import compute_metrics
+from pipeline.scoring.results import ResultStore
 
 
 def _batches(items: list, size: int) -> list[list]:

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 from pipeline.config import ExecutionConfig
 from pipeline.data.example import Example, missing_tests
-from pipeline.evaluation.passk import PASSED, pass_at_k_metrics
-from pipeline.evaluation.results import ResultStore
 from pipeline.sandbox import run_programs
+from pipeline.scoring.passk import PASSED, pass_at_k_metrics
+from pipeline.scoring.results import ResultStore
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # programs per sandbox batch (and per store append)
@@ -66,7 +66,7 @@ def _is_scored(record: dict, n: int) -> bool:
 
 
 def score_execution(store: ResultStore, method: str, examples: Sequence[Example],
-                    config: ExecutionConfig, progress: bool = False) -> dict[str, float]:
+                    config: ExecutionConfig, *, progress: bool = False) -> dict[str, float]:
     """Run every unscored record of ``method`` (for ``examples``) in the sandbox, write the
     statuses back into ``store``, and return pass@k over all of the method's scored records:
     ``{"pass_at_1": ..., "pass_at_<k>": ..., "passed": tasks whose status passed, "total":

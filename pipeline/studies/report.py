@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import DataConfig
-from pipeline.evaluation.results import ResultStore
+from pipeline.scoring.results import ResultStore
 
 log = logging.getLogger(__name__)
 

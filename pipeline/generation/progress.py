@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 class MethodProgress:
     """``tasks``: the ``(method, examples)`` batches about to run; :meth:`done` per batch."""
 
-    def __init__(self, tasks: Sequence[tuple[str, Sequence]], enabled: bool = True):
+    def __init__(self, tasks: Sequence[tuple[str, Sequence]], *, enabled: bool = True):
         totals: Counter[str] = Counter()
         for method, examples in tasks:
             totals[method] += len(examples)

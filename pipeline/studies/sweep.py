@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-import yaml
-
-from pipeline.config import PRESETS, ConfigError, RunConfig, build_config, load_yaml
+from pipeline.config import ConfigError, RunConfig, merge_file, preset_config
 from pipeline.paths import PROJECT_ROOT
+from pipeline.studies.specs import integer, known, mapping, read_spec
 
 SPACES_DIR = PROJECT_ROOT / "tune"
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -114,13 +113,14 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
     path = Path(path)
     source = str(path)
     settings, fixed, raw_space = _read_space_file(path)
-    base = _base_config(path, settings, fixed, raw_space, preset, config_file, overrides)
+    base = _base_config(path, settings, fixed, raw_space, preset=preset,
+                        config_file=config_file, overrides=overrides)
     space = {key: _distribution(key, spec, base, source) for key, spec in raw_space.items()}
 
     setting = {f.name: f.default for f in dataclasses.fields(Sweep)
                if f.default is not dataclasses.MISSING}
     setting.update(settings)  # the file's settings over the defaults of Sweep
-    eval_every = _int(setting["eval_every"], source, "sweep.eval_every", low=1)
+    eval_every = integer(setting["eval_every"], source, "sweep.eval_every", low=1)
     metric = setting["metric"]
     if metric not in METRICS:
         raise ConfigError(f"{source}: sweep.metric: {metric!r} is not one of {list(METRICS)}")
@@ -129,14 +129,14 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
         raise ConfigError(f"{source}: sweep.mode: {mode!r} is not 'min' or 'max'")
     seed = setting["seed"]
     if seed is not None:
-        seed = _int(seed, source, "sweep.seed", low=0)
+        seed = integer(seed, source, "sweep.seed", low=0)
     concurrency = setting["max_concurrent_trials"]
     if concurrency not in (None, "auto"):
-        concurrency = _int(concurrency, source, "sweep.max_concurrent_trials", low=1)
+        concurrency = integer(concurrency, source, "sweep.max_concurrent_trials", low=1)
     return Sweep(
         source=source, base=base, space=space,
         asha=_asha(settings.get("asha"), source, base, space, eval_every),
-        num_samples=_int(setting["num_samples"], source, "sweep.num_samples", low=1),
+        num_samples=integer(setting["num_samples"], source, "sweep.num_samples", low=1),
         metric=metric, mode=mode, seed=seed, eval_every=eval_every,
         max_concurrent_trials=None if concurrency in (None, "auto") else concurrency,
         fixed=dict(fixed),
@@ -146,36 +146,25 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
 def _read_space_file(path: Path) -> tuple[dict, dict, dict]:
     """The (sweep, fixed, space) sections of a space file, checked for shape."""
     source = str(path)
-    if not path.is_file():
-        raise ConfigError(f"{source}: space file not found")
-    try:
-        data = load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with sweep, fixed and space")
-    _known(data, ("sweep", "fixed", "space"), source, "top level")
-    settings = _mapping(data.get("sweep"), source, "sweep")
-    fixed = _mapping(data.get("fixed"), source, "fixed")
-    raw_space = _mapping(data.get("space"), source, "space")
-    _known(settings, ("num_samples", "metric", "mode", "seed", "eval_every",
-                      "max_concurrent_trials", "asha", "preset", "config"), source, "sweep")
+    sections = read_spec(path, ("sweep", "fixed", "space"), "space file")
+    settings, fixed, raw_space = sections["sweep"], sections["fixed"], sections["space"]
+    known(settings, ("num_samples", "metric", "mode", "seed", "eval_every",
+                     "max_concurrent_trials", "asha", "preset", "config"), source, "sweep")
     if not raw_space:
         raise ConfigError(f"{source}: space: name at least one config key to search")
     return settings, fixed, raw_space
 
 
-def _base_config(path: Path, settings: dict, fixed: dict, raw_space: dict, preset: str | None,
-                 config_file: str | None, overrides: list[str] | None) -> RunConfig:
+def _base_config(path: Path, settings: dict, fixed: dict, raw_space: dict, *,
+                 preset: str | None, config_file: str | None, overrides: list[str] | None
+                 ) -> RunConfig:
     """What every trial starts from: preset, config file, ``fixed``, then ``--set``."""
     source = str(path)
-    preset = preset or settings.get("preset") or "default"
-    if preset not in PRESETS:
-        raise ConfigError(f"{source}: sweep.preset: unknown preset {preset!r}; "
-                          f"known: {list(PRESETS)}")
+    base = preset_config(preset or settings.get("preset") or "main", f"{source}: sweep.preset")
     if config_file is None and settings.get("config"):
         config_file = str((path.parent / str(settings["config"])).resolve())
-    base = build_config(preset, config_file)
+    if config_file:
+        base = merge_file(base, config_file)
     for key in [*fixed, *raw_space]:
         _check_key(key, source, "fixed" if key in fixed else "space")
     both = sorted(set(fixed) & set(raw_space))
@@ -193,14 +182,14 @@ def _base_config(path: Path, settings: dict, fixed: dict, raw_space: dict, prese
 
 
 def _asha(raw: Any, source: str, base: RunConfig, space: dict, eval_every: int) -> Asha:
-    asha_raw = _mapping(raw, source, "sweep.asha")
-    _known(asha_raw, ("max_t", "grace_period", "reduction_factor"), source, "sweep.asha")
+    asha_raw = mapping(raw, source, "sweep.asha")
+    known(asha_raw, ("max_t", "grace_period", "reduction_factor"), source, "sweep.asha")
     if asha_raw.get("max_t") is None and "train.steps" in space:
         raise ConfigError(f"{source}: sweep.asha.max_t: required when the space searches "
                           "train.steps")
-    max_t = _int(asha_raw.get("max_t", base.train.steps), source, "sweep.asha.max_t", low=1)
-    grace = _int(asha_raw.get("grace_period", eval_every), source, "sweep.asha.grace_period",
-                 low=1)
+    max_t = integer(asha_raw.get("max_t", base.train.steps), source, "sweep.asha.max_t", low=1)
+    grace = integer(asha_raw.get("grace_period", eval_every), source, "sweep.asha.grace_period",
+                    low=1)
     factor = asha_raw.get("reduction_factor", 2)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
         raise ConfigError(f"{source}: sweep.asha.reduction_factor: must be a number > 1, "
@@ -208,26 +197,6 @@ def _asha(raw: Any, source: str, base: RunConfig, space: dict, eval_every: int) 
     if grace > max_t:
         raise ConfigError(f"{source}: sweep.asha.grace_period: {grace} is beyond max_t={max_t}")
     return Asha(max_t=max_t, grace_period=grace, reduction_factor=float(factor))
-
-
-def _mapping(value: Any, source: str, name: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: {name}: expected a mapping, got {value!r}")
-    return value
-
-
-def _known(data: dict, known: tuple[str, ...], source: str, where: str) -> None:
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        raise ConfigError(f"{source}: {where}: unknown key(s) {unknown}; known: {list(known)}")
-
-
-def _int(value: Any, source: str, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{source}: {name}: must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def _check_key(key: Any, source: str, where: str) -> None:
@@ -297,7 +266,8 @@ class TrialSummary:
     run_id: str | None = None  # the MLflow child run
 
 
-def trial_status(sweep: Sweep, params: dict[str, Any], step: int | None, failed: bool) -> str:
+def trial_status(sweep: Sweep, params: dict[str, Any], step: int | None, *, failed: bool
+                 ) -> str:
     if failed:
         return "failed"
     if step is None:

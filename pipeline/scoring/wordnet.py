@@ -8,7 +8,7 @@ resolve outside its data folders. Debian's file names (``index.noun``, ``data.no
 ``noun.exc``, ``index.sense``, ``cntlist.rev``, ...) are the ones nltk's ``WordNetCorpusReader``
 reads, so no renaming is needed.
 
-``python -m pipeline.evaluation.wordnet`` builds the cache and prints the nltk data folder.
+``python -m pipeline.scoring.wordnet`` builds the cache and prints the nltk data folder.
 """
 
 from __future__ import annotations

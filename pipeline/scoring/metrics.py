@@ -61,7 +61,7 @@ def meteor(predictions: list[str], references: list[str]) -> float:
     _validate(predictions, references)
     global _WORDNET_READY
     if not _WORDNET_READY:
-        from pipeline.evaluation.wordnet import ensure_wordnet
+        from pipeline.scoring.wordnet import ensure_wordnet
 
         ensure_wordnet()
         _WORDNET_READY = True

@@ -1,11 +1,11 @@
 """Experiment specifications and their tables: several prompt models ("arms"), each trained with
 several seeds on one or more data sets and compared on their evaluation sets, reported as mean
-and standard deviation over the seeds. No Ray here: :mod:`pipeline.commands.experiment` runs
+and standard deviation over the seeds. No Ray here: :mod:`pipeline.studies.experiment_job` runs
 the spec (on Ray by default) and appends one result per (data set, arm, seed) as it finishes.
 
 A spec file (YAML; ``experiments/*.yaml``)::
 
-    experiment: {preset: default, seeds: [0, 1, 2], baseline_methods: [manual]}
+    experiment: {preset: main, seeds: [0, 1, 2], baseline_methods: [manual]}
     fixed:      {flat config keys set in every run}
     datasets:   {name: {flat config keys: the training data, its eval split, data.extra_eval}}
     arms:       {name: {set: {flat config keys}, methods: [comparison methods it gives]}}
@@ -23,17 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import (
-    PRESETS,
-    ConfigError,
-    RunConfig,
-    build_config,
-    load_yaml,
-    parse_overrides,
-)
-from pipeline.evaluation.sampler import METHODS, prompt_models_needed
+from pipeline.config import ConfigError, RunConfig, build_config, parse_overrides, preset_config
+from pipeline.generation.sampler import check_methods, prompt_models_needed
+from pipeline.studies.specs import known, mapping, read_spec
 
 SETTINGS = ("preset", "seeds", "baseline_methods")
 BASELINE = "baseline"  # the untrained baselines' name among the arms (their runs' folder)
@@ -88,24 +80,12 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None,
     """Read and validate an experiment spec (every run's configuration is built once).
     ``overrides`` (``--set`` strings) join the spec's ``fixed`` settings, under the data sets'
     and arms' own (an arm still decides what it compares)."""
-    path, source = Path(path), str(path)
-    if not path.is_file():
-        raise ConfigError(f"{source}: experiment file not found")
-    try:
-        data = load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from err
-    unknown = set(data) - {"experiment", "fixed", "datasets", "arms"}
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
-    settings = data.get("experiment") or {}
-    if set(settings) - set(SETTINGS):
-        raise ConfigError(f"{source}: experiment: unknown {sorted(set(settings) - set(SETTINGS))}"
-                          f"; known: {list(SETTINGS)}")
-    preset = settings.get("preset", "default")
-    if preset not in PRESETS:
-        raise ConfigError(f"{source}: experiment.preset: unknown {preset!r}; known: "
-                          f"{list(PRESETS)}")
+    source = str(path)
+    data = read_spec(path, ("experiment", "fixed", "datasets", "arms"), "experiment file")
+    settings = data["experiment"]
+    known(settings, SETTINGS, source, "experiment")
+    preset = settings.get("preset", "main")
+    preset_config(preset, f"{source}: experiment.preset")
     seeds = settings.get("seeds", [0, 1, 2])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         raise ConfigError(f"{source}: experiment.seeds: a list of integers, got {seeds!r}")
@@ -113,7 +93,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None,
         raise ConfigError(f"{source}: name at least one entry in datasets and in arms")
     arms = [_arm(name, spec, source) for name, spec in data["arms"].items()]
     baselines = tuple(settings.get("baseline_methods", ["manual"]))
-    _known_methods(baselines, f"{source}: experiment.baseline_methods")
+    check_methods(baselines, f"{source}: experiment.baseline_methods")
     if prompt_models_needed(baselines):
         raise ConfigError(f"{source}: experiment.baseline_methods: {list(baselines)} need "
                           "trained prompts; give them to an arm")
@@ -124,10 +104,11 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None,
                               f"{[arm.name for arm in arms] + [BASELINE]}")
         arms = [arm for arm in arms if arm.name in only_arms]
         baselines = baselines if BASELINE in only_arms else ()
-    fixed = {**dict(data.get("fixed") or {}), **parse_overrides(overrides or [])}
-    experiment = Experiment(source, preset, seeds, fixed,
-                            {k: dict(v or {}) for k, v in data["datasets"].items()}, arms,
-                            baselines, tuple(overrides or ()))
+    fixed = {**data["fixed"], **parse_overrides(overrides or [])}
+    datasets = {name: mapping(values, source, f"datasets.{name}")
+                for name, values in data["datasets"].items()}
+    experiment = Experiment(source, preset, seeds, fixed, datasets, arms, baselines,
+                            tuple(overrides or ()))
     for dataset, arm, seed in experiment.runs():  # every combination valid, before any work
         experiment.config(dataset, arm, seed)
     return experiment
@@ -138,7 +119,7 @@ def _arm(name: str, spec: Any, source: str) -> Arm:
         raise ConfigError(f"{source}: arms.{name}: a mapping with 'set' (config keys) and "
                           "'methods' (comparison rows)")
     methods = tuple(spec["methods"])
-    _known_methods(methods, f"{source}: arms.{name}.methods")
+    check_methods(methods, f"{source}: arms.{name}.methods")
     if len(prompt_models_needed(methods)) != 1:
         raise ConfigError(f"{source}: arms.{name}.methods: {list(methods)} must all use one "
                           "trained prompt model (the arm's)")
@@ -148,12 +129,6 @@ def _arm(name: str, spec: Any, source: str) -> Arm:
         raise ConfigError(f"{source}: arms.{name}: methods use {needed!r} but train.method is "
                           f"{overrides.get('train.method', 'ddpt')!r}")
     return Arm(name, overrides, methods)
-
-
-def _known_methods(methods: tuple[str, ...], where: str) -> None:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"{where}: unknown method(s) {unknown}; known: {list(METHODS)}")
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -216,7 +191,7 @@ def _cell(row: Row, name: str) -> str:
 def experiment_charts(rows: list[Row], folder: Path) -> list[Path]:
     """``<folder>/<eval set>_metrics.png`` per evaluation set: a bar per (arm, method) in each
     metric's panel, with error bars of the standard deviation over seeds where several ran."""
-    from pipeline.evaluation.charts import metric_chart
+    from pipeline.studies.charts import metric_chart
 
     written = []
     for eval_set in dict.fromkeys(row.eval_set for row in rows):

@@ -1,0 +1,128 @@
+"""The main job (``ddpt run``): train DDPT and the prompt-tuning baseline, then compare every
+method.
+
+Writes into the output folder:
+    config.yaml        the resolved configuration
+    ddpt/, prompt_tuning/   one training job each (``ddpt train``'s layout: checkpoint/, ray/)
+    samples.jsonl      one line per (method, example): id, method, instruction, generation,
+                       reference, code_ce, status (where execution ran), ...
+    metrics.json       {method: {metric: value}}: text metrics, ``code_ce`` (held-out code
+                       cross-entropy), prompt/generation seconds
+    charts/            metrics.png (a bar panel per metric, a bar per method), training.png
+                       (loss per step of each training job, from its MLflow run)
+    interpret/         nearest tokens per trained prompt model (<model>/nearest_tokens.json);
+                       tsne.png, one map of the manual context, prompt tuning's prompt and
+                       DDPT's samples among 3000 vocabulary tokens (about 15 s of one core)
+    <data set>/        the same comparison on each entry of data.extra_eval
+    mlflow.db, mlartifacts/, mlflow_comparison.json   the MLflow comparison (unless
+                       MLFLOW_TRACKING_URI or tracking.uri says otherwise): a parent run with a
+                       child per training job and per method
+Re-running with ``resume=True`` continues training from the last checkpoints and skips
+generations already in samples.jsonl. ``ddpt report --output DIR`` then writes
+``DIR/report.html``, one self-contained page of the table, the pictures and a few examples.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import RunConfig, check_fresh_output
+from pipeline.data.example import Example
+from pipeline.data.splits import eval_examples, train_examples
+from pipeline.generation.sampler import check_methods, prompt_models_needed
+from pipeline.lm.frozen import FrozenCodeLM
+from pipeline.lm.loader import build_lm
+from pipeline.studies.backends import LOCAL, Backends
+from pipeline.studies.comparison import (
+    COMPARISON_FILE,
+    check_before_work,
+    open_comparison,
+    run_comparison,
+    with_tracking_uri,
+)
+from pipeline.training.job import run_training
+
+log = logging.getLogger(__name__)
+
+
+def run_main(config: RunConfig, output_dir: str | Path, *, backends: Backends = LOCAL,
+             resume: bool = False, methods: tuple[str, ...] | None = None,
+             progress: bool = True, parent_run_id: str | None = None) -> dict:
+    """Train the prompt models the methods need (on ``backends.train``: Ray + DeepSpeed for
+    ``ddpt run``), then compare the methods (on ``data.extra_eval`` too). Returns ``{method:
+    {metric: value}}``, with ``<data set>/<method>`` keys for the extra data sets. ``methods``:
+    default ``eval.methods``. ``parent_run_id``: an experiment's MLflow run the comparisons nest
+    under."""
+    output = Path(output_dir).resolve()
+    methods = tuple(config.eval.methods if methods is None else methods)
+    check_methods(methods, "eval.methods")
+    check_fresh_output(output, (COMPARISON_FILE,), resume=resume)
+    training, evaluation = train_examples(config.data), eval_examples(config.data)
+    extra = extra_examples(config)
+    check_before_work(config)  # data, metric and WordNet problems surface before any work
+    config = with_tracking_uri(config, output)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.train.seed)
+    config.save(output / "config.yaml")
+
+    with open_comparison(config, output, list(methods), resume=resume,
+                         parent_run_id=parent_run_id) as parent:
+        began = time.perf_counter()
+        lm = build_lm(config)
+        log.info("model %s (%s template, context n=%d, d=%d) loaded in %.1fs",
+                 config.model.name, lm.template.kind, lm.context_length, lm.hidden_size,
+                 time.perf_counter() - began)
+        checkpoints = {}
+        for name in prompt_models_needed(methods):
+            job = config.with_overrides([f"train.method={name}"])
+            trained = run_training(job, output / name, backends.train(job, lm), resume=resume,
+                                   examples=training, progress=progress,
+                                   parent_run_id=parent.run_id, run_name=f"train-{name}")
+            checkpoints[name] = trained.checkpoint
+        metrics = run_comparison(config, output, list(methods), checkpoints, evaluation,
+                                 parent=parent, open_pool=backends.pool(config, checkpoints, lm),
+                                 resume=resume, progress=progress, lm=lm)
+    metrics.update(compare_on_extra(config, output, methods, checkpoints, extra,
+                                    backends=backends, resume=resume, progress=progress, lm=lm,
+                                    parent_run_id=parent_run_id))
+    return metrics
+
+
+def extra_config(config: RunConfig, dataset: str) -> RunConfig:
+    """The configuration of comparing on ``dataset`` (an entry of ``data.extra_eval``): its test
+    split, ``data.max_extra_eval_examples`` of it, in its own MLflow experiment."""
+    return config.with_overrides([
+        f"data.dataset={dataset}", "data.eval_split=test", "data.extra_eval=[]",
+        "data.columns={}",
+        f"data.max_eval_examples={config.data.max_extra_eval_examples}",
+        "tracking.experiment=null"])
+
+
+def extra_examples(config: RunConfig) -> dict[str, list[Example]]:
+    """The examples of every extra data set (``data.extra_sets``), read (and checked) before
+    any work."""
+    return {name: eval_examples(extra_config(config, name).data)
+            for name in config.data.extra_sets}
+
+
+def compare_on_extra(config: RunConfig, output: Path, methods: tuple[str, ...],
+                     checkpoints: dict[str, Path], extra: dict[str, list[Example]], *,
+                     backends: Backends, resume: bool, progress: bool,
+                     lm: FrozenCodeLM | None = None, parent_run_id: str | None = None) -> dict:
+    """The same prompts compared on each extra data set (``extra``: name -> examples), each its
+    own comparison in ``output/<name>/``. Returns ``{"<name>/<method>": metrics}``."""
+    metrics = {}
+    for name, examples in extra.items():
+        other, folder = extra_config(config, name), output / name
+        with open_comparison(other, folder, list(methods), resume=resume,
+                             parent_run_id=parent_run_id) as parent:
+            parent.set_tag("ddpt.trained_on", config.data.dataset)
+            other.save(folder / "config.yaml")
+            found = run_comparison(other, folder, list(methods), checkpoints, examples,
+                                   parent=parent, open_pool=backends.pool(other, checkpoints, lm),
+                                   resume=resume, progress=progress, lm=lm)
+        metrics.update({f"{name}/{method}": values for method, values in found.items()})
+    return metrics
