@@ -1,0 +1,1 @@
+"""Scoring: paired statistics and the per-task records a comparison rests on."""
