@@ -94,6 +94,15 @@ def test_crossed_bootstrap_with_one_seed_is_the_task_bootstrap():
     assert ours.mean() == pytest.approx(values.mean(), abs=0.01)
 
 
+def test_crossed_bootstrap_resamples_seeds_once_for_all_tasks():
+    """Differences that only a seed moves (every task -1, 0 or +1 by seed): the spread is the
+    spread of a mean of 3 drawn seeds, sqrt((2/3) / 3) = 0.471, which resampling seeds within
+    each task separately would average away to about 0.471 / sqrt(tasks)."""
+    by_seed = np.tile([-1.0, 0.0, 1.0], (50, 1))
+    draws = crossed_bootstrap(by_seed, 20_000, np.random.default_rng(4))
+    assert draws.std() == pytest.approx(math.sqrt(2 / 9), rel=0.03)
+
+
 @functools.cache
 def mcnemar_rejects(wins: int, losses: int) -> bool:
     return wins + losses > 0 and stats.binomtest(wins, wins + losses, 0.5).pvalue <= 0.05
