@@ -1,0 +1,230 @@
+"""Per-task records: the small table a comparison's figures rest on, kept so they can be
+re-checked (and, for the tables in docs/results.md, committed under docs/results/).
+
+One row per (method, seed, task): what the task's code did (``status``), the reference code's
+cross-entropy under the method's prompt (``code_ce``), the prompt chain and decoding that ran
+(``chain``), and with several samples per task how many of them passed. Stored as gzip'd CSV in a
+fixed column order, rows sorted, floats in Python's shortest round-trip form and the gzip header's
+time set to 0, so the same records give the same bytes and committed files do not churn.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.scoring.stats import (
+    RESAMPLES,
+    PairedDifference,
+    mean_difference,
+    pass_rate_difference,
+)
+
+FILENAME = "task_records.csv.gz"  # next to metrics.json
+PASSED = "passed"  # the sandbox's status of a passing program (pipeline/evaluation/passk.py)
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One method's result on one task in one seed's comparison. ``status``: passed, failed,
+    timeout or error ("" when the task was not executed); ``code_ce``: None when not scored;
+    ``samples_passed`` / ``samples_run``: None with one (greedy) generation per task."""
+
+    method: str
+    seed: int
+    task_id: str
+    status: str
+    code_ce: float | None
+    chain: str
+    samples_passed: int | None = None
+    samples_run: int | None = None
+
+    @property
+    def pass_fraction(self) -> float:
+        """The task's pass@1: the share of its samples that passed, else 1/0 by its status (NaN
+        when it was not executed)."""
+        if self.samples_run:
+            return self.samples_passed / self.samples_run
+        return float(self.status == PASSED) if self.status else math.nan
+
+
+COLUMNS = tuple(f.name for f in fields(TaskRecord))
+
+
+def chain_label(params: Mapping) -> str:
+    """What ran, from a method's MLflow params (``comparison._method_params``): the prompt's
+    chain when the prompt model has one, then the decoding: ``ddim-3 eta=0 + greedy``,
+    ``deterministic + greedy``, ``greedy``, ``diffusion+spa-128``."""
+    decoding = str(params["decoding"])
+    if "diffusion_steps" in params:
+        decoding += f"-{params['diffusion_steps']}"
+    if "chain" not in params:
+        return decoding
+    chain = str(params["chain"])
+    if chain != "deterministic":
+        chain += f"-{params['steps']} eta={float(params['eta']):g}"
+    return f"{chain} + {decoding}"
+
+
+def task_records(records: Iterable[dict], *, seed: int, chains: Mapping[str, str]
+                 ) -> list[TaskRecord]:
+    """The table of a comparison from its results store's records (``ResultStore.load()``:
+    ``id``, ``method``, ``code_ce``, ``status``, ``statuses`` when several samples ran).
+    ``chains``: method -> :func:`chain_label` of what ran; ``seed``: the run's training seed."""
+    rows = []
+    for record in records:
+        method, task = record["method"], str(record["id"])
+        if method not in chains:
+            raise ValueError(f"task records: no chain given for method {method!r} (task "
+                             f"{task!r}); chains name {sorted(chains)}")
+        statuses = record.get("statuses")
+        rows.append(TaskRecord(
+            method=method, seed=seed, task_id=task, status=record.get("status", ""),
+            code_ce=None if record.get("code_ce") is None else float(record["code_ce"]),
+            chain=chains[method],
+            samples_passed=None if statuses is None else sum(s == PASSED for s in statuses),
+            samples_run=None if statuses is None else len(statuses)))
+    return sorted(rows, key=_order)
+
+
+def _order(row: TaskRecord) -> tuple:
+    return row.method, row.seed, row.task_id
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def table_bytes(rows: Iterable[TaskRecord]) -> bytes:
+    """The gzip'd CSV of ``rows``: the same rows, in any order, give the same bytes."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in sorted(rows, key=_order):
+        writer.writerow([_cell(getattr(row, name)) for name in COLUMNS])
+    buffer = io.BytesIO()
+    # mtime 0 and no file name in the header: the bytes depend on the rows only
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9,
+                       mtime=0) as packed:
+        packed.write(text.getvalue().encode("utf-8"))
+    return buffer.getvalue()
+
+
+def write_table(path: str | Path, rows: Iterable[TaskRecord]) -> Path:
+    """Write ``rows`` to ``path`` (``*.csv.gz``), whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(table_bytes(rows))
+    os.replace(partial, path)
+    return path
+
+
+def read_table(path: str | Path) -> list[TaskRecord]:
+    """The rows of a table written by :func:`write_table`; a wrong header or cell raises a
+    ValueError naming the file, line and column."""
+    path = Path(path)
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a gzip'd UTF-8 task table ({err})") from err
+    lines = csv.reader(io.StringIO(text))
+    header = next(lines, None)
+    if header is None or tuple(header) != COLUMNS:
+        raise ValueError(f"{path}:1: header {header} is not {list(COLUMNS)}")
+    return [_parse(cells, f"{path}:{number}") for number, cells in enumerate(lines, start=2)]
+
+
+def _parse(cells: list[str], where: str) -> TaskRecord:
+    if len(cells) != len(COLUMNS):
+        raise ValueError(f"{where}: {len(cells)} cells, expected {len(COLUMNS)}")
+    values = dict(zip(COLUMNS, cells))
+    parsed: dict = {"method": values["method"], "task_id": values["task_id"],
+                    "status": values["status"], "chain": values["chain"]}
+    for name, kind in (("seed", int), ("code_ce", float), ("samples_passed", int),
+                       ("samples_run", int)):
+        cell = values[name]
+        if cell == "" and name != "seed":
+            parsed[name] = None
+            continue
+        try:
+            parsed[name] = kind(cell)
+        except ValueError:
+            raise ValueError(f"{where}: column {name!r}: {cell!r} is not a"
+                             f"{'n integer' if kind is int else ' number'}") from None
+    return TaskRecord(**parsed)
+
+
+def paired_values(rows: Iterable[TaskRecord], method: str, reference: str, column: str, *,
+                  seed: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The task ids and the (tasks, seeds) values of ``method`` and ``reference``, row for row
+    on the same tasks. ``column``: ``pass_fraction`` or ``code_ce``. ``seed``: that seed only,
+    else every seed of the method. A reference run once (a seed-free baseline) gives one
+    column, set against every seed; otherwise it must have the method's seeds."""
+    grids = {name: _grid(rows, name, column) for name in (method, reference)}
+    seeds = sorted(grids[method]) if seed is None else [seed]
+    if not set(seeds) <= set(grids[method]):
+        raise ValueError(f"task records: {method!r} has no rows for seed {seed}; it has "
+                         f"{sorted(grids[method])}")
+    reference_seeds = (seeds if set(seeds) <= set(grids[reference])
+                       else list(grids[reference]) if len(grids[reference]) == 1 else None)
+    if reference_seeds is None:
+        raise ValueError(f"task records: reference {reference!r} ran with seeds "
+                         f"{sorted(grids[reference])}, not once and not with {method!r}'s {seeds}")
+    tasks = sorted(grids[method][seeds[0]])
+    for name, chosen in ((method, seeds), (reference, reference_seeds)):
+        for s in chosen:
+            if set(grids[name][s]) != set(tasks):
+                differ = sorted(set(grids[name][s]) ^ set(tasks))
+                raise ValueError(f"task records: {name!r} (seed {s}) and {method!r} (seed "
+                                 f"{seeds[0]}) differ in {len(differ)} task(s), e.g. "
+                                 f"{differ[:5]}: paired statistics need the same tasks")
+    values = [np.array([[grids[name][s][t] for s in chosen] for t in tasks])
+              for name, chosen in ((method, seeds), (reference, reference_seeds))]
+    return tasks, values[0], values[1]
+
+
+def _grid(rows: Iterable[TaskRecord], method: str, column: str) -> dict[int, dict[str, float]]:
+    """{seed: {task id: value}} of ``method``; a missing value (not executed, not scored)
+    raises, naming the method, seed and task."""
+    grid: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if row.method != method:
+            continue
+        value = getattr(row, column)
+        if value is None or math.isnan(value):
+            raise ValueError(f"task records: {method!r} seed {row.seed} task {row.task_id!r} "
+                             f"has no {column}")
+        grid.setdefault(row.seed, {})[row.task_id] = float(value)
+    if not grid:
+        raise ValueError(f"task records: no rows for method {method!r}")
+    return grid
+
+
+def compare_to_reference(rows: Iterable[TaskRecord], reference: str, *,
+                         seed: int | None = None, resamples: int = RESAMPLES
+                         ) -> dict[str, dict[str, PairedDifference]]:
+    """{method: {"pass_at_1": ..., "code_ce": ...}} for every method but ``reference``, each
+    against it on the same tasks: one seed's (``seed``) or pooled over all seeds. pass@1 only
+    where every task of both was executed."""
+    rows = list(rows)
+    executed = {row.method for row in rows if not math.isnan(row.pass_fraction)}
+    out: dict[str, dict[str, PairedDifference]] = {}
+    for method in sorted({row.method for row in rows} - {reference}):
+        results = {}
+        if {method, reference} <= executed:
+            _, ours, theirs = paired_values(rows, method, reference, "pass_fraction", seed=seed)
+            results["pass_at_1"] = pass_rate_difference(ours, theirs, resamples=resamples)
+        _, ours, theirs = paired_values(rows, method, reference, "code_ce", seed=seed)
+        results["code_ce"] = mean_difference(ours, theirs, resamples=resamples)
+        out[method] = results
+    return out
