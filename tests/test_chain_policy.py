@@ -12,7 +12,6 @@ from pipeline.method.chain_policy import (
     GaussianPromptPolicy,
     frozen_copy,
     gaussian_log_density,
-    prompt_predictor,
     step_kl,
 )
 from pipeline.method.prompt import DiffusionPrompt
@@ -188,8 +187,8 @@ def test_grpo_raises_a_toy_reward_over_three_seeds_against_a_frozen_control(kind
         control = frozen_copy(policy)  # the frozen control and the KL's reference
         optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(100 + seed)
-        shares = [grpo_round(policy, control, optimizer, 4, asserts_passed, settings, g)
-                  ["informative_share"] for _ in range(25)]
+        shares = [grpo_round(policy, control, optimizer, 4, asserts_passed, settings,
+                             generator=g)["informative_share"] for _ in range(25)]
         trained, frozen = mean_reward(policy, 7), mean_reward(control, 7)
         gains.append(trained - frozen)
         assert 0 < sum(shares) / len(shares) <= 1

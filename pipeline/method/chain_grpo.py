@@ -137,7 +137,7 @@ def update(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optim
 
 
 def grpo_round(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer,
-               num_tasks: int, reward_fn: RewardFn, settings: ChainGRPOSettings,
+               num_tasks: int, reward_fn: RewardFn, settings: ChainGRPOSettings, *,
                generator: torch.Generator | None = None,
                condition: torch.Tensor | None = None) -> dict[str, float]:
     """:func:`rollout` then :func:`update`; returns the round's figures as floats: reward_mean,
