@@ -33,7 +33,7 @@ def trained(config: RunConfig, **kwargs):
 def test_registry_and_configuration_name_the_same_prompt_models():
     assert tuple(PROMPT_MODELS) == CONFIG_PROMPT_MODELS
     assert set(OBJECTIVES) == {"bootstrap", "bootstrap_teacher", "unrolled", "spread",
-                               "deterministic"}
+                               "deterministic", "soft_min"}
 
 
 def conditions(lm, examples):

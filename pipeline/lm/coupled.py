@@ -48,6 +48,16 @@ def _draw_t(generator: torch.Generator | None, t_range: tuple[float, float],
     return lo + (hi - lo) * float(torch.rand((), generator=generator, device=device))
 
 
+def draw_coupled_mask(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                      t_range: tuple[float, float] = (0.2, 0.8),
+                      device: torch.device | str = "cpu") -> tuple[float, torch.Tensor]:
+    """(t, M_t): t ~ U(t_range), then M_t = R < t with R ~ U(0, 1) of ``shape``, both from
+    ``generator`` in that order: the draws :func:`coupled_scores` makes, so a generator seeded
+    alike gives old, reference and current policy the same masks."""
+    t = _draw_t(generator, t_range, torch.device(device))
+    return t, torch.rand(shape, generator=generator, device=device) < t
+
+
 def _views(prompt_ids: torch.Tensor, completion_ids: torch.Tensor, masks: list[torch.Tensor],
            mask_id: int) -> torch.Tensor:
     """Stack one canvas per completion mask: (len(masks) * B, n + K)."""
@@ -64,10 +74,7 @@ def coupled_scores(model: ModelFn | nn.Module, prompt_ids: torch.Tensor,
     (B, n >= 1). ``model``: a DreamModel or ``model_fn(x (3B, N)) -> logits (3B, N, V)``.
     Runs under the caller's grad mode (a policy-gradient step differentiates through it; wrap
     old / reference scoring in ``torch.no_grad()``)."""
-    B, K = completion_ids.shape
-    dev = completion_ids.device
-    t = _draw_t(generator, t_range, dev)
-    m_t = torch.rand(B, K, generator=generator, device=dev) < t
+    t, m_t = draw_coupled_mask(completion_ids.shape, generator, t_range, completion_ids.device)
     full = torch.ones_like(m_t)
     views = _views(prompt_ids, completion_ids, [full, m_t, ~m_t], mask_id)
     l1, l2, l3 = _completion_logprobs(_as_fn(model), views, prompt_ids.shape[1],

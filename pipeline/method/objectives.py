@@ -14,6 +14,8 @@ conditions (B, d) when the prompt model is conditional. Nothing is kept between 
 - ``spread``: ``unrolled`` plus a reward for the spread between two chains' ends from different
   noise (capped), so that the prompts keep a distribution.
 - ``deterministic``: the ablation, the same network as a plain generator: x0 = D(0, T-1, c).
+- ``soft_min``: K prompts per example from K noises through the ``unrolled`` chain; the loss is
+  a soft minimum of their cross-entropies, so a *set* of different prompts is optimal.
 Conditional models drop the condition with probability ``cfg_dropout`` (classifier-free
 guidance's training half).
 """
@@ -27,7 +29,10 @@ import torch
 from pipeline.method.prompt import DiffusionPrompt
 from pipeline.method.samplers import ddim_step, ddim_timesteps
 
-CodeLoss = Callable[[torch.Tensor], torch.Tensor]
+# code_loss(direction) -> the token-mean CE (0-d); code_loss(direction, per_example=True) -> (R,)
+# per-row means. direction (R, n, d) with R = m * B rows is m prompts per example: row
+# i * B + b gives example b the i-th prompt, all R rows in one LM forward.
+CodeLoss = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -219,6 +224,63 @@ class DeterministicObjective:
         pass
 
 
+@dataclass(frozen=True)
+class SoftMinSettings:
+    """``soft_min``'s own settings (to move into ``pipeline/config.py``'s train section):
+    prompts: K prompts per example (>= 2); temperature: tau > 0 (tau -> 0 is the hard
+    minimum, multiple-choice learning; large tau tends to the mean CE plus a constant)."""
+
+    prompts: int = 4
+    temperature: float = 0.1
+
+    def __post_init__(self):
+        if self.prompts < 2 or self.temperature <= 0:
+            raise ValueError(f"soft_min needs prompts >= 2 and temperature > 0, got {self}")
+
+
+def soft_min(losses: torch.Tensor, temperature: float, dim: int = 0) -> torch.Tensor:
+    """``-tau * logsumexp(-losses / tau)`` along ``dim``: below the minimum by at most
+    ``tau log K``; its gradient weighs each loss by ``softmax(-losses / tau)``."""
+    return -temperature * torch.logsumexp(-losses / temperature, dim=dim)
+
+
+class SoftMinObjective:
+    """A set of prompts per task (``soft_min``, issue 32): K noises per example, each through
+    the ``unroll_steps`` DDIM chain (eta = 0, gradients through every step) given the example's
+    condition; CE_k from one LM forward of the K * B rows; loss = mean over examples of
+    ``-tau * logsumexp_k(-CE_k / tau)`` (multiple-choice learning, "pass@k training"). The
+    condition dropout draws one decision per example, shared by its K prompts.
+
+    Stats: ``code_loss`` is the mean CE over all K prompts (comparable with the other
+    objectives), ``best_code_loss`` the mean over examples of the best prompt's CE, and
+    ``consistency`` the mean over examples of the K prompts' latent spread (the mean per-row
+    std over the K chains' ends, not in the loss).
+    """
+
+    def __init__(self, cfg_dropout: float = 0.1, unroll_steps: int = 3,
+                 settings: SoftMinSettings = SoftMinSettings()):
+        self.cfg_dropout, self.steps, self.settings = cfg_dropout, unroll_steps, settings
+
+    def loss(self, model: DiffusionPrompt, code_loss: CodeLoss, batch_size: int,
+             generator: torch.Generator | None = None,
+             condition: torch.Tensor | None = None) -> ObjectiveOutput:
+        K, device = self.settings.prompts, model.x0_bar.device
+        x_T = torch.randn((K * batch_size, *model.latent_shape), generator=generator).to(device)
+        drop = cfg_drop(batch_size, self.cfg_dropout, condition, generator)
+        tile = lambda x: None if x is None else x.repeat(K, *([1] * (x.dim() - 1)))
+        x0 = ddim_chain(model, x_T, tile(condition), self.steps, tile(drop))
+        direction = model.direction(x0)  # (K * B, n, d), row k * B + b: prompt k of example b
+        ce = code_loss(direction, per_example=True).view(K, batch_size)
+        loss = soft_min(ce, self.settings.temperature).mean()
+        spread = x0.view(K, batch_size, -1).std(0).mean()
+        stats = direction_stats(loss, ce.mean(), spread, direction)
+        stats["best_code_loss"] = ce.detach().min(0).values.mean()
+        return ObjectiveOutput(loss, stats)
+
+    def after_step(self, model: DiffusionPrompt, output: ObjectiveOutput) -> None:
+        pass
+
+
 def cfg_drop(batch_size: int, probability: float, condition: torch.Tensor | None,
              generator: torch.Generator | None) -> torch.Tensor | None:
     """(B,) bool: the rows whose condition is dropped; None without a condition or dropout."""
@@ -244,4 +306,4 @@ def ddim_chain(model: DiffusionPrompt, x_T: torch.Tensor, condition: torch.Tenso
 
 OBJECTIVES = {"bootstrap": BootstrapObjective, "bootstrap_teacher": TeacherBootstrapObjective,
               "unrolled": UnrolledObjective, "spread": SpreadObjective,
-              "deterministic": DeterministicObjective}
+              "deterministic": DeterministicObjective, "soft_min": SoftMinObjective}

@@ -31,6 +31,20 @@ def ddpm_step(
     return StepOutput(mean, x0_hat)
 
 
+def ddim_moments(
+    schedule: NoiseSchedule, x0_hat: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of one DDIM step t -> t_prev: (mean, like x_t; sigma, 0-d). x_{t_prev} =
+    mean + sigma * noise; sigma is 0 for eta = 0 and for the last step (t_prev = -1, x_0)."""
+    abar_t = schedule.alphas_cumprod[t]
+    abar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar_t)
+    eps_hat = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps_hat
+    return mean, sigma
+
+
 def ddim_step(
     schedule: NoiseSchedule, x0_hat: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int, *,
     eta: float, noise: torch.Tensor | None,
@@ -40,11 +54,7 @@ def ddim_step(
     sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev) (eq. 16);
     eta = 0 is deterministic, eta = 1 with consecutive steps is DDPM's posterior.
     """
-    abar_t = schedule.alphas_cumprod[t]
-    abar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar_t)
-    eps_hat = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
-    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
-    prev = abar_prev.sqrt() * x0_hat + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps_hat
+    prev, sigma = ddim_moments(schedule, x0_hat, x_t, t, t_prev, eta)
     if eta > 0 and t_prev >= 0:
         prev = prev + sigma * noise
     return StepOutput(prev, x0_hat)

@@ -45,6 +45,10 @@ class PromptModelSpec:
     help: str
 
 
+# the objectives that train through the unroll_steps DDIM chain, which sampling then runs
+CHAIN_OBJECTIVES = ("unrolled", "spread", "soft_min")
+
+
 def _diffusion_prompt(config: RunConfig, facts: LMFacts) -> DiffusionPrompt:
     dn, df, objective = config.denoiser, config.diffusion, config.train.objective
     return DiffusionPrompt(
@@ -54,7 +58,7 @@ def _diffusion_prompt(config: RunConfig, facts: LMFacts) -> DiffusionPrompt:
         timesteps=df.timesteps, seed=config.train.seed,
         cond_dim=0 if dn.condition == "none" else facts.hidden_size,
         teacher=objective == "bootstrap_teacher", deterministic=objective == "deterministic",
-        chain_steps=config.train.unroll_steps if objective in ("unrolled", "spread") else None)
+        chain_steps=config.train.unroll_steps if objective in CHAIN_OBJECTIVES else None)
 
 
 # train.objective -> the objective's settings, from the train section
@@ -68,6 +72,8 @@ _OBJECTIVE_ARGS = {
     "spread": lambda tc: {"cfg_dropout": tc.cfg_dropout, "unroll_steps": tc.unroll_steps,
                           "spread_weight": tc.spread_weight, "target_spread": tc.target_spread},
     "deterministic": lambda tc: {"cfg_dropout": tc.cfg_dropout},
+    # K and tau: SoftMinSettings' defaults until they join the train section
+    "soft_min": lambda tc: {"cfg_dropout": tc.cfg_dropout, "unroll_steps": tc.unroll_steps},
 }
 
 
@@ -164,16 +170,26 @@ class PromptLoss(nn.Module):
                 ) -> tuple[torch.Tensor, ObjectiveOutput]:
         """(the loss to back-propagate, the objective's whole output)."""
         extra = {"condition": self._lm.condition(batch)} if is_conditional(self.prompt) else {}
-        output = self.objective.loss(self.prompt, lambda d: self._code_loss(batch, d, generator),
-                                     batch.input_ids.shape[0], generator, **extra)
+        output = self.objective.loss(
+            self.prompt, lambda d, per_example=False: self._code_loss(batch, d, generator,
+                                                                      per_example),
+            batch.input_ids.shape[0], generator, **extra)
         return output.loss, output
 
     def _code_loss(self, batch: Batch, direction: torch.Tensor,
-                   generator: torch.Generator | None) -> torch.Tensor:
+                   generator: torch.Generator | None, per_example: bool = False
+                   ) -> torch.Tensor:
+        # m prompts per example (direction (m * B, n, d)): the batch tiled m times, one forward.
+        rows = batch.input_ids.shape[0]
+        if direction.dim() == 3 and direction.shape[0] != rows:
+            if direction.shape[0] % rows:
+                raise ValueError(f"{direction.shape[0]} prompt directions for {rows} examples")
+            batch = tile_batch(batch, direction.shape[0] // rows)
         # A masked-diffusion LM draws its coupled masks from the step's generator too.
         device = self._lm.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast == "bfloat16"):
-            return self._lm.code_loss(batch, direction, generator=generator).float()
+            return self._lm.code_loss(batch, direction, per_example=per_example,
+                                      generator=generator).float()
 
     def after_step(self, output: ObjectiveOutput, gather=nullcontext) -> None:
         """The objective's update after the optimizer step. ``gather(params)``: a context in
@@ -183,6 +199,16 @@ class PromptLoss(nn.Module):
                 self.objective.after_step(self.prompt, output)
         else:
             self.objective.after_step(self.prompt, output)
+
+
+def tile_batch(batch: Batch, times: int) -> Batch:
+    """The batch repeated ``times`` times along rows (row ``i * B + b`` is example b)."""
+    from pipeline.lm.frozen import Batch
+
+    tile = lambda x: None if x is None else x.repeat(times, *([1] * (x.dim() - 1)))
+    return Batch(batch.ids * times, tile(batch.input_ids), tile(batch.attention_mask),
+                 tile(batch.context_mask), tile(batch.labels),
+                 {name: tile(mask) for name, mask in batch.spans.items()})
 
 
 @torch.no_grad()
