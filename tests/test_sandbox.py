@@ -1,9 +1,10 @@
 """The sandbox: verdicts, and adversarial programs contained with the harness alive.
 
 Every case runs under each available layer: ``bwrap`` isolation with the in-process guard (what
-``auto`` picks where bwrap works), the OS layer alone (``bwrap`` without the guard) and the
-fallback (``process`` isolation plus the guard). Each layer's cases run as one parallel batch
-to keep this fast.
+``auto`` picks), the OS layer alone (``bwrap`` without the guard) and, where the tests do not
+run as root, the fallback (``process`` isolation plus the guard; as root it refuses, which
+``test_process_isolation_refuses_root`` checks). Each layer's cases run as one parallel batch
+to keep this fast. The attacks of issue 30 are in ``test_sandbox_attacks.py``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ExecutionConfig
-from pipeline.sandbox import ExecResult, SandboxError, resolve_isolation, run_program, run_programs
+from pipeline.sandbox import (
+    ExecResult,
+    Program,
+    SandboxError,
+    cgroups,
+    resolve_isolation,
+    run_program,
+    run_programs,
+)
 from pipeline.sandbox import client as sandbox_client
 
 # memory_mb is small because first-touching memory is slow in this VM (about 300 MB/s); a
@@ -87,9 +96,10 @@ CASES = {
     "network": (lambda w: "import socket\n"
                           f"s = socket.create_connection(('127.0.0.1', {w.port}), timeout=1)\n"
                           "s.sendall(b'pwned')\n", {"error"}),
-    # ipc and uts: contained when the host never sees the segment or the name (the world test)
+    # ipc and uts: contained when the host never sees the segment or the name (the world test);
+    # the seccomp filter denies SysV shared memory outright (the assert fails)
     "sysv_shm": (lambda w: _libc(f"assert libc.shmget({w.shm_key}, 4096, 0o1666) >= 0"),
-                 {"passed", "error"}),
+                 {"failed", "error"}),
     "sethostname": (lambda w: _libc("libc.sethostname(b'ddpt-pwned', 10)"), {"passed", "error"}),
     # the guard leaves what common modules do on import (each program starts a fresh interpreter)
     "common_imports": (lambda w: "import collections, json, logging, random, re, shutil, socket\n"
@@ -122,10 +132,12 @@ def _bwrap_works() -> bool:
 
 
 NO_BWRAP = pytest.mark.skipif(not _bwrap_works(), reason="bwrap does not work here")
+ROOT = os.geteuid() == 0
+AS_ROOT = pytest.mark.skipif(ROOT, reason="process isolation refuses to run as root")
 LAYERS = [
     pytest.param(("bwrap", True), id="bwrap", marks=NO_BWRAP),
     pytest.param(("bwrap", False), id="bwrap_os_only", marks=NO_BWRAP),
-    pytest.param(("process", True), id="process_fallback"),
+    pytest.param(("process", True), id="process_fallback", marks=AS_ROOT),
 ]
 
 
@@ -212,7 +224,11 @@ def test_callers_world_untouched(outcomes, world):
 
 
 def test_auto_is_bwrap_where_bwrap_works():
-    assert resolve_isolation("auto") == ("bwrap" if _bwrap_works() else "process")
+    if _bwrap_works():
+        assert resolve_isolation("auto") == "bwrap"
+    else:  # never a silent fallback
+        with pytest.raises(SandboxError, match="never fall back"):
+            resolve_isolation("auto")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -250,16 +266,46 @@ def _program_runs(tree: list[int]) -> bool:
     return any(_stat(p) and _cmdline(p) == _cmdline(int(_stat(p)[1])) for p in tree[1:])
 
 
-@pytest.mark.parametrize("isolation", [pytest.param("bwrap", marks=NO_BWRAP), "process"])
+@dataclasses.dataclass
+class Running:
+    """A server with jobs in flight, for tests that watch or disturb its processes."""
+
+    server: sandbox_client.Server
+    fields: dict  # what every job line carries besides its id and program
+    layout: dict | None
+    batch: str
+
+    def send(self, job_id: int, program: str | Program, **extra) -> None:
+        self.server.send({"id": job_id, **sandbox_client._program_fields(program),
+                          **self.fields, **extra})
+
+    def close(self) -> None:
+        self.server.close(kill=True)
+        if self.layout:
+            cgroups.remove_batch(self.layout, self.batch)
+
+
+def start_job(program: str | Program, limits: dict, isolation: str, root: str,
+              **extra) -> Running:
+    """A server with ``program`` in flight as job 0 (``extra``: job fields of its own)."""
+    layout, bpf = sandbox_client._controls(isolation)
+    batch = cgroups.make_batch(layout) if layout else ""
+    running = Running(sandbox_client.Server(), sandbox_client.job_fields(
+        limits, isolation, True, root, layout, batch, bpf), layout, batch)
+    running.send(0, program, **extra)
+    return running
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("bwrap", marks=NO_BWRAP),
+                                       pytest.param("process", marks=AS_ROOT)])
 def test_program_dies_with_its_supervisor(isolation, tmp_path):
     limits = {**sandbox_client._limits(CONFIG), "timeout_s": 30.0}
-    server, tree = sandbox_client.Server(), []
+    running = start_job("import time\ntime.sleep(30)\n", limits, isolation, str(tmp_path))
+    tree = []
     try:
-        server.send({"id": 0, "program": "import time\ntime.sleep(30)\n",
-                     **sandbox_client.job_fields(limits, isolation, True, str(tmp_path))})
         for _ in range(100):
             time.sleep(0.1)
-            tree = _descendants(server.proc.pid)  # the supervisor first
+            tree = _descendants(running.server.proc.pid)  # the supervisor first
             if _program_runs(tree):
                 break
         assert _program_runs(tree), tree
@@ -275,7 +321,24 @@ def test_program_dies_with_its_supervisor(isolation, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        server.close(kill=True)
+        running.close()
+
+
+def test_process_isolation_refuses_root(tmp_path):
+    if not ROOT:
+        pytest.skip("runs as root only")
+    with pytest.raises(SandboxError, match="refuses to run programs as root"):
+        resolve_isolation("process")
+    with pytest.raises(SandboxError, match="refuses to run programs as root"):
+        run_programs(["assert True\n"], dataclasses.replace(RELAXED, isolation="process"))
+    # the supervisor refuses on its own too (a caller that skips resolve_isolation)
+    running = start_job("assert True\n", sandbox_client._limits(RELAXED), "process",
+                        str(tmp_path))
+    try:
+        answer = running.server.receive(time.monotonic() + 60)
+    finally:
+        running.close()
+    assert answer["status"] == "error" and "refuses to run programs as root" in answer["message"]
 
 
 def test_environment_is_minimal_and_workdir_private(monkeypatch):

@@ -267,7 +267,7 @@ def _run_all(programs: Sequence[str | Program], common: dict, workers: int,
         if on_result is not None:
             on_result(result)
 
-    patience = deadline_s(common["timeout_s"]) + SERVER_GRACE_S
+    patience = deadline_s(common) + SERVER_GRACE_S
     while pending:
         server, flight = Server(), {}
         try:

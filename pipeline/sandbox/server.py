@@ -18,10 +18,10 @@ GRACE_S = 15.0  # beyond a supervisor's own bound (setup + run, 2 x timeout_s): 
 _HERE = os.path.dirname(os.path.realpath(__file__))
 
 
-def deadline_s(timeout_s: float) -> float:
-    """How long a supervisor may take before it counts as stuck: its set-up and its run are
-    each bounded by ``timeout_s``, plus a grace for a loaded machine."""
-    return 2 * float(timeout_s) + GRACE_S
+def deadline_s(job: dict) -> float:
+    """How long a job's supervisor may take before it counts as stuck: its set-up and its run
+    are each bounded by ``timeout_s``, plus a grace for a loaded machine."""
+    return 2 * float(job["timeout_s"]) + float(job.get("grace_s", GRACE_S))
 
 
 def _packages() -> None:
@@ -77,7 +77,7 @@ def _stuck(job: dict, pid: int, began: float) -> None:
         total = cases.count(job["tests"]) if job["tests"] else 1
     except ValueError:
         total = 0
-    message = (f"the sandbox's supervisor did not answer within {deadline_s(job['timeout_s']):g}s"
+    message = (f"the sandbox's supervisor did not answer within {deadline_s(job):g}s"
                " and was stopped")
     os.write(1, (json.dumps({"id": job["id"], "status": "error", "message": message,
                              "cases_passed": 0, "cases_total": total,
@@ -106,7 +106,7 @@ def _serve() -> None:
     pending, reading = b"", True
     while reading or flights:
         now = time.monotonic()
-        waits = [start + deadline_s(job["timeout_s"]) - now for job, start, _ in flights.values()
+        waits = [start + deadline_s(job) - now for job, start, _ in flights.values()
                  if start != float("inf")]
         for key, _ in sel.select(max(min(waits), 0) if waits else None):
             if key.fd == 0:
@@ -131,7 +131,7 @@ def _serve() -> None:
                 os.close(key.fd)
         now = time.monotonic()
         for pidfd, (job, start, pid) in list(flights.items()):
-            if now > start + deadline_s(job["timeout_s"]):
+            if now > start + deadline_s(job):
                 _stuck(job, pid, start)
                 flights[pidfd] = (job, float("inf"), pid)  # reaped when its pidfd fires
 

@@ -307,12 +307,12 @@ class Supervisor:
                 return self._death()
             if outcome[0] != "passed":
                 return outcome
+        if self._memory_exceeded() or (self.died is not None and not timed_out):
+            return self._death()
         if timed_out:
             return "timeout", f"wall-clock limit of {self.job['timeout_s']:g}s exceeded"
         if self.stop is not None:
             return self.stop
-        if self.died is not None or self._memory_exceeded():
-            return self._death()
         if self.out.startswith(b"bwrap:"):  # bwrap could not set the sandbox up
             return "error", f"sandbox setup failed: {self.out.decode(errors='replace').strip()}"
         return "error", "the sandbox's init ended without a verdict"
