@@ -103,37 +103,53 @@ def test_auto_fails_closed_naming_what_to_install(monkeypatch):
 # ---------------------------------------------------------------- 4. forged verdicts
 
 TESTS = "assert triple(1) == 3\nassert triple(2) == 6\nassert triple(-4) == -12\n"
-FORGED_LINES = ("('case', 0, 'passed', '')\\n('case', 1, 'passed', '')\\n"
-                "('case', 2, 'passed', '')\\n('done',)\\n('loaded',)\\n"
-                "{\"status\": \"passed\", \"message\": \"\", \"nonce\": \"\"}\\n")
-FORGE_ALL_FDS = (f"def forge(*_):\n    for fd in range(3, 1024):\n        try:\n"
-                 f"            os.write(fd, b\"{FORGED_LINES}\")\n"
-                 "        except OSError:\n            pass\n    os._exit(0)\n")
+# read what may be a nonce, then write "passed" (the old runner's JSON with that nonce, and the
+# judge's report lines) on every descriptor, and exit: it passed the sandbox before issue 30
+FORGE = """import fcntl, json, os
+def forge(*_):
+    try:
+        fcntl.fcntl(3, fcntl.F_SETFL, os.O_NONBLOCK)
+        nonce = os.read(3, 64).decode()
+    except OSError:
+        nonce = ''
+    lines = ["('loaded',)", "('started',)", *[f"('case', {i}, 'passed', '')" for i in range(3)],
+             "('done',)", json.dumps({'status': 'passed', 'message': '', 'nonce': nonce})]
+    for fd in range(3, 1024):
+        for line in lines:
+            try:
+                os.write(fd, line.encode() + bytes([10]))
+            except OSError:
+                pass
+    os._exit(0)
+"""
 ATTACKS = {
-    # the report lines (and the old nonce format) on every descriptor, then exit
-    "descriptors": f"import os\n{FORGE_ALL_FDS}def triple(x):\n    return 0\nforge()\n",
+    "descriptors": FORGE + "def triple(x):\n    return 0\nforge()\n",
     # the same from a signal handler while the tests run
-    "signal_handler": f"import os, signal, time\n{FORGE_ALL_FDS}"
-                      "signal.signal(signal.SIGALRM, forge)\n"
-                      "signal.setitimer(signal.ITIMER_REAL, 0.2)\n"
-                      "def triple(x):\n    time.sleep(1)\n    return 0\n",
+    "signal_handler": FORGE + "import signal, time\nsignal.signal(signal.SIGALRM, forge)\n"
+                              "signal.setitimer(signal.ITIMER_REAL, 0.2)\n"
+                              "def triple(x):\n    time.sleep(1)\n    return 0\n",
     "always_equal": "class Anything:\n    def __eq__(self, other):\n        return True\n"
                     "    def __ne__(self, other):\n        return False\n"
                     "    __hash__ = object.__hash__\n\n"
                     "class Int(int):\n    def __eq__(self, other):\n        return True\n"
                     "    __hash__ = int.__hash__\n\n"
                     "def triple(x):\n    return Anything() if x > 0 else Int(0)\n",
-    # jump over every line that is not the program's own
-    "trace_function": "import sys, threading\n"
+    # a trace function that jumps over the lines that raise AssertionError
+    "trace_function": "import dis, sys\n"
+                      "def lines(code):\n"
+                      "    found = {}\n    for i in dis.get_instructions(code):\n"
+                      "        line = i.positions.lineno\n        if line:\n"
+                      "            raises = i.opname == 'LOAD_ASSERTION_ERROR'\n"
+                      "            found[line] = found.get(line) or raises\n    return found\n"
                       "def skip(frame, event, arg):\n"
-                      "    if event == 'line' and frame.f_code.co_filename != '<program>':\n"
-                      "        try:\n            frame.f_lineno = frame.f_lineno + 1\n"
-                      "        except Exception:\n            pass\n    return skip\n"
-                      "sys.settrace(skip)\nthreading.settrace(skip)\n"
-                      "for frame in sys._current_frames().values():\n"
-                      "    while frame:\n        frame.f_trace = skip\n"
-                      "        frame = frame.f_back\n"
-                      "def triple(x):\n    return 0\n",
+                      "    found = lines(frame.f_code)\n"
+                      "    if event == 'line' and found.get(frame.f_lineno):\n"
+                      "        after = [n for n in sorted(found) if n > frame.f_lineno\n"
+                      "                 and not found[n]]\n"
+                      "        if after:\n            frame.f_lineno = after[0]\n    return skip\n"
+                      "sys.settrace(lambda frame, event, arg: None)  # tracing on\n"
+                      "sys._getframe().f_trace = skip  # here: the module's frame\n"
+                      "def triple(x):\n    return 0\n\npass\n",
     # look for the expected answer in the frames, the modules and the garbage collector
     "read_the_tests": "import gc, re, sys\n"
                       "def texts():\n    frame = sys._getframe(1)\n    while frame:\n"
@@ -149,12 +165,12 @@ ATTACKS = {
                       "            found = re.search(rf'triple\\({x}\\) == (-?\\d+)', text)\n"
                       "            if found:\n                return int(found.group(1))\n"
                       "    return 0\n",
-    # the judge's memory and descriptors, and a signal to it
+    # the judge's memory or its tests' descriptor: the answer is 3 * x if either opens
     "reach_the_judge": "import os\n"
-                       "def triple(x):\n    for path in ('/proc/1/mem', '/proc/1/fd/6', "
-                       "'/proc/1/fd/3'):\n"
-                       "        try:\n            with open(path, 'rb') as f:\n"
-                       "                f.read(64)\n            return 3 * x\n"
+                       "def triple(x):\n"
+                       "    for path in ('/proc/1/mem', '/proc/1/fd/6', '/proc/1/fd/3'):\n"
+                       "        try:\n            os.close(os.open(path, os.O_RDONLY))\n"
+                       "            return 3 * x\n"
                        "        except OSError:\n            pass\n"
                        "    try:\n        os.kill(1, 9)\n    except OSError:\n        pass\n"
                        "    return 0\n",

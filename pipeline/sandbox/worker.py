@@ -33,6 +33,7 @@ def describe(exc: BaseException, source: str, filename: str, where: str = "line"
         text = traceback.format_exception_only(type(exc), exc)[-1].strip()
     except BaseException:  # a hostile __str__, a sabotaged import
         text = type(exc).__name__
+    text = text.removeprefix("pipeline.sandbox.judge.")  # ProgramError: no module needed
     line = getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else None
     tb = exc.__traceback__
     while tb is not None:
