@@ -363,3 +363,83 @@ def test_run_programs_keeps_order_and_runs_in_parallel():
                                            for i in range(8)]
     assert sum(r.seconds for r in results) > 1.3 * wall  # two at a time, not one by one
     assert run_programs([], CONFIG) == []
+
+
+HE_PROMPT = 'def helper(x):\n    return x + 1\n\n\ndef entry(x):\n    """Add one."""\n'
+JUDGE_RULES = {
+    # one failing assert does not hide the others
+    "cases_one_by_one": (Program("def f(x):\n    return x * 2\n",
+                                 "assert f(1) == 2\nassert f(2) == 5\nassert f(3) == 6\n"),
+                         ("failed", 2, 3)),
+    # HumanEval's shape: the cases are check's asserts; the prompt's helper is the judge's
+    # (the program's redefinition of it is not what the tests call)
+    "humaneval_context": (Program(HE_PROMPT + "    return x + 1\n\n\ndef helper(x):\n"
+                                  "    return -1\n",
+                                  "def check(candidate):\n    assert candidate(1) == 2\n"
+                                  "    assert helper(2) == 3\n\ncheck(entry)\n",
+                                  context=HE_PROMPT, names=("entry",)), ("passed", 2, 2)),
+    # a built-in the program rebinds keeps its real meaning in the tests
+    "builtins_stay": (Program("abs = lambda x: 0\ndef f(x):\n    return 0\n",
+                              "assert abs(f(1) - 5) < 1\nassert abs(f(1)) < 1\n"),
+                      ("failed", 1, 2)),
+    # a standard module's name is never the program's object (a module: the judge's own)
+    "stdlib_module": (Program("import math\nclass Fake:\n    def isclose(self, a, b):\n"
+                              "        return True\nmath = Fake()\ndef f():\n    return 0.0\n",
+                              "assert math.isclose(f(), 1.0)\n"), ("error", 0, 1)),
+    # ... unless the task names it (MBPP 126 asks for a function called sum)
+    "named_builtin": (Program("def sum(a, b):\n    return a - b\n", "assert sum(5, 3) == 2\n",
+                              names=("sum",)), ("passed", 1, 1)),
+    # the program's exceptions reach the tests as the built-in classes
+    "exceptions": (Program("def f():\n    raise ValueError('no')\n",
+                           "try:\n    f()\n    assert False\nexcept ValueError:\n    pass\n"),
+                   ("passed", 1, 1)),
+    # objects cross as handles: attributes, methods, iteration; their truth is not judged
+    "objects": (Program("class Box:\n    def __init__(self, v):\n        self.v = v\n"
+                        "    def get(self):\n        return self.v\n"
+                        "    def __iter__(self):\n        return iter([self.v] * 2)\n"
+                        "    def __bool__(self):\n        return True\n",
+                        "b = Box(3)\nassert b.v == 3\nassert list(b) == [3, 3]\nassert Box(0)\n"),
+                ("error", 2, 3)),
+    "comment_only_tests": (Program("x = 1\n", "# nothing\n"), ("error", 0, 0)),
+}
+
+
+@NO_BWRAP
+def test_the_judge_rules():
+    results = run_programs([program for program, _ in JUDGE_RULES.values()], RELAXED)
+    for name, result in zip(JUDGE_RULES, results):
+        assert (result.status, result.cases_passed, result.cases_total) == \
+            JUDGE_RULES[name][1], (name, result)
+    assert "truth of an object of the program's" in results[-2].message
+    assert "no statement" in results[-1].message
+
+
+def test_one_text_is_split_into_code_and_tests():
+    text = "def f():\n    return 1\n\nassert f() == 1\nassert f() != 2\n"
+    program = Program.from_source(text)
+    assert program.code == "def f():\n    return 1\n\n"
+    assert program.tests == "\n\n\nassert f() == 1\nassert f() != 2\n"  # line numbers kept
+    humaneval = "def g():\n    return 2\n\n\ndef check(candidate):\n    assert candidate() == 2\n" \
+                "\n\ncheck(g)\n"
+    assert Program.from_source(humaneval).tests.lstrip("\n").startswith("def check(candidate)")
+    assert Program.from_source("print(1)\n") == Program("print(1)\n")  # no tests: runs to its end
+    assert Program.from_source("x = 1; assert x\n") == Program("x = 1; assert x\n")
+
+
+def test_the_seccomp_filter_loads_on_a_plain_process():
+    """process isolation installs the filter itself (prctl): memfd_create fails with EPERM."""
+    from pipeline.sandbox import seccomp, supervisor
+
+    bpf = seccomp.filter_bpf()
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            supervisor.load_seccomp(bpf)
+            os.memfd_create("x")
+            code = 1
+        except PermissionError:
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 
 from pipeline.config import ExecutionConfig
@@ -56,7 +57,9 @@ def _defined_names(code: str) -> set[str]:
     """Top-level names ``code`` binds (defs, classes, assignments, imports); none if it does
     not parse."""
     try:
-        body = ast.parse(code).body
+        with warnings.catch_warnings():  # "\." in a plain string: the code's business
+            warnings.simplefilter("ignore")
+            body = ast.parse(code).body
     except (SyntaxError, ValueError):
         return set()
     names: set[str] = set()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -58,7 +59,9 @@ class Program:
         """Split one program text: its trailing statements that hold an assert (or HumanEval's
         ``def check`` and ``check(...)``) are its tests, the rest its code. Line numbers stay."""
         try:
-            body = ast.parse(source).body
+            with warnings.catch_warnings():  # "\." in a plain string: the program's business
+                warnings.simplefilter("ignore")
+                body = ast.parse(source).body
         except (SyntaxError, ValueError, MemoryError, RecursionError):
             return cls(source)
         start = len(body)
