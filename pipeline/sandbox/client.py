@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
-from pipeline.sandbox import cases, cgroups, seccomp
+import pipeline.sandbox.cases as cases
+import pipeline.sandbox.cgroups as cgroups
+import pipeline.sandbox.seccomp as seccomp
 from pipeline.sandbox.server import deadline_s
 from pipeline.sandbox.supervisor import ROOT_REFUSED
 from pipeline.sandbox.worker import ENV, MAX_MESSAGE

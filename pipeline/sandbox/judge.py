@@ -26,7 +26,8 @@ import os
 import sys
 import time
 
-from pipeline.sandbox import cases, wire
+import pipeline.sandbox.cases as cases
+import pipeline.sandbox.wire as wire
 from pipeline.sandbox.worker import describe, dump, serve
 
 REPORT_FD, JOB_FD, LIFE_FD, TESTS_FD = 3, 4, 5, 6
@@ -52,7 +53,7 @@ def _read_all(fd: int) -> str:
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
     os.close(fd)
-    return b"".join(chunks).decode("utf-8", "surrogateescape")
+    return b"".join(chunks).decode("utf-8", "surrogatepass")  # as the supervisor wrote it
 
 
 def init(job: dict) -> None:

@@ -64,7 +64,8 @@ def _stuck(job: dict, pid: int, began: float) -> None:
     import json
     import signal
 
-    from pipeline.sandbox import cases, cgroups
+    import pipeline.sandbox.cases as cases
+    import pipeline.sandbox.cgroups as cgroups
 
     for kill in (os.killpg, os.kill):  # the group, and the process if it had none yet
         try:
@@ -97,7 +98,7 @@ def _serve() -> None:
     import signal  # noqa: F401
     import tempfile  # noqa: F401
 
-    from pipeline.sandbox import supervisor
+    import pipeline.sandbox.supervisor as supervisor
 
     supervisor.compile_inside()
     sel = selectors.DefaultSelector()

@@ -15,7 +15,10 @@ import secrets
 import sys
 import time
 
-from pipeline.sandbox import bwrap, cases, cgroups, wire
+import pipeline.sandbox.bwrap as bwrap
+import pipeline.sandbox.cases as cases
+import pipeline.sandbox.cgroups as cgroups
+import pipeline.sandbox.wire as wire
 from pipeline.sandbox.judge import JOB_FD, LIFE_FD, REPORT_FD, TESTS_FD
 from pipeline.sandbox.worker import dump
 

@@ -12,7 +12,7 @@ import os
 import sys
 import types
 
-from pipeline.sandbox import wire
+import pipeline.sandbox.wire as wire
 from pipeline.sandbox.guard import install as install_guard
 
 PROGRAM_FILE = "<program>"   # the program's file name in tracebacks
