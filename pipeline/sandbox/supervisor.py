@@ -100,7 +100,8 @@ def _start(job: dict, workdir: str, fds: list[int], sandbox_uid: int | None,
             command = boot
             os.setsid()  # its own session: kill(0, ...) reaches nobody else
             prctl(_PR_SET_PDEATHSIG, _signal.SIGKILL)  # dies with its supervisor
-            load_seccomp(bytes.fromhex(job["seccomp"]))
+            if job["seccomp"]:  # where pyseccomp is installed (docs/execution.md)
+                load_seccomp(bytes.fromhex(job["seccomp"]))
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in fds]  # a source may be a target
         for target, fd in enumerate(high):
             os.dup2(fd, target)
