@@ -211,9 +211,9 @@ PTRACE_INJECTOR = (
 
 @pytest.mark.slow
 def test_honest_slow_program_passes_beside_a_ptrace_injector():
-    slow = Program("import time\ndef slow():\n    time.sleep(3)\n    return 1\n",
+    slow = Program("import time\ndef slow():\n    time.sleep(2)\n    return 1\n",
                    "assert slow() == 1\n")
-    config = dataclasses.replace(BASE, timeout_s=10.0, workers=2)
+    config = dataclasses.replace(BASE, timeout_s=7.0, workers=2)
     honest, injector = run_programs([slow, Program(PTRACE_INJECTOR, "assert True\n")], config,
                                     guard=False)
     assert (honest.status, honest.cases_passed) == ("passed", 1), honest

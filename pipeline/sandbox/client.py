@@ -150,7 +150,7 @@ def _controls(mode: str) -> tuple[dict | None, str]:
     return layout, bpf
 
 
-def job_fields(limits: dict, mode: str, guard: bool, root: str, layout: dict | None = None,
+def job_fields(limits: dict, mode: str, guard: bool, root: str, *, layout: dict | None = None,
                batch: str = "", bpf: str = "") -> dict:
     """What every job line of a batch carries besides its ``id`` and program."""
     return {"mode": mode, "guard": guard, "site": _site_dirs(), "root": root, "cgroups": layout,
@@ -253,7 +253,7 @@ def _execute(programs: Sequence[str | Program], limits: dict, mode: str, guard: 
     root = tempfile.mkdtemp(prefix="ddpt-sandbox-")
     os.chmod(root, 0o711)
     batch = cgroups.make_batch(layout) if layout else ""
-    common = job_fields(limits, mode, guard, root, layout, batch, bpf)
+    common = job_fields(limits, mode, guard, root, layout=layout, batch=batch, bpf=bpf)
     results: list[ExecResult | None] = [None] * len(programs)
     pending = deque(range(len(programs)))
     try:
