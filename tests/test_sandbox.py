@@ -400,18 +400,48 @@ JUDGE_RULES = {
                         "    def __bool__(self):\n        return True\n",
                         "b = Box(3)\nassert b.v == 3\nassert list(b) == [3, 3]\nassert Box(0)\n"),
                 ("error", 2, 3)),
+    # a namedtuple, an IntEnum cross as the plain values they compare as
+    "plain_subclasses": (Program("import collections, enum\n"
+                                 "P = collections.namedtuple('P', 'a b')\n"
+                                 "class E(enum.IntEnum):\n    A = 3\n"
+                                 "def f():\n    return P(1, 2), E.A\n",
+                                 "assert f() == ((1, 2), 3)\n"), ("passed", 1, 1)),
     "comment_only_tests": (Program("x = 1\n", "# nothing\n"), ("error", 0, 0)),
 }
 
 
 @NO_BWRAP
 def test_the_judge_rules():
-    results = run_programs([program for program, _ in JUDGE_RULES.values()], RELAXED)
-    for name, result in zip(JUDGE_RULES, results):
+    results = dict(zip(JUDGE_RULES, run_programs([program for program, _ in
+                                                  JUDGE_RULES.values()], RELAXED)))
+    for name, result in results.items():
         assert (result.status, result.cases_passed, result.cases_total) == \
             JUDGE_RULES[name][1], (name, result)
-    assert "truth of an object of the program's" in results[-2].message
-    assert "no statement" in results[-1].message
+    assert "truth of an object of the program's" in results["objects"].message
+    assert "no statement" in results["comment_only_tests"].message
+
+
+def test_only_plain_values_cross():
+    """What the judge may receive: exact built-in values, numpy scalars, plain subclasses; an
+    object with an __eq__ of its own only as a handle; and never code."""
+    import numpy as np
+
+    from pipeline.sandbox import wire
+
+    class Liar(int):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+
+    handles: list = []
+    text = wire.encode([np.float64(2.5), np.int64(3), Liar(1), {"k": (1, float("nan"))}],
+                       lambda obj: handles.append(obj) or len(handles) - 1)
+    assert text == "[2.5, 3, H(0), {'k': (1, float('nan'),)}]" and handles == [1]
+    assert wire.decode(text, lambda n: ("handle", n))[:3] == [2.5, 3, ("handle", 0)]
+    for hostile in ("__import__('os')", "B('eval')", "open('x')", "[x for x in ()]", "a.b"):
+        with pytest.raises(ValueError):
+            wire.decode(hostile, lambda n: n)
 
 
 def test_one_text_is_split_into_code_and_tests():

@@ -70,6 +70,8 @@ def _encode(value: object, handle: Callable[[object], int], out: list[str], dept
         out.append("}")
     elif _collection(kind):
         _encode_collection(value, kind.__name__, handle, out, depth)
+    elif (plain := _plain_value(value)) is not None:
+        _encode(plain, handle, out, depth)
     elif _builtin_name(value):
         out.append(f"B({value.__name__!r})")  # type: ignore[attr-defined]
     else:
@@ -105,6 +107,28 @@ def _crossing_builtin(name: object) -> object:
     """The built-in class, or pure built-in function, of that name (None for any other)."""
     found = getattr(builtins, name, None) if isinstance(name, str) else None
     return found if isinstance(found, type) or name in _PURE else None
+
+
+# a subclass of these that keeps the base's __eq__ crosses as the base's value, read with the
+# base's own methods (a namedtuple as a tuple, an IntEnum as an int)
+_BASES = ((int, int.__index__), (float, float.__float__), (str, str.__str__),
+          (bytes, bytes.__bytes__), (tuple, lambda v: tuple(tuple.__iter__(v))),
+          (list, lambda v: list(list.__iter__(v))), (set, lambda v: set(set.__iter__(v))),
+          (frozenset, lambda v: frozenset(frozenset.__iter__(v))),
+          (dict, lambda v: dict(dict.items(v))))
+
+
+def _plain_value(value: object) -> object:
+    """A numpy scalar's or a plain subclass's plain value (None for any other object)."""
+    kind, numpy = type(value), sys.modules.get("numpy")
+    if numpy is not None and kind.__module__ == "numpy" \
+            and getattr(numpy, kind.__name__, None) is kind and isinstance(value, numpy.generic):
+        item = value.item()  # type: ignore[attr-defined]  # numpy's own class: its own item()
+        return item if type(item) in (*_SCALARS, float, complex) else None
+    for base, read in _BASES:
+        if isinstance(value, base):
+            return read(value) if kind.__eq__ is base.__eq__ else None
+    return None
 
 
 def _builtin_name(value: object) -> bool:
