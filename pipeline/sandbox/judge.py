@@ -31,7 +31,7 @@ import pipeline.sandbox.wire as wire
 from pipeline.sandbox.worker import describe, dump, serve
 
 REPORT_FD, JOB_FD, LIFE_FD, TESTS_FD = 3, 4, 5, 6
-REPLY_LIMIT = 256 << 20   # bytes of one answer of the program
+REPLY_LIMIT = 16 << 20    # bytes of one answer of the program (its parse tree takes ~30x that)
 CONTEXT_FILE = "<context>"
 _PR_SET_DUMPABLE = 4
 

@@ -17,7 +17,7 @@ from pipeline.sandbox.guard import install as install_guard
 
 PROGRAM_FILE = "<program>"   # the program's file name in tracebacks
 MAX_MESSAGE = 300            # characters of a verdict's message
-REQUEST_LIMIT = 256 << 20    # bytes of one request line from the judge
+REQUEST_LIMIT = 64 << 20     # bytes of one request line from the judge
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
