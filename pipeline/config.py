@@ -387,9 +387,9 @@ class ExecutionConfig:
         "4x this (a private tmpfs under bwrap isolation)")
     max_processes: int = _help(16, "processes a program may have at once (RLIMIT_NPROC)")
     isolation: str = _help(
-        "auto", "'bwrap' (bubblewrap: user/mount/pid/net/ipc/uts namespaces, read-only "
-        "filesystem), 'process' (rlimits and an in-process guard only) or 'auto' (bwrap where "
-        "it works, else process); docs/execution.md")
+        "auto", "'bwrap' (bubblewrap namespaces, cgroups, a seccomp filter; 'auto' is the same "
+        "and never falls back: it fails naming what to install) or 'process' (rlimits, the "
+        "guard; refuses to run as root); docs/execution.md")
     workers: int = _help(0, "programs run in parallel; 0 = this machine's cores")
     num_samples: int = _help(1, "n: generations per task for pass@k (n > 1 samples)")
     ks: list[int] = _help([1], "k values for pass@k (each <= num_samples)")
