@@ -53,8 +53,7 @@ CONDITIONS = ("none", "instruction")  # what DDPT's denoiser may be conditioned 
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 # The spans of every prompt that SPA may anchor (pipeline.lm.template marks them, in this order).
 SPANS = ("context", "instruction", "input")
-# How the sandbox isolates a program (docs/execution.md); pipeline.sandbox.MODES must be these
-# (a test checks it until the sandbox imports them).
+# How the sandbox isolates a program (docs/execution.md); pipeline.sandbox imports them as MODES.
 ISOLATIONS = ("auto", "bwrap", "process")
 # The fields of a user's record (pipeline.data.example.Example's, plus its split) that
 # data.columns may map to a file's columns; a test keeps them equal to Example's.
@@ -444,9 +443,9 @@ class ExecutionConfig(_Section):
         16, "processes a program may have at once (RLIMIT_NPROC); at most Linux's largest "
         f"pid_max, {MAX_PROCESSES}", gt=0, le=MAX_PROCESSES)
     isolation: str = _help(
-        "auto", "'bwrap' (bubblewrap: user/mount/pid/net/ipc/uts namespaces, read-only "
-        "filesystem), 'process' (rlimits and an in-process guard only) or 'auto' (bwrap where "
-        "it works, else process); docs/execution.md", choices=ISOLATIONS)
+        "auto", "'bwrap' (bubblewrap namespaces, cgroups, a seccomp filter; 'auto' is the same "
+        "and never falls back: it fails naming what to install) or 'process' (rlimits, the "
+        "guard; refuses to run as root); docs/execution.md", choices=ISOLATIONS)
     workers: int = _help(0, "programs run in parallel; 0 = this machine's cores", ge=0)
     num_samples: int = _help(1, "n: generations per task for pass@k (n > 1 samples)", gt=0)
     ks: list[int] = _help([1], "k values for pass@k (each <= num_samples)", at_least_one="k")

@@ -204,10 +204,3 @@ def test_every_bound_is_checked_and_names_its_field():
                 assert str(err.value).startswith(f"{key}: "), str(err.value)
                 checked += 1
     assert checked > 70
-
-
-def test_the_sandbox_and_the_configuration_name_the_same_isolations():
-    from pipeline.config import ISOLATIONS
-    from pipeline.sandbox import MODES
-
-    assert MODES == ISOLATIONS

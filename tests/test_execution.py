@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.config import ExecutionConfig, RunConfig
 from pipeline.data.example import Example
 from pipeline.data.loaders import load_examples
-from pipeline.scoring.execution import build_program, score_execution
+from pipeline.scoring.execution import build_program, program_for, score_execution
 from pipeline.scoring.results import ResultStore
 from pipeline.studies.evaluate_job import run_evaluate
 
@@ -153,3 +153,56 @@ def test_canonical_mbpp_test_split_passes_all(tmp_path):
     metrics = _canonical("mbpp", tmp_path)
     assert len(load_examples("mbpp", "test")) == 500
     assert (metrics["passed"], metrics["total"], metrics["pass_at_1"]) == (500, 500, 1.0)
+
+
+def test_lone_surrogates_from_a_program_or_the_data_lose_no_verdict(tmp_path, capsys):
+    """A failure message holding chr(0xDCFF), and a record whose output holds one: every verdict
+    of the batch is stored (escaped), and --resume reads them back."""
+    data = tmp_path / "tasks.jsonl"
+    data.write_text(
+        '{"id": "ok", "instruction": "a", "output": "def f():\\n    return 1", '
+        '"tests": "assert f() == 1", "split": "test"}\n'
+        '{"id": "message", "instruction": "b", "output": "def f():\\n    raise '
+        'ValueError(chr(0xDCFF))", "tests": "assert f() == 1", "split": "test"}\n'
+        '{"id": "output", "instruction": "c\\udcff", "output": "x = \\"\\udcff\\"\\ndef f():'
+        '\\n    return 1", "tests": "assert f() == 1", "split": "test"}\n')
+    out = tmp_path / "out"
+    args = ["evaluate", "--data", str(data), "--method", "canonical", "--output", str(out),
+            "--no-progress", "--set", "execution.workers=2"]
+    assert main(args) == 0
+    assert "canonical: 1/3 passed" in capsys.readouterr().out
+    records = {r["id"]: r for r in ResultStore(out / "samples.jsonl").load()}
+    assert {i: r["status"] for i, r in records.items()} == \
+        {"ok": "passed", "message": "error", "output": "error"}
+    assert records["message"]["exec_message"].startswith("ValueError: \\udcff")
+    assert records["output"]["instruction"] == "c\udcff"  # stored escaped, read back as it was
+    assert (out / "samples.jsonl").read_bytes().decode("utf-8")  # the file is valid UTF-8
+    size = (out / "samples.jsonl").stat().st_size
+    assert main([*args, "--resume"]) == 0
+    assert (out / "samples.jsonl").stat().st_size == size
+
+
+def test_score_execution_stores_test_cases(tmp_path):
+    """Each assert of an MBPP-style task is a case of its own: one failing assert does not hide
+    the others; pass@1 still needs all of them."""
+    example = Example("m/2", "double", "def d(x):\n    return 2 * x\n",
+                      tests="assert d(1) == 2\nassert d(2) == 4\nassert d(-1) == -2\n")
+    store = ResultStore(tmp_path / "samples.jsonl")
+    store.append([{"id": "m/2", "method": "m", "reference": "",
+                   "generation": "def d(x):\n    return abs(2 * x)\n"}])
+    metrics = score_execution(store, "m", [example], FAST)
+    [record] = store.load()
+    assert (record["status"], record["cases_passed"], record["cases_total"]) == ("failed", 2, 3)
+    assert record["exec_message"].startswith("AssertionError (tests line 3")
+    assert metrics["pass_at_1"] == 0.0
+
+
+def test_program_for_judges_the_prompt_helpers_as_data():
+    """HumanEval: the prompt is the judge's context; only the entry point comes from the
+    program. MBPP: the reference's top-level names."""
+    program = program_for(HUMANEVAL_LIKE, "    return sum(xs)\n")
+    assert program.context == PROMPT and program.names == ("total",)
+    assert program.code.startswith(PROMPT) and program.tests == HUMANEVAL_LIKE.tests
+    mbpp = Example("m", "x", "import math\nclass Node:\n    pass\ndef f():\n    return 1\n",
+                   tests="assert f() == 1\n")
+    assert program_for(mbpp, mbpp.output).names == ("Node", "f", "math")

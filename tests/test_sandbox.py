@@ -1,9 +1,10 @@
 """The sandbox: verdicts, and adversarial programs contained with the harness alive.
 
 Every case runs under each available layer: ``bwrap`` isolation with the in-process guard (what
-``auto`` picks where bwrap works), the OS layer alone (``bwrap`` without the guard) and the
-fallback (``process`` isolation plus the guard). Each layer's cases run as one parallel batch
-to keep this fast.
+``auto`` picks), the OS layer alone (``bwrap`` without the guard) and, where the tests do not
+run as root, the fallback (``process`` isolation plus the guard; as root it refuses, which
+``test_process_isolation_refuses_root`` checks). Each layer's cases run as one parallel batch
+to keep this fast. The attacks of issue 30 are in ``test_sandbox_attacks.py``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ExecutionConfig
-from pipeline.sandbox import ExecResult, SandboxError, resolve_isolation, run_program, run_programs
+from pipeline.sandbox import (
+    ExecResult,
+    Program,
+    SandboxError,
+    cgroups,
+    resolve_isolation,
+    run_program,
+    run_programs,
+)
 from pipeline.sandbox import client as sandbox_client
 
 # memory_mb is small because first-touching memory is slow in this VM (about 300 MB/s); a
@@ -87,9 +96,10 @@ CASES = {
     "network": (lambda w: "import socket\n"
                           f"s = socket.create_connection(('127.0.0.1', {w.port}), timeout=1)\n"
                           "s.sendall(b'pwned')\n", {"error"}),
-    # ipc and uts: contained when the host never sees the segment or the name (the world test)
+    # ipc and uts: contained when the host never sees the segment or the name (the world test);
+    # the seccomp filter denies SysV shared memory outright (the assert fails)
     "sysv_shm": (lambda w: _libc(f"assert libc.shmget({w.shm_key}, 4096, 0o1666) >= 0"),
-                 {"passed", "error"}),
+                 {"failed", "error"}),
     "sethostname": (lambda w: _libc("libc.sethostname(b'ddpt-pwned', 10)"), {"passed", "error"}),
     # the guard leaves what common modules do on import (each program starts a fresh interpreter)
     "common_imports": (lambda w: "import collections, json, logging, random, re, shutil, socket\n"
@@ -122,10 +132,12 @@ def _bwrap_works() -> bool:
 
 
 NO_BWRAP = pytest.mark.skipif(not _bwrap_works(), reason="bwrap does not work here")
+ROOT = os.geteuid() == 0
+AS_ROOT = pytest.mark.skipif(ROOT, reason="process isolation refuses to run as root")
 LAYERS = [
     pytest.param(("bwrap", True), id="bwrap", marks=NO_BWRAP),
     pytest.param(("bwrap", False), id="bwrap_os_only", marks=NO_BWRAP),
-    pytest.param(("process", True), id="process_fallback"),
+    pytest.param(("process", True), id="process_fallback", marks=AS_ROOT),
 ]
 
 
@@ -212,7 +224,11 @@ def test_callers_world_untouched(outcomes, world):
 
 
 def test_auto_is_bwrap_where_bwrap_works():
-    assert resolve_isolation("auto") == ("bwrap" if _bwrap_works() else "process")
+    if _bwrap_works():
+        assert resolve_isolation("auto") == "bwrap"
+    else:  # never a silent fallback
+        with pytest.raises(SandboxError, match="never fall back"):
+            resolve_isolation("auto")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -250,16 +266,46 @@ def _program_runs(tree: list[int]) -> bool:
     return any(_stat(p) and _cmdline(p) == _cmdline(int(_stat(p)[1])) for p in tree[1:])
 
 
-@pytest.mark.parametrize("isolation", [pytest.param("bwrap", marks=NO_BWRAP), "process"])
+@dataclasses.dataclass
+class Running:
+    """A server with jobs in flight, for tests that watch or disturb its processes."""
+
+    server: sandbox_client.Server
+    fields: dict  # what every job line carries besides its id and program
+    layout: dict | None
+    batch: str
+
+    def send(self, job_id: int, program: str | Program, **extra) -> None:
+        self.server.send({"id": job_id, **sandbox_client._program_fields(program),
+                          **self.fields, **extra})
+
+    def close(self) -> None:
+        self.server.close(kill=True)
+        if self.layout:
+            cgroups.remove_batch(self.layout, self.batch)
+
+
+def start_job(program: str | Program, limits: dict, isolation: str, root: str,
+              **extra) -> Running:
+    """A server with ``program`` in flight as job 0 (``extra``: job fields of its own)."""
+    layout, bpf = sandbox_client._controls(isolation)
+    batch = cgroups.make_batch(layout) if layout else ""
+    running = Running(sandbox_client.Server(), sandbox_client.job_fields(
+        limits, isolation, True, root, layout=layout, batch=batch, bpf=bpf), layout, batch)
+    running.send(0, program, **extra)
+    return running
+
+
+@pytest.mark.parametrize("isolation", [pytest.param("bwrap", marks=NO_BWRAP),
+                                       pytest.param("process", marks=AS_ROOT)])
 def test_program_dies_with_its_supervisor(isolation, tmp_path):
     limits = {**sandbox_client._limits(CONFIG), "timeout_s": 30.0}
-    server, tree = sandbox_client.Server(), []
+    running = start_job("import time\ntime.sleep(30)\n", limits, isolation, str(tmp_path))
+    tree = []
     try:
-        server.send({"id": 0, "program": "import time\ntime.sleep(30)\n",
-                     **sandbox_client.job_fields(limits, isolation, True, str(tmp_path))})
         for _ in range(100):
             time.sleep(0.1)
-            tree = _descendants(server.proc.pid)  # the supervisor first
+            tree = _descendants(running.server.proc.pid)  # the supervisor first
             if _program_runs(tree):
                 break
         assert _program_runs(tree), tree
@@ -275,7 +321,24 @@ def test_program_dies_with_its_supervisor(isolation, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        server.close(kill=True)
+        running.close()
+
+
+def test_process_isolation_refuses_root(tmp_path):
+    if not ROOT:
+        pytest.skip("runs as root only")
+    with pytest.raises(SandboxError, match="refuses to run programs as root"):
+        resolve_isolation("process")
+    with pytest.raises(SandboxError, match="refuses to run programs as root"):
+        run_programs(["assert True\n"], dataclasses.replace(RELAXED, isolation="process"))
+    # the supervisor refuses on its own too (a caller that skips resolve_isolation)
+    running = start_job("assert True\n", sandbox_client._limits(RELAXED), "process",
+                        str(tmp_path))
+    try:
+        answer = running.server.receive(time.monotonic() + 60)
+    finally:
+        running.close()
+    assert answer["status"] == "error" and "refuses to run programs as root" in answer["message"]
 
 
 def test_environment_is_minimal_and_workdir_private(monkeypatch):
@@ -300,3 +363,113 @@ def test_run_programs_keeps_order_and_runs_in_parallel():
                                            for i in range(8)]
     assert sum(r.seconds for r in results) > 1.3 * wall  # two at a time, not one by one
     assert run_programs([], CONFIG) == []
+
+
+HE_PROMPT = 'def helper(x):\n    return x + 1\n\n\ndef entry(x):\n    """Add one."""\n'
+JUDGE_RULES = {
+    # one failing assert does not hide the others
+    "cases_one_by_one": (Program("def f(x):\n    return x * 2\n",
+                                 "assert f(1) == 2\nassert f(2) == 5\nassert f(3) == 6\n"),
+                         ("failed", 2, 3)),
+    # HumanEval's shape: the cases are check's asserts; the prompt's helper is the judge's
+    # (the program's redefinition of it is not what the tests call)
+    "humaneval_context": (Program(HE_PROMPT + "    return x + 1\n\n\ndef helper(x):\n"
+                                  "    return -1\n",
+                                  "def check(candidate):\n    assert candidate(1) == 2\n"
+                                  "    assert helper(2) == 3\n\ncheck(entry)\n",
+                                  context=HE_PROMPT, names=("entry",)), ("passed", 2, 2)),
+    # a built-in the program rebinds keeps its real meaning in the tests
+    "builtins_stay": (Program("abs = lambda x: 0\ndef f(x):\n    return 0\n",
+                              "assert abs(f(1) - 5) < 1\nassert abs(f(1)) < 1\n"),
+                      ("failed", 1, 2)),
+    # a standard module's name is never the program's object (a module: the judge's own)
+    "stdlib_module": (Program("import math\nclass Fake:\n    def isclose(self, a, b):\n"
+                              "        return True\nmath = Fake()\ndef f():\n    return 0.0\n",
+                              "assert math.isclose(f(), 1.0)\n"), ("error", 0, 1)),
+    # ... unless the task names it (MBPP 126 asks for a function called sum)
+    "named_builtin": (Program("def sum(a, b):\n    return a - b\n", "assert sum(5, 3) == 2\n",
+                              names=("sum",)), ("passed", 1, 1)),
+    # the program's exceptions reach the tests as the built-in classes
+    "exceptions": (Program("def f():\n    raise ValueError('no')\n",
+                           "try:\n    f()\n    assert False\nexcept ValueError:\n    pass\n"),
+                   ("passed", 1, 1)),
+    # objects cross as handles: attributes, methods, iteration; their truth is not judged
+    "objects": (Program("class Box:\n    def __init__(self, v):\n        self.v = v\n"
+                        "    def get(self):\n        return self.v\n"
+                        "    def __iter__(self):\n        return iter([self.v] * 2)\n"
+                        "    def __bool__(self):\n        return True\n",
+                        "b = Box(3)\nassert b.v == 3\nassert list(b) == [3, 3]\nassert Box(0)\n"),
+                ("error", 2, 3)),
+    # a namedtuple, an IntEnum cross as the plain values they compare as
+    "plain_subclasses": (Program("import collections, enum\n"
+                                 "P = collections.namedtuple('P', 'a b')\n"
+                                 "class E(enum.IntEnum):\n    A = 3\n"
+                                 "def f():\n    return P(1, 2), E.A\n",
+                                 "assert f() == ((1, 2), 3)\n"), ("passed", 1, 1)),
+    "comment_only_tests": (Program("x = 1\n", "# nothing\n"), ("error", 0, 0)),
+}
+
+
+@NO_BWRAP
+def test_the_judge_rules():
+    results = dict(zip(JUDGE_RULES, run_programs([program for program, _ in
+                                                  JUDGE_RULES.values()], RELAXED)))
+    for name, result in results.items():
+        assert (result.status, result.cases_passed, result.cases_total) == \
+            JUDGE_RULES[name][1], (name, result)
+    assert "truth of an object of the program's" in results["objects"].message
+    assert "no statement" in results["comment_only_tests"].message
+
+
+def test_only_plain_values_cross():
+    """What the judge may receive: exact built-in values, numpy scalars, plain subclasses; an
+    object with an __eq__ of its own only as a handle; and never code."""
+    import numpy as np
+
+    from pipeline.sandbox import wire
+
+    class Liar(int):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+
+    handles: list = []
+    text = wire.encode([np.float64(2.5), np.int64(3), Liar(1), {"k": (1, float("nan"))}],
+                       lambda obj: handles.append(obj) or len(handles) - 1)
+    assert text == "[2.5, 3, H(0), {'k': (1, float('nan'),)}]" and handles == [1]
+    assert wire.decode(text, lambda n: ("handle", n))[:3] == [2.5, 3, ("handle", 0)]
+    for hostile in ("__import__('os')", "B('eval')", "open('x')", "[x for x in ()]", "a.b"):
+        with pytest.raises(ValueError):
+            wire.decode(hostile, lambda n: n)
+
+
+def test_one_text_is_split_into_code_and_tests():
+    text = "def f():\n    return 1\n\nassert f() == 1\nassert f() != 2\n"
+    program = Program.from_source(text)
+    assert program.code == "def f():\n    return 1\n\n"
+    assert program.tests == "\n\n\nassert f() == 1\nassert f() != 2\n"  # line numbers kept
+    humaneval = "def g():\n    return 2\n\n\ndef check(candidate):\n    assert candidate() == 2\n" \
+                "\n\ncheck(g)\n"
+    assert Program.from_source(humaneval).tests.lstrip("\n").startswith("def check(candidate)")
+    assert Program.from_source("print(1)\n") == Program("print(1)\n")  # no tests: runs to its end
+    assert Program.from_source("x = 1; assert x\n") == Program("x = 1; assert x\n")
+
+
+def test_the_seccomp_filter_loads_on_a_plain_process():
+    """process isolation installs the filter itself (prctl): memfd_create fails with EPERM."""
+    from pipeline.sandbox import seccomp, supervisor
+
+    bpf = seccomp.filter_bpf()
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            supervisor.load_seccomp(bpf)
+            os.memfd_create("x")
+            code = 1
+        except PermissionError:
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0

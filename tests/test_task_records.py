@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from pipeline.evaluation.results import ResultStore
+from pipeline.scoring.results import ResultStore
 from pipeline.scoring.task_records import (
     COLUMNS,
     TaskRecord,

@@ -5,6 +5,7 @@ lines and reads JSON answers, so nothing a program does reaches the caller.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -15,34 +16,93 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
-from pipeline.sandbox.server import ENV, MAX_MESSAGE
+import pipeline.sandbox.cases as cases
+import pipeline.sandbox.cgroups as cgroups
+import pipeline.sandbox.seccomp as seccomp
+from pipeline.sandbox.server import deadline_s
+from pipeline.sandbox.supervisor import ROOT_REFUSED
+from pipeline.sandbox.worker import ENV, MAX_MESSAGE
+
+from pipeline.config import ISOLATIONS as MODES
 
 if TYPE_CHECKING:
     from pipeline.config import ExecutionConfig
 
 STATUSES = ("passed", "failed", "timeout", "error")
-MODES = ("auto", "bwrap", "process")
-SERVER_GRACE_S = 15.0     # a verdict later than the wall-clock limit plus this: server is stuck
+SERVER_GRACE_S = 15.0     # beyond the server's own deadline for a supervisor: the server is stuck
 _SERVER = os.path.join(os.path.dirname(os.path.realpath(__file__)), "server.py")
-_PROBE = "import fractions, heapq, json\nassert json.loads('[1]') == [1]\n"
+_FIX = ("execution.isolation=auto and bwrap never fall back to weaker isolation "
+        "(docs/execution.md, 'Where the sandbox works')")
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Program:
+    """A program and its tests, which the sandbox runs apart: ``code`` in the program's process,
+    ``tests`` (and ``context``, code of the task's own such as a HumanEval prompt) in the judge,
+    out of the program's reach. ``names``: the program's globals the tests may use (None: all
+    but those named like a built-in or a standard module, which keep their real meaning).
+    ``tests=""``: no tests; the program's one case is to run to its end (docs/execution.md)."""
+
+    code: str
+    tests: str = ""
+    context: str = ""
+    names: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_source(cls, source: str) -> Program:
+        """Split one program text: its trailing statements that hold an assert (or HumanEval's
+        ``def check`` and ``check(...)``) are its tests, the rest its code. Line numbers stay."""
+        try:
+            with warnings.catch_warnings():  # "\." in a plain string: the program's business
+                warnings.simplefilter("ignore")
+                body = ast.parse(source).body
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            return cls(source)
+        start = len(body)
+        while start > 0 and cases.has_assert(body[start - 1]):
+            start -= 1
+        if start == len(body) and len(body) >= 2 and _calls_check(body[-1], body):
+            start = next(i for i, node in enumerate(body) if _is_check(node, body[-1]))
+        if start == len(body) or (start and body[start - 1].end_lineno >= _first_line(body[start])):
+            return cls(source)
+        lines = source.splitlines(keepends=True)
+        first = _first_line(body[start])
+        return cls("".join(lines[:first - 1]), "\n" * (first - 1) + "".join(lines[first - 1:]))
+
+
+def _first_line(node: ast.stmt) -> int:
+    return min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+
+
+def _calls_check(last: ast.stmt, body: list[ast.stmt]) -> bool:
+    return isinstance(last, ast.Expr) and isinstance(last.value, ast.Call) \
+        and isinstance(last.value.func, ast.Name) and any(_is_check(n, last) for n in body)
+
+
+def _is_check(node: ast.stmt, call: ast.stmt) -> bool:
+    return isinstance(node, ast.FunctionDef) and node.name == call.value.func.id  # type: ignore
+
+
+@dataclass(frozen=True)
 class ExecResult:
-    """One program's outcome: ``status`` in STATUSES, a short ``message``, and ``seconds``
-    (wall time from the sandbox's start to the verdict)."""
+    """One program's outcome: ``status`` in STATUSES, a short ``message``, ``seconds`` (wall
+    time from the sandbox's start to the verdict), and how many of its test cases passed (the
+    status is ``passed`` only when all did)."""
 
     status: str
     message: str
     seconds: float
+    cases_passed: int = 0
+    cases_total: int = 0
 
     @property
     def passed(self) -> bool:
@@ -69,9 +129,40 @@ def _site_dirs() -> tuple[str, ...]:
                  and os.path.isdir(p))
 
 
-def job_fields(limits: dict, mode: str, guard: bool, root: str) -> dict:
-    """What every job line of a batch carries besides its ``id`` and ``program``."""
-    return {"mode": mode, "guard": guard, "site": _site_dirs(), "root": root, **limits}
+@cache
+def cgroup_layout() -> dict:
+    """Where the sandboxes' cgroups go (cached; CgroupError when they cannot be made)."""
+    return cgroups.detect()
+
+
+def _controls(mode: str) -> tuple[dict | None, str]:
+    """(cgroup layout, seccomp filter in hex) for ``mode``: both required under bwrap, used
+    where they work under process isolation."""
+    if mode == "bwrap":
+        return cgroup_layout(), seccomp.filter_bpf().hex()
+    try:
+        layout: dict | None = cgroup_layout()
+    except (cgroups.CgroupError, OSError):
+        layout = None
+    try:
+        bpf = seccomp.filter_bpf().hex()
+    except seccomp.SeccompError:
+        bpf = ""
+    return layout, bpf
+
+
+def job_fields(limits: dict, mode: str, guard: bool, root: str, *, layout: dict | None = None,
+               batch: str = "", bpf: str = "") -> dict:
+    """What every job line of a batch carries besides its ``id`` and program."""
+    return {"mode": mode, "guard": guard, "site": _site_dirs(), "root": root, "cgroups": layout,
+            "batch": batch, "seccomp": bpf, **limits}
+
+
+def _program_fields(program: str | Program) -> dict:
+    if isinstance(program, str):
+        program = Program.from_source(program)
+    return {"code": program.code, "tests": program.tests, "context": program.context,
+            "names": list(program.names) if program.names is not None else None}
 
 
 def _kill_group(pgid: int) -> None:
@@ -131,56 +222,67 @@ class Server:
         self.proc.stdout.close()
 
 
+def _clean(text: str) -> str:
+    """Text any writer can store: characters UTF-8 cannot hold (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _result(answer: dict) -> ExecResult:
     status = str(answer.get("status"))
     if status not in STATUSES:
-        return ExecResult("error", f"the sandbox answered {status!r}", 0.0)
-    return ExecResult(status, str(answer.get("message", ""))[:MAX_MESSAGE],
-                      float(answer.get("seconds", 0.0)))
+        return ExecResult("error", _clean(f"the sandbox answered {status!r}"[:MAX_MESSAGE]), 0.0)
+    return ExecResult(status, _clean(str(answer.get("message", ""))[:MAX_MESSAGE]),
+                      float(answer.get("seconds", 0.0)), int(answer.get("cases_passed", 0)),
+                      int(answer.get("cases_total", 0)))
 
 
 OnResult = Callable[[ExecResult], object] | None
 
 
-def _execute(programs: Sequence[str], limits: dict, mode: str, guard: bool, workers: int,
-             on_result: OnResult = None) -> list[ExecResult]:
+def _execute(programs: Sequence[str | Program], limits: dict, mode: str, guard: bool,
+             workers: int, on_result: OnResult = None) -> list[ExecResult]:
     """Run ``programs`` through a server, ``workers`` at a time; results in input order.
 
-    If the server stalls or dies (it should not: each supervisor enforces its own limits), its
-    whole process group is killed, the programs in flight get an error, and a new server runs
-    the rest.
+    A supervisor that stalls is killed alone by the server (its program gets an error); if the
+    server itself stalls or dies, its whole process group is killed, the programs in flight get
+    an error, and a new server runs the rest.
     """
+    layout, bpf = _controls(mode)
     # the working directories live in one folder of ours: gone at the end even if a supervisor
-    # was killed before it could clean up (0o711: a sandbox uid may enter, not list)
+    # was killed before it could clean up (0o711: a sandbox uid may enter, not list); the
+    # cgroups in one batch folder, likewise
     root = tempfile.mkdtemp(prefix="ddpt-sandbox-")
     os.chmod(root, 0o711)
-    common = job_fields(limits, mode, guard, root)
+    batch = cgroups.make_batch(layout) if layout else ""
+    common = job_fields(limits, mode, guard, root, layout=layout, batch=batch, bpf=bpf)
     results: list[ExecResult | None] = [None] * len(programs)
     pending = deque(range(len(programs)))
     try:
         _run_all(programs, common, workers, results, pending, on_result)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if layout and not cgroups.remove_batch(layout, batch):
+            log.warning("sandbox: cgroup batch %s stayed busy; the next batch removes it", batch)
     return results  # type: ignore[return-value]  # every slot is filled
 
 
-def _run_all(programs: Sequence[str], common: dict, workers: int,
+def _run_all(programs: Sequence[str | Program], common: dict, workers: int,
              results: list[ExecResult | None], pending: deque, on_result: OnResult) -> None:
     def done(index: int, result: ExecResult) -> None:
         results[index] = result
         if on_result is not None:
             on_result(result)
 
+    patience = deadline_s(common) + SERVER_GRACE_S
     while pending:
         server, flight = Server(), {}
         try:
             while pending or flight:
                 while pending and len(flight) < workers:
                     index = pending.popleft()
-                    server.send({"id": index, "program": programs[index], **common})
+                    server.send({"id": index, **_program_fields(programs[index]), **common})
                     flight[index] = time.monotonic()
-                answer = server.receive(min(flight.values()) + common["timeout_s"]
-                                        + SERVER_GRACE_S)
+                answer = server.receive(min(flight.values()) + patience)
                 index = int(answer["id"])
                 if flight.pop(index, None) is not None:
                     done(index, _result(answer))
@@ -195,6 +297,10 @@ def _run_all(programs: Sequence[str], common: dict, workers: int,
             server.close()
 
 
+_PROBE = Program("import fractions, heapq, json\n\ndef one():\n    return json.loads('[1]')\n",
+                 "assert one() == [1]\n")
+
+
 @cache
 def probe(mode: str) -> ExecResult:
     """Run a trivial program with isolation ``mode`` once per process (cached)."""
@@ -203,36 +309,46 @@ def probe(mode: str) -> ExecResult:
     return _execute([_PROBE], limits, mode, True, 1)[0]
 
 
-@cache  # probe and warn once per process
+def _missing_for_bwrap() -> str:
+    """Why bwrap isolation cannot work here, with what to install or enable ("" if it can)."""
+    if sys.platform != "linux":
+        return "it needs Linux"
+    for tool, package in (("bwrap", "bubblewrap"), ("setpriv", "util-linux")):
+        if shutil.which(tool, path=ENV["PATH"]) is None and (tool == "bwrap" or os.geteuid() == 0):
+            return f"{tool} not found on {ENV['PATH']} (Debian: apt-get install {package})"
+    try:
+        cgroup_layout()
+        seccomp.filter_bpf()
+    except (cgroups.CgroupError, seccomp.SeccompError, OSError) as err:
+        return str(err)
+    result = probe("bwrap")
+    return "" if result.passed else f"a probe program did not pass: {result.message}"
+
+
+@cache  # probe once per process
 def resolve_isolation(requested: str = "auto") -> str:
     """``bwrap`` or ``process``: what ``requested`` (auto, bwrap, process) means here.
 
-    Raises SandboxError when ``bwrap`` is required but does not work on this machine.
+    ``auto`` and ``bwrap`` need bubblewrap, the cgroups and the seccomp filter, and raise
+    SandboxError saying what to install or enable when one is missing (never a silent fallback);
+    ``process`` refuses to run as root.
     """
     if requested not in MODES:
         raise ValueError(f"isolation {requested!r} is not one of {list(MODES)}")
     if requested == "process":
+        if os.geteuid() == 0:
+            raise SandboxError(ROOT_REFUSED)
         return "process"
-    if sys.platform != "linux":
-        why = "it needs Linux"
-    elif shutil.which("bwrap", path=ENV["PATH"]) is None:
-        why = "bwrap not found (Debian: apt-get install bubblewrap)"
-    else:
-        result = probe("bwrap")
-        if result.passed:
-            return "bwrap"
-        why = result.message
-    if requested == "bwrap":
-        raise SandboxError(f"bwrap isolation does not work here: {why}")
-    log.warning("sandbox: bwrap isolation does not work here (%s); falling back to process "
-                "isolation, which relies on rlimits and the in-process guard (docs/execution.md)",
-                why)
-    return "process"
+    why = _missing_for_bwrap()
+    if why:
+        raise SandboxError(f"bwrap isolation does not work here: {why}; {_FIX}")
+    return "bwrap"
 
 
-def run_program(program: str, config: ExecutionConfig, *, isolation: str | None = None,
+def run_program(program: str | Program, config: ExecutionConfig, *, isolation: str | None = None,
                 guard: bool = True) -> ExecResult:
-    """Run one program (code followed by its tests) in the sandbox.
+    """Run one program in the sandbox: a ``Program``, or one text (code followed by its tests,
+    split by ``Program.from_source``).
 
     ``isolation`` defaults to ``config.isolation``; ``guard=False`` leaves out the in-process
     guard (only to test the OS layer on its own).
@@ -241,8 +357,8 @@ def run_program(program: str, config: ExecutionConfig, *, isolation: str | None 
     return _execute([program], _limits(config), mode, guard, 1)[0]
 
 
-def run_programs(programs: Sequence[str], config: ExecutionConfig, *, guard: bool = True,
-                 progress: bool = False) -> list[ExecResult]:
+def run_programs(programs: Sequence[str | Program], config: ExecutionConfig, *,
+                 guard: bool = True, progress: bool = False) -> list[ExecResult]:
     """Run programs in parallel (``config.workers``, 0 = cores); results in input order."""
     if not programs:
         return []

@@ -7,18 +7,22 @@ Record format in ``samples.jsonl`` (one record per (method, id), see pipeline/re
     status          passed | failed | timeout | error, of `generation`
     statuses        with n > 1: the statuses of samples[:n], in order
     exec_message    the sandbox's short message for `status` ("" when passed)
+    cases_passed, cases_total   of `generation`: how many of the task's test cases passed
+    cases           with n > 1: [passed, total] of each of samples[:n]
 Scoring re-appends the updated records (the store keeps the last one per key), chunk by chunk,
 so a crash keeps what was scored and a re-run skips it.
 """
 from __future__ import annotations
 
+import ast
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 
 from pipeline.config import ExecutionConfig
 from pipeline.data.example import Example, missing_tests
-from pipeline.sandbox import run_programs
+from pipeline.sandbox import Program, run_programs
 from pipeline.scoring.passk import PASSED, pass_at_k_metrics
 from pipeline.scoring.results import ResultStore
 
@@ -36,12 +40,53 @@ def build_program(example: Example, code: str) -> str:
     data sets (MBPP, user JSONL): the code, then the tests (MBPP's setup code may use classes
     the code defines, so it runs after the code).
     """
+    code = _with_prompt(example, code)
+    tests = example.tests or ""
+    return code.rstrip("\n") + "\n\n" + tests.rstrip("\n") + "\n" if tests.strip() else code
+
+
+def _with_prompt(example: Example, code: str) -> str:
     prompt, entry = example.meta.get("prompt"), example.meta.get("entry_point")
     if isinstance(prompt, str) and isinstance(entry, str) and entry:
         defines = re.search(rf"^(async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE)
         code = prompt + ("\n\n" + code if defines else code)
-    tests = example.tests or ""
-    return code.rstrip("\n") + "\n\n" + tests.rstrip("\n") + "\n" if tests.strip() else code
+    return code
+
+
+def _defined_names(code: str) -> set[str]:
+    """Top-level names ``code`` binds (defs, classes, assignments, imports); none if it does
+    not parse."""
+    try:
+        with warnings.catch_warnings():  # "\." in a plain string: the code's business
+            warnings.simplefilter("ignore")
+            body = ast.parse(code).body
+    except (SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names if a.name != "*")
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def program_for(example: Example, code: str) -> Program:
+    """``build_program``'s parts, for the sandbox to judge from outside the program's process:
+    the code (after the prompt, as in ``build_program``), the tests, the task's prompt as the
+    context the judge runs itself (so the prompt's helpers are the data's, not the program's),
+    and the names the tests may take from the program: those the reference solution defines,
+    less the prompt's helpers (docs/execution.md, "Test cases")."""
+    prompt, entry = example.meta.get("prompt"), example.meta.get("entry_point")
+    names = _defined_names(example.output)
+    context = ""
+    if isinstance(prompt, str) and isinstance(entry, str) and entry:
+        context = prompt
+        names = (names - _defined_names(prompt)) | {entry}
+    return Program(_with_prompt(example, code), example.tests or "", context, tuple(sorted(names)))
 
 
 def _texts(record: dict, n: int, where: str) -> list[str]:
@@ -80,7 +125,7 @@ def score_execution(store: ResultStore, method: str, examples: Sequence[Example]
                          f"{untested[:3]}: field 'tests' is empty")
     n = config.num_samples
     todo = [r for r in records.values() if not _is_scored(r, n)]
-    jobs = [(r, [build_program(by_id[str(r["id"])], t)
+    jobs = [(r, [program_for(by_id[str(r["id"])], t)
                  for t in _texts(r, n, f"{store.path}: {method}/{r['id']}")]) for r in todo]
     bar = None
     if progress and jobs:
@@ -99,8 +144,10 @@ def score_execution(store: ResultStore, method: str, examples: Sequence[Example]
             outcome = [next(results) for _ in programs]
             if n > 1:
                 record["statuses"] = [r.status for r in outcome[:n]]
+                record["cases"] = [[r.cases_passed, r.cases_total] for r in outcome[:n]]
             greedy = outcome[n] if len(outcome) > n else outcome[0]  # see _texts
             record["status"], record["exec_message"] = greedy.status, greedy.message
+            record["cases_passed"], record["cases_total"] = greedy.cases_passed, greedy.cases_total
         store.append(record for record, _ in chunk)
         if bar is not None:
             bar.update(size)

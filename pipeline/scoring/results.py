@@ -45,7 +45,9 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_torn_tail()
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(self.path, "a", encoding="utf-8") as handle:
+        # a character UTF-8 cannot hold (a lone surrogate from a program's message or a data
+        # file) is written as its JSON escape, which reads back as the same string
+        with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

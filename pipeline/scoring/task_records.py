@@ -28,7 +28,7 @@ from pipeline.scoring.stats import (
 )
 
 FILENAME = "task_records.csv.gz"  # next to metrics.json
-PASSED = "passed"  # the sandbox's status of a passing program (pipeline/evaluation/passk.py)
+PASSED = "passed"  # the sandbox's status of a passing program (pipeline/scoring/passk.py)
 
 
 @dataclass(frozen=True)
