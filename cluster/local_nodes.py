@@ -9,12 +9,11 @@ that reads a path only the driver's machine has fails as on a real cluster. Need
         nodes.add_worker()
         nodes.run(["ray", "job", "submit", "--address", nodes.dashboard_url, "--", ...])
 
-CLI: ``python cluster/local_nodes.py up --work DIR [--hide PATH ...]`` and
-``python cluster/local_nodes.py down --prefix P`` (after a crashed run).
+CLI: ``python cluster/local_nodes_cli.py up --work DIR [--hide PATH ...]`` and
+``python cluster/local_nodes_cli.py down --prefix P`` (after a crashed run).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
 import ipaddress
@@ -36,8 +35,11 @@ DASHBOARD_PORT = 8265
 # Names from Ray 2.60's ray_config_def.h (also strings in its gcs_server binary). The GCS pings
 # each raylet every second and marks it dead after 3 failed pings: a killed node is dead in ~4 s
 # instead of ~30 s with the defaults (period 3 s, threshold 5, timeout 10 s).
+# A worker node gives up on a lost head (GCS) after 5 s instead of 60 s: without GCS fault
+# tolerance its raylet cannot join a new head, and exits.
 HEALTH_ENV = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-              "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+              "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
+              "RAY_gcs_rpc_server_reconnect_timeout_s": "5"}
 # Fetch a URL from inside a namespace (the nodes' addresses answer only there), with the token
 # the dashboard asks for.
 # The nodes' Ray temp dirs, short on purpose: Ray's socket paths (temp dir + session name +
@@ -197,7 +199,7 @@ class LocalNodes:
         self.worker_node_id: str | None = None
         self._head: subprocess.Popen | None = None
         self._worker: subprocess.Popen | None = None
-        self._workers_started = 0
+        self._heads_started = self._workers_started = 0
         self.work.mkdir(parents=True, exist_ok=True)
         try:
             self._make_network()
@@ -260,6 +262,10 @@ class LocalNodes:
         return subprocess.run(self._wrap(argv, node, kwargs.get("cwd")), env=self._env(env),
                               **kwargs)
 
+    def pids(self, node: str) -> list[int]:
+        """The processes in ``node``'s network namespace (``head`` or ``worker``)."""
+        return _netns_pids(self.head_ns if node == "head" else self.worker_ns)
+
     def nodes(self) -> list[dict]:
         """The cluster's nodes (alive and dead) from the head's state API: dicts with
         ``node_id``, ``node_ip``, ``state`` ("ALIVE"/"DEAD"), ``is_head_node``..."""
@@ -295,7 +301,8 @@ class LocalNodes:
         lists it alive."""
         if self._head is not None:
             raise RuntimeError("the head is already started")
-        log = self.work / "head.log"
+        k, self._heads_started = self._heads_started, self._heads_started + 1
+        log = self.work / ("head.log" if k == 0 else f"head{k}.log")
         argv = [self.ray, "start", "--head", "--node-ip-address", self.head_ip,
                 "--port", str(RAY_PORT), "--dashboard-host", self.head_ip,
                 "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", str(self.num_cpus),
@@ -314,7 +321,7 @@ class LocalNodes:
         its node id once the head lists it alive."""
         if self._head is None:
             raise RuntimeError("start_head() first")
-        if self._worker is not None:
+        if self._worker is not None and self._worker.poll() is None:
             raise RuntimeError("a worker node is running: kill_worker() first")
         k, self._workers_started = self._workers_started, self._workers_started + 1
         own, head_temp = self.temp / f"worker{k}", self.temp / "head"
@@ -357,6 +364,24 @@ class LocalNodes:
             nodes, node_id=node_id, state="DEAD"), timeout, None, log)
         return time.monotonic() - start
 
+    def kill_head(self, worker_timeout: float = 60) -> float:
+        """SIGKILL every process of the head node (GCS, raylet, dashboard, the jobs' drivers,
+        whatever ``popen`` started there), as if its machine died; then wait for the worker
+        node to exit by itself (its raylet gives up on the lost GCS: without GCS fault tolerance
+        it cannot join a new head). Returns those seconds; ``start_head`` starts a new cluster."""
+        if self._head is None:
+            raise RuntimeError("no head to kill")
+        _kill_netns([self.head_ns], grace=0)
+        self._head.wait()
+        self._head, start = None, time.monotonic()
+        try:
+            if self._worker is not None:
+                self._worker.wait(worker_timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the worker node runs {worker_timeout:.0f} s after the head "
+                               "died") from None
+        return time.monotonic() - start
+
     def close(self) -> None:
         """Kill both nodes, delete the namespaces, move the Ray temp dir (logs) into the work
         folder; RuntimeError if anything is left on the machine."""
@@ -393,61 +418,3 @@ def _move_logs(temp: Path, work: Path) -> None:
             n for n in names if not (os.path.isdir(os.path.join(root, n))
                                      or os.path.isfile(os.path.join(root, n)))])
         shutil.rmtree(temp)
-
-
-def _up(work: str, hide: Sequence[str], num_cpus: int) -> None:
-    """Start head + one worker, print how to use them, wait for Ctrl-C or SIGTERM, tear down."""
-    # SIGTERM as an exception, so that the `with` tears everything down, during startup too
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with LocalNodes(work, hidden=hide, num_cpus=num_cpus) as nodes:
-        nodes.start_head()
-        nodes.add_worker()
-        head = f"ip netns exec {nodes.head_ns}"
-        print("\n".join([
-            f"head    {nodes.head_ip} (netns {nodes.head_ns}): Ray {nodes.address}, "
-            f"dashboard {nodes.dashboard_url}",
-            f"worker  {nodes.worker_ip} (netns {nodes.worker_ns}), hidden there: "
-            f"{' '.join(map(str, nodes.hidden)) or '-'}",
-            f"logs    {nodes.work}/head.log, worker0.log; Ray's in {nodes.temp}",
-            "", "export " + " ".join(f"{k}={v}" for k, v in nodes.auth_env.items()),
-            f"{head} {nodes.ray} job submit --address {nodes.dashboard_url} --working-dir . "
-            "-- python script.py",
-            f"{head} {sys.executable} script.py  # a driver: ray.init(address=\"{nodes.address}\")",
-            "", "Ctrl-C or SIGTERM tears both down; after a crash: "
-            f"{sys.executable} {sys.argv[0]} down --prefix {nodes.prefix}"]), flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                signal.pause()
-
-
-def _down(prefix: str) -> int:
-    """Clean up what a crashed run left: namespaces, links, its Ray temp dirs."""
-    teardown(prefix)
-    for folder in glob.glob(TEMP_ROOT.format(prefix=glob.escape(prefix)) + "*"):
-        shutil.rmtree(folder, ignore_errors=True)
-    left = leftovers(prefix)
-    print("\n".join(left) if left else f"nothing left with prefix {prefix!r}")
-    return 1 if left else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start head + one worker until Ctrl-C/SIGTERM")
-    up.add_argument("--work", required=True, help="folder for the nodes' logs")
-    up.add_argument("--hide", action="append", default=[],
-                    help="a folder the worker node sees empty (repeatable)")
-    up.add_argument("--num-cpus", type=int, default=2)
-    down = sub.add_parser("down", help="remove namespaces left by a crashed run")
-    down.add_argument("--prefix", default="ddpt", help="namespace name prefix (default ddpt)")
-    args = parser.parse_args(argv)
-    if args.command == "down":
-        return _down(args.prefix)
-    if reason := available():
-        parser.error(f"cannot run here: {reason}")
-    _up(args.work, args.hide, args.num_cpus)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

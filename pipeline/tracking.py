@@ -196,9 +196,12 @@ class RunTracker:
         for i in range(0, len(params), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + PARAMS_PER_BATCH])
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Log numeric metrics (nested dicts flattened); None and non-numbers are skipped."""
-        now = int(time.time() * 1000)
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *,
+                    timestamp_ms: int | None = None) -> None:
+        """Log numeric metrics (nested dicts flattened); None and non-numbers are skipped.
+        ``timestamp_ms``: when they were measured (now by default); MLflow's SQL stores keep a
+        metric logged again with the same key, value, step and timestamp once."""
+        now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         rows = [Metric(k, v, now, step or 0) for k, raw in flatten(metrics).items()
                 if (v := _metric_value(k, raw)) is not None]
         for i in range(0, len(rows), METRICS_PER_BATCH):

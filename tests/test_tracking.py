@@ -129,6 +129,31 @@ def test_resume_appends_to_the_same_run(uri):
         RunTracker.resume(uri, "no-such-run")
 
 
+def test_a_checkpoints_records_logged_again_are_kept_once(uri, tmp_path):
+    """A Train controller that dies after Ray persisted a checkpoint may or may not have logged
+    its records: the restored run logs them again, with the times the steps ran, and MLflow
+    keeps each (key, value, step, time) once; a new time for a step would show it twice."""
+    import json
+
+    from ray.train import Checkpoint
+
+    from pipeline.distributed.train import HISTORY_FILE, MLflowCommit
+
+    records = [{"step": s, "code_loss": 1.0 / s, "time_ms": 1_700_000_000_000 + s}
+               for s in (1, 2, 3)]
+    (tmp_path / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    checkpoint = Checkpoint.from_directory(str(tmp_path))
+    with RunTracker.start(uri, "relog", "train") as tracker:
+        commit = MLflowCommit(tracker)
+        commit.log_history(checkpoint)
+        commit.log_history(checkpoint)  # the restored run, and the driver after the last
+        tracker.log_metrics({"code_loss": 1.0}, step=1)  # the same step at another time
+    history = MlflowClient(tracking_uri=uri).get_metric_history(tracker.run_id, "code_loss")
+    seen = sorted((m.timestamp, m.step, m.value) for m in history)
+    assert seen[:3] == [(1_700_000_000_000 + s, s, 1.0 / s) for s in (1, 2, 3)]
+    assert len(seen) == 4  # steps 1, 2, 3 once each, and step 1 again at a new time
+
+
 def test_tracker_pickles_as_uri_and_run_id(uri):
     tracker = RunTracker.start(uri, "pickle")
     copy = pickle.loads(pickle.dumps(tracker))

@@ -3,13 +3,15 @@ a veth pair, the worker node in a mount namespace where the job's output folders
 so only ``distributed.storage_path`` is shared, as on a cluster with node-local disks. MLflow is
 a ``mlflow server`` on the head. A worker node is killed mid-run and replaced: training goes on
 from the last checkpoint in the shared storage with every step once in MLflow, and the sampler
-pool loses and duplicates no example."""
+pool loses and duplicates no example. The head node is killed mid-training and a new cluster
+started: the resubmitted job continues from the storage, every step once in MLflow."""
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers import load_local_nodes, shared_data_dir
@@ -61,6 +63,40 @@ def cluster(tmp_path):
         assert local_nodes.leftovers(nodes.prefix) == []
 
 
+def mlflow_server(nodes, node: str, folder: Path) -> tuple[str, subprocess.Popen]:
+    """``mlflow server`` on SQLite inside ``node`` (port 5000 of its address); its URL and
+    process once it answers. ``nodes.close()`` stops it with the node's other processes."""
+    folder.mkdir()
+    ip = nodes.head_ip if node == "head" else nodes.worker_ip
+    server = nodes.popen([sys.executable, "-m", "mlflow", "server", "--host", ip, "--port", "5000",
+                          "--workers", "1", "--backend-store-uri",
+                          f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+                          str(folder / "artifacts")], node=node,
+                         env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=str(folder))
+    uri = f"http://{ip}:5000"
+    nodes.run([sys.executable, "-c", WAIT_HTTP, f"{uri}/health", "120"], node=node,
+              check=True, timeout=150)
+    return uri, server
+
+
+def process_name(pid: int) -> str:
+    """A process's first command-line word ("" once it has exited)."""
+    try:
+        return (psutil.Process(pid).cmdline() or [""])[0]
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def read_mlflow(nodes, uri: str, run_id: str) -> dict:
+    """The run's ``code_loss`` steps, ``lm_shard_share`` values, tags, status and checkpoint
+    artifacts, read from the server from inside the head node."""
+    read = nodes.run([sys.executable, "-c", READ_MLFLOW, uri, run_id], capture_output=True,
+                     text=True, timeout=120, cwd=str(REPO))
+    assert read.returncode == 0, read.stderr[-3000:]
+    return json.loads(read.stdout)
+
+
 def submit(nodes, env: dict, *argv: str) -> subprocess.Popen:
     """``ray job submit --working-dir . -- python jobs/<command>.py ...`` from the head's
     namespace, as a user submits (it waits for the job and prints its log); Ray uploads the
@@ -85,18 +121,7 @@ def wait_for(condition, job: subprocess.Popen, what: str, timeout: float = 600):
 def test_training_and_sampling_survive_a_lost_node(cluster, tmp_path):
     nodes, outputs = cluster
     shared = tmp_path / "shared"  # the storage every node reaches (NFS on a cluster)
-    server_dir = tmp_path / "mlflow"
-    server_dir.mkdir()
-    port = 5000
-    uri = f"http://{nodes.head_ip}:{port}"
-    nodes.popen([sys.executable, "-m", "mlflow", "server", "--host", nodes.head_ip,
-                 "--port", str(port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-                 "--artifacts-destination", str(server_dir / "artifacts")],
-                env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=str(server_dir))
-    nodes.run([sys.executable, "-c", WAIT_HTTP, f"{uri}/health", "120"], check=True,
-              timeout=150)
+    uri, _ = mlflow_server(nodes, "head", tmp_path / "mlflow")
     data_dir = shared_data_dir().resolve()
     env = {"MLFLOW_TRACKING_URI": uri, "DDPT_DATA_DIR": str(data_dir)}
 
@@ -134,10 +159,7 @@ def test_training_and_sampling_survive_a_lost_node(cluster, tmp_path):
     # MLflow, read back from the server: every step exactly once, across the restart.
     saved = json.loads((out / "mlflow_run.json").read_text())
     assert saved["uri"] == uri
-    read = nodes.run([sys.executable, "-c", READ_MLFLOW, uri, saved["run_id"]],
-                     capture_output=True, text=True, timeout=120, cwd=str(REPO))
-    assert read.returncode == 0, read.stderr[-3000:]
-    run = json.loads(read.stdout)
+    run = read_mlflow(nodes, uri, saved["run_id"])
     assert run["steps"] == list(range(1, steps + 1)), run["steps"]
     assert int(run["tags"]["ddpt.resumed_from_step"]) >= 10  # it restarted from a checkpoint
     print(f"node marked dead {dead_after:.1f} s after the kill; training resumed from step "
@@ -183,3 +205,59 @@ def test_training_and_sampling_survive_a_lost_node(cluster, tmp_path):
     keys = [(r["method"], r["id"]) for r in records]
     assert len(keys) == len(set(keys)) == 2 * 16  # every example exactly once per method
     assert {r["actor_node"] for r in records} == {nodes.head_node_id, worker}
+
+
+def test_training_survives_a_lost_head(cluster, tmp_path):
+    """The head node (GCS, raylet, dashboard, the job's driver and Train controller) is
+    SIGKILLed mid-training; the worker node gives up on it by itself; a new head and worker
+    start, and the job resubmitted with ``--resume`` continues from the last checkpoint in
+    ``distributed.storage_path``. MLflow, a server on the worker node, has every step once."""
+    nodes, outputs = cluster
+    shared, out, steps = tmp_path / "shared", outputs / "train", 12
+    uri, server = mlflow_server(nodes, "worker", tmp_path / "mlflow")
+    env = {"MLFLOW_TRACKING_URI": uri, "DDPT_DATA_DIR": str(shared_data_dir().resolve())}
+    argv = ["train", "--output", str(out), *TINY, "--set", f"train.steps={steps}",
+            "--set", "train.checkpoint_every=4", "--set", "train.log_every=100",
+            "--set", "distributed.num_workers=2", "--set", f"distributed.storage_path={shared}",
+            "--set", "distributed.placement_strategy=STRICT_SPREAD"]
+    job = submit(nodes, env, *argv)
+    first_head = nodes.head_node_id
+    try:
+        # Ray wrote a checkpoint into its run state: the Train controller logs its steps to
+        # MLflow right after this, and the kill may land before or after it does.
+        wait_for(lambda: any(shared.glob("train-*/checkpoint_manager_snapshot.json")), job,
+                 "a committed checkpoint")
+        worker_gone = nodes.kill_head()  # the `ray job submit` client dies with it
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.communicate()
+    assert worker_gone < 30  # the raylet's GCS reconnect timeout is 5 s (local_nodes.py)
+    # The worker node's raylet and Train workers are gone; the MLflow server stays. So may the
+    # node's two agents: they exit once they have told the GCS that the raylet died, which a
+    # dead GCS never answers (Ray's publish_error_to_driver waits 60 s); close() ends them.
+    mlflow = {server.pid, *(c.pid for c in psutil.Process(server.pid).children(recursive=True))}
+    deadline = time.monotonic() + 15
+    while left := [name for name in map(process_name, set(nodes.pids("worker")) - mlflow)
+                   if name not in ("", "ray::DashboardAgent", "ray::RuntimeEnvAgent")]:
+        assert time.monotonic() < deadline, left
+        time.sleep(0.2)
+    nodes.start_head()
+    nodes.add_worker()
+    job = submit(nodes, env, *argv, "--resume")
+    try:
+        printed, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, printed[-6000:]
+    assert nodes.head_node_id != first_head
+    saved = json.loads((out / "mlflow_run.json").read_text())
+    run = read_mlflow(nodes, uri, saved["run_id"])
+    assert run["steps"] == list(range(1, steps + 1)), run["steps"]  # each once, none lost
+    resumed = int(run["tags"]["ddpt.resumed_from_step"])
+    assert 4 <= resumed < steps and resumed % 4 == 0
+    assert run["status"] == "FINISHED" and "checkpoint/model.safetensors" in run["artifacts"]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == steps
+    print(f"the worker node left {worker_gone:.1f} s after the head died; training resumed "
+          f"from step {resumed}")

@@ -14,7 +14,7 @@ Checkpoints (reported with ``ray.train.report``) hold, never the LM:
     prompt_model/            the gathered prompt model in the portable checkpoint format
     train_state.json         step and data position (epoch, next batch index)
     buffers.safetensors      the prompt model's buffers (DDPT's target x0_bar, X_ctx, ...)
-    history.jsonl            per-step records since the previous checkpoint
+    history.jsonl            per-step records since the previous checkpoint (with their times)
 Metrics reach MLflow (rank 0's, through :class:`MLflowCommit` on the controller) only once the
 checkpoint that covers them is persisted, so a restart after a failure never logs a step twice.
 """
@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
                       True: "cluster/deepspeed/zero3_gpu_bf16.json"}
 HISTORY_FILE = "history.jsonl"  # in each checkpoint: the per-step records it covers
+TIME_KEY = "time_ms"  # in each record: when rank 0 ran the step (the MLflow timestamp)
 BUFFERS_FILE = "buffers.safetensors"
 RUN_NAME = "train"  # the Ray run's name (storage.py adds the output's name to a shared storage)
 
@@ -163,15 +165,16 @@ def build_worker(loop_config: dict[str, Any], ranks: tuple[int, int, int] | None
     return Worker(config, rank, world, lm, prompt_model, module, engine, max(shares))
 
 
-def restore(worker: Worker) -> tuple[int, int, int]:
-    """Load Ray Train's latest checkpoint, if there is one; returns (step, epoch, next batch
-    index) to continue from."""
+def restore(worker: Worker) -> tuple[int, int, int, list[dict]]:
+    """Load Ray Train's latest checkpoint, if any; returns (step, epoch, next batch index) to
+    continue from and the checkpoint's step records (logged again: :class:`MLflowCommit`)."""
     from safetensors.torch import load_file
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        return 0, 0, 0
+        return 0, 0, 0, []
     with checkpoint.as_directory() as folder:
+        history = read_history(folder)
         worker.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="ddpt",
                                       load_module_strict=False)
         state = json.loads(Path(folder, "train_state.json").read_text())
@@ -182,7 +185,7 @@ def restore(worker: Worker) -> tuple[int, int, int]:
             own[name].copy_(value.to(own[name].device))
     log.info("rank %d resumed at step %d (epoch %d, batch %d)", worker.rank, state["step"],
              state["epoch"], state["next_index"])
-    return state["step"], state["epoch"], state["next_index"]
+    return state["step"], state["epoch"], state["next_index"], history
 
 
 def standardise_conditions(worker: Worker, shard) -> None:
@@ -256,7 +259,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     tc = worker.config.train
     shard = ray.train.get_dataset_shard("train")
     standardise_conditions(worker, shard)
-    start, epoch, next_index = restore(worker)
+    start, epoch, next_index, carried = restore(worker)
     dev = worker.lm.encode([Example(**item) for item in loop_config.get("dev", [])])
     position = {"epoch": epoch, "next_index": next_index}
     stream = shard_batches(shard, worker.lm, tc.batch_size // worker.world, tc.seed, epoch,
@@ -267,13 +270,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             position.update(epoch=epoch_now, next_index=index + 1)
             yield batch
 
-    pending: list[dict] = []  # per-step records since the last checkpoint (tensors inside)
-
+    pending: list[dict] = list(carried)  # step records since the last checkpoint
     sink = loop_config.get("progress") if worker.rank == 0 else None
 
     def on_step(step: int, record: dict) -> None:
         record = {**record, "lm_shard_share": worker.shard_share,
-                  "examples_per_second": tc.batch_size / record["step_seconds"]}
+                  "examples_per_second": tc.batch_size / record["step_seconds"],
+                  TIME_KEY: int(time.time() * 1000)}
         if sink is not None:  # the driver's live line
             sink.send(step, float(record["code_loss"]), record["examples_per_second"])
         if dev and tc.eval_every and (step == tc.steps or step % tc.eval_every == 0):
@@ -289,6 +292,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     run_steps(step_fn(worker), batches(), start, tc.steps, tc.seed, rank=worker.rank,
               on_step=on_step, progress=False, device=worker.lm.device)
+
+
+def read_history(folder: str | Path) -> list[dict]:
+    """The per-step records of a checkpoint folder."""
+    return [json.loads(line) for line in Path(folder, HISTORY_FILE).read_text().splitlines()]
 
 
 def dev_loss(worker: Worker, dev: list) -> float:
@@ -320,14 +328,16 @@ def _shard_share(model: torch.nn.Module) -> float:
 
 
 def _report_metrics(record: dict) -> dict:
-    return {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != TIME_KEY}
 
 
 class MLflowCommit(ray.train.UserCallback):
     """Logs the per-step records of rank 0 to MLflow when Ray has persisted the checkpoint
     that covers them (runs on the Train controller, after *all* workers reported). Steps after
     the last committed checkpoint are re-run after a failure, and only then logged: MLflow sees
-    every step exactly once."""
+    every step exactly once. If the controller (the head node) dies after Ray persisted a
+    checkpoint, before its records reached MLflow, the restored run logs them again (with the
+    next checkpoint, and the driver after the last), with the same times: MLflow keeps one."""
 
     def __init__(self, tracker: RunTracker):
         self.tracker = tracker
@@ -337,11 +347,16 @@ class MLflowCommit(ray.train.UserCallback):
             return
         if metrics[0].get("resumed_from_step"):
             self.tracker.set_tag("ddpt.resumed_from_step", metrics[0]["resumed_from_step"])
+        self.log_history(checkpoint)
+
+    def log_history(self, checkpoint: Checkpoint) -> None:
+        """Log the records of ``checkpoint``, each with the time its step ran."""
         with checkpoint.as_directory() as folder:
-            lines = Path(folder, HISTORY_FILE).read_text().splitlines()
-        for record in map(json.loads, lines):
-            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
-                                     step=record["step"])
+            records = read_history(folder)
+        for record in records:
+            metrics = {k: v for k, v in record.items() if k not in ("step", TIME_KEY)}
+            self.tracker.log_metrics(metrics, step=record["step"],
+                                     timestamp_ms=record.get(TIME_KEY))
 
 
 # ---- on the driver -------------------------------------------------------------------------------
@@ -393,6 +408,7 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError("Ray Train run finished without a checkpoint")
+    MLflowCommit(request.tracker).log_history(result.checkpoint)  # again: see MLflowCommit
     return export(result.checkpoint, output / CHECKPOINT)
 
 
