@@ -12,13 +12,6 @@ MAX_POSITIONAL = 6
 # (file, function, parameter) allowed to break the flag rule, each with its reason.
 FLAGS_ALLOWED = {
     ("config.py", "_check", "ok"),  # an assertion's condition, not a switch
-    # pipeline/sandbox/ is being rewritten (under these rules); its flags until then:
-    ("sandbox/client.py", "job_fields", "guard"),
-    ("sandbox/client.py", "close", "kill"),
-    ("sandbox/client.py", "_execute", "guard"),
-    ("sandbox/server.py", "_run", "guard"),
-    ("sandbox/server.py", "_program", "confine"),
-    ("sandbox/server.py", "_judge", "timed_out"),
 }
 # (file, function) allowed more than MAX_POSITIONAL positional parameters: none today.
 POSITIONAL_ALLOWED: set[tuple[str, str]] = set()

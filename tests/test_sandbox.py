@@ -291,7 +291,7 @@ def start_job(program: str | Program, limits: dict, isolation: str, root: str,
     layout, bpf = sandbox_client._controls(isolation)
     batch = cgroups.make_batch(layout) if layout else ""
     running = Running(sandbox_client.Server(), sandbox_client.job_fields(
-        limits, isolation, True, root, layout=layout, batch=batch, bpf=bpf), layout, batch)
+        limits, isolation, root, guard=True, layout=layout, batch=batch, bpf=bpf), layout, batch)
     running.send(0, program, **extra)
     return running
 

@@ -57,7 +57,7 @@ def test_one_forward_scores_every_prompt_and_the_gradient_reaches_all_of_them():
     def code_loss(direction, per_example=False):
         direction.retain_grad()
         seen["direction"] = direction
-        seen["ce"] = module._code_loss(batch, direction, None, per_example)
+        seen["ce"] = module._code_loss(batch, direction, None, per_example=per_example)
         return seen["ce"]
 
     condition = lm.condition(batch)

@@ -137,7 +137,7 @@ def test_a_checkpoints_records_logged_again_are_kept_once(uri, tmp_path):
 
     from ray.train import Checkpoint
 
-    from pipeline.distributed.train import HISTORY_FILE, MLflowCommit
+    from pipeline.distributed.checkpoints import HISTORY_FILE, MLflowCommit
 
     records = [{"step": s, "code_loss": 1.0 / s, "time_ms": 1_700_000_000_000 + s}
                for s in (1, 2, 3)]

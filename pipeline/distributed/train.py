@@ -8,15 +8,8 @@ DeepSpeed's optimizer, and runs the shared step loop (:func:`pipeline.training.l
 on batches streamed from its Ray Data shard. The worker loop is four parts: build, restore,
 step, save-and-report.
 
-Checkpoints (reported with ``ray.train.report``) hold, never the LM:
-    deepspeed/               DeepSpeed's per-rank shards of the prompt model + optimizer
-                             (``exclude_frozen_parameters``)
-    prompt_model/            the gathered prompt model in the portable checkpoint format
-    train_state.json         step and data position (epoch, next batch index)
-    buffers.safetensors      the prompt model's buffers (DDPT's target x0_bar, X_ctx, ...)
-    history.jsonl            per-step records since the previous checkpoint (with their times)
-Metrics reach MLflow (rank 0's, through :class:`MLflowCommit` on the controller) only once the
-checkpoint that covers them is persisted, so a restart after a failure never logs a step twice.
+The checkpoints it reports (``ray.train.report``) and how their steps reach MLflow:
+:mod:`pipeline.distributed.checkpoints`.
 """
 from __future__ import annotations
 
@@ -41,6 +34,13 @@ from ray.train.torch import TorchTrainer
 # train_on_ray import where they run (about 3 s less for every Train run to start).
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.example import Example
+from pipeline.distributed.checkpoints import (
+    TIME_KEY,
+    MLflowCommit,
+    report_metrics,
+    restore,
+    save_and_report,
+)
 from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.session import check_fits, ensure_ray, training_resources
 from pipeline.distributed.storage import (
@@ -52,16 +52,12 @@ from pipeline.distributed.storage import (
 )
 from pipeline.paths import PROJECT_ROOT
 from pipeline.quiet import quiet_worker, verbose
-from pipeline.tracking import RunTracker
 from pipeline.training.job import CHECKPOINT, TrainRequest
 
 log = logging.getLogger(__name__)
 
 DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
                       True: "cluster/deepspeed/zero3_gpu_bf16.json"}
-HISTORY_FILE = "history.jsonl"  # in each checkpoint: the per-step records it covers
-TIME_KEY = "time_ms"  # in each record: when rank 0 ran the step (the MLflow timestamp)
-BUFFERS_FILE = "buffers.safetensors"
 RUN_NAME = "train"  # the Ray run's name (storage.py adds the output's name to a shared storage)
 
 
@@ -165,29 +161,6 @@ def build_worker(loop_config: dict[str, Any], ranks: tuple[int, int, int] | None
     return Worker(config, rank, world, lm, prompt_model, module, engine, max(shares))
 
 
-def restore(worker: Worker) -> tuple[int, int, int, list[dict]]:
-    """Load Ray Train's latest checkpoint, if any; returns (step, epoch, next batch index) to
-    continue from and the checkpoint's step records (logged again: :class:`MLflowCommit`)."""
-    from safetensors.torch import load_file
-
-    checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
-        return 0, 0, 0, []
-    with checkpoint.as_directory() as folder:
-        history = read_history(folder)
-        worker.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="ddpt",
-                                      load_module_strict=False)
-        state = json.loads(Path(folder, "train_state.json").read_text())
-        buffers = load_file(str(Path(folder, BUFFERS_FILE)))
-    own = dict(worker.prompt_model.named_buffers())
-    with torch.no_grad():
-        for name, value in buffers.items():
-            own[name].copy_(value.to(own[name].device))
-    log.info("rank %d resumed at step %d (epoch %d, batch %d)", worker.rank, state["step"],
-             state["epoch"], state["next_index"])
-    return state["step"], state["epoch"], state["next_index"], history
-
-
 def standardise_conditions(worker: Worker, shard) -> None:
     """A conditional prompt model standardises conditions with the training data's mean and
     std: every rank sums over its shard, the sums are all-reduced (no-op otherwise)."""
@@ -216,36 +189,6 @@ def step_fn(worker: Worker):
         return output.stats
 
     return step
-
-
-def save_and_report(worker: Worker, step: int, position: dict, pending: list[dict],
-                    resumed_from: int) -> None:
-    """Write the checkpoint (every rank its DeepSpeed shard; rank 0 the portable prompt model,
-    the data position, the buffers and the step records) and report it to Ray Train."""
-    import deepspeed
-    from safetensors.torch import save_file
-
-    from pipeline.training.checkpoint import save_checkpoint
-    from pipeline.training.loop import plain_record
-
-    prompt_model, records = worker.prompt_model, [plain_record(r) for r in pending]
-    with tempfile.TemporaryDirectory() as folder:
-        worker.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag="ddpt",
-                                      exclude_frozen_parameters=True)
-        with deepspeed.zero.GatheredParameters(list(prompt_model.parameters())):
-            if worker.rank == 0:
-                save_checkpoint(Path(folder, "prompt_model"), prompt_model, worker.config, step)
-        if worker.rank == 0:
-            Path(folder, "train_state.json").write_text(json.dumps({"step": step, **position}))
-            persistent = prompt_model.state_dict()
-            save_file({name: buf.detach().cpu().contiguous()
-                       for name, buf in prompt_model.named_buffers() if name in persistent},
-                      str(Path(folder, BUFFERS_FILE)))
-            # The steps since the last checkpoint; MLflowCommit logs them from here.
-            Path(folder, HISTORY_FILE).write_text(
-                "".join(json.dumps(item) + "\n" for item in records))
-        ray.train.report({**_report_metrics(records[-1]), "resumed_from_step": resumed_from},
-                         checkpoint=Checkpoint.from_directory(folder))
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -287,16 +230,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             save_and_report(worker, step, position, pending, start)
             pending.clear()
         elif step % tc.log_every == 0:
-            ray.train.report({**_report_metrics(plain_record(record)),
+            ray.train.report({**report_metrics(plain_record(record)),
                               "resumed_from_step": start})
 
     run_steps(step_fn(worker), batches(), start, tc.steps, tc.seed, rank=worker.rank,
               on_step=on_step, progress=False, device=worker.lm.device)
-
-
-def read_history(folder: str | Path) -> list[dict]:
-    """The per-step records of a checkpoint folder."""
-    return [json.loads(line) for line in Path(folder, HISTORY_FILE).read_text().splitlines()]
 
 
 def dev_loss(worker: Worker, dev: list) -> float:
@@ -325,38 +263,6 @@ def _shard_share(model: torch.nn.Module) -> float:
     if not all(hasattr(p, "ds_numel") for p in params):
         return 1.0
     return sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
-
-
-def _report_metrics(record: dict) -> dict:
-    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != TIME_KEY}
-
-
-class MLflowCommit(ray.train.UserCallback):
-    """Logs the per-step records of rank 0 to MLflow when Ray has persisted the checkpoint
-    that covers them (runs on the Train controller, after *all* workers reported). Steps after
-    the last committed checkpoint are re-run after a failure, and only then logged: MLflow sees
-    every step exactly once. If the controller (the head node) dies after Ray persisted a
-    checkpoint, before its records reached MLflow, the restored run logs them again (with the
-    next checkpoint, and the driver after the last), with the same times: MLflow keeps one."""
-
-    def __init__(self, tracker: RunTracker):
-        self.tracker = tracker
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if checkpoint is None or not metrics:
-            return
-        if metrics[0].get("resumed_from_step"):
-            self.tracker.set_tag("ddpt.resumed_from_step", metrics[0]["resumed_from_step"])
-        self.log_history(checkpoint)
-
-    def log_history(self, checkpoint: Checkpoint) -> None:
-        """Log the records of ``checkpoint``, each with the time its step ran."""
-        with checkpoint.as_directory() as folder:
-            records = read_history(folder)
-        for record in records:
-            metrics = {k: v for k, v in record.items() if k not in ("step", TIME_KEY)}
-            self.tracker.log_metrics(metrics, step=record["step"],
-                                     timestamp_ms=record.get(TIME_KEY))
 
 
 # ---- on the driver -------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ trials from starving each other.
 
 MLflow: one parent run for the sweep, one child run per trial (``mlflow.parentRunId``) with the
 trial's configuration as params and its per-step metrics, ``dev_loss`` included (logged exactly
-once, by :class:`~pipeline.distributed.train.MLflowCommit`). Only the driver ends child runs, as
-Tune saw each trial end (:class:`TrialRuns`, :func:`end_trial_run`).
+once, by :class:`~pipeline.distributed.checkpoints.MLflowCommit`). Only the driver ends child
+runs, as Tune saw each trial end (:class:`TrialRuns`, :func:`end_trial_run`).
 
 The output folder::
 

@@ -198,7 +198,7 @@ class GaussianPromptPolicy(nn.Module):
         trained parameter (a scalar, as log s); otherwise a fixed buffer.
     """
 
-    def __init__(self, model: DiffusionPrompt, init_std: float = 0.1, learn_std: bool = True,
+    def __init__(self, model: DiffusionPrompt, init_std: float = 0.1, *, learn_std: bool = True,
                  guidance: float = 1.0):
         super().__init__()
         if init_std <= 0:

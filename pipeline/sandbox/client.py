@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING
 import pipeline.sandbox.cases as cases
 import pipeline.sandbox.cgroups as cgroups
 import pipeline.sandbox.seccomp as seccomp
+from pipeline.config import ISOLATIONS as MODES
 from pipeline.sandbox.server import deadline_s
 from pipeline.sandbox.supervisor import ROOT_REFUSED
 from pipeline.sandbox.worker import ENV, MAX_MESSAGE
-
-from pipeline.config import ISOLATIONS as MODES
 
 if TYPE_CHECKING:
     from pipeline.config import ExecutionConfig
@@ -151,7 +150,7 @@ def _controls(mode: str) -> tuple[dict | None, str]:
     return layout, bpf
 
 
-def job_fields(limits: dict, mode: str, guard: bool, root: str, *, layout: dict | None = None,
+def job_fields(limits: dict, mode: str, root: str, *, guard: bool, layout: dict | None = None,
                batch: str = "", bpf: str = "") -> dict:
     """What every job line of a batch carries besides its ``id`` and program."""
     return {"mode": mode, "guard": guard, "site": _site_dirs(), "root": root, "cgroups": layout,
@@ -207,7 +206,7 @@ class Server:
         line, _, self.buffer = self.buffer.partition(b"\n")
         return json.loads(line)
 
-    def close(self, kill: bool = False) -> None:
+    def close(self, *, kill: bool = False) -> None:
         if kill:
             _kill_group(self.proc.pid)
         try:
@@ -239,8 +238,8 @@ def _result(answer: dict) -> ExecResult:
 OnResult = Callable[[ExecResult], object] | None
 
 
-def _execute(programs: Sequence[str | Program], limits: dict, mode: str, guard: bool,
-             workers: int, on_result: OnResult = None) -> list[ExecResult]:
+def _execute(programs: Sequence[str | Program], limits: dict, mode: str, workers: int, *,
+             guard: bool, on_result: OnResult = None) -> list[ExecResult]:
     """Run ``programs`` through a server, ``workers`` at a time; results in input order.
 
     A supervisor that stalls is killed alone by the server (its program gets an error); if the
@@ -254,7 +253,7 @@ def _execute(programs: Sequence[str | Program], limits: dict, mode: str, guard: 
     root = tempfile.mkdtemp(prefix="ddpt-sandbox-")
     os.chmod(root, 0o711)
     batch = cgroups.make_batch(layout) if layout else ""
-    common = job_fields(limits, mode, guard, root, layout=layout, batch=batch, bpf=bpf)
+    common = job_fields(limits, mode, root, guard=guard, layout=layout, batch=batch, bpf=bpf)
     results: list[ExecResult | None] = [None] * len(programs)
     pending = deque(range(len(programs)))
     try:
@@ -306,7 +305,7 @@ def probe(mode: str) -> ExecResult:
     """Run a trivial program with isolation ``mode`` once per process (cached)."""
     limits = {"timeout_s": 20.0, "cpu_s": 10, "memory_mb": 1024, "max_file_mb": 16,
               "max_processes": 16}
-    return _execute([_PROBE], limits, mode, True, 1)[0]
+    return _execute([_PROBE], limits, mode, 1, guard=True)[0]
 
 
 def _missing_for_bwrap() -> str:
@@ -354,7 +353,7 @@ def run_program(program: str | Program, config: ExecutionConfig, *, isolation: s
     guard (only to test the OS layer on its own).
     """
     mode = resolve_isolation(isolation or config.isolation)
-    return _execute([program], _limits(config), mode, guard, 1)[0]
+    return _execute([program], _limits(config), mode, 1, guard=guard)[0]
 
 
 def run_programs(programs: Sequence[str | Program], config: ExecutionConfig, *,
@@ -370,7 +369,7 @@ def run_programs(programs: Sequence[str | Program], config: ExecutionConfig, *,
 
         bar = tqdm(total=len(programs), desc="execute", unit="program")
     try:
-        return _execute(programs, _limits(config), mode, guard, workers,
+        return _execute(programs, _limits(config), mode, workers, guard=guard,
                         on_result=bar and (lambda _: bar.update(1)))
     finally:
         if bar is not None:

@@ -197,7 +197,7 @@ class Supervisor:
         self._drain(out_r, report_r)
         for fd in (out_r, report_r):
             os.close(fd)
-        return self._judge(timed_out)
+        return self._judge(timed_out=timed_out)
 
     def _wait(self, out_r: int, report_r: int, began: float) -> bool:
         """Collect output and the report until the judge is done; True on the wall-clock limit."""
@@ -297,7 +297,7 @@ class Supervisor:
             except OSError:
                 pass
 
-    def _judge(self, timed_out: bool) -> tuple[str, str]:
+    def _judge(self, *, timed_out: bool) -> tuple[str, str]:
         """The verdict: passed when the judge passed every case and finished."""
         total = self.total
         if self.done and total > 0 and all(self.cases.get(i, ("",))[0] == "passed"

@@ -171,13 +171,13 @@ class PromptLoss(nn.Module):
         """(the loss to back-propagate, the objective's whole output)."""
         extra = {"condition": self._lm.condition(batch)} if is_conditional(self.prompt) else {}
         output = self.objective.loss(
-            self.prompt, lambda d, per_example=False: self._code_loss(batch, d, generator,
-                                                                      per_example),
+            self.prompt, lambda d, per_example=False: self._code_loss(
+                batch, d, generator, per_example=per_example),
             batch.input_ids.shape[0], generator, **extra)
         return output.loss, output
 
     def _code_loss(self, batch: Batch, direction: torch.Tensor,
-                   generator: torch.Generator | None, per_example: bool = False
+                   generator: torch.Generator | None, *, per_example: bool = False
                    ) -> torch.Tensor:
         # m prompts per example (direction (m * B, n, d)): the batch tiled m times, one forward.
         rows = batch.input_ids.shape[0]
