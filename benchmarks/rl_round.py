@@ -86,6 +86,9 @@ def main() -> None:
     if not args.no_ray:
         import ray
 
+        from pipeline.distributed.session import use_local_ray_env
+
+        use_local_ray_env()  # the variables a local Ray of the pipeline starts with
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     torch.set_num_threads(os.cpu_count() or 1)
     lm = build_lm(config)
