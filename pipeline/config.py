@@ -697,8 +697,8 @@ def _on_top(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]]
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The main job: the dataclass defaults, nothing changed.
     "main": {},
-    # The paper's set-up on CoNaLa (the main job before issue 12; docs/results.md). The
-    # experiment specs start from it and set every choice they compare.
+    # The paper's set-up on CoNaLa (measured: docs/results.md). The experiment specs start
+    # from it and set every choice they compare.
     "paper": PAPER,
     # The paper's set-up on a tiny random model with a handful of steps: the whole path, ~30 s
     # of CPU time (Ray and DeepSpeed start-up add the rest; docs/results.md).

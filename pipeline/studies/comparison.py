@@ -1,14 +1,7 @@
 """The comparison harness: every method on the same examples, scored the same way, side by side
-in MLflow.
-
-MLflow layout, one experiment per data set and model (``tracking.experiment_name``)::
-
-    compare                      parent run (tag ddpt.role=comparison): config, metrics.json,
-    |                            samples.jsonl, the table
-    |-- train-ddpt               (ddpt.role=train, ``ddpt run`` only) training curves, checkpoint
-    |-- train-prompt_tuning      (ddpt.role=train)
-    |-- manual, ddpt, ...        (ddpt.role=method) one child per method, all with the same metric
-                                 names, so MLflow's compare view lines them up
+in MLflow: a parent run (tag ``ddpt.role=comparison``) with a child run per method
+(``ddpt.role=method``) and, for ``ddpt run``, per training job (``ddpt.role=train``), all with
+the same metric names. The run tree and how to read it in MLflow's UI: docs/sampling.md.
 
 ``ddpt compare`` reads the table back from MLflow (:func:`comparison_table`).
 """
