@@ -12,8 +12,10 @@ import sys
 
 from pipeline.config import PRESETS, ConfigError
 from pipeline.data.loaders import DataError
+from pipeline.paths import OutputFolderError, writable_folder
 from pipeline.quiet import VERBOSE_ENV, quiet_process
 from pipeline.tracking import TrackingError
+from pipeline.training.checkpoint import CheckpointError
 from pipeline.training.prompt_models import PROMPT_MODELS
 
 
@@ -33,9 +35,18 @@ def _override_args(parser: argparse.ArgumentParser, set_help: str) -> None:
     parser.add_argument("--data-dir", help="data folder (default $DDPT_DATA_DIR, ../shared/data)")
 
 
+def output_folder(text: str) -> str:
+    """``--output``'s check, before anything runs: a folder this process can write."""
+    try:
+        writable_folder(text)
+    except OutputFolderError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _output_args(parser: argparse.ArgumentParser, output: str, resume: str,
                  progress: str = "no progress bars") -> None:
-    parser.add_argument("--output", default=output, help="output folder")
+    parser.add_argument("--output", default=output, type=output_folder, help="output folder")
     parser.add_argument("--resume", action="store_true", help=resume)
     parser.add_argument("--no-progress", action="store_true", help=progress)
 
@@ -170,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's import chatter
     try:
         importlib.import_module(f"pipeline.commands.{args.command_module}").main(args)
-    except (ConfigError, DataError, TrackingError, FileNotFoundError) as err:
+    except (ConfigError, DataError, TrackingError, OutputFolderError, CheckpointError,
+            FileNotFoundError) as err:
         print(f"ddpt {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -136,6 +136,24 @@ def test_a_folder_without_metrics_is_refused_by_name(tmp_path, capsys):
     assert f"{tmp_path / 'metrics.json'} is missing" in capsys.readouterr().err
 
 
+def test_lone_surrogates_are_shown_escaped_and_the_page_is_kept(tmp_path, capsys):
+    """chr(0xDCFF) in a generation, a sandbox message, a reference or an instruction (as
+    samples.jsonl reads them back): the page is written, valid UTF-8, each shown as \\udcff."""
+    odd = chr(0xDCFF)
+    RunConfig().with_overrides(["data.extra_eval=[]"]).save(tmp_path / "config.yaml")
+    (tmp_path / "metrics.json").write_text(json.dumps({"manual": {"pass_at_1": 0.0}}))
+    ResultStore(tmp_path / "samples.jsonl").append([{
+        "id": "t0", "method": "manual", "instruction": f"say {odd}", "input": "",
+        "generation": f"print('{odd}')", "reference": f"x = '{odd}'", "status": "error",
+        "exec_message": f"ValueError: {odd}"}])
+    assert main(["report", "--output", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_bytes().decode("utf-8")
+    for shown in ("say \\udcff", "print(&#x27;\\udcff&#x27;)", "x = &#x27;\\udcff&#x27;",
+                  "ValueError: \\udcff"):
+        assert shown in page, shown
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A whole `ddpt run` in this process: tiny model, local training and sampling, MBPP with

@@ -43,7 +43,7 @@ from pipeline.studies.comparison import (
     run_comparison,
     with_tracking_uri,
 )
-from pipeline.training.job import run_training
+from pipeline.training.job import resumable_state, run_training
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ def run_main(config: RunConfig, output_dir: str | Path, *, backends: Backends = 
     methods = tuple(config.eval.methods if methods is None else methods)
     check_methods(methods, "eval.methods")
     check_fresh_output(output, (COMPARISON_FILE,), resume=resume)
+    for name in prompt_models_needed(methods) if resume else ():
+        resumable_state(output / name)  # a damaged checkpoint fails before the model loads
     training, evaluation = train_examples(config.data), eval_examples(config.data)
     extra = extra_examples(config)
     check_before_work(config)  # data, metric and WordNet problems surface before any work

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import DataConfig
+from pipeline.paths import OutputFolderError, writable_folder
 from pipeline.scoring.results import ResultStore
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,17 @@ def require(folder: Path, names: tuple[str, ...], what: str) -> None:
 
 
 def write_report(folder: str | Path, path: str | Path | None = None, examples: int = 4) -> Path:
-    """Write the page for ``folder`` to ``path`` (default ``<folder>/report.html``)."""
+    """Write the page for ``folder`` to ``path`` (default ``<folder>/report.html``); where it
+    goes is checked before anything is read."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such output folder")
-    page = build_report(folder, examples)
+        raise FileNotFoundError(f"{folder}: " + ("a file, not an output folder" if folder.exists()
+                                                 else "no such output folder"))
     path = Path(path) if path else folder / REPORT
+    if path.is_dir():
+        raise OutputFolderError(f"{path} is a folder: --report names the page's file")
+    writable_folder(path.parent)
+    page = build_report(folder, examples)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
@@ -99,7 +105,9 @@ def build_report(folder: Path, examples: int = 4) -> str:
 
 
 def _e(text: object) -> str:
-    return html.escape(str(text))
+    """HTML-escaped text; a character UTF-8 cannot hold (a lone surrogate from a program's
+    message or a data file) is shown as its escape (``\\udcff``), as samples.jsonl stores it."""
+    return html.escape(str(text).encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _config(folder: Path) -> dict:
