@@ -164,7 +164,7 @@ def test_reference_sync_mixes_toward_the_policy_every_n_steps():
     prompts = torch.randint(2, 15, (1, 3), generator=torch.Generator().manual_seed(0))
     data = rollout_round(prompts, lambda p: torch.randint(2, 15, (2, 4)),
                          lambda c: torch.tensor([0.0, 1.0]), END, settings)
-    optimizer, scheduler = reference_optimizer(policy.parameters(),
+    optimizer, scheduler = reference_optimizer(policy,
                                                CoupledGRPOSettings(lr=1e-2), 10)
     _, step = update(policy, reference, optimizer, data, MASK, settings, scheduler=scheduler,
                      step=1)
