@@ -115,7 +115,7 @@ def learner_worker(loop: dict) -> None:
     )
 
     torch.set_num_threads(1)
-    out, config = Path(loop["out"]), learner_config()
+    out, config = Path(loop["out"]), learner_config(*loop["extra"])
     learner = build_learner(config, ROWS, STEPS)
     rounds = fixed_rounds(learner.settings, learner.mask_id, learner.end_id)
     first = learner_update(learner, rounds[0])
@@ -163,8 +163,14 @@ def test_two_zero3_workers_give_the_single_process_update_and_resume_exactly(tmp
     from pipeline.distributed.session import ensure_ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    # ZeRO-3 as on a GPU: small parameters (biases, norms) persistent, kept whole on each rank
+    ds = json.loads((REPO / "cluster/deepspeed/zero3_cpu.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 100
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    extra = [f"distributed.deepspeed_config={tmp_path / 'zero3.json'}"]
     ensure_ray()
-    trainer = TorchTrainer(learner_worker, train_loop_config={"out": str(tmp_path)},
+    trainer = TorchTrainer(learner_worker, train_loop_config={"out": str(tmp_path),
+                                                              "extra": extra},
                            scaling_config=ScalingConfig(num_workers=2,
                                                         resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(storage_path=str(tmp_path / "ray")))
@@ -172,7 +178,7 @@ def test_two_zero3_workers_give_the_single_process_update_and_resume_exactly(tmp
     assert result.error is None, result.error
     saved = json.loads((tmp_path / "records.json").read_text())
 
-    policy, reference, expected = single_process(learner_config())
+    policy, reference, expected = single_process(learner_config(*extra))
     for ours, theirs in zip(saved["rounds"], expected, strict=True):
         assert [(r["iteration"], r["micro_batch"], r["mask_seed"]) for r in ours] == \
             [(r["iteration"], r["micro_batch"], r["mask_seed"]) for r in theirs]

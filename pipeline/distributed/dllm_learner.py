@@ -180,9 +180,13 @@ def build_learner(config: RunConfig, rows_per_round: int, total_steps: int,
     engine, _, _, _ = deepspeed.initialize(
         model=policy, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda basic: reference_scheduler(basic, settings, total_steps))
-    reference, _ = partitioned_dream(config, ds_config, rank)
+    # The reference keeps nothing whole, so that its partitions are all there is to sync.
+    zero = {**ds_config["zero_optimization"], "stage3_param_persistence_threshold": 0,
+            "stage3_model_persistence_threshold": 0}
+    reference_config = {**ds_config, "zero_optimization": zero}
+    reference, _ = partitioned_dream(config, reference_config, rank)
     reference.requires_grad_(False)
-    reference_engine, _, _, _ = deepspeed.initialize(model=reference, config=ds_config)
+    reference_engine, _, _, _ = deepspeed.initialize(model=reference, config=reference_config)
     reference_engine.eval()
     end_id = tokenizer.convert_tokens_to_ids(settings.end_of_turn)
     if end_id is None or end_id == tokenizer.unk_token_id:
@@ -195,19 +199,17 @@ def build_learner(config: RunConfig, rows_per_round: int, total_steps: int,
 @torch.no_grad()
 def sync_partitions(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
     """TR-DPO's ``ref <- (1 - alpha) ref + alpha policy`` on this rank's ZeRO-3 partitions
-    (``ds_tensor``), parameter by name, and on the full copies of persistent parameters (kept
-    whole on every rank). Both modules must be partitioned alike (the same model, world and
-    ZeRO settings)."""
+    (``ds_tensor``), parameter by name. Both modules are partitioned alike (the same model, world
+    and ZeRO stage); the reference keeps no parameter whole (persistent), so the next forward
+    gathers what was mixed. A persistent parameter of the policy keeps its partition current
+    too (the optimizer writes the partition, then gathers it)."""
     policy_params = dict(policy.named_parameters())
     for name, ref_param in reference.named_parameters():
         param = policy_params[name]
-        if ref_param.ds_tensor.shape != param.ds_tensor.shape or \
-                ref_param.ds_persist != param.ds_persist:
-            raise RuntimeError(f"{name}: the reference and the policy are partitioned apart")
+        if ref_param.ds_tensor.shape != param.ds_tensor.shape or ref_param.ds_persist:
+            raise RuntimeError(f"{name}: the reference is not partitioned as the policy")
         ref_param.ds_tensor.mul_(1 - alpha).add_(param.ds_tensor.to(ref_param.dtype),
                                                  alpha=alpha)
-        if ref_param.ds_persist:
-            ref_param.data.mul_(1 - alpha).add_(param.data.to(ref_param.dtype), alpha=alpha)
 
 
 @dataclass
@@ -276,11 +278,8 @@ def save_learner(learner: Learner, folder: str | Path) -> Path:
     learner.policy.save_checkpoint(str(folder / "deepspeed"), tag=TAG,
                                    client_state={"step": learner.step, "rounds": learner.rounds})
     (folder / REFERENCE_DIR).mkdir(parents=True, exist_ok=True)
-    partitions = {}
-    for name, param in learner.reference.module.named_parameters():
-        partitions[name] = param.ds_tensor.detach().cpu().contiguous()
-        if param.ds_persist:
-            partitions[f"{name}:full"] = param.data.detach().cpu().contiguous()
+    partitions = {name: param.ds_tensor.detach().cpu().contiguous()
+                  for name, param in learner.reference.module.named_parameters()}
     save_file(partitions, str(folder / REFERENCE_DIR / f"rank{learner.rank}.safetensors"),
               metadata={"world": str(learner.world)})
     if learner.rank == 0:
@@ -305,8 +304,6 @@ def restore_learner(learner: Learner, folder: str | Path) -> None:
     with safe_open(str(path), framework="pt") as saved, torch.no_grad():
         for name, param in learner.reference.module.named_parameters():
             param.ds_tensor.copy_(saved.get_tensor(name))
-            if param.ds_persist:
-                param.data.copy_(saved.get_tensor(f"{name}:full"))
 
 
 def gathered_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
