@@ -1,4 +1,4 @@
-"""Coupled-GRPO's reward (the reference's definition, through the sandbox) and its rollout prompts."""
+"""Coupled-GRPO's reward (the reference's, through the sandbox) and its rollout prompts."""
 from __future__ import annotations
 
 import pytest
