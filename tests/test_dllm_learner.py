@@ -154,7 +154,8 @@ def single_process(config):
 
 @pytest.mark.slow
 def test_two_zero3_workers_give_the_single_process_update_and_resume_exactly(tmp_path):
-    """About 60 s: one Ray start, two Train workers (gloo), four learner builds."""
+    """About 70 s on 2 idle cores (135 s under a load of 20): one Ray start, two Train
+    workers (gloo), four learner builds, one `ddpt evaluate`."""
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -201,9 +202,11 @@ def test_two_zero3_workers_give_the_single_process_update_and_resume_exactly(tmp
     for name, value in final.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
 
-    # the exported policy is a Dream folder `ddpt evaluate` runs
+    # the checkpoint holds the policy as a Dream folder, which `ddpt evaluate` runs
+    assert not torch.equal(load_dream(tmp_path / "checkpoint" / "dream").lm_head.weight,
+                           final.lm_head.weight)  # round 1's policy, not round 2's
     out = tmp_path / "evaluate"
-    settings = [f"model.name={tmp_path / 'policy'}", "decoding.strategy=diffusion",
+    settings = [f"model.name={tmp_path / 'checkpoint' / 'dream'}", "decoding.strategy=diffusion",
                 "eval.max_new_tokens=8", "pool.backend=local"]
     assert main(["evaluate", "--data", "humaneval", "--limit", "1", "--method", "manual",
                  "--output", str(out), "--no-progress",

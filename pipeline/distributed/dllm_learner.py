@@ -45,6 +45,7 @@ DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
 TAG = "coupled_grpo"  # the DeepSpeed checkpoint's tag
 STATE_FILE = "learner_state.json"
 REFERENCE_DIR = "reference"
+DREAM_DIR = "dream"  # in a checkpoint: the policy as a Dream folder
 
 
 @dataclass
@@ -268,10 +269,11 @@ def learner_update(learner: Learner, data: CoupledRollout) -> list[dict]:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def save_learner(learner: Learner, folder: str | Path) -> Path:
+def save_learner(learner: Learner, folder: str | Path, *, dream: bool = True) -> Path:
     """Everything a resume needs, every rank its part (all ranks call it): the policy engine's
     DeepSpeed checkpoint (partitions, AdamW states, scheduler, the step count), each rank's
-    reference partitions, and the steps and rounds done. Resuming needs the same workers."""
+    reference partitions, and the steps and rounds done; with ``dream``, the policy as a Dream
+    folder in ``<folder>/dream`` (:func:`export_dream`). Resuming needs the same workers."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -285,6 +287,8 @@ def save_learner(learner: Learner, folder: str | Path) -> Path:
     if learner.rank == 0:
         state = {"step": learner.step, "rounds": learner.rounds, "world": learner.world}
         (folder / STATE_FILE).write_text(json.dumps(state))
+    if dream:
+        export_dream(learner, folder / DREAM_DIR)
     torch.distributed.barrier()
     return folder
 
