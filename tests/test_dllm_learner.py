@@ -154,8 +154,8 @@ def single_process(config):
 
 @pytest.mark.slow
 def test_two_zero3_workers_give_the_single_process_update_and_resume_exactly(tmp_path):
-    """About 70 s on 2 idle cores (135 s under a load of 20): one Ray start, two Train
-    workers (gloo), four learner builds, one `ddpt evaluate`."""
+    """69 to 135 s measured on the shared 2 cores: one Ray start, two Train workers (gloo),
+    four learner builds, one `ddpt evaluate`."""
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
