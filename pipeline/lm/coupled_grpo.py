@@ -52,7 +52,8 @@ class CoupledGRPOSettings:
     same names and defaults). The ones this module reads:
 
     group_size (num_generations 10), iterations (mu, num_iterations 2), micro_batches
-    (gradient_accumulation_steps 2: a round's rows in that many slices, one backward each),
+    (gradient_accumulation_steps 2: a round's rows in that many slices, one backward each; per
+    worker under the ZeRO-3 learner, which splits a round into workers x micro_batches),
     beta 0.01, eps_low = eps_high = 0.5, t_range (0.2, 0.8), random_masking (new mask seeds
     every round; False: 42 for every iteration), reference_mask_schedule (the reference's seed
     index quirk; False: iteration j uses seed j), scale_by_std False, skip_uninformative False
