@@ -106,7 +106,7 @@ def test_the_script_lists_every_subcommand_with_its_help():
     out = " ".join(ddpt("--help").stdout.split())
     helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
     assert set(helps) == {"run", "train", "sample", "compare", "sweep", "evaluate", "experiment",
-                          "report", "config", "prepare"}
+                          "report", "tables", "config", "prepare"}
     for name, text in helps.items():
         assert f"{name} {' '.join(text.split())}" in out, name
     assert "--output" in ddpt("train", "--help").stdout

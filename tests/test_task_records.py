@@ -90,7 +90,8 @@ def test_bad_tables_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"header\.csv\.gz:1: header"):
         read_table(bad_header)
     bad_cell = tmp_path / "cell.csv.gz"
-    text = ",".join(COLUMNS) + "\nddpt,0,t1,passed,0.5,greedy,,\nddpt,one,t2,passed,0.5,g,,\n"
+    text = (",".join(COLUMNS) + "\nddpt,0,t1,passed,0.5,greedy,3,3,,\n"
+            "ddpt,one,t2,passed,0.5,g,,,,\n")
     bad_cell.write_bytes(gzip.compress(text.encode()))
     with pytest.raises(ValueError, match=r"cell\.csv\.gz:3: column 'seed': 'one'"):
         read_table(bad_cell)
