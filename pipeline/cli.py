@@ -142,8 +142,8 @@ def _add_report(sub) -> None:
 
 
 def _add_tables(sub) -> None:
-    tables = sub.add_parser("tables", help="rewrite a results page's marked tables from the "
-                            "per-task records they rest on (docs/results/README.md)")
+    tables = sub.add_parser("tables", help="rewrite the marked tables of a results page from "
+                            "the records of each task (docs/results/README.md)")
     tables.add_argument("--results", default="docs/results",
                         help="folder of <name>.csv.gz per-task tables (and <name>.json)")
     tables.add_argument("--page", default="docs/results.md",

@@ -23,6 +23,7 @@ from pipeline.studies.experiment import aggregate
 from pipeline.studies.experiment_paired import (
     RECORDS,
     markdown_paired,
+    partner,
     read_paired,
     write_paired,
 )
@@ -82,7 +83,9 @@ def test_evaluate_pairs_its_methods_from_the_per_task_table(tmp_path, capsys):
     expected = as_metrics(figure)
     assert {k: v for k, v in metrics["canonical"].items() if is_paired_metric(k)} == \
         pytest.approx(expected, nan_ok=True)
-    assert not any(is_paired_metric(k) for k in metrics["manual"])  # the reference
+    itself = {k: v for k, v in metrics["manual"].items() if is_paired_metric(k)}  # reference
+    assert set(itself) == set(expected) and itself["pass_at_1_diff"] == 0
+    assert itself["pass_at_1_diff_low"] == itself["pass_at_1_diff_high"] == 0
     run = json.loads((out / "evaluate_run.json").read_text())
     client = MlflowClient(tracking_uri=run["uri"])
     logged = client.get_run(run["run_id"]).data.metrics
@@ -136,3 +139,11 @@ def test_an_experiment_pools_each_arm_over_seeds_beside_each_seed(tmp_path):
     assert f"| pt/prompt_tuning | baseline/manual | pass_at_1 | {pooled['pass_at_1'].format()} | " \
         f"{pt.seeds[0]['pass_at_1'].format()} | {pt.seeds[1]['pass_at_1'].format()} |" in table
     assert "| odd/ddpt_ddim | baseline/manual | - | task records:" in table
+
+
+def test_an_arm_is_paired_with_its_own_run_of_the_reference_where_it_has_one():
+    labels = ["baseline/manual", "a/ddpt", "a/ddpt_ddim", "b/ddpt", "b/ddpt_ddim"]
+    assert [partner(label, labels, "ddpt") for label in labels] == [
+        "a/ddpt", None, "a/ddpt", None, "b/ddpt"]  # no baseline run of ddpt: none for a, b
+    assert [partner(label, labels, "manual") for label in labels] == [
+        None, *["baseline/manual"] * 4]

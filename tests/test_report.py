@@ -214,6 +214,7 @@ def test_a_run_pairs_every_method_with_the_reference(finished_run, capsys):
         figures = compare_to_reference(rows, "manual")
         metrics = json.loads((folder / "metrics.json").read_text())
         assert set(figures) == set(metrics) - {"manual"}
+        assert metrics["manual"]["code_ce_diff"] == 0  # the reference against itself
         saved = json.loads((folder / "mlflow_comparison.json").read_text())
         logged = {run.data.tags["ddpt.method"]: run.data.metrics
                   for run in child_runs(saved["uri"], saved["run_id"])

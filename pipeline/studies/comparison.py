@@ -35,9 +35,8 @@ from pipeline.scoring.task_records import read_table
 from pipeline.studies.charts import CHARTS, comparison_charts
 from pipeline.studies.interpret import TsneMap
 from pipeline.studies.paired import (
-    figures_as_metrics,
+    comparison_metrics,
     method_chains,
-    paired_figures,
     without_paired,
     write_comparison_table,
 )
@@ -397,8 +396,7 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     params = {method: method_params(config, method, checkpoints) for method in methods}
     table = write_comparison_table(store, output, (e.id for e in examples),
                                    seed=config.train.seed, chains=method_chains(params))
-    figures = paired_figures(read_table(table), reference, order=methods)
-    for method, values in figures_as_metrics(figures).items():
+    for method, values in comparison_metrics(read_table(table), reference, methods).items():
         metrics[method].update(values)
     save_json(output / "metrics.json", metrics)
     pictures = comparison_charts(output / CHARTS, metrics, training_run_files(checkpoints),

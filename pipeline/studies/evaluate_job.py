@@ -46,8 +46,7 @@ from pipeline.studies.comparison import (
 )
 from pipeline.studies.paired import (
     check_reference,
-    figures_as_metrics,
-    paired_figures,
+    comparison_metrics,
     write_comparison_table,
 )
 from pipeline.tracking import RunTracker, check_tracking_uri, open_run, resolve_tracking_uri
@@ -127,8 +126,8 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
                                               progress=progress)
         table = write_comparison_table(store, output, (e.id for e in examples),
                                        seed=config.train.seed, chains=chains(config, methods))
-        for method, values in figures_as_metrics(
-                paired_figures(read_table(table), reference, order=methods)).items():
+        for method, values in comparison_metrics(read_table(table), reference,
+                                                 methods).items():
             metrics[method].update(values)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         chart = output / CHARTS / METRICS_PNG

@@ -85,16 +85,29 @@ def combined_tables(results: list[dict], output: Path) -> dict[str, list[TaskRec
 
 
 def reference_label(labels: list[str], reference: str) -> str | None:
-    """The label of the reference among ``labels`` of one data set: the baseline's run of it,
-    else the first arm's."""
+    """The main run of the reference among ``labels`` of one data set: the baseline's run of
+    it, else the first arm's."""
     candidates = [label for label in labels if label.rsplit("/", 1)[-1] == reference]
     baseline = [label for label in candidates if label.rsplit("/", 2)[-2] == BASELINE]
     return (baseline or candidates or [None])[0]
 
 
+def partner(label: str, labels: list[str], reference: str) -> str | None:
+    """The run of the reference that ``label`` is paired with: its own arm's (the same model and
+    seeds), else the baseline's, else the first arm's. A run of the reference itself is paired
+    with the baseline's only (None without one)."""
+    own = f"{label.rsplit('/', 1)[0]}/{reference}"
+    if label.rsplit("/", 1)[-1] != reference and own in labels:
+        return own
+    if label.rsplit("/", 1)[-1] == reference:
+        chosen = reference_label(labels, reference)
+        return chosen if chosen != label and chosen.rsplit("/", 2)[-2] == BASELINE else None
+    return reference_label(labels, reference)
+
+
 def paired_rows(eval_set: str, rows: list[TaskRecord], reference: str) -> list[PairedRow]:
-    """Each method of one evaluation set's combined table against the reference of its data
-    set, pooled and per seed."""
+    """Each method of one evaluation set's combined table against its run of the reference
+    (:func:`partner`, within its data set), pooled and per seed."""
     labels = list(dict.fromkeys(row.method for row in rows))
     groups: dict[str, list[str]] = {}
     for label in labels:
@@ -102,11 +115,13 @@ def paired_rows(eval_set: str, rows: list[TaskRecord], reference: str) -> list[P
             label)
     out = []
     for group in groups.values():
-        chosen = reference_label(group, reference)
-        if chosen is None:
+        if reference_label(group, reference) is None:
             log.warning("experiment: %s has no run of the reference %r", eval_set, reference)
             continue
-        for label in (m for m in group if m != chosen):
+        for label in group:
+            chosen = partner(label, group, reference)
+            if chosen is None:
+                continue
             pair = [row for row in rows if row.method in (label, chosen)]
             found = PairedRow(eval_set, label, chosen)
             try:
@@ -136,8 +151,8 @@ def write_paired(output: Path, results: list[dict], rows: list[Row], reference: 
     for eval_set, table in combined_tables(results, output).items():
         write_table(output / RECORDS / f"{eval_set}.csv.gz", table)
         figures = paired_rows(eval_set, table, reference)
-        chosen = {row.reference for row in figures}
-        sidecar = {"reference": sorted(chosen)[0] if len(chosen) == 1 else reference,
+        labels = list(dict.fromkeys(row.method for row in table))
+        sidecar = {"reference": reference_label(labels, reference) or reference,
                    "facts": training_facts(rows, eval_set)}
         (output / RECORDS / f"{eval_set}.json").write_text(
             json.dumps(sidecar, indent=1, sort_keys=True) + "\n")

@@ -15,12 +15,19 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.scoring.results import ResultStore
-from pipeline.scoring.stats import PairedDifference, as_metrics, metric_names
+from pipeline.scoring.stats import (
+    PairedDifference,
+    as_metrics,
+    mean_difference,
+    metric_names,
+    pass_rate_difference,
+)
 from pipeline.scoring.task_records import (
     FILENAME,
     TaskRecord,
     chain_label,
     compare_to_reference,
+    paired_values,
     read_table,
     task_records,
     write_table,
@@ -82,6 +89,33 @@ def paired_figures(rows: Iterable[TaskRecord], reference: str | None, *,
     rank = {method: i for i, method in enumerate(order)}
     return dict(sorted(figures.items(), key=lambda item: (rank.get(item[0], len(rank)),
                                                           item[0])))
+
+
+def reference_figures(rows: Iterable[TaskRecord], reference: str, figures: Figures
+                      ) -> dict[str, PairedDifference]:
+    """The reference against itself in each metric the others were compared in: difference 0,
+    interval [0, 0], p 1, and the smallest difference its tasks detect (the comparison's
+    planning figure), so that every method's run has the same metric names."""
+    rows = list(rows)
+    metrics = {metric for by_metric in figures.values() for metric in by_metric}
+    out = {}
+    for metric, column in (("pass_at_1", "pass_fraction"), ("code_ce", "code_ce")):
+        if metric in metrics:
+            _, values, _ = paired_values(rows, reference, reference, column)
+            compare = pass_rate_difference if metric == "pass_at_1" else mean_difference
+            out[metric] = compare(values, values)
+    return out
+
+
+def comparison_metrics(rows: Iterable[TaskRecord], reference: str | None,
+                       order: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """Every method's paired figures as metrics (the reference's against itself): what a
+    comparison adds to metrics.json and its methods' MLflow runs."""
+    rows = list(rows)
+    figures = paired_figures(rows, reference, order=order)
+    if figures:
+        figures = {reference: reference_figures(rows, reference, figures), **figures}
+    return figures_as_metrics(figures)
 
 
 def figures_as_metrics(figures: Figures) -> dict[str, dict[str, float]]:
