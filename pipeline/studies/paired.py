@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_yaml
 from pipeline.scoring.results import ResultStore
 from pipeline.scoring.stats import (
     PairedDifference,
@@ -151,8 +151,6 @@ def format_paired(figures: Figures, reference: str) -> str:
 
 def folder_reference(folder: Path, default: str = "manual") -> str:
     """The reference a finished comparison used: its config.yaml's ``eval.reference_method``."""
-    from pipeline.config import load_yaml
-
     path = Path(folder) / "config.yaml"
     data = (load_yaml(path.read_text()) or {}) if path.is_file() else {}
     return (data.get("eval") or {}).get("reference_method", default)
