@@ -62,6 +62,11 @@ ISOLATIONS = ("auto", "bwrap", "process")
 # The fields of a user's record (pipeline.data.example.Example's, plus its split) that
 # data.columns may map to a file's columns; a test keeps them equal to Example's.
 RECORD_FIELDS = ("id", "instruction", "input", "output", "tests", "split")
+# The methods a comparison sets side by side (pipeline.generation.sampler.METHODS, one entry per
+# name, checked at import), and the data's own programs that `ddpt evaluate` also scores
+# (pipeline.studies.evaluate_job.EVALUATE_METHODS): eval.reference_method's choices.
+METHOD_NAMES = ("manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa")
+DATA_METHODS = ("canonical",)
 # Upper bounds of the sandbox's limits: a day of wall-clock or CPU time, 1 TiB of memory or file
 # (in bytes, far inside what RLIMIT_AS / RLIMIT_FSIZE take), Linux's largest pid_max.
 MAX_SECONDS = 86_400
@@ -377,6 +382,10 @@ class EvalConfig(_Section):
     methods: list[str] = _help(
         ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"],
         "methods `ddpt run` compares (`ddpt sample --help` lists them all)", at_least_one="method")
+    reference_method: str = _help(
+        "manual", "the method every other one is compared against, task by task (paired "
+        "bootstrap intervals, McNemar's exact test; docs/statistics.md); it must be one of the "
+        "compared methods when two or more are", choices=METHOD_NAMES + DATA_METHODS)
     max_new_tokens: int = _help(128, "greedy decoding length limit", gt=0)
     batch_size: int = _help(
         16, "generation / loss batch size (rows per forward; why 16 on CPU: benchmarks/README.md)",

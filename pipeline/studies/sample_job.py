@@ -19,6 +19,7 @@ from pipeline.studies.comparison import (
     with_tracking_uri,
 )
 from pipeline.studies.main_job import compare_on_extra, extra_examples
+from pipeline.studies.paired import check_reference
 from pipeline.training.checkpoint import CONFIG_FILE, STATE_FILE, check_checkpoint
 from pipeline.training.job import CHECKPOINT
 from pipeline.training.prompt_models import PROMPT_MODELS
@@ -80,6 +81,7 @@ def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str
     Returns ``{method: metrics}``, with ``<data set>/<method>`` keys for the extra data sets."""
     output = Path(output_dir).resolve()
     check_methods(methods, "--methods")
+    reference = check_reference(config.eval.reference_method, methods)
     missing = [p for p in prompt_models_needed(methods) if p not in sources]
     if missing:
         flags = ", ".join(PROMPT_MODELS[p].checkpoint_flag for p in missing)
@@ -99,7 +101,8 @@ def run_sample(config: RunConfig, output_dir: str | Path, sources: dict[str, str
             parent.set_tag(f"ddpt.checkpoint.{name}", path)
         metrics = run_comparison(config, output, list(methods), checkpoints, examples,
                                  parent=parent, open_pool=backends.pool(config, checkpoints, None),
-                                 resume=resume, progress=progress)
+                                 resume=resume, progress=progress, reference=reference)
     metrics.update(compare_on_extra(config, output, methods, checkpoints, extra,
-                                    backends=backends, resume=resume, progress=progress))
+                                    backends=backends, resume=resume, progress=progress,
+                                    reference=reference))
     return metrics
