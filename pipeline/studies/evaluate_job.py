@@ -12,7 +12,7 @@ Writes into the output folder:
     samples.jsonl      one line per (method, example): id, method, instruction, generation,
                        reference, status, exec_message (docs/execution.md)
     metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n}}
-    charts/metrics.png a bar panel per metric, a bar per method (``ddpt report`` inlines it)
+    charts/metrics.png a panel per pass@k, a bar per method (``ddpt report`` inlines it)
     evaluate_run.json  the MLflow run (re-attached by ``resume``)
     mlflow.db, mlartifacts/   unless MLFLOW_TRACKING_URI / tracking.uri point elsewhere
 """

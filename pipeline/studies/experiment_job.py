@@ -7,8 +7,9 @@ on the Ray actor pool by default) into ``<output>/<data set>/<arm>/seed<k>/``, n
 experiment's MLflow run; its results are appended to ``<output>/results.jsonl`` as it finishes,
 so ``--resume`` skips what is done and continues a run that was cut short from its checkpoints.
 Writes ``<output>/tables.md`` (one Markdown table per evaluation set), ``results.json`` (the
-aggregated rows) and ``charts/<eval set>_metrics.png`` (every metric per arm and method, mean ±
-std over seeds as error bars), also as MLflow artifacts; ``ddpt report`` makes a page of them.
+aggregated rows) and ``charts/<eval set>_metrics.png`` (each quality metric per arm and
+method, mean ± std over seeds as error bars), also as MLflow artifacts; ``ddpt report`` makes a
+page of them.
 """
 from __future__ import annotations
 
