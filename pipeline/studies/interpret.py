@@ -155,7 +155,9 @@ def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
             json.dumps(nearest, indent=1, ensure_ascii=False) + "\n")
     by_label = {s.label or name: s for name, s in prompts.items()}
     token_norm = lm.mean_token_norm()
-    done.pictures = [direction_map(by_label, folder / DIRECTIONS_PNG, token_norm=token_norm).path,
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # the metrics chart's colours
+    done.pictures = [direction_map(by_label, folder / DIRECTIONS_PNG, token_norm=token_norm,
+                                   colours=colours).path,
                      position_map(lm, by_label, folder / POSITIONS_PNG).path]
     done.seconds = time.perf_counter() - began
     log.info("interpreted %s in %.1fs: %s", ", ".join(by_label), done.seconds,
