@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from matplotlib.container import BarContainer, ErrorbarContainer
 from mlflow import MlflowClient
 
@@ -158,6 +159,8 @@ def test_the_direction_map_has_a_point_per_task_and_method_and_is_deterministic(
         np.testing.assert_allclose(np.linalg.norm(first.coords[label], axis=-1), lengths,
                                    rtol=1e-6)
     assert first.shares.sum() == pytest.approx(1.0)
+    every = np.concatenate([xy.reshape(-1, 2) for xy in first.coords.values()])
+    assert (every.sum(0) >= 0).all()  # the axes' signs: the points lie on their positive side
     assert first.spreads == {"prompt_tuning": {}, "ddpt_ddim": {
         "within": pytest.approx(np.mean([pairwise_spread(t) for t in ddpt.directions])),
         "across": pytest.approx(pairwise_spread(ddpt.directions[:, 0]))}}
@@ -181,7 +184,9 @@ def test_the_position_map_names_the_token_a_moved_position_now_sits_on(tmp_path)
     assert drawn.nearest[0] == ["="] and drawn.nearest[1] == [name]
     assert drawn.nearest[2] == [f"{name} 2/3"]
     token_norm = lm.mean_token_norm()
-    assert drawn.moved[0, 0] == 0
+    assert drawn.moved[0, 0] == 0 and drawn.cosine[0, 0] == pytest.approx(1.0)
+    assert drawn.cosine[1, 0] == pytest.approx(F.cosine_similarity(table[target], context[1],
+                                                                   dim=0).item(), abs=1e-5)
     assert drawn.moved[1, 0] == pytest.approx(
         (table[target] - context[1]).norm().item() / token_norm, rel=1e-5)
     n = lm.context_length  # the tiny tokenizer's context is long: the rows are capped

@@ -60,14 +60,16 @@ class PromptSet:
 def project(points: torch.Tensor, *, centre: bool) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) points -> their coordinates (N, 2) on the first two principal axes and the share
     of the points' sum of squares (about their mean when ``centre``) each axis holds. Each
-    axis's sign makes its largest-magnitude loading positive (a deterministic choice); a
-    missing axis (rank below 2) is all zeros."""
+    axis's sign is fixed (deterministic): uncentred, the points' mean lies on its positive
+    side; centred, its largest-magnitude loading is positive. A missing axis (rank below 2) is
+    all zeros."""
     x = points.double()
     if centre:
         x = x - x.mean(0, keepdim=True)
     _, values, axes = torch.linalg.svd(x, full_matrices=False)  # axes (r, D)
-    signs = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))
-    axes = axes * torch.where(signs == 0, 1.0, signs)
+    side = ((x @ axes.T).sum(0, keepdim=True).T if not centre  # (r, 1)
+            else axes.gather(1, axes.abs().argmax(1, keepdim=True)))
+    axes = axes * torch.where(side < 0, -1.0, 1.0)
     coords = torch.zeros(len(x), 2, dtype=torch.float64)
     kept = min(2, axes.shape[0])
     coords[:, :kept] = x @ axes[:kept].T
@@ -190,12 +192,13 @@ def _draw_local(ax, label: str, drawn: DirectionMap, prompt_set: PromptSet) -> N
                     alpha=0.5)
     _points(ax, xy, task_colour)
     found = drawn.spreads[label]
-    words = [f"{name} {value:.2f}" for name, value in
+    words = [f"{name} {value:.3g}" for name, value in
              (("within a task", found.get("within")), ("across tasks", found.get("across")))
              if value is not None]
-    ax.set_title(f"{label} around its mean; spread " + ", ".join(words), fontsize=9)
+    ax.set_title(f"{label} around its mean\nspread " + ", ".join(words), fontsize=9)
     ax.set_aspect("equal", adjustable="datalim")
-    ax.set_xlabel("axis 1 of these directions", fontsize=8)
+    ax.set_xlabel("axis 1 of these directions (spread: mean pairwise distance / mean |δ|)",
+                  fontsize=8)
     ax.tick_params(labelsize=7)
     handles = [Line2D([], [], marker="o", linestyle="", color=task_colour[i], label=str(t))
                for i, t in enumerate(tasks[:len(TASK_COLOURS)])]
@@ -208,13 +211,15 @@ class PositionMap:
     """What :func:`position_map` drew: ``moved`` (n, M), each position's mean direction norm
     over a method's tasks and draws, in mean token norms; ``nearest`` (n, M), the token each
     position's prompt sits nearest to (most common over the tasks; ``=``: still the manual
-    token; ``k/T``: the share of tasks where it is); ``rows``: the positions drawn (at most
+    token; ``k/T``: the share of tasks where it is); ``cosine`` (n, M), the prompt's mean
+    cosine to the manual token there; ``rows``: the positions drawn (at most
     :data:`MAX_ROWS`)."""
 
     path: Path
     labels: list[str] = field(default_factory=list)
     moved: np.ndarray | None = None
     nearest: list[list[str]] = field(default_factory=list)
+    cosine: np.ndarray | None = None  # (n, M)
     rows: list[int] = field(default_factory=list)  # the positions drawn
 
 
@@ -232,11 +237,13 @@ def position_map(lm: FrozenCodeLM, prompts: dict[str, PromptSet], path: str | Pa
     context_ids = lm.template.context_ids
     token_norm = lm.mean_token_norm()
     drawn = PositionMap(Path(path), labels=list(prompts))
-    moved, cells = [], []
+    moved, cells, cosines = [], [], []
     for prompt_set in prompts.values():
         directions = prompt_set.directions.float()
         moved.append((directions.norm(dim=-1).mean(dim=(0, 1)) / token_norm).numpy())
-        ids, _ = nearest_ids(lm, context + directions[:, 0])  # (T, n, 1)
+        used = context + directions[:, 0]  # (T, n, d): the prompts the method used
+        ids, _ = nearest_ids(lm, used)  # (T, n, 1)
+        cosines.append(F.cosine_similarity(used, context[None], dim=-1).mean(0).numpy())
         column = []
         for i, own in enumerate(context_ids):
             (top, count), = Counter(ids[:, i, 0].tolist()).most_common(1)
@@ -244,6 +251,7 @@ def position_map(lm: FrozenCodeLM, prompts: dict[str, PromptSet], path: str | Pa
             column.append(text + (f" {count}/{len(ids)}" if count < len(ids) else ""))
         cells.append(column)
     drawn.moved = np.stack(moved, axis=1)  # (n, M)
+    drawn.cosine = np.stack(cosines, axis=1)
     drawn.nearest = [list(row) for row in zip(*cells)]
     drawn.rows = list(range(len(context_ids)))
     if len(drawn.rows) > MAX_ROWS:  # a long context: the positions that moved most, in order
@@ -264,7 +272,8 @@ def _draw_positions(drawn: PositionMap, rows: list[str], positions: int) -> None
     image = ax.imshow(moved, cmap="YlOrRd", vmin=0, vmax=top, aspect="auto")
     for i, position in enumerate(drawn.rows):
         for j in range(m):
-            ax.text(j, i, drawn.nearest[position][j], ha="center", va="center", fontsize=7,
+            text = f"{drawn.nearest[position][j]}  {drawn.cosine[position, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
                     color="white" if moved[i, j] > 0.6 * top else "black")
     ax.set_xticks(range(m), drawn.labels, fontsize=8)
     ax.xaxis.tick_top()
@@ -274,8 +283,9 @@ def _draw_positions(drawn: PositionMap, rows: list[str], positions: int) -> None
     bar.set_label("|δ| at the position / mean token norm", fontsize=7)
     bar.ax.tick_params(labelsize=7)
     which = f" (the {n} of {positions} that moved most)" if n < positions else ""
-    ax.set_title(f"Each context position{which}:\nhow far it moved (colour), its nearest "
-                 "token now\n(=: still the manual token; k/T: on k of T tasks)", fontsize=9)
+    ax.set_title(f"Each context position{which}: how far it moved (colour),\nthe token it "
+                 "is nearest to now (=: still the manual token;\nk/T: on k of T tasks) and "
+                 "its cosine to the manual token", fontsize=9)
     _save(figure, drawn.path)
 
 
