@@ -165,6 +165,9 @@ def test_the_direction_map_has_a_point_per_task_and_method_and_is_deterministic(
         "within": pytest.approx(np.mean([pairwise_spread(t) for t in ddpt.directions])),
         "across": pytest.approx(pairwise_spread(ddpt.directions[:, 0]))}}
     assert set(first.local) == {"ddpt_ddim"} and first.local["ddpt_ddim"].shape == (3, 2, 2)
+    mean = ddpt.directions.flatten(2).mean((0, 1))
+    assert first.cosines == {("prompt_tuning", "ddpt_ddim"): pytest.approx(F.cosine_similarity(
+        tuned.directions.flatten(), mean, dim=0).item(), abs=1e-6)}
 
 
 def test_the_position_map_names_the_token_a_moved_position_now_sits_on(tmp_path):

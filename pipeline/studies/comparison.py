@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +215,7 @@ def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path])
 
 def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[str, float]],
                 store: ResultStore, checkpoints: dict[str, Path],
-                interpreted: dict[str, Path], *, pictures: list[Path] = ()) -> dict[str, str]:
+                interpreted: dict[str, Path], *, pictures: Sequence[Path] = ()) -> dict[str, str]:
     """One child run per method under ``parent`` (re-used on resume), with its prompt model's
     nearest tokens and the prompt ``pictures`` under ``interpret/``; returns method -> run id."""
     existing = {run.data.tags.get("ddpt.method"): run.info.run_id

@@ -101,7 +101,8 @@ def mean_norm(prompt_set: PromptSet) -> float:
 class DirectionMap:
     """What :func:`direction_map` drew: per label, the points (T, K, 2) in the shared
     projection (``manual``: the origin, (1, 1, 2)) and, per sampled model, around its own
-    mean; the axes' shares, per-position norms and spreads."""
+    mean; the axes' shares, per-position norms, spreads and the cosine between each two
+    methods' mean directions (in all n·d dimensions, not the projection's two)."""
 
     path: Path
     coords: dict[str, np.ndarray] = field(default_factory=dict)
@@ -109,6 +110,7 @@ class DirectionMap:
     shares: np.ndarray | None = None
     norms: dict[str, float] = field(default_factory=dict)
     spreads: dict[str, dict[str, float]] = field(default_factory=dict)
+    cosines: dict[tuple[str, str], float] = field(default_factory=dict)  # of mean directions
 
 
 def direction_map(prompts: dict[str, PromptSet], path: str | Path, *, token_norm: float,
@@ -135,6 +137,9 @@ def direction_map(prompts: dict[str, PromptSet], path: str | Path, *, token_norm
         start += f.shape[0] * f.shape[1]
         drawn.norms[label] = mean_norm(prompts[label])
         drawn.spreads[label] = spreads(prompts[label])
+    means = {label: f.reshape(-1, width).mean(0) for label, f in flat.items()}
+    drawn.cosines = {(a, b): F.cosine_similarity(means[a], means[b], dim=0).item()
+                     for i, a in enumerate(labels) for b in labels[i + 1:]}
     sampled = [label for label in labels if flat[label].shape[0] * flat[label].shape[1] > 1]
     figure = Figure(figsize=(5.2 * (1 + len(sampled)), 4.8), layout="constrained")
     axes = figure.subplots(1, 1 + len(sampled), squeeze=False)[0]
@@ -175,8 +180,13 @@ def _draw_shared(ax, drawn: DirectionMap, prompts: dict[str, PromptSet],
     ax.axhline(0, color="#bbbbbb", linewidth=0.6, zorder=0)
     ax.axvline(0, color="#bbbbbb", linewidth=0.6, zorder=0)
     ax.set_aspect("equal", adjustable="datalim")
-    ax.set_xlabel(f"axis 1 ({drawn.shares[0]:.0%} of Σ|δ|²)", fontsize=8)
-    ax.set_ylabel(f"axis 2 ({drawn.shares[1]:.0%})", fontsize=8)
+    ax.set_xlabel(f"axis 1 ({drawn.shares[0]:.1%} of Σ|δ|²)", fontsize=8)
+    ax.set_ylabel(f"axis 2 ({drawn.shares[1]:.1%})", fontsize=8)
+    if drawn.cosines:  # the angle between methods, which the projection may distort
+        lines = [f"{a} · {b}: {c:.2f}" for (a, b), c in drawn.cosines.items()]
+        ax.text(0.98, 0.02, "cosine of mean directions\n" + "\n".join(lines), fontsize=6.5,
+                ha="right", va="bottom", transform=ax.transAxes,
+                bbox={"facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
     ax.set_title("every method's directions; the origin is the manual prompt", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6.5, loc="best")
