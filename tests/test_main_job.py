@@ -45,7 +45,8 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     for name in ("ddpt", "prompt_tuning"):
         assert (out / name / "checkpoint" / "model.safetensors").is_file()
         assert (out / "interpret" / name / "nearest_tokens.json").is_file()
-    for picture in ("interpret/tsne.png", "charts/metrics.png", "charts/training.png"):
+    for picture in ("interpret/directions.png", "interpret/positions.png", "charts/metrics.png",
+                    "charts/training.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
 
     # MLflow: the parent comparison run holds the training runs and one run per method.

@@ -117,7 +117,8 @@ def test_sample_compares_every_method_in_mlflow(checkpoints, tmp_path, capsys):
     assert (ddpt_child.data.params["chain"], ddpt_child.data.params["steps"]) == ("ddpm", "100")
     assert by_method["ddpt_ddim"].data.params["steps"] == "10"
     artifacts = {a.path for a in client.list_artifacts(ddpt_child.info.run_id, "interpret")}
-    assert {"interpret/nearest_tokens.json", "interpret/tsne.png"} <= artifacts
+    assert {"interpret/nearest_tokens.json", "interpret/directions.png",
+            "interpret/positions.png"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "metrics.json", "samples.jsonl"}
 

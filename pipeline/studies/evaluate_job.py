@@ -16,7 +16,8 @@ Writes into the output folder:
     metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n}},
                        with two or more methods each one's paired figures against
                        eval.reference_method (``pass_at_1_diff``, ...)
-    charts/metrics.png a bar panel per metric, a bar per method (``ddpt report`` inlines it)
+    charts/metrics.png a panel per pass@k: the paired differences to the reference
+                       (``ddpt report`` inlines it)
     evaluate_run.json  the MLflow run (re-attached by ``resume``)
     mlflow.db, mlartifacts/   unless MLFLOW_TRACKING_URI / tracking.uri point elsewhere
 """

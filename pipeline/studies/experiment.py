@@ -194,7 +194,9 @@ def _cell(row: Row, name: str) -> str:
 
 def experiment_charts(rows: list[Row], folder: Path) -> list[Path]:
     """``<folder>/<eval set>_metrics.png`` per evaluation set: a bar per (arm, method) in each
-    metric's panel, with error bars of the standard deviation over seeds where several ran."""
+    quality metric's panel, with error bars of the standard deviation over seeds where several
+    ran. No intervals: a seed's paired figures averaged over seeds are not the pooled interval
+    (that one resamples tasks and seeds together: pipeline/scoring/stats.py)."""
     from pipeline.studies.charts import metric_chart
 
     written = []
@@ -204,6 +206,6 @@ def experiment_charts(rows: list[Row], folder: Path) -> list[Path]:
         path = folder / f"{eval_set}_metrics.png"
         metric_chart({k: r.mean for k, r in chosen.items()}, path,
                      std={k: r.std for k, r in chosen.items()} if several else None,
-                     title=f"{eval_set}: arm/method, mean ± std over seeds")
+                     title=f"{eval_set}: arm/method, mean ± std over seeds", intervals=False)
         written.append(path)
     return written

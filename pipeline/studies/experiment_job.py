@@ -11,7 +11,7 @@ Writes ``<output>/tables.md`` (one Markdown table per evaluation set, and each m
 ``results.json`` (the aggregated rows), ``paired.json`` (the paired figures),
 ``task_records/<eval set>.csv.gz`` (every run's per-task rows, with ``<eval set>.json``: the
 reference and the training facts; :mod:`pipeline.studies.experiment_paired`) and
-``charts/<eval set>_metrics.png`` (every metric per arm and method, mean ± std over seeds as
+``charts/<eval set>_metrics.png`` (each quality metric per arm and method, mean ± std over seeds as
 error bars), also as MLflow artifacts; ``ddpt report`` makes a page of them.
 """
 from __future__ import annotations
