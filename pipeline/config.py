@@ -55,6 +55,8 @@ DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 SPANS = ("context", "instruction", "input")
 # How the sandbox isolates a program (docs/execution.md); pipeline.sandbox imports them as MODES.
 ISOLATIONS = ("auto", "bwrap", "process")
+# How max_eval_examples picks its tasks (pipeline.data.splits.take_sample).
+EVAL_SAMPLES = ("spread", "first")
 # The fields of a user's record (pipeline.data.example.Example's, plus its split) that
 # data.columns may map to a file's columns; a test keeps them equal to Example's.
 RECORD_FIELDS = ("id", "instruction", "input", "output", "tests", "split")
@@ -216,8 +218,16 @@ class DataConfig(_Section):
     eval_split: str = _help("test", "split generations are scored on")
     max_train_examples: int = _help(0, "0 = all", ge=0)
     max_eval_examples: int = _help(
-        32, "0 = all; the first N of the eval split, a fixed subset (32: MBPP's test tasks "
-        "11-42)", ge=0)
+        32, "0 = all; else N tasks of the eval split, chosen as data.eval_sample says (the "
+        "main job: 32 spread over MBPP's 500 test tasks)", ge=0)
+    eval_sample: str = _help(
+        "spread", "which N tasks max_eval_examples and max_extra_eval_examples take: 'spread', "
+        "the first N of a seeded order whose every prefix is spread evenly over the split "
+        "(data.sample_seed; the 32-task sample is inside the 64-task one; docs/data.md); "
+        "'first', the first N in file order", choices=EVAL_SAMPLES)
+    sample_seed: int = _help(
+        0, "seed of the 'spread' order; keep it across arms and training seeds so that their "
+        "tasks pair", ge=0)
     dev_split: str = _help(
         "validation", "held-out split of the dev loss (train.eval_every, sweeps); HumanEval has "
         "only 'test'", nonempty=True
@@ -230,7 +240,8 @@ class DataConfig(_Section):
         "compared twice"
     )
     max_extra_eval_examples: int = _help(
-        32, "0 = all; the first N of each extra_eval test split (32: HumanEval/0-31)", ge=0)
+        32, "0 = all; else N tasks of each extra_eval test split, chosen as data.eval_sample "
+        "says (the main job: 32 spread over HumanEval's 164)", ge=0)
 
     def check(self) -> None:
         unknown = sorted(set(self.columns) - set(RECORD_FIELDS))
@@ -675,8 +686,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 PAPER: dict[str, dict[str, Any]] = {
     # The paper's set-up (Li et al. 2025): CoNaLa, one prompt distribution for every task
     # through a fixed random up-projection, the bootstrap objective, 80 steps, every method.
-    "data": {"dataset": "conala", "max_eval_examples": 64, "extra_eval": [],
-             "max_extra_eval_examples": 0},
+    # The first 64 test examples in file order, as the CoNaLa results were measured.
+    "data": {"dataset": "conala", "max_eval_examples": 64, "eval_sample": "first",
+             "extra_eval": [], "max_extra_eval_examples": 0},
     "prompt": {"max_source_tokens": 256},
     "denoiser": {"condition": "none", "up_projection": "fixed"},
     "train": {"objective": "bootstrap", "steps": 80},
