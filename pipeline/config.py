@@ -48,6 +48,8 @@ MANUAL_CONTEXT = (
 # Choice lists, one each: the modules that own the choices import them from here.
 # The prompt models pipeline.training.prompt_models builds, one registry entry per name.
 PROMPT_MODELS = ("ddpt", "prompt_tuning")
+# Where prompt tuning's prompt starts (pipeline.baselines.soft_prompt).
+PROMPT_INITS = ("context", "vocab")
 CONDITIONS = ("none", "instruction")  # what DDPT's denoiser may be conditioned on
 # Which masked positions a masked-diffusion step reveals (pipeline.decoding.masked_diffusion).
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -310,6 +312,12 @@ class TrainConfig(_Section):
         "between samples), 'deterministic' (the ablation: one step from zero noise)",
         choices=tuple(OBJECTIVES),
     )
+    prompt_init: str = _help(
+        "context", "where prompt tuning's prompt P starts: 'context', the manual context's "
+        "embeddings (step 0 is the manual prompt; PEFT's TEXT init); 'vocab', the embeddings "
+        "of n tokens drawn at random (seeded by train.seed) from the whole vocabulary (PEFT's "
+        "SAMPLE_VOCAB; Lester et al. 2021 draw from the 5,000 most common tokens)",
+        choices=PROMPT_INITS)
     steps: int = _help(28, "optimizer steps", gt=0)
     batch_size: int = _help(
         8, "examples per optimizer step, over all workers (each Ray worker takes "
@@ -317,10 +325,14 @@ class TrainConfig(_Section):
     )
     lr: float = _help(1e-3, "AdamW learning rate", gt=0)
     weight_decay: float = _help(0.0, "AdamW weight decay")
-    ema_rate: float = _help(0.1, "rate of the stop-gradient target x0_bar's moving average",
-                            gt=0, le=1)
-    consistency_weight: float = _help(0.01, "lambda on ||x0_hat - x0_bar||^2 (or the teacher's)",
-                                      ge=0)
+    ema_rate: float = _help(
+        0.1, "share of the way the moving averages (bootstrap's target x0_bar, "
+        "bootstrap_teacher's EMA teacher) move toward the new value each step: a half-life of "
+        "ln 2 / -ln(1 - rate) steps, about 6.6 at 0.1", gt=0, le=1)
+    consistency_weight: float = _help(
+        0.01, "lambda on ||x0_hat - x0_bar||^2 (bootstrap; the teacher's sample for "
+        "bootstrap_teacher): each example's squared distance summed over its n x k latent, "
+        "averaged over the batch", ge=0)
     cfg_dropout: float = _help(
         0.1, "probability of dropping a conditional model's condition in training "
         "(classifier-free guidance; sample.guidance uses it)", ge=0, lt=1

@@ -93,7 +93,7 @@ def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--no-progress"]) == 0
     tables = (out / "tables.md").read_text()
     assert "## mbpp" in tables and "## humaneval" in tables
-    assert "| ddpt_conditional | ddpt_ddim | 2 |" in tables
+    assert "| ddpt_conditional | ddpt_ddim (ddim-10 eta=0 + greedy) | 2 |" in tables
     for eval_set in ("mbpp", "humaneval"):  # every metric per arm, error bars over the seeds
         assert (out / "charts" / f"{eval_set}_metrics.png").read_bytes()[:4] == b"\x89PNG"
     lines = (out / "results.jsonl").read_text().splitlines()

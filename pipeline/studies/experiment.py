@@ -142,11 +142,12 @@ class Row:
     seeds: int
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
+    chain: str = ""  # what ran: the prompt's chain and the decoding (studies.chains)
 
 
 def read_results(path: Path) -> list[dict]:
     """The results file: one JSON object per line ({dataset, eval_set, arm, seed, method,
-    metrics, ...})."""
+    chain, metrics, ...})."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -155,11 +156,14 @@ def read_results(path: Path) -> list[dict]:
 def aggregate(results: list[dict]) -> list[Row]:
     """Rows in first-seen order; the std is the sample standard deviation (0 for one seed)."""
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    chains: dict[tuple[str, str, str], str] = {}
     for result in results:
-        groups[(result["eval_set"], result["arm"], result["method"])].append(result["metrics"])
+        key = (result["eval_set"], result["arm"], result["method"])
+        groups[key].append(result["metrics"])
+        chains[key] = chains.get(key) or result.get("chain", "")
     rows = []
     for (eval_set, arm, method), runs in groups.items():
-        row = Row(eval_set, arm, method, len(runs))
+        row = Row(eval_set, arm, method, len(runs), chain=chains[(eval_set, arm, method)])
         for name in runs[0]:
             values = [r[name] for r in runs if isinstance(r.get(name), (int, float))]
             values = [v for v in values if not math.isnan(v)]
@@ -171,12 +175,14 @@ def aggregate(results: list[dict]) -> list[Row]:
 
 
 def markdown_table(rows: list[Row], metrics: list[str], eval_set: str) -> str:
-    """One evaluation set's rows as a Markdown table of ``mean ± std`` (n seeds)."""
+    """One evaluation set's rows as a Markdown table of ``mean ± std`` (n seeds); a method is
+    named with what ran (``ddpt_ddim (ddim-3 eta=0 + greedy)``) where that is known."""
     head = "| arm | method | seeds | " + " | ".join(metrics) + " |"
     lines = [head, "| " + " | ".join(["---"] * (3 + len(metrics))) + " |"]
     for row in (r for r in rows if r.eval_set == eval_set):
         cells = [_cell(row, name) for name in metrics]
-        lines.append(f"| {row.arm} | {row.method} | {row.seeds} | " + " | ".join(cells) + " |")
+        method = f"{row.method} ({row.chain})" if row.chain else row.method
+        lines.append(f"| {row.arm} | {method} | {row.seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
