@@ -323,7 +323,12 @@ class TrainConfig(_Section):
         8, "examples per optimizer step, over all workers (each Ray worker takes "
         "batch_size / distributed.num_workers)", gt=0
     )
-    lr: float = _help(1e-3, "AdamW learning rate", gt=0)
+    lr: float = _help(1e-3, "AdamW learning rate (of DDPT; of prompt tuning too unless "
+                      "train.prompt_tuning_lr is set)", gt=0)
+    prompt_tuning_lr: float | None = _help(
+        None, "prompt tuning's AdamW learning rate, where it is not DDPT's (ddpt run trains "
+        "both from one configuration; sweep and set this key for prompt tuning); null: "
+        "train.lr", gt=0)
     weight_decay: float = _help(0.0, "AdamW weight decay")
     ema_rate: float = _help(
         0.1, "share of the way the moving averages (bootstrap's target x0_bar, "
@@ -360,6 +365,13 @@ class TrainConfig(_Section):
         "on data.dev_split with a prompt sampled as for evaluation; logged as dev_loss; Ray "
         "backend only); 0 = off", ge=0
     )
+
+    @property
+    def method_lr(self) -> float:
+        """The learning rate of what ``train.method`` trains."""
+        if self.method == "prompt_tuning" and self.prompt_tuning_lr is not None:
+            return self.prompt_tuning_lr
+        return self.lr
 
 
 @dataclass

@@ -147,7 +147,7 @@ def test_the_table_spec_scores_every_test_task_over_three_seeds_with_tuned_match
         sweep = load_sweep(arm.sweep)
         assert sweep.base.data.dev_split == "validation" and sweep.base.data.max_dev_examples == 0
         assert sweep.asha.grace_period == sweep.asha.max_t == 28  # no trial stopped early
-        assert "train.lr" in sweep.space
+        assert {"train.lr", "train.prompt_tuning_lr"} & set(sweep.space)
     # n = 18 context tokens and d = 576: the embedded model's (SmolLM2-135M-Instruct)
     counts = {name: parameter_count(PROMPT_MODELS["ddpt"].build(
         experiment.config("mbpp", arms[name], 0), LMFacts(18, 576, 3.2, torch.zeros(18, 576))))
@@ -155,15 +155,16 @@ def test_the_table_spec_scores_every_test_task_over_three_seeds_with_tuned_match
                      "ddpt_unconditional_deterministic", "ddpt_deterministic")}
     assert all(abs(count / counts["ddpt_conditional"] - 1) < 0.01 for count in counts.values()), \
         counts
-    lr = load_sweep(arms["prompt_tuning"].sweep).space["train.lr"].values
+    lr = load_sweep(arms["prompt_tuning"].sweep).space["train.prompt_tuning_lr"].values
     assert max(lr) >= 0.3 and min(lr) <= 1e-3  # Lester et al.'s 0.3, and the old shared 1e-3
 
 
 @pytest.mark.parametrize("arm, message", [
-    ({"set": {"train.method": "prompt_tuning", "train.lr": 0.1, "train.prompt_init": "context",
-              "train.steps": 64}, "methods": ["prompt_tuning"]},
+    ({"set": {"train.method": "prompt_tuning", "train.prompt_tuning_lr": 0.1,
+              "train.prompt_init": "context", "train.steps": 64}, "methods": ["prompt_tuning"]},
      "trains another model than the arm: train.steps: 28 in the sweep, 64 here"),
-    ({"set": {"train.method": "prompt_tuning", "train.lr": 0.1}, "methods": ["prompt_tuning"]},
+    ({"set": {"train.method": "prompt_tuning", "train.prompt_tuning_lr": 0.1},
+      "methods": ["prompt_tuning"]},
      "searches ['train.prompt_init']; set them in the arm's 'set'"),
 ])
 def test_an_arm_must_be_the_model_its_sweep_tuned(tmp_path, arm, message):

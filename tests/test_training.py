@@ -227,3 +227,34 @@ def test_prompt_tuning_can_start_from_random_vocabulary_tokens():
     assert not torch.equal(build_trainable(lm, other)[0].prompt.embedding.weight, start)
     manual = build_trainable(lm, tiny_config("tiny-llama", method="prompt_tuning"))[0]
     assert manual.direction().abs().max() == 0  # the default: the manual prompt at step 0
+
+
+def test_prompt_tuning_trains_at_its_own_rate_where_one_is_set(tmp_path):
+    """`ddpt run` trains DDPT and prompt tuning from one configuration: train.prompt_tuning_lr
+    is prompt tuning's rate (each arm tuned on its own), train.lr DDPT's; a sweep that
+    searches train.lr for prompt tuning while prompt_tuning_lr is set would change nothing and
+    is refused."""
+    import yaml
+
+    from pipeline.config import ConfigError, TrainConfig
+    from pipeline.studies.sweep import load_sweep
+    from pipeline.training.loop import local_step_fn
+    from pipeline.training.prompt_models import PromptLoss
+
+    both = TrainConfig(lr=3e-3, prompt_tuning_lr=0.1)
+    assert dataclasses.replace(both, method="prompt_tuning").method_lr == 0.1
+    assert both.method_lr == 3e-3  # ddpt
+    assert dataclasses.replace(both, method="prompt_tuning", prompt_tuning_lr=None).method_lr \
+        == 3e-3
+    lm = make_lm("tiny-llama")
+    config = tiny_config("tiny-llama", method="prompt_tuning", prompt_tuning_lr=0.1)
+    model, objective = build_trainable(lm, config)
+    _, optimizer = local_step_fn(PromptLoss(model, lm, objective), config.train)
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "sweep": {"preset": "smoke", "eval_every": 2},
+        "fixed": {"train.method": "prompt_tuning", "train.prompt_tuning_lr": 0.1},
+        "space": {"train.lr": {"grid": [1e-3, 1e-2]}}}))
+    with pytest.raises(ConfigError, match="search train.prompt_tuning_lr"):
+        load_sweep(space)
