@@ -56,6 +56,8 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     roles = sorted((c.data.tags["ddpt.role"], c.info.run_name) for c in children)
     assert roles == sorted([("train", "train-ddpt"), ("train", "train-prompt_tuning")]
                            + [("method", m) for m in SMOKE_METHODS])
+    params = client.get_run(saved["run_id"]).data.params  # which tasks were scored
+    assert (params["data.eval_sample"], params["data.sample_seed"]) == ("first", "0")
     train = next(c for c in children if c.info.run_name == "train-ddpt")
     assert [m.step for m in client.get_metric_history(train.info.run_id, "code_loss")] == \
         [1, 2, 3, 4]
