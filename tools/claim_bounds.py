@@ -7,7 +7,7 @@ favourable case for a claim), and the smallest pass@1 difference that many tasks
 power for the reference's pass rate (``pipeline.scoring.stats.detectable_pass_difference``).
 A best-case p above 0.05 means no arrangement of the tasks could have supported the claim.
 
-    python tools/claim_bounds.py "MBPP ddpt_ddim vs manual=4/1/32" \\
+    .venv/bin/python tools/claim_bounds.py "MBPP ddpt_ddim vs manual=4/1/32" \\
         "MBPP ddpt vs prompt tuning, 3 seeds=4,2,4/2,1,2/32"
 
 Each argument is ``LABEL=METHOD/REFERENCE/TASKS``: the tasks each passes, one count per seed,
@@ -18,15 +18,11 @@ separate tasks (optimistic: the seeds share their tasks), the most a pooled test
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from scipy import stats
 
-from scipy import stats  # noqa: E402
-
-from pipeline.scoring.stats import detectable_pass_difference  # noqa: E402
+from pipeline.scoring.stats import detectable_pass_difference
 
 
 def best_case_mcnemar(method_passes: int, reference_passes: int, n_tasks: int
@@ -88,7 +84,7 @@ def row(comparison: Comparison) -> str:
                                n * len(seeds))[0]
     base_rate = sum(r for _, r in seeds) / (n * len(seeds))
     detectable = detectable_pass_difference(n, base_rate)
-    counts = lambda passes: ", ".join(map(str, passes))  # noqa: E731
+    counts = lambda passes: ", ".join(map(str, passes))
     return (f"| {comparison.label} | {counts(m for m, _ in seeds)} | {counts(r for _, r in seeds)}"
             f" | {n} x {len(seeds)} | {', '.join(f'{p:.2g}' for p in per_seed)} | "
             f"{pooled:.2g} | {base_rate:.3f} | {detectable:.2f} |")
