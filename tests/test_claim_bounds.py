@@ -27,10 +27,17 @@ def test_best_case_p_equals_the_hand_value():
     assert claim_bounds.best_case_mcnemar(32, 0, 32)[0] == pytest.approx(2 * 0.5 ** 32)
 
 
+def test_worst_case_p_equals_the_hand_value():
+    # 4/32 against 1/32 at worst: 4 wins, 1 loss, p = 2 * (1 + 5) / 32 = 0.375.
+    assert claim_bounds.worst_case_mcnemar(4, 1, 32) == pytest.approx(0.375)
+    # 0 against 12: only one arrangement (12 losses), p = 2 * 0.5**12 whatever the pairing.
+    assert claim_bounds.worst_case_mcnemar(0, 12, 32) == pytest.approx(2 * 0.5 ** 12)
+
+
 def test_the_table_and_bad_arguments(capsys):
     assert claim_bounds.main(["MBPP x=4,2,4/1/32"]) == 0
     row = capsys.readouterr().out.splitlines()[-1]
-    assert row.startswith("| MBPP x | 4, 2, 4 | 1, 1, 1 | 32 x 3 | 0.25, 1, 0.25 | 0.016 |")
+    assert row.startswith("| MBPP x | 4, 2, 4 | 1, 1, 1 | 32 x 3 | 0.25, 1, 0.25 | 0.016 | 1 |")
     assert row.endswith("| 0.031 | 0.28 |")
     with pytest.raises(SystemExit, match="'x=4,2/1,1,1/32': expected"):
         claim_bounds.parse("x=4,2/1,1,1/32")
