@@ -43,3 +43,13 @@ def test_the_table_and_bad_arguments(capsys):
         claim_bounds.parse("x=4,2/1,1,1/32")
     with pytest.raises(ValueError, match="method passes 40 is not within 0..32"):
         claim_bounds.best_case_mcnemar(40, 1, 32)
+
+
+def test_the_results_page_shows_the_bounds_of_its_comparisons():
+    """docs/results.md's bounds table is the script's output for tools/results_claims.txt."""
+    lines = (REPO / "tools" / "results_claims.txt").read_text().splitlines()
+    comparisons = [line for line in lines if line.strip() and not line.startswith("#")]
+    expected = claim_bounds.table(comparisons)
+    assert expected in (REPO / "docs" / "results.md").read_text(), (
+        "run `.venv/bin/python tools/claim_bounds.py --from tools/results_claims.txt` and "
+        "paste its table into docs/results.md")

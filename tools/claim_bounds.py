@@ -11,6 +11,8 @@ A best-case p above 0.05 means no arrangement of the tasks could have supported 
     .venv/bin/python tools/claim_bounds.py "MBPP ddpt_ddim vs manual=4/1/32" \\
         "MBPP ddpt vs prompt tuning, 3 seeds=4,2,4/2,1,2/32"
 
+``--from tools/results_claims.txt`` reads the comparisons of docs/results.md, whose bounds
+table is this script's output for that file (tests/test_claim_bounds.py checks that they agree).
 Each argument is ``LABEL=METHOD/REFERENCE/TASKS``: the tasks each passes, one count per seed,
 comma-separated (a reference that ran once, like the manual prompt, is one count for every
 seed). Printed as a Markdown table: per seed the best-case p; "pooled" treats the seeds' tasks as
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 from scipy import stats
 
@@ -109,12 +112,24 @@ HEADER = ("| comparison | method's passes (per seed) | reference's passes | task
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("comparisons", nargs="+", metavar="LABEL=M/R/TASKS")
+    parser.add_argument("comparisons", nargs="*", metavar="LABEL=M/R/TASKS")
+    parser.add_argument("--from", dest="from_file", type=Path,
+                        help="a file of comparisons, one a line (# starts a comment)")
     args = parser.parse_args(argv)
-    print(HEADER)
-    for argument in args.comparisons:
-        print(row(parse(argument)))
+    comparisons = list(args.comparisons)
+    if args.from_file is not None:
+        lines = args.from_file.read_text().splitlines()
+        comparisons += [line.strip() for line in lines
+                        if line.strip() and not line.lstrip().startswith("#")]
+    if not comparisons:
+        parser.error("no comparisons: pass LABEL=M/R/TASKS arguments or --from FILE")
+    print(table(comparisons))
     return 0
+
+
+def table(comparisons: list[str]) -> str:
+    """The Markdown table of these comparisons' bounds, header first."""
+    return "\n".join([HEADER, *(row(parse(argument)) for argument in comparisons)])
 
 
 if __name__ == "__main__":
