@@ -57,10 +57,12 @@ def main() -> None:
         config = experiment.config(dataset, arm, experiment.seeds[0])
         steps[arm.name], checkpoints[arm.name] = step_seconds(config, lm, args.steps,
                                                               folder / arm.name)
+        print(f"{arm.name}: step {steps[arm.name]}", flush=True)  # a cut-short run keeps these
         for method in arm.methods:
             if method not in tasks:
                 tasks[method] = task_seconds(config, lm, method, checkpoints[arm.name],
                                              args.tasks, folder / method)
+                print(f"{method}: per task {tasks[method]}", flush=True)
     tasks.update({m: task_seconds(first, lm, m, None, args.tasks, folder / m)
                   for m in experiment.baseline_methods})
     report = {"load_average": os.getloadavg(), "step_seconds": steps,
