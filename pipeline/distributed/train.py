@@ -87,7 +87,7 @@ def deepspeed_config(config: RunConfig) -> dict[str, Any]:
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = tc.grad_clip
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
-    ds["optimizer"].setdefault("params", {}).update(lr=tc.lr, weight_decay=tc.weight_decay)
+    ds["optimizer"].setdefault("params", {}).update(lr=tc.method_lr, weight_decay=tc.weight_decay)
     if config.model.dtype == "bfloat16":
         ds["bf16"] = {"enabled": True}
     return ds
@@ -121,9 +121,8 @@ def build_worker(loop_config: dict[str, Any], ranks: tuple[int, int, int] | None
     from transformers.integrations import HfDeepSpeedConfig
 
     if not config.distributed.use_gpu:
-        # DeepSpeed JIT-builds a shared-memory all-reduce for CPU ranks (a C++ build of about
-        # a minute of CPU, and again for every new venv) that only tensor-parallel inference
-        # calls; ZeRO-3 training never does, so it is marked unusable before the first use.
+        # Never JIT-build DeepSpeed's shared-memory CPU all-reduce: ZeRO-3 training never
+        # calls it (why and what it cost: docs/training.md).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     from pipeline.lm.frozen import FrozenCodeLM

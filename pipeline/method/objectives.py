@@ -49,6 +49,14 @@ class ObjectiveOutput:
     x0_hat: torch.Tensor | None = None
 
 
+def squared_distance(x0_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||x0_hat - target||^2`` as method.md writes it: each example's squared L2 distance
+    over its whole (n, k) latent, averaged over the batch. (B, n, k), (B, n, k) or (n, k) -> 0-d.
+    A sum over the latent, not a mean: a mean would divide lambda by n * k (288 for the
+    embedded model's n = 18, k = 16) and leave the term practically off."""
+    return (x0_hat - target).pow(2).sum(dim=(-2, -1)).mean()
+
+
 def direction_stats(loss: torch.Tensor, code_loss: torch.Tensor, consistency: torch.Tensor,
                     direction: torch.Tensor) -> dict[str, torch.Tensor]:
     """The step statistics every objective reports, detached (0-d tensors)."""
@@ -86,7 +94,7 @@ class BootstrapObjective:
         x0_hat = model.predict(x_t, t, condition, drop=drop)
         direction = model.direction(x0_hat)
         lm_loss = code_loss(direction)
-        consistency = (x0_hat - x0_bar).pow(2).mean()
+        consistency = squared_distance(x0_hat, x0_bar)
         loss = lm_loss + self.weight * consistency
         return ObjectiveOutput(loss, direction_stats(loss, lm_loss, consistency, direction),
                                x0_hat.detach())
@@ -135,7 +143,7 @@ class TeacherBootstrapObjective:
         x0_hat = model.predict(x_t, t, condition, drop=drop)
         direction = model.direction(x0_hat)
         lm_loss = code_loss(direction)
-        consistency = (x0_hat - target).pow(2).mean()
+        consistency = squared_distance(x0_hat, target)
         loss = lm_loss + self.weight * consistency
         return ObjectiveOutput(loss, direction_stats(loss, lm_loss, consistency, direction))
 
@@ -147,7 +155,8 @@ class UnrolledObjective:
     """The LM loss on the end of a short DDIM chain from noise, back-propagated through every
     step of it (``unrolled``): x_T ~ N(0, I); x_0 = DDIM-``unroll_steps`` (eta = 0) given c;
     loss = CE(LM | X_ctx + Up(x_0)). Sample with the same steps: the denoiser only ever sees
-    those timesteps. ``consistency`` reports ||x_0||^2 (not in the loss)."""
+    those timesteps. ``consistency`` reports ||x_0||^2 (per example, as the bootstrap objectives'
+    term; not in the loss)."""
 
     def __init__(self, cfg_dropout: float = 0.1, unroll_steps: int = 3):
         self.cfg_dropout, self.steps = cfg_dropout, unroll_steps
@@ -161,8 +170,8 @@ class UnrolledObjective:
         x0 = ddim_chain(model, x_T, condition, self.steps, drop)
         direction = model.direction(x0)
         lm_loss = code_loss(direction)
-        return ObjectiveOutput(lm_loss, direction_stats(lm_loss, lm_loss, x0.pow(2).mean(),
-                                                        direction))
+        return ObjectiveOutput(lm_loss, direction_stats(
+            lm_loss, lm_loss, squared_distance(x0, torch.zeros_like(x0)), direction))
 
     def after_step(self, model: DiffusionPrompt, output: ObjectiveOutput) -> None:
         pass
@@ -231,12 +240,12 @@ def soft_min(losses: torch.Tensor, temperature: float, dim: int = 0) -> torch.Te
 
 
 class SoftMinObjective:
-    """A set of prompts per task (``soft_min``, issue 32): K = ``prompts`` noises per example
-    (``train.soft_min_prompts``; tau = ``temperature``, ``train.soft_min_temperature``), each
-    through the ``unroll_steps`` DDIM chain (eta = 0, gradients through every step) given the
-    example's condition; CE_k from one LM forward of the K * B rows; loss = mean over examples of
-    ``-tau * logsumexp_k(-CE_k / tau)`` (multiple-choice learning, "pass@k training"). The
-    condition dropout draws one decision per example, shared by its K prompts.
+    """A set of prompts per task (``soft_min``; method.md section 1): K = ``prompts`` noises per
+    example (``train.soft_min_prompts``; tau = ``temperature``, ``train.soft_min_temperature``),
+    each through the ``unroll_steps`` DDIM chain (eta = 0, gradients through every step) given
+    the example's condition; CE_k from one LM forward of the K * B rows; loss = mean over
+    examples of ``-tau * logsumexp_k(-CE_k / tau)`` (multiple-choice learning, "pass@k
+    training"). The condition dropout draws one decision per example, shared by its K prompts.
 
     Stats: ``code_loss`` is the mean CE over all K prompts (comparable with the other
     objectives), ``best_code_loss`` the mean over examples of the best prompt's CE, and

@@ -1,14 +1,7 @@
 """The comparison harness: every method on the same examples, scored the same way, side by side
-in MLflow.
-
-MLflow layout, one experiment per data set and model (``tracking.experiment_name``)::
-
-    compare                      parent run (tag ddpt.role=comparison): config, metrics.json,
-    |                            samples.jsonl, the table
-    |-- train-ddpt               (ddpt.role=train, ``ddpt run`` only) training curves, checkpoint
-    |-- train-prompt_tuning      (ddpt.role=train)
-    |-- manual, ddpt, ...        (ddpt.role=method) one child per method, all with the same metric
-                                 names, so MLflow's compare view lines them up
+in MLflow: a parent run (tag ``ddpt.role=comparison``) with a child run per method
+(``ddpt.role=method``) and, for ``ddpt run``, per training job (``ddpt.role=train``), all with
+the same metric names. The run tree and how to read it in MLflow's UI: docs/sampling.md.
 
 ``ddpt compare`` reads the table back from MLflow (:func:`comparison_table`).
 """
@@ -17,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +24,15 @@ from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.scoring.execution import score_execution
 from pipeline.scoring.heldout import score_method
 from pipeline.scoring.results import ResultStore
+from pipeline.scoring.task_records import read_table
 from pipeline.studies.charts import CHARTS, comparison_charts
-from pipeline.studies.interpret import TsneMap
+from pipeline.studies.interpret import interpret
+from pipeline.studies.paired import (
+    comparison_metrics,
+    method_chains,
+    without_paired,
+    write_comparison_table,
+)
 from pipeline.tracking import (
     ROLE_TAG,
     RunTracker,
@@ -148,48 +148,6 @@ def arness_plots(rows: list[dict], folder: Path, method: str) -> list[Path]:
 
 
 @torch.no_grad()
-def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
-              folder: Path, examples: list[Example], methods: list[str], *,
-              num_prompts: int = 8, draws: int = 4) -> tuple[dict[str, Path], TsneMap | None]:
-    """Nearest tokens per trained prompt model (``folder/<model>/nearest_tokens.json``) and one
-    t-SNE map of them all with the manual context (``folder/tsne.png``). Prompts per task (a
-    conditional model, or ``sample.prompts: per_example``) are the method's own prompts for the
-    first ``num_prompts`` examples; shared prompts are ``draws`` noise draws. Returns
-    ({model: its folder}, what the map drew, or None without prompt models)."""
-    from pipeline.baselines.soft_prompt import SoftPrompt
-    from pipeline.generation.sampler import BatchSampler
-    from pipeline.studies.interpret import PromptSet, nearest_tokens, tsne_plot
-    from pipeline.training.prompt_models import is_conditional, sampling_args
-
-    if not checkpoints:
-        return {}, None
-    sampler = BatchSampler(config, checkpoints, lm)
-    chunk, written, sets = examples[:num_prompts], {}, {}
-    for name, model in sampler.prompt_models.items():
-        method = next((m for m in methods if METHODS[m].prompt == name), None)
-        fixed = isinstance(model, SoftPrompt)  # one learned prompt, nothing sampled
-        per_task = is_conditional(model) or config.sample.prompts == "per_example"
-        if method and chunk and per_task and not fixed:
-            directions, tasks = sampler.directions(method, chunk), [str(e.id) for e in chunk]
-        else:
-            sample = method_sample_config(METHODS[method], config.sample) if method else \
-                config.sample
-            generator = torch.Generator().manual_seed(config.sample.seed)
-            directions = model.sample_directions(1 if fixed else draws, generator,
-                                                 **sampling_args(sample, model))
-            tasks = None
-        prompts = lm.context_embedding().float() + directions.float()  # (m, n, d)
-        sets[name] = PromptSet(prompts, tasks)
-        written[name] = folder / name
-        written[name].mkdir(parents=True, exist_ok=True)
-        (written[name] / "nearest_tokens.json").write_text(
-            json.dumps(nearest_tokens(lm, prompts[0]), indent=1, ensure_ascii=False) + "\n")
-    drawn = tsne_plot(lm, sets, folder / "tsne.png", seed=config.sample.seed)
-    log.info("t-SNE map of %s in %.0fs: %s", ", ".join(sets), drawn.seconds, drawn.path)
-    return written, drawn
-
-
-@torch.no_grad()
 def diversity(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
               examples: list[Example], methods: list[str], *, num_examples: int = 8,
               samples: int = 8) -> dict[str, dict[str, float]]:
@@ -226,7 +184,8 @@ def diversity(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
     return out
 
 
-def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path]) -> dict:
+def method_params(config: RunConfig, method: str, checkpoints: dict[str, Path]) -> dict:
+    """What a method ran (its MLflow params): decoding, prompt model, chain, sizes."""
     spec, dc = METHODS[method], config.decoding
     params = {"method": method, "decoding": spec.decoding, "prompt": spec.prompt or "manual"}
     if dc.strategy == "diffusion":  # a masked-diffusion LM: SPA methods run two canvases
@@ -256,10 +215,11 @@ def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path])
 
 
 def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[str, float]],
-                store: ResultStore, checkpoints: dict[str, Path],
-                interpreted: dict[str, Path], *, tsne: Path | None = None) -> dict[str, str]:
-    """One child run per method under ``parent`` (re-used on resume), with its prompt model's
-    nearest tokens and the t-SNE map ``tsne`` under ``interpret/``; returns method -> run id."""
+                store: ResultStore, params: dict[str, dict],
+                interpreted: dict[str, Path], *, pictures: Sequence[Path] = ()) -> dict[str, str]:
+    """One child run per method under ``parent`` (re-used on resume) with its ``params``
+    (:func:`method_params`), its prompt model's nearest tokens and the prompt ``pictures`` under
+    ``interpret/``; returns method -> run id."""
     existing = {run.data.tags.get("ddpt.method"): run.info.run_id
                 for run in child_runs(parent.uri, parent.run_id)
                 if run.data.tags.get(ROLE_TAG) == "method"}
@@ -270,7 +230,7 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
             child = RunTracker.resume(parent.uri, existing[method])
         else:
             child = RunTracker.start(parent.uri, config.tracking.experiment_name(config), method,
-                                     params=_method_params(config, method, checkpoints),
+                                     params=params[method],
                                      tags={ROLE_TAG: "method", "ddpt.method": method},
                                      parent_run_id=parent.run_id)
         with child:
@@ -279,8 +239,8 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
                            "samples.json")
             if METHODS[method].prompt in interpreted:
                 child.log_artifacts(interpreted[METHODS[method].prompt], "interpret")
-                if tsne is not None:
-                    child.log_artifact(tsne, "interpret")
+                for picture in pictures:
+                    child.log_artifact(picture, "interpret")
             for plot in arness_plots(by_method.get(method, []), store.path.parent / "arness",
                                      method):
                 child.log_artifact(plot, "arness")
@@ -320,7 +280,9 @@ def find_comparison(uri: str, experiment: str | None = None, output: str | Path 
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
-    """``{method: {metric: value}}`` as a fixed-width text table, a row per method."""
+    """``{method: {metric: value}}`` as a fixed-width text table, a row per method (the paired
+    figures are :func:`~pipeline.studies.paired.format_paired`'s)."""
+    metrics = without_paired(metrics)
     names = list(dict.fromkeys(name for values in metrics.values() for name in values))
     widths = [max(10, len(n) + 2) for n in names]
     header = f"{'method':<14}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
@@ -362,10 +324,12 @@ def save_json(path: Path, data: dict) -> None:
 def run_comparison(config: RunConfig, output: Path, methods: list[str],
                    checkpoints: dict[str, Path], examples: list[Example], *,
                    parent: RunTracker, open_pool: Callable[[], SamplerPool], resume: bool,
-                   progress: bool = True, lm: FrozenCodeLM | None = None
-                   ) -> dict[str, dict[str, float]]:
-    """Sample and generate with every method, score, chart (``charts/``), interpret, and log
-    one MLflow child run per method under ``parent``. Returns ``{method: {metric: value}}``."""
+                   progress: bool = True, lm: FrozenCodeLM | None = None,
+                   reference: str | None = None) -> dict[str, dict[str, float]]:
+    """Sample and generate with every method, score, write the per-task table, pair each
+    method with ``reference`` (None: no paired figures), chart (``charts/``), interpret, and
+    log one MLflow child run per method under ``parent``. Returns ``{method: {metric:
+    value}}``, the paired figures (``pass_at_1_diff``, ...) among them."""
     import time
 
     from pipeline.lm.loader import build_lm
@@ -380,19 +344,26 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     lm = lm or build_lm(config)
     for method, spread in diversity(config, checkpoints, lm, examples, methods).items():
         metrics[method].update(spread)
+    params = {method: method_params(config, method, checkpoints) for method in methods}
+    table = write_comparison_table(store, output, (e.id for e in examples),
+                                   seed=config.train.seed, chains=method_chains(params))
+    for method, values in comparison_metrics(read_table(table), reference, methods).items():
+        metrics[method].update(values)
     save_json(output / "metrics.json", metrics)
     pictures = comparison_charts(output / CHARTS, metrics, training_run_files(checkpoints),
                                  title=f"{config.data.dataset} / {config.data.eval_split} "
                                  f"({config.model.name}, {len(examples)} examples)")
-    interpreted, drawn = interpret(config, checkpoints, lm, output / "interpret", examples,
-                                   methods)
-    tsne = drawn.path if drawn else None
-    log_methods(parent, config, metrics, store, checkpoints, interpreted, tsne=tsne)
+    interpreted = interpret(config, checkpoints, lm, output / "interpret", examples, methods)
+    log_methods(parent, config, metrics, store, params, interpreted.folders,
+                pictures=interpreted.pictures)
     parent.log_artifact(output / "metrics.json")
     parent.log_artifact(store.path)
+    parent.log_artifact(table)
+    if reference is not None:
+        parent.set_tag("ddpt.reference_method", reference)
     for picture in pictures:
         parent.log_artifact(picture, CHARTS)
-    if tsne is not None:
-        parent.log_artifact(tsne, "interpret")
+    for picture in interpreted.pictures:
+        parent.log_artifact(picture, "interpret")
     parent.log_dict({"text": format_table(metrics)}, "table.json")
     return metrics

@@ -11,8 +11,15 @@ Writes into the output folder:
     config.yaml        the resolved configuration
     samples.jsonl      one line per (method, example): id, method, instruction, generation,
                        reference, status, exec_message (docs/execution.md)
-    metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n}}
-    charts/metrics.png a bar panel per metric, a bar per method (``ddpt report`` inlines it)
+    task_records.csv.gz  one row per (method, task): status, test cases passed, code_ce
+                       (docs/statistics.md)
+    metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n,
+                       "records_in_data": N}}: ``total`` tasks judged of the N records the
+                       data set holds (all of a user's file unless a split is asked for);
+                       with two or more methods each one's paired figures against
+                       eval.reference_method (``pass_at_1_diff``, ...)
+    charts/metrics.png a panel per pass@k: the paired differences to the reference
+                       (``ddpt report`` inlines it)
     evaluate_run.json  the MLflow run (re-attached by ``resume``)
     mlflow.db, mlartifacts/   unless MLFLOW_TRACKING_URI / tracking.uri point elsewhere
 """
@@ -23,16 +30,29 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, check_fresh_output
+from pipeline.config import DATA_METHODS, ConfigError, RunConfig, check_fresh_output
 from pipeline.data.example import Example
-from pipeline.data.splits import tested_eval_examples
+from pipeline.data.records import ALL_RECORDS
+from pipeline.data.splits import record_count, tested_eval_examples
 from pipeline.generation.sampler import METHODS, task_fields
 from pipeline.sandbox import SandboxError, resolve_isolation
 from pipeline.scoring.execution import score_execution
 from pipeline.scoring.results import ResultStore
+from pipeline.scoring.task_records import chain_label, read_table
 from pipeline.studies.backends import LOCAL, Backends
 from pipeline.studies.charts import CHARTS, METRICS_PNG, metric_chart
-from pipeline.studies.comparison import arness_plots, check_before_work, sample_into, score
+from pipeline.studies.comparison import (
+    arness_plots,
+    check_before_work,
+    method_params,
+    sample_into,
+    score,
+)
+from pipeline.studies.paired import (
+    check_reference,
+    comparison_metrics,
+    write_comparison_table,
+)
 from pipeline.tracking import RunTracker, check_tracking_uri, open_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -42,6 +62,9 @@ RUN_FILE = "evaluate_run.json"
 EVALUATE_METHODS: dict[str, Callable[[Example], str]] = {
     "canonical": lambda example: example.output,
 }
+if tuple(EVALUATE_METHODS) != DATA_METHODS:  # eval.reference_method's choices name these
+    raise RuntimeError(f"EVALUATE_METHODS {list(EVALUATE_METHODS)} differ from pipeline.config's "
+                       f"DATA_METHODS {list(DATA_METHODS)}")
 # The sampler's methods that need no trained prompt model: they generate with model.name.
 MODEL_METHODS = {name: spec for name, spec in METHODS.items() if spec.prompt is None}
 
@@ -51,6 +74,16 @@ def _open_run(config: RunConfig, output: Path, uri: str, methods: Sequence[str],
     return open_run(output / RUN_FILE, uri, config.tracking.experiment_name(config), "evaluate",
                     resume=resume, role="evaluate", output=output, params=config.to_flat(),
                     tags={"ddpt.methods": ",".join(methods), "ddpt.isolation": isolation})
+
+
+def judged_line(config: RunConfig, judged: int, records: int) -> str:
+    """'judged 4 of the 40 records of my.jsonl (split 'test')': what was scored, of what."""
+    data = config.data
+    split = "every split" if data.eval_split == ALL_RECORDS else f"split {data.eval_split!r}"
+    if data.max_eval_examples and judged == data.max_eval_examples:
+        split += f"; {judged} of it, {data.eval_sample}"
+        split += f" (seed {data.sample_seed})" if data.eval_sample == "spread" else ""
+    return f"judged {judged} of the {records} records of {data.dataset} ({split})"
 
 
 def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] = ("canonical",),
@@ -66,6 +99,7 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     if not methods or unknown:
         raise ConfigError(f"--method: unknown {unknown or 'none given'}; known: "
                           f"{', '.join(known)}")
+    reference = check_reference(config.eval.reference_method, methods)
     model_methods = [m for m in methods if m in MODEL_METHODS]
     if model_methods:
         check_before_work(config)
@@ -75,19 +109,20 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     store = ResultStore(output / "samples.jsonl")
     check_fresh_output(output, (store.path.name, RUN_FILE), "evaluation", resume=resume)
     examples = tested_eval_examples(config.data)  # data errors surface before any work
+    records = record_count(config.data)
     uri = resolve_tracking_uri(output, config.tracking.uri)
     check_tracking_uri(uri)
     try:
         isolation = resolve_isolation(config.execution.isolation)
     except SandboxError as err:
         raise ConfigError(f"execution.isolation: {err}") from err
-    log.info("evaluating %s on %d examples of %s/%s (sandbox: %s isolation)",
-             ", ".join(methods), len(examples), config.data.dataset, config.data.eval_split,
-             isolation)
+    log.info("evaluating %s: %s (sandbox: %s isolation)", ", ".join(methods),
+             judged_line(config, len(examples), records), isolation)
     output.mkdir(parents=True, exist_ok=True)
     config.save(output / "config.yaml")
     metrics: dict[str, dict[str, float]] = {}
     with _open_run(config, output, uri, methods, isolation, resume=resume) as tracker:
+        tracker.set_tag("ddpt.judged", judged_line(config, len(examples), records))
         if model_methods:  # generate what the store lacks, batch by batch
             sample_into(store, config, model_methods, examples,
                         backends.pool(config, {}, None), progress=progress)
@@ -104,6 +139,13 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
                          for ex in examples if ex.id not in done)
             metrics[method] = score_execution(store, method, examples, config.execution,
                                               progress=progress)
+        for values in metrics.values():
+            values["records_in_data"] = float(records)
+        table = write_comparison_table(store, output, (e.id for e in examples),
+                                       seed=config.train.seed, chains=chains(config, methods))
+        for method, values in comparison_metrics(read_table(table), reference,
+                                                 methods).items():
+            metrics[method].update(values)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         chart = output / CHARTS / METRICS_PNG
         metric_chart(metrics, chart, title=f"{config.data.dataset} / {config.data.eval_split}")
@@ -112,4 +154,11 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
         tracker.log_metrics(metrics[methods[0]] if len(methods) == 1 else metrics)
         tracker.log_artifact(output / "metrics.json")
         tracker.log_artifact(store.path)
+        tracker.log_artifact(table)
     return metrics
+
+
+def chains(config: RunConfig, methods: Sequence[str]) -> dict[str, str]:
+    """What each method ran, for the per-task table: the data's program, or the decoding."""
+    return {m: m if m in EVALUATE_METHODS else chain_label(method_params(config, m, {}))
+            for m in methods}
