@@ -19,6 +19,7 @@ from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 import yaml
 
 from pipeline.method.objectives import OBJECTIVES
+from pipeline.method.policy_gradient import BASELINES as GRPO_BASELINES
 from pipeline.method.schedules import SCHEDULES
 
 
@@ -47,6 +48,8 @@ MANUAL_CONTEXT = (
 
 
 # Choice lists, one each: the modules that own the choices import them from here.
+# train.objective's RL objectives (pipeline/training/prompt_rl.py), beside method's OBJECTIVES.
+RL_OBJECTIVES = ("grpo", "grpo_gaussian")
 # The prompt models pipeline.training.prompt_models builds, one registry entry per name.
 PROMPT_MODELS = ("ddpt", "prompt_tuning")
 # What `train.method` trains: a prompt model for a frozen LM, or (coupled_grpo) a masked-diffusion
@@ -306,6 +309,57 @@ class DenoiserConfig(_Section):
 
 
 @dataclass
+class RLConfig(_Section):
+    """Execution-reward RL (``train.objective`` grpo / grpo_gaussian; method.md section 5,
+    docs/training.md "Execution-reward training")."""
+
+    section: ClassVar[str] = "rl"
+
+    rounds: int = _help(20, "RL rounds (each: rollouts, rewards, updates_per_round updates)", gt=0)
+    tasks_per_round: int = _help(4, "N training tasks per round (from the screened tasks)", ge=1)
+    group_size: int = _help(8, "G prompts sampled per task (a group)", ge=2)
+    chain_steps: int = _help(
+        8, "'grpo': S DDIM steps of the policy chain (8 or more: the 3-step chain has one step "
+        "with real noise)", ge=8)
+    eta: float = _help(1.0, "'grpo': the policy chain's DDIM noise (1: DDPM-like variances)",
+                       gt=0, le=1)
+    gaussian_std: float = _help(
+        0.1, "'grpo_gaussian': the scale s of z ~ N(D(0, T-1, c), s^2 I) at the start", gt=0)
+    learn_std: bool = _help(True, "'grpo_gaussian': s is learned (as log s); false keeps it")
+    baseline: str = _help(
+        "mean", "advantage baseline: 'mean' (r - mean r) or 'leave_one_out' (r_i - mean of the "
+        "others)", choices=GRPO_BASELINES)
+    scale_by_std: bool = _help(True, "divide advantages by the group's std (GRPO)")
+    skip_uninformative: bool = _help(
+        True, "drop groups whose rewards are all equal from the loss (their share is logged)")
+    eps_low: float = _help(0.2, "clip range below 1 of the per-step ratio", gt=0, lt=1)
+    eps_high: float = _help(0.2, "clip range above 1 of the per-step ratio", gt=0)
+    beta: float = _help(
+        0.001, "weight of the KL to the reference chain (the start model); the step into t = 0 "
+        "has a tiny sigma, so the KL is large: choose beta on that scale", ge=0)
+    updates_per_round: int = _help(2, "optimizer steps on one round's rollouts (mu)", ge=1)
+    ce_weight: float = _help(
+        0.0, "weight of the auxiliary code cross-entropy on the round's tasks (the LM's "
+        "backward to the prompt, as DDPT training; the learner then holds the LM); 0 = off",
+        ge=0)
+    parse_bonus: float = _help(0.05, "reward bonus for code that ast.parse accepts", ge=0)
+    run_bonus: float = _help(
+        0.05, "reward bonus for code whose tests ran (ExecResult.cases_run > 0: it loaded "
+        "without an error, a timeout or an exit)", ge=0)
+    screen: bool = _help(
+        True, "before RL, keep only the training tasks whose reward varies over temperature "
+        "samples of the manual prompt (cached in <output>/screen.json)")
+    screen_tasks: int = _help(64, "training tasks screened (the first N; 0 = all)", ge=0)
+    screen_samples: int = _help(8, "temperature samples per screened task", ge=2)
+    screen_temperature: float = _help(0.8, "temperature of the screening samples", gt=0)
+    checkpoint_every: int = _help(5, "rounds between checkpoints; 0 = only at the end", ge=0)
+    learner_cpus: float = _help(
+        0.0, "CPUs Ray reserves for the learner on the Ray backend; 0: none, since a round's "
+        "update runs while the sampler actors wait for the next round (it needs no LM; it "
+        "holds one only with ce_weight > 0)", ge=0)
+
+
+@dataclass
 class TrainConfig(_Section):
     section: ClassVar[str] = "train"
 
@@ -317,11 +371,15 @@ class TrainConfig(_Section):
         choices=TRAIN_METHODS,
     )
     objective: str = _help(
-        "unrolled", "DDPT's training objective (method.md section 1): 'bootstrap' (a global "
-        "EMA target), 'bootstrap_teacher' (an EMA teacher's sample per example), 'unrolled' "
-        "(LM loss through a short DDIM chain from noise), 'spread' (unrolled, rewarding spread "
-        "between samples), 'deterministic' (the ablation: one step from zero noise)",
-        choices=tuple(OBJECTIVES),
+        "unrolled", "DDPT's training objective (method.md sections 1 and 5): 'bootstrap' (a "
+        "global EMA target), 'bootstrap_teacher' (an EMA teacher's sample per example), "
+        "'unrolled' (LM loss through a short DDIM chain from noise), 'spread' (unrolled, "
+        "rewarding spread between samples), 'deterministic' (the ablation: one step from zero "
+        "noise), 'soft_min' (a soft minimum of K prompts' losses: a set of prompts), 'grpo' "
+        "(execution-reward RL over the reverse chain, from train.init_checkpoint; the rl "
+        "section), 'grpo_gaussian' (the same RL for the deterministic generator as a one-step "
+        "Gaussian policy, the ablation). prompt_tuning ignores it",
+        choices=(*OBJECTIVES, *RL_OBJECTIVES),
     )
     prompt_init: str = _help(
         "context", "where prompt tuning's prompt P starts: 'context', the manual context's "
@@ -361,6 +419,13 @@ class TrainConfig(_Section):
     spread_weight: float = _help(0.1, "'spread': weight of the reward for spread between prompts",
                                  ge=0)
     target_spread: float = _help(0.5, "'spread': the spread beyond which there is no reward", gt=0)
+    soft_min_prompts: int = _help(4, "'soft_min': K prompts per example (K noises)", ge=2)
+    soft_min_temperature: float = _help(
+        0.1, "'soft_min': tau of -tau logsumexp(-CE_k / tau); tau -> 0 is the hard minimum", gt=0)
+    init_checkpoint: str | None = _help(
+        None, "'grpo' / 'grpo_gaussian': the trained DDPT checkpoint folder RL starts from (and "
+        "its frozen reference), e.g. runs/train/checkpoint; required by them (a fresh DDPT's "
+        "chain ends in its zero-initialised output: every reward equal, nothing to learn)")
     grad_clip: float = _help(1.0, "max gradient norm; 0 = off", ge=0)
     lm_autocast: str = _help(
         "off", "'bfloat16': the frozen LM's forward in training runs under torch.autocast in "
@@ -676,6 +741,7 @@ class RunConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     dllm_rl: DllmRLConfig = field(default_factory=DllmRLConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -748,6 +814,28 @@ class RunConfig:
                 f"train.method: 'coupled_grpo' trains a masked-diffusion LM (model.name "
                 f"tiny-dream or a Dream/DiffuCoder folder); model.name={self.model.name!r} is "
                 f"a {_model_type(self.model.name)!r} model")
+        self._check_rl()
+
+    @property
+    def is_rl(self) -> bool:
+        """Whether training is execution-reward RL (DDPT with an RL objective)."""
+        return self.train.method == "ddpt" and self.train.objective in RL_OBJECTIVES
+
+    def _check_rl(self) -> None:
+        """The RL objectives' combinations (the start checkpoint's contents are checked when a
+        job starts: pipeline.training.prompt_rl.check_start_checkpoint)."""
+        tc = self.train
+        if self.is_rl:
+            _check(tc.init_checkpoint is not None, "train.init_checkpoint",
+                   f"train.objective={tc.objective} starts from a trained DDPT checkpoint: set "
+                   "it (a fresh DDPT's chain ends in its zero-initialised output, so every "
+                   "reward would be equal)")
+            _check(bool(str(tc.init_checkpoint).strip()), "train.init_checkpoint",
+                   "must not be empty")
+        elif tc.init_checkpoint is not None and tc.method == "ddpt":
+            raise ConfigError(f"train.init_checkpoint: only the RL objectives "
+                              f"{list(RL_OBJECTIVES)} start from a checkpoint, not "
+                              f"train.objective={tc.objective}")
 
     def __str__(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False).rstrip()

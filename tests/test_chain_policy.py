@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pipeline.method.chain_grpo import ChainGRPOSettings, grpo_round, rollout, update
+from pipeline.config import RLConfig
+from pipeline.method.chain_grpo import grpo_round, rollout, update
 from pipeline.method.chain_policy import (
     ChainPolicy,
     GaussianPromptPolicy,
@@ -126,7 +127,7 @@ def test_the_update_masks_uninformative_groups_and_reports():
     policy = ChainPolicy(model, steps=8)
     reference = frozen_copy(policy)
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    settings = ChainGRPOSettings(group_size=4, steps=8)
+    settings = RLConfig(group_size=4, updates_per_round=1, beta=0.01)
     # task 0's rewards all equal, task 1's differ: half the groups carry signal
     reward = lambda z: torch.tensor([1.0] * 4 + [0.0, 1.0, 0.0, 1.0])
     samples = rollout(policy, 2, reward, settings, torch.Generator().manual_seed(0))
@@ -177,8 +178,7 @@ def mean_reward(policy, seed: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["chain", "gaussian"])
 def test_grpo_raises_a_toy_reward_over_three_seeds_against_a_frozen_control(kind):
-    settings = ChainGRPOSettings(group_size=8, steps=8, eta=1.0, beta=0.001,
-                                 updates_per_round=2)
+    settings = RLConfig(group_size=8, beta=0.001, updates_per_round=2)
     gains = []
     for seed in range(3):
         model = pretrained_prompt(seed)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from helpers import EXAMPLES, make_lm
-from pipeline.config import PRESETS, RunConfig
-from pipeline.method.objectives import SoftMinObjective, SoftMinSettings, soft_min
+from pipeline.config import PRESETS, ConfigError, RunConfig
+from pipeline.method.objectives import SoftMinObjective, soft_min
 from pipeline.training.loop import train_local
 from pipeline.training.prompt_models import PromptLoss, build_trainable
 
@@ -44,9 +44,10 @@ def test_soft_min_weights_every_loss_and_tends_to_the_hard_minimum():
 
 def test_one_forward_scores_every_prompt_and_the_gradient_reaches_all_of_them():
     lm = make_lm("tiny-llama")
-    config = soft_min_config()
+    config = soft_min_config(soft_min_prompts=4, soft_min_temperature=0.2)
     model, objective = build_trainable(lm, config)
-    assert isinstance(objective, SoftMinObjective) and objective.settings.prompts == 4
+    assert isinstance(objective, SoftMinObjective) and objective.prompts == 4
+    assert objective.temperature == 0.2
     assert model.chain("ddpm", 50, 0.0) == ("ddim", config.train.unroll_steps, 1.0)
     torch.nn.init.normal_(model.denoiser.out.weight, std=0.5)  # off the zero start
     module = PromptLoss(model, lm, objective)
@@ -70,7 +71,7 @@ def test_one_forward_scores_every_prompt_and_the_gradient_reaches_all_of_them():
             torch.testing.assert_close(
                 lm.code_loss(batch, direction[k * 3:(k + 1) * 3], per_example=True), ce[k],
                 rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(output.loss, soft_min(ce, 0.1).mean())
+    torch.testing.assert_close(output.loss, soft_min(ce, 0.2).mean())
     output.loss.backward()
     per_prompt = direction.grad.view(4, 3, -1).norm(dim=-1)
     assert (per_prompt > 0).all(), per_prompt
@@ -85,4 +86,6 @@ def test_soft_min_trains_in_the_single_process_loop():
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
     assert {"best_code_loss", "consistency", "code_loss"} <= set(result.history[0])
     with pytest.raises(ValueError, match="prompts >= 2"):
-        SoftMinSettings(prompts=1)
+        SoftMinObjective(prompts=1)
+    with pytest.raises(ConfigError, match="train.soft_min_prompts: must be >= 2"):
+        soft_min_config(soft_min_prompts=1)

@@ -11,16 +11,23 @@ from pipeline.config import RunConfig
 from pipeline.generation.sampler import LocalPool, SamplerPool
 from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.studies.backends import Backends
-from pipeline.training.job import TrainBackend, local_backend
+from pipeline.training.job import TrainBackend
+from pipeline.training.rl_job import local_train_backend
 
 
 def train_backend(config: RunConfig, lm: FrozenCodeLM | None = None) -> TrainBackend:
-    """``distributed.backend``: Ray Train + DeepSpeed ZeRO-3, or this process (reusing ``lm``)."""
+    """``distributed.backend``: Ray Train + DeepSpeed ZeRO-3, or this process (reusing ``lm``);
+    for the RL objectives, the sampler actors and a Ray Train learner
+    (:mod:`pipeline.distributed.rl`), or this process."""
+    if config.distributed.backend == "ray" and config.is_rl:
+        from pipeline.distributed.rl import rl_ray_backend
+
+        return rl_ray_backend()
     if config.distributed.backend == "ray":
         from pipeline.distributed.train import ray_backend
 
         return ray_backend()
-    return local_backend(lm)
+    return local_train_backend(config, lm)
 
 
 def pool_opener(config: RunConfig, checkpoints: dict[str, Path],

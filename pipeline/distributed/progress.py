@@ -25,12 +25,15 @@ class ProgressSink:
     queue: Queue
     name: str
     steps: int
+    label: str = "loss"  # what the line calls the figure and the rate (StepProgress's)
+    unit: str = "ex/s"
 
     def send(self, step: int, loss: float, examples_per_second: float) -> None:
         """Never blocks a step: a full queue (a driver gone or far behind) drops the record."""
         try:
             self.queue.put_nowait({"name": self.name, "steps": self.steps, "step": step,
-                                   "loss": loss, "examples_per_second": examples_per_second})
+                                   "loss": loss, "examples_per_second": examples_per_second,
+                                   "label": self.label, "unit": self.unit})
         except Full:
             pass
 
@@ -45,8 +48,9 @@ class ProgressRelay:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, daemon=True, name="ddpt-progress")
 
-    def sink(self, name: str, steps: int) -> ProgressSink | None:
-        return ProgressSink(self.queue, name, steps) if self.enabled else None
+    def sink(self, name: str, steps: int, *, label: str = "loss", unit: str = "ex/s"
+             ) -> ProgressSink | None:
+        return ProgressSink(self.queue, name, steps, label, unit) if self.enabled else None
 
     def __enter__(self) -> ProgressRelay:
         if self.enabled:
@@ -81,5 +85,7 @@ class ProgressRelay:
     def _show(self, item: dict) -> None:
         name = item["name"]
         if name not in self.lines:
-            self.lines[name] = StepProgress(name, item["steps"], position=len(self.lines))
+            self.lines[name] = StepProgress(name, item["steps"], position=len(self.lines),
+                                            label=item.get("label", "loss"),
+                                            unit=item.get("unit", "ex/s"))
         self.lines[name].update(item["step"], item["loss"], item["examples_per_second"])

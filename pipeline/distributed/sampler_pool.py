@@ -10,9 +10,11 @@ once.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +39,7 @@ class SamplerActor:
     there, need not see the driver's disk."""
 
     def __init__(self, config: dict, checkpoints: dict[str, dict[str, bytes]],
-                 torch_threads: int):
+                 torch_threads: int, reward=None):
         import torch
 
         from pipeline.generation.sampler import BatchSampler
@@ -46,22 +48,56 @@ class SamplerActor:
         self.folder = tempfile.TemporaryDirectory(prefix="ddpt-sampler-")  # lives with the actor
         paths = unpack_checkpoints(checkpoints, Path(self.folder.name))
         self.sampler = BatchSampler(RunConfig.from_dict(config), paths)
+        self.reward = reward  # RL's reward; None: the sandbox's (pipeline/scoring/rewards.py)
+        self.rl_worker, self.rl_key = None, None
 
     def run(self, method: str, examples: list[Example]) -> list[dict]:
         records = self.sampler.run(method, examples)
         node = ray.get_runtime_context().get_node_id()
         return [{**r, "actor_pid": os.getpid(), "actor_node": node} for r in records]
 
+    # ---- execution-reward RL: this actor is a rollout worker (pipeline/distributed/rl.py) ----
+    def rl_rollout(self, config: dict, weights: dict, chunks: list[list[Example]],
+                   round_index: int):
+        """The learner's weights in, the chunks' rollouts out (time by part, weight loading
+        as ``sync_seconds``)."""
+        worker = self._rl_worker(config)
+        began = time.perf_counter()
+        worker.set_weights(weights)
+        synced = time.perf_counter() - began
+        rollouts = worker.rollout(chunks, round_index)
+        rollouts.seconds["sync_seconds"] = synced
+        return rollouts
+
+    def rl_screen(self, config: dict, chunks: list[list[Example]]):
+        return self._rl_worker(config).screen(chunks)
+
+    def _rl_worker(self, config: dict):
+        """The RL run's rollout worker on this actor's LM, built again when another run's
+        configuration arrives (a pool may serve several runs, as a sweep's trials)."""
+        from pipeline.training.rl_job import rl_policy
+
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key != self.rl_key:
+            run = RunConfig.from_dict(config)
+            if run.model != self.sampler.config.model:
+                raise ValueError(f"this actor holds model {self.sampler.config.model}, the RL "
+                                 f"run asks for {run.model}")
+            self.rl_worker = rl_policy(run).rollout_worker(run, self.sampler.lm, self.reward)
+            self.rl_key = key
+        return self.rl_worker
+
     def pid(self) -> int:
         return os.getpid()
 
 
-def start_pool(config: RunConfig, checkpoints: ray.ObjectRef) -> list:
+def start_pool(config: RunConfig, checkpoints: ray.ObjectRef, *, reward=None) -> list:
     """Start ``pool.num_actors`` actors (Ray queues any that the cluster cannot fit yet).
     ``checkpoints``: :func:`pack_checkpoints`' output put in the object store once, for every
     actor and restart; the caller keeps the reference for as long as the pool lives (Ray
     cannot restart an actor whose constructor arguments went out of scope,
-    ray-project/ray#47043)."""
+    ray-project/ray#47043). ``reward``: RL's reward for the actors' rollouts (None: the
+    sandbox's)."""
     pool = config.pool
     ensure_ray()
     check_fits(sampler_actor_resources(config), f"pool: one actor (cpus_per_actor "
@@ -71,7 +107,8 @@ def start_pool(config: RunConfig, checkpoints: ray.ObjectRef) -> list:
     options = {"num_cpus": pool.cpus_per_actor, "num_gpus": pool.gpus_per_actor,
                "max_restarts": pool.max_restarts, "max_task_retries": -1,
                "scheduling_strategy": pool.scheduling}
-    return [SamplerActor.options(**options).remote(config.to_dict(), checkpoints, threads)
+    return [SamplerActor.options(**options).remote(config.to_dict(), checkpoints, threads,
+                                                   reward)
             for _ in range(pool.num_actors)]
 
 

@@ -288,6 +288,10 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
 
     config, output = request.config, request.output
     dc, tc = config.distributed, config.train
+    if config.is_rl:
+        raise ConfigError(f"train.objective={tc.objective} is RL: its Ray backend is "
+                          "pipeline.distributed.rl (ddpt train picks it); sweeps of it are not "
+                          "built")
     if len(request.examples) < tc.batch_size:
         raise ConfigError(f"train.batch_size is {tc.batch_size} examples per step, but the "
                           f"training split has {len(request.examples)}")

@@ -6,65 +6,47 @@ A round: G samples per task from the policy (:meth:`ChainPolicy.sample` or
 group, then ``updates_per_round`` optimizer steps on the clipped per-step surrogate plus
 ``beta`` times the analytic per-step KL to a frozen reference policy. The LLM only enters
 through ``reward_fn`` (greedy decoding and the sandbox, later): nothing back-propagates through
-it. The Ray glue splits :func:`rollout` (the sampler actors) from :func:`update` (the learner).
+it. The Ray glue splits the sampling (the sampler actors) from :func:`update` (the learner):
+``pipeline/training/prompt_rl.py`` and ``pipeline/distributed/rl.py``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from pipeline.method.chain_policy import Trajectory, gaussian_log_density, step_kl
-from pipeline.method.policy_gradient import (
-    BASELINES,
-    GroupAdvantages,
-    clipped_policy_loss,
-    group_advantages,
-)
+from pipeline.method.policy_gradient import GroupAdvantages, clipped_policy_loss, group_advantages
+from pipeline.method.prompt import Generators
 
 # final latents (B, n, k) -> rewards (B,): what the prompts earn (the glue decodes and runs code)
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class ChainGRPOSettings:
-    """The settings of ``train.objective=grpo`` / ``grpo_gaussian`` (to move into
-    ``pipeline/config.py`` with the Ray wiring).
+class GRPOSettings(Protocol):
+    """What a round reads (``pipeline.config.RLConfig``, the ``rl`` section, has these fields;
+    method.md section 5).
 
-    group_size: G samples per task. steps, eta: the policy chain's S DDIM steps and noise
-    (``ChainPolicy``'s; unused by the Gaussian policy). baseline: 'mean' or 'leave_one_out'.
-    scale_by_std: divide advantages by the group's std (GRPO, DDPO's per-prompt
-    normalisation). skip_uninformative: drop groups whose rewards are all equal from the
-    loss (their advantages are 0; this also drops their KL term). eps_low, eps_high: the
-    ratio's clip range. beta: the KL weight. updates_per_round: optimizer steps on one round's
-    samples (mu). grad_clip: max gradient norm (0: off). ce_weight: the weight of the optional
-    auxiliary cross-entropy the caller passes as ``aux_loss`` (0: off).
+    group_size: G samples per task. baseline: 'mean' or 'leave_one_out'. scale_by_std: divide
+    advantages by the group's std (GRPO, DDPO's per-prompt normalisation). skip_uninformative:
+    drop groups whose rewards are all equal from the loss (their advantages are 0; this also
+    drops their KL term). eps_low, eps_high: the ratio's clip range. beta: the KL weight.
+    updates_per_round: optimizer steps on one round's samples (mu). ce_weight: the weight of the
+    optional auxiliary cross-entropy the caller passes as ``aux_loss`` (0: off).
     """
 
-    group_size: int = 8
-    steps: int = 8
-    eta: float = 1.0
-    baseline: str = "mean"
-    scale_by_std: bool = True
-    skip_uninformative: bool = True
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    beta: float = 0.01
-    updates_per_round: int = 1
-    grad_clip: float = 1.0
-    ce_weight: float = 0.0
-
-    def __post_init__(self):
-        checks = {"group_size": self.group_size >= 2, "steps": self.steps >= 2,
-                  "eta": self.eta > 0, "baseline": self.baseline in BASELINES,
-                  "eps_low": 0 < self.eps_low < 1, "eps_high": self.eps_high > 0,
-                  "beta": self.beta >= 0, "updates_per_round": self.updates_per_round >= 1,
-                  "grad_clip": self.grad_clip >= 0, "ce_weight": self.ce_weight >= 0}
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"ChainGRPOSettings: invalid {bad} in {self}")
+    group_size: int
+    baseline: str
+    scale_by_std: bool
+    skip_uninformative: bool
+    eps_low: float
+    eps_high: float
+    beta: float
+    updates_per_round: int
+    ce_weight: float
 
 
 @dataclass
@@ -79,11 +61,10 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy: nn.Module, num_tasks: int, reward_fn: RewardFn, settings: ChainGRPOSettings,
-            generator: torch.Generator | None = None,
-            condition: torch.Tensor | None = None) -> Rollout:
+def rollout(policy: nn.Module, num_tasks: int, reward_fn: RewardFn, settings: GRPOSettings,
+            generator: Generators = None, condition: torch.Tensor | None = None) -> Rollout:
     """G samples for each of ``num_tasks`` tasks (``condition`` (N, d): one row per task) and
-    their rewards and group advantages."""
+    their rewards and group advantages. ``generator``: one, or one per row (N * G)."""
     group = settings.group_size
     rows = None if condition is None else condition.repeat_interleave(group, 0)
     trajectory = policy.sample(num_tasks * group, generator, rows)
@@ -97,12 +78,13 @@ def rollout(policy: nn.Module, num_tasks: int, reward_fn: RewardFn, settings: Ch
 
 
 def update(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer,
-           samples: Rollout, settings: ChainGRPOSettings,
-           aux_loss: Callable[[], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+           samples: Rollout, settings: GRPOSettings,
+           aux_loss: Callable[[], torch.Tensor] | None = None, *,
+           grad_clip: float = 1.0) -> dict[str, torch.Tensor]:
     """``updates_per_round`` optimizer steps on one round's samples; returns the last step's
     statistics (detached 0-d tensors). theta_old is the policy before the first step; its
     log-probabilities are recomputed here by the same code as the current ones, so the first
-    step's ratio is exactly 1."""
+    step's ratio is exactly 1. ``grad_clip``: the largest gradient norm (0: off)."""
     traj, cond = samples.trajectory, samples.condition
     with torch.no_grad():
         old_means, old_stds = policy.moments(traj, cond)
@@ -130,20 +112,20 @@ def update(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optim
             break  # nothing to learn from this round: no step (weight decay would still move)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if settings.grad_clip:
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        if grad_clip:
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
     return stats
 
 
 def grpo_round(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer,
-               num_tasks: int, reward_fn: RewardFn, settings: ChainGRPOSettings, *,
-               generator: torch.Generator | None = None,
-               condition: torch.Tensor | None = None) -> dict[str, float]:
+               num_tasks: int, reward_fn: RewardFn, settings: GRPOSettings, *,
+               generator: Generators = None, condition: torch.Tensor | None = None,
+               grad_clip: float = 1.0) -> dict[str, float]:
     """:func:`rollout` then :func:`update`; returns the round's figures as floats: reward_mean,
     informative_share and the update's statistics (kl, clip_fraction, surrogate, ...)."""
     samples = rollout(policy, num_tasks, reward_fn, settings, generator, condition)
-    stats = update(policy, reference, optimizer, samples, settings)
+    stats = update(policy, reference, optimizer, samples, settings, grad_clip=grad_clip)
     return {"reward_mean": float(samples.rewards.mean()),
             "informative_share": samples.advantages.informative_share,
             **{k: float(v) for k, v in stats.items()}}

@@ -62,6 +62,19 @@ class Trajectory:
         """(S,) bool: the steps with sigma > 0, the ones that carry log-probability."""
         return self.stds > 0
 
+    def to(self, device: torch.device | str) -> Trajectory:
+        return Trajectory(self.latents.to(device), self.times, self.prev_times,
+                          self.means.to(device), self.stds.to(device))
+
+    @classmethod
+    def cat(cls, parts: list[Trajectory]) -> Trajectory:
+        """The rows of several batches of the same chain (same steps and stds), in order."""
+        first = parts[0]
+        if any(p.times != first.times or not torch.equal(p.stds, first.stds) for p in parts):
+            raise ValueError("only trajectories of the same chain (steps, stds) concatenate")
+        return cls(torch.cat([p.latents for p in parts], 1), first.times, first.prev_times,
+                   torch.cat([p.means for p in parts], 1), first.stds)
+
     def log_probs(self) -> torch.Tensor:
         """(B, S) float64: the behaviour policy's log-densities of its own steps."""
         return gaussian_log_density(self.latents[1:], self.means, self.stds)
@@ -110,12 +123,23 @@ def prompt_predictor(model: DiffusionPrompt, condition: torch.Tensor | None = No
     return predict
 
 
+def standard_normal(shape: tuple[int, ...], generator: Generators = None) -> torch.Tensor:
+    """N(0, I) of ``shape`` on the CPU, from one generator, or row i from generator i (a list
+    of ``shape[0]``): then a row's draws do not depend on the rows beside it in the batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)
+
+
 @torch.no_grad()
 def sample_trajectory(predict: Predict, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int,
-                      eta: float, generator: torch.Generator | None = None) -> Trajectory:
+                      eta: float, generator: Generators = None) -> Trajectory:
     """Run the S-step DDIM chain from ``x_T`` (B, n, k) and record every state, mean and std.
     Draws its noise exactly as :func:`pipeline.method.samplers.sample` does (one (B, n, k)
-    normal per stochastic step from ``generator`` on the CPU), so both give the same x_0."""
+    normal per stochastic step from ``generator`` on the CPU, or one row from each of B
+    generators), so both give the same x_0."""
     times = ddim_timesteps(schedule.timesteps, steps)
     prev_times = times[1:] + [-1]
     batch, device = x_T.shape[0], x_T.device
@@ -125,7 +149,7 @@ def sample_trajectory(predict: Predict, schedule: NoiseSchedule, x_T: torch.Tens
         mean, sigma = ddim_moments(schedule, x0_hat, x, t, t_prev, eta)
         x = mean
         if eta > 0 and t_prev >= 0:
-            x = mean + sigma * torch.randn(x_T.shape, generator=generator).to(device)
+            x = mean + sigma * standard_normal(tuple(x_T.shape), generator).to(device)
         states.append(x)
         means.append(mean)
         stds.append(sigma.reshape(()) if t_prev >= 0 else torch.zeros((), device=device))
@@ -169,11 +193,12 @@ class ChainPolicy(nn.Module):
             raise ValueError(f"a chain policy needs steps >= 2 and eta > 0, got {steps}, {eta}")
         self.model, self.steps, self.eta, self.guidance = model, steps, eta, guidance
 
-    def sample(self, num: int, generator: torch.Generator | None = None,
+    def sample(self, num: int, generator: Generators = None,
                condition: torch.Tensor | None = None) -> Trajectory:
-        """``num`` chains from x_T ~ N(0, I) drawn from ``generator``; condition (num, d)."""
+        """``num`` chains from x_T ~ N(0, I) drawn from ``generator`` (one, or one per row);
+        condition (num, d)."""
         device = self.model.x0_bar.device
-        x_T = torch.randn((num, *self.model.latent_shape), generator=generator).to(device)
+        x_T = standard_normal((num, *self.model.latent_shape), generator).to(device)
         return sample_trajectory(prompt_predictor(self.model, condition, self.guidance),
                                  self.model.schedule, x_T, self.steps, self.eta, generator)
 
@@ -219,10 +244,11 @@ class GaussianPromptPolicy(nn.Module):
         return self.model.zero_noise_latents(num, condition, self.guidance)
 
     @torch.no_grad()
-    def sample(self, num: int, generator: torch.Generator | None = None,
+    def sample(self, num: int, generator: Generators = None,
                condition: torch.Tensor | None = None) -> Trajectory:
+        """``num`` draws (one generator, or one per row); condition (num, d)."""
         mean = self.mean(num, condition)
-        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        noise = standard_normal(tuple(mean.shape), generator).to(mean.device)
         z = mean + self.std * noise
         return Trajectory(torch.stack([torch.zeros_like(z), z]),
                           [self.model.schedule.timesteps - 1], [-1], mean[None],
@@ -241,9 +267,4 @@ class GaussianPromptPolicy(nn.Module):
                           condition: torch.Tensor | None = None, **_) -> torch.Tensor:
         """``num`` prompt directions (num, n, d), as every prompt model offers (the sampler
         settings do not apply: there is no chain). One generator or one per row."""
-        if isinstance(generator, (list, tuple)):
-            mean = self.mean(num, condition)
-            noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g)
-                               for g in generator]).to(mean.device)
-            return self.direction(mean + self.std * noise)
         return self.direction(self.sample(num, generator, condition).final)

@@ -233,20 +233,6 @@ class DeterministicObjective:
         pass
 
 
-@dataclass(frozen=True)
-class SoftMinSettings:
-    """``soft_min``'s own settings (to move into ``pipeline/config.py``'s train section):
-    prompts: K prompts per example (>= 2); temperature: tau > 0 (tau -> 0 is the hard
-    minimum, multiple-choice learning; large tau tends to the mean CE plus a constant)."""
-
-    prompts: int = 4
-    temperature: float = 0.1
-
-    def __post_init__(self):
-        if self.prompts < 2 or self.temperature <= 0:
-            raise ValueError(f"soft_min needs prompts >= 2 and temperature > 0, got {self}")
-
-
 def soft_min(losses: torch.Tensor, temperature: float, dim: int = 0) -> torch.Tensor:
     """``-tau * logsumexp(-losses / tau)`` along ``dim``: below the minimum by at most
     ``tau log K``; its gradient weighs each loss by ``softmax(-losses / tau)``."""
@@ -254,11 +240,12 @@ def soft_min(losses: torch.Tensor, temperature: float, dim: int = 0) -> torch.Te
 
 
 class SoftMinObjective:
-    """A set of prompts per task (``soft_min``; method.md section 1): K noises per example, each
-    through the ``unroll_steps`` DDIM chain (eta = 0, gradients through every step) given the
-    example's condition; CE_k from one LM forward of the K * B rows; loss = mean over examples
-    of ``-tau * logsumexp_k(-CE_k / tau)`` (multiple-choice learning, "pass@k training"). The
-    condition dropout draws one decision per example, shared by its K prompts.
+    """A set of prompts per task (``soft_min``; method.md section 1): K = ``prompts`` noises per
+    example (``train.soft_min_prompts``; tau = ``temperature``, ``train.soft_min_temperature``),
+    each through the ``unroll_steps`` DDIM chain (eta = 0, gradients through every step) given
+    the example's condition; CE_k from one LM forward of the K * B rows; loss = mean over
+    examples of ``-tau * logsumexp_k(-CE_k / tau)`` (multiple-choice learning, "pass@k
+    training"). The condition dropout draws one decision per example, shared by its K prompts.
 
     Stats: ``code_loss`` is the mean CE over all K prompts (comparable with the other
     objectives), ``best_code_loss`` the mean over examples of the best prompt's CE, and
@@ -266,21 +253,25 @@ class SoftMinObjective:
     std over the K chains' ends, not in the loss).
     """
 
-    def __init__(self, cfg_dropout: float = 0.1, unroll_steps: int = 3,
-                 settings: SoftMinSettings = SoftMinSettings()):
-        self.cfg_dropout, self.steps, self.settings = cfg_dropout, unroll_steps, settings
+    def __init__(self, cfg_dropout: float = 0.1, unroll_steps: int = 3, prompts: int = 4,
+                 temperature: float = 0.1):
+        if prompts < 2 or temperature <= 0:
+            raise ValueError(f"soft_min needs prompts >= 2 and temperature > 0, got {prompts}, "
+                             f"{temperature}")
+        self.cfg_dropout, self.steps = cfg_dropout, unroll_steps
+        self.prompts, self.temperature = prompts, temperature
 
     def loss(self, model: DiffusionPrompt, code_loss: CodeLoss, batch_size: int,
              generator: torch.Generator | None = None,
              condition: torch.Tensor | None = None) -> ObjectiveOutput:
-        K, device = self.settings.prompts, model.x0_bar.device
+        K, device = self.prompts, model.x0_bar.device
         x_T = torch.randn((K * batch_size, *model.latent_shape), generator=generator).to(device)
         drop = cfg_drop(batch_size, self.cfg_dropout, condition, generator)
         tile = lambda x: None if x is None else x.repeat(K, *([1] * (x.dim() - 1)))
         x0 = ddim_chain(model, x_T, tile(condition), self.steps, tile(drop))
         direction = model.direction(x0)  # (K * B, n, d), row k * B + b: prompt k of example b
         ce = code_loss(direction, per_example=True).view(K, batch_size)
-        loss = soft_min(ce, self.settings.temperature).mean()
+        loss = soft_min(ce, self.temperature).mean()
         spread = x0.view(K, batch_size, -1).std(0).mean()
         stats = direction_stats(loss, ce.mean(), spread, direction)
         stats["best_code_loss"] = ce.detach().min(0).values.mean()

@@ -72,7 +72,8 @@ class PolicyLoss:
     ``stats``: ``surrogate`` (the clipped objective's mean, to maximise), ``kl`` (the KL term's
     mean), ``clip_fraction`` (elements where the clip is active: ratio below ``1 - eps_low``
     with A < 0 or above ``1 + eps_high`` with A > 0, as trl's ``clip_ratio/region_mean``),
-    ``clip_low``, ``clip_high``, ``ratio_mean``, ``elements`` (the count divided by)."""
+    ``clip_low``, ``clip_high``, ``ratio_mean``, ``ratio_min``, ``ratio_max`` (over the counted
+    elements; 1 when none count), ``elements`` (the count divided by)."""
 
     loss: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -114,6 +115,8 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
             "clip_low": (low * mask).sum() / count,
             "clip_high": (high * mask).sum() / count,
             "ratio_mean": (ratio * mask).sum() / count,
+            "ratio_min": ratio[mask > 0].min() if mask.any() else torch.ones(()),
+            "ratio_max": ratio[mask > 0].max() if mask.any() else torch.ones(()),
             "elements": mask.sum(),
         }
     return PolicyLoss(loss, {k: v.detach() for k, v in stats.items()})

@@ -95,13 +95,16 @@ def _is_check(node: ast.stmt, call: ast.stmt) -> bool:
 class ExecResult:
     """One program's outcome: ``status`` in STATUSES, a short ``message``, ``seconds`` (wall
     time from the sandbox's start to the verdict), and how many of its test cases passed (the
-    status is ``passed`` only when all did)."""
+    status is ``passed`` only when all did). ``cases_run``: the cases the judge ran to a verdict
+    of their own (passed, failed or raised), so 0 when the program's code failed, timed out or
+    exited before the tests (or the tests' setup failed before their first case)."""
 
     status: str
     message: str
     seconds: float
     cases_passed: int = 0
     cases_total: int = 0
+    cases_run: int = 0
 
     @property
     def passed(self) -> bool:
@@ -232,7 +235,7 @@ def _result(answer: dict) -> ExecResult:
         return ExecResult("error", _clean(f"the sandbox answered {status!r}"[:MAX_MESSAGE]), 0.0)
     return ExecResult(status, _clean(str(answer.get("message", ""))[:MAX_MESSAGE]),
                       float(answer.get("seconds", 0.0)), int(answer.get("cases_passed", 0)),
-                      int(answer.get("cases_total", 0)))
+                      int(answer.get("cases_total", 0)), int(answer.get("cases_run", 0)))
 
 
 OnResult = Callable[[ExecResult], object] | None

@@ -161,8 +161,9 @@ class Supervisor:
 
     def _answer(self, status: str, message: str, total: int) -> dict:
         passed = sum(1 for outcome, _ in self.cases.values() if outcome == "passed")
+        ran = sum(1 for outcome, _ in self.cases.values() if outcome != "died")
         return {"status": status, "message": dump(message), "cases_passed": passed,
-                "cases_total": total}
+                "cases_total": total, "cases_run": ran}
 
     def _supervise(self, workdir: str, total: int) -> tuple[str, str]:
         root = os.geteuid() == 0

@@ -12,7 +12,8 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig
 from pipeline.generation.sampler import LocalPool, SamplerPool
 from pipeline.lm.frozen import FrozenCodeLM
-from pipeline.training.job import TrainBackend, local_backend
+from pipeline.training.job import TrainBackend
+from pipeline.training.rl_job import local_train_backend
 
 # (a training job's configuration, an LM already loaded to reuse or None) -> its backend
 TrainOpener = Callable[[RunConfig, FrozenCodeLM | None], TrainBackend]
@@ -40,7 +41,7 @@ def _refuse_ray(config: RunConfig, field: str) -> None:
 
 def local_train(config: RunConfig, lm: FrozenCodeLM | None = None) -> TrainBackend:
     _refuse_ray(config, "distributed.backend")
-    return local_backend(lm)
+    return local_train_backend(config, lm)
 
 
 def local_pool(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM | None = None

@@ -70,7 +70,10 @@ def resolve(path: str | Path) -> Path:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, step: int,
-                    optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, *,
+                    files: dict[str, str] | None = None, **extra: Any) -> Path:
+    """Write the checkpoint folder atomically; ``files``: more text files in it (name ->
+    contents, e.g. RL's rollout log); ``extra``: more entries of state.json."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-new-"))
@@ -83,6 +86,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, step:
         meta = {"step": step, "context_tokens": model.context_tokens,
                 "hidden_size": model.hidden_size, "token_norm": model.token_norm, **extra}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

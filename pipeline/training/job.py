@@ -87,10 +87,14 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
     done = _finished(output, config) if resume else None  # checks the checkpoint it resumes
     if done:
         log.info("%s already holds step %d of %d: nothing to train", done.checkpoint,
-                 config.train.steps, config.train.steps)
+                 planned_steps(config), planned_steps(config))
         return done
     examples = examples if examples is not None else train_examples(config.data)
     dev = dev_examples(config.data) if config.train.eval_every else []
+    if config.is_rl:  # the start checkpoint, before MLflow or any model
+        from pipeline.training.prompt_rl import check_start_checkpoint
+
+        check_start_checkpoint(config)
     check_tracking_uri(resolve_tracking_uri(output, config.tracking.uri))
     output.mkdir(parents=True, exist_ok=True)
     config.save(output / "config.yaml")
@@ -108,6 +112,11 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
         tracker.log_artifacts(checkpoint, CHECKPOINT)
         tracker.log_artifact(output / "config.yaml")
     return TrainOutcome(checkpoint, tracker.run_id, tracker.uri, time.perf_counter() - began)
+
+
+def planned_steps(config: RunConfig) -> int:
+    """What a finished run's checkpoint counts: optimizer steps, or RL rounds."""
+    return config.rl.rounds if config.is_rl else config.train.steps
 
 
 def _parameter_count(checkpoint: Path) -> int:
@@ -130,7 +139,7 @@ def resumable_state(output: Path) -> dict | None:
 def _finished(output: Path, config: RunConfig) -> TrainOutcome | None:
     """The outcome of an earlier run in ``output`` that already reached ``train.steps``."""
     state, run_file = resumable_state(output), output / RUN_FILE
-    if state is None or not run_file.is_file() or state["step"] < config.train.steps:
+    if state is None or not run_file.is_file() or state["step"] < planned_steps(config):
         return None
     saved = read_run_file(run_file)
     return TrainOutcome(output / CHECKPOINT, saved["run_id"], saved["uri"], 0.0)
@@ -138,7 +147,8 @@ def _finished(output: Path, config: RunConfig) -> TrainOutcome | None:
 
 def local_backend(lm=None) -> TrainBackend:
     """Train in this process (``distributed.backend: local``); ``lm``: a loaded FrozenCodeLM
-    to reuse. Metrics reach MLflow once a checkpoint covers their step, as on the Ray path."""
+    to reuse. Metrics reach MLflow once a checkpoint covers their step, as on the Ray path.
+    (The RL objectives' local backend: :func:`pipeline.training.rl_job.rl_local_backend`.)"""
 
     def train(request: TrainRequest) -> Path:
         from pipeline.lm.loader import build_lm

@@ -25,11 +25,13 @@ def format_seconds(seconds: float) -> str:
 
 
 class StepProgress:
-    """A tqdm line for ``steps`` optimizer steps named ``name``; :meth:`update` per step."""
+    """A tqdm line for ``steps`` optimizer steps named ``name``; :meth:`update` per step.
+    ``label`` and ``unit`` name the figure and the rate (RL rounds: reward, programs/s)."""
 
     def __init__(self, name: str, steps: int, *, enabled: bool = True,
-                 position: int | None = None, window: int = 10):
-        self.steps = steps
+                 position: int | None = None, window: int = 10, label: str = "loss",
+                 unit: str = "ex/s"):
+        self.steps, self.label, self.unit = steps, label, unit
         self.bar = tqdm(total=steps, desc=name, bar_format=FORMAT, disable=not enabled,
                         position=position, leave=True, dynamic_ncols=True)
         self.times: deque[float] = deque(maxlen=window + 1)  # wall-clock times of updates
@@ -46,7 +48,7 @@ class StepProgress:
             per_step = (self.times[-1] - self.times[0]) / (len(self.times) - 1)
             left = f" · {format_seconds(per_step * (self.steps - step))} left"
         shown = "-" if self.loss is None else f"{self.loss:.3f}"
-        self.postfix = f"loss {shown} · {examples_per_second:.1f} ex/s{left}"
+        self.postfix = f"{self.label} {shown} · {examples_per_second:.1f} {self.unit}{left}"
         self.bar.n = step
         self.bar.bar_format = FORMAT + self.postfix.replace("{", "{{").replace("}", "}}")
         self.bar.refresh()

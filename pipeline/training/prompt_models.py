@@ -50,6 +50,18 @@ class PromptModelSpec:
 
 # the objectives that train through the unroll_steps DDIM chain, which sampling then runs
 CHAIN_OBJECTIVES = ("unrolled", "spread", "soft_min")
+# the objectives whose prompt is the deterministic generator's D(0, T-1, c): the ablation, and
+# the RL ablation's policy mean (its learned scale is in the checkpoint's state.json)
+GENERATOR_OBJECTIVES = ("deterministic", "grpo_gaussian")
+
+
+def chain_steps(config: RunConfig) -> int | None:
+    """The DDIM steps a DDPT trained with ``train.objective`` knows and samples on: the
+    unrolled chain's, the RL policy chain's (``grpo``), or None (any, or no chain)."""
+    objective = config.train.objective
+    if objective in CHAIN_OBJECTIVES:
+        return config.train.unroll_steps
+    return config.rl.chain_steps if objective == "grpo" else None
 
 
 def _diffusion_prompt(config: RunConfig, facts: LMFacts) -> DiffusionPrompt:
@@ -60,8 +72,8 @@ def _diffusion_prompt(config: RunConfig, facts: LMFacts) -> DiffusionPrompt:
         up_projection=dn.up_projection, up_scale=dn.up_scale, schedule=df.schedule,
         timesteps=df.timesteps, seed=config.train.seed,
         cond_dim=0 if dn.condition == "none" else facts.hidden_size,
-        teacher=objective == "bootstrap_teacher", deterministic=objective == "deterministic",
-        chain_steps=config.train.unroll_steps if objective in CHAIN_OBJECTIVES else None)
+        teacher=objective == "bootstrap_teacher",
+        deterministic=objective in GENERATOR_OBJECTIVES, chain_steps=chain_steps(config))
 
 
 # train.objective -> the objective's settings, from the train section
@@ -75,13 +87,22 @@ _OBJECTIVE_ARGS = {
     "spread": lambda tc: {"cfg_dropout": tc.cfg_dropout, "unroll_steps": tc.unroll_steps,
                           "spread_weight": tc.spread_weight, "target_spread": tc.target_spread},
     "deterministic": lambda tc: {"cfg_dropout": tc.cfg_dropout},
-    # K and tau: SoftMinSettings' defaults until they join the train section
-    "soft_min": lambda tc: {"cfg_dropout": tc.cfg_dropout, "unroll_steps": tc.unroll_steps},
+    "soft_min": lambda tc: {"cfg_dropout": tc.cfg_dropout, "unroll_steps": tc.unroll_steps,
+                            "prompts": tc.soft_min_prompts,
+                            "temperature": tc.soft_min_temperature},
 }
 
 
 def _ddpt_objective(config: RunConfig):
+    """The step objective of ``train.objective``. The RL objectives have no step objective:
+    theirs is the optional auxiliary cross-entropy (``rl.ce_weight``) of the policy's
+    deterministic path, the chain's (eta 0, ``rl.chain_steps``) or the generator's."""
     tc = config.train
+    if tc.objective == "grpo":
+        return OBJECTIVES["unrolled"](cfg_dropout=tc.cfg_dropout,
+                                      unroll_steps=config.rl.chain_steps)
+    if tc.objective == "grpo_gaussian":
+        return OBJECTIVES["deterministic"](cfg_dropout=tc.cfg_dropout)
     return OBJECTIVES[tc.objective](**_OBJECTIVE_ARGS[tc.objective](tc))
 
 
