@@ -12,8 +12,10 @@ import sys
 
 from pipeline.config import PRESETS, ConfigError
 from pipeline.data.loaders import DataError
+from pipeline.paths import OutputFolderError, writable_folder
 from pipeline.quiet import VERBOSE_ENV, quiet_process
 from pipeline.tracking import TrackingError
+from pipeline.training.checkpoint import CheckpointError
 from pipeline.training.prompt_models import PROMPT_MODELS
 
 
@@ -33,9 +35,18 @@ def _override_args(parser: argparse.ArgumentParser, set_help: str) -> None:
     parser.add_argument("--data-dir", help="data folder (default $DDPT_DATA_DIR, ../shared/data)")
 
 
+def output_folder(text: str) -> str:
+    """``--output``'s check, before anything runs: a folder this process can write."""
+    try:
+        writable_folder(text)
+    except OutputFolderError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _output_args(parser: argparse.ArgumentParser, output: str, resume: str,
                  progress: str = "no progress bars") -> None:
-    parser.add_argument("--output", default=output, help="output folder")
+    parser.add_argument("--output", default=output, type=output_folder, help="output folder")
     parser.add_argument("--resume", action="store_true", help=resume)
     parser.add_argument("--no-progress", action="store_true", help=progress)
 
@@ -72,13 +83,17 @@ def _add_sample(sub) -> None:
 
 
 def _add_compare(sub) -> None:
-    compare = sub.add_parser("compare", help="print a comparison's table from MLflow")
+    compare = sub.add_parser("compare", help="print a comparison's table from MLflow and each "
+                             "method against the reference (paired interval, McNemar p)")
     compare.add_argument("--output", help="the output folder of a `ddpt run` or `ddpt sample`")
     compare.add_argument("--tracking-uri", help="MLflow URI (default: the output folder's, "
                          "$MLFLOW_TRACKING_URI)")
     compare.add_argument("--experiment", help="latest comparison in this MLflow experiment")
     compare.add_argument("--run-id", help="the comparison's parent run id")
     compare.add_argument("--metrics", help="comma-separated metrics to show (default: all)")
+    compare.add_argument("--reference", metavar="METHOD",
+                         help="pair every method with this one (default: the comparison's "
+                         "eval.reference_method), from the per-task table")
     compare.set_defaults(command_module="compare")
 
 
@@ -137,6 +152,18 @@ def _add_report(sub) -> None:
     report.set_defaults(command_module="report")
 
 
+def _add_tables(sub) -> None:
+    tables = sub.add_parser("tables", help="rewrite the marked tables of a results page from "
+                            "the records of each task (docs/results/README.md)")
+    tables.add_argument("--results", default="docs/results",
+                        help="folder of <name>.csv.gz per-task tables (and <name>.json)")
+    tables.add_argument("--page", default="docs/results.md",
+                        help="the page whose '<!-- table: <name> -->' blocks are rewritten")
+    tables.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if the page differs from its records")
+    tables.set_defaults(command_module="tables")
+
+
 def _add_setup(sub) -> None:
     """config and prepare."""
     show = sub.add_parser("config", help="print the resolved configuration")
@@ -155,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "DeepSpeed, MLflow, transformers) that is off by default")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_jobs, _add_sample, _add_compare, _add_sweep, _add_evaluate,
-                _add_experiment, _add_report, _add_setup):
+                _add_experiment, _add_report, _add_tables, _add_setup):
         add(sub)
     return parser
 
@@ -170,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's import chatter
     try:
         importlib.import_module(f"pipeline.commands.{args.command_module}").main(args)
-    except (ConfigError, DataError, TrackingError, FileNotFoundError) as err:
+    except (ConfigError, DataError, TrackingError, OutputFolderError, CheckpointError,
+            FileNotFoundError) as err:
         print(f"ddpt {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ built (:class:`_Section`); checks across fields are each section's ``check``. A
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ MANUAL_CONTEXT = (
 RL_OBJECTIVES = ("grpo", "grpo_gaussian")
 # The prompt models pipeline.training.prompt_models builds, one registry entry per name.
 PROMPT_MODELS = ("ddpt", "prompt_tuning")
+# What `train.method` trains: a prompt model for a frozen LM, or (coupled_grpo) a masked-diffusion
+# LM itself on execution rewards (the dllm_rl section; docs/dllm.md).
+TRAIN_METHODS = (*PROMPT_MODELS, "coupled_grpo")
 CONDITIONS = ("none", "instruction")  # what DDPT's denoiser may be conditioned on
 # Which masked positions a masked-diffusion step reveals (pipeline.decoding.masked_diffusion).
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -61,6 +65,11 @@ ISOLATIONS = ("auto", "bwrap", "process")
 # The fields of a user's record (pipeline.data.example.Example's, plus its split) that
 # data.columns may map to a file's columns; a test keeps them equal to Example's.
 RECORD_FIELDS = ("id", "instruction", "input", "output", "tests", "split")
+# The methods a comparison sets side by side (pipeline.generation.sampler.METHODS, one entry per
+# name, checked at import), and the data's own programs that `ddpt evaluate` also scores
+# (pipeline.studies.evaluate_job.EVALUATE_METHODS): eval.reference_method's choices.
+METHOD_NAMES = ("manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa")
+DATA_METHODS = ("canonical",)
 # Upper bounds of the sandbox's limits: a day of wall-clock or CPU time, 1 TiB of memory or file
 # (in bytes, far inside what RLIMIT_AS / RLIMIT_FSIZE take), Linux's largest pid_max.
 MAX_SECONDS = 86_400
@@ -343,8 +352,10 @@ class TrainConfig(_Section):
 
     method: str = _help(
         "ddpt", "what is trained: 'ddpt' (the diffusion prompt model) or 'prompt_tuning' (the "
-        "baseline: the n context embeddings learned directly, same loss, data and steps)",
-        choices=PROMPT_MODELS,
+        "baseline: the n context embeddings learned directly, same loss, data and steps), or "
+        "'coupled_grpo' (a masked-diffusion LM itself, tiny-dream or a Dream/DiffuCoder folder, "
+        "on execution rewards; settings in dllm_rl; docs/dllm.md)",
+        choices=TRAIN_METHODS,
     )
     objective: str = _help(
         "unrolled", "DDPT's training objective (method.md sections 1 and 5): 'bootstrap' (a "
@@ -436,6 +447,10 @@ class EvalConfig(_Section):
     methods: list[str] = _help(
         ["manual", "prompt_tuning", "ddpt_ddim", "ddpt_spa"],
         "methods `ddpt run` compares (`ddpt sample --help` lists them all)", at_least_one="method")
+    reference_method: str = _help(
+        "manual", "the method every other one is compared against, task by task (paired "
+        "bootstrap intervals, McNemar's exact test; docs/statistics.md); it must be one of the "
+        "compared methods when two or more are", choices=METHOD_NAMES + DATA_METHODS)
     max_new_tokens: int = _help(128, "greedy decoding length limit", gt=0)
     batch_size: int = _help(
         16, "generation / loss batch size (rows per forward; why 16 on CPU: benchmarks/README.md)",
@@ -484,6 +499,80 @@ class DecodingConfig(_Section):
         False, "reproduce Dream's reference decoder token for token, its quirks included (one "
         "K for the whole batch, re-masking); docs/dllm.md"
     )
+
+
+@dataclass
+class DllmRLConfig(_Section):
+    """Coupled-GRPO for a masked-diffusion LM (``train.method=coupled_grpo``). Every default is
+    the reference's (apple/ml-diffucoder ``recipes/config_coupled_code.yaml``, its trainer and
+    rewards); where the project's default differs, the help says why (docs/dllm.md)."""
+
+    section: ClassVar[str] = "dllm_rl"
+
+    group_size: int = _help(10, "G: completions per prompt (num_generations)", ge=2)
+    prompts_per_round: int = _help(
+        8, "prompts per round: the reference's 8 GPUs x 5 rows x 2 accumulation steps = 80 "
+        "completions = 8 prompts x G", ge=1)
+    rounds: int = _help(0, "rounds of rollouts and updates; 0 = one pass over the training "
+                        "split (the reference's 1 epoch)", ge=0)
+    iterations: int = _help(2, "mu: optimizer steps per round (num_iterations)", ge=1)
+    micro_batches: int = _help(
+        2, "micro-batches each worker accumulates per optimizer step "
+        "(gradient_accumulation_steps); a round's rows split into workers x micro_batches", ge=1)
+    beta: float = _help(0.01, "weight of the k3 KL to the reference", ge=0)
+    eps_low: float = _help(0.5, "ratio clip below: 1 - eps_low (epsilon)", gt=0, lt=1)
+    eps_high: float = _help(0.5, "ratio clip above: 1 + eps_high (epsilon)", gt=0)
+    t_min: float = _help(0.2, "the coupled masks' t ~ U(t_min, t_max)", gt=0, lt=1)
+    t_max: float = _help(0.8, "see t_min", gt=0, lt=1)
+    random_masking: bool = _help(
+        True, "new mask seeds every round (drawn from train.seed and the round, not from the "
+        "global RNG the reference reseeds); false: seed 42 for every iteration")
+    reference_mask_schedule: bool = _help(
+        False, "reproduce the reference's mask-seed index, read after its step counter moves "
+        "(each micro-batch keeps one mask over both iterations); false (the fix): iteration j "
+        "uses seed j")
+    scale_by_std: bool = _help(False, "divide advantages by the group's std (scale_rewards)")
+    skip_uninformative: bool = _help(
+        False, "leave groups with all-equal rewards out of the token count and the KL (the "
+        "reference keeps them)")
+    ref_sync_every: int = _help(64, "optimizer steps between reference syncs (TR-DPO); 0 = never",
+                                ge=0)
+    ref_sync_alpha: float = _help(0.6, "reference <- (1 - alpha) reference + alpha policy",
+                                  gt=0, le=1)
+    lr: float = _help(1e-6, "AdamW learning rate (peak)", gt=0)
+    adam_beta1: float = _help(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = _help(0.99, "AdamW beta2", ge=0, lt=1)
+    adam_eps: float = _help(1e-8, "AdamW epsilon", gt=0)
+    weight_decay: float = _help(0.1, "AdamW weight decay (not on biases and norm weights, as "
+                                "transformers' Trainer)", ge=0)
+    min_lr_rate: float = _help(0.1, "cosine decay ends at min_lr_rate x lr", ge=0, le=1)
+    warmup_ratio: float = _help(1e-4, "linear warm-up over this share of the optimizer steps",
+                                ge=0, le=1)
+    max_grad_norm: float = _help(0.2, "gradient clipping (global norm); 0 = off", ge=0)
+    gradient_checkpointing: bool = _help(
+        True, "recompute each layer's activations in the backward pass (saves memory; the "
+        "reference's, with use_reentrant=false)")
+    max_prompt_length: int = _help(200, "prompt tokens kept (cut from the left)", gt=0)
+    max_completion_length: int = _help(256, "the rollouts' canvas length L", gt=0)
+    diffusion_steps: int = _help(256, "denoising steps of a rollout", gt=0)
+    alg: str = _help("entropy", "which positions a rollout step reveals", choices=DIFFUSION_ALGS)
+    alg_temp: float = _help(0.0, "> 0: draw the revealed positions (0: the top K)", ge=0)
+    temperature: float = _help(1.0, "token temperature of rollouts (the recipe's 1.0; the paper "
+                               "says 1.2)", ge=0)
+    top_p: float = _help(0.95, "nucleus mass of rollout draws (the reference: 1 when the "
+                         "temperature is 0)", gt=0, le=1)
+    end_of_turn: str = _help("<|im_end|>", "the loss counts completion tokens up to and "
+                             "including the first of these", nonempty=True)
+    system_prompt: str = _help("You are a helpful assistant.", "the rollouts' system message")
+    pass_weight: float = _help(2.0, "reward weight of the share of test cases passed", ge=0)
+    format_weight: float = _help(0.5, "reward weight of the format score (1, 0.5 or 0)", ge=0)
+    reward_whole_canvas: bool = _help(
+        False, "score the whole decoded canvas, as the reference does; false (the fix): the "
+        "text up to the first end_of_turn, the tokens the loss counts")
+
+    def check(self) -> None:
+        _check(self.t_min <= self.t_max, "dllm_rl.t_max",
+               f"must be >= dllm_rl.t_min={self.t_min}, got {self.t_max}")
 
 
 @dataclass
@@ -615,6 +704,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    dllm_rl: DllmRLConfig = field(default_factory=DllmRLConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -683,6 +773,12 @@ class RunConfig:
         if self.distributed.backend == "ray" and self.train.batch_size % workers:
             raise ConfigError(f"train.batch_size: {self.train.batch_size} does not split evenly "
                               f"over distributed.num_workers={workers}")
+        if self.train.method == "coupled_grpo" and _model_type(self.model.name) not in (
+                "Dream", None):
+            raise ConfigError(
+                f"train.method: 'coupled_grpo' trains a masked-diffusion LM (model.name "
+                f"tiny-dream or a Dream/DiffuCoder folder); model.name={self.model.name!r} is "
+                f"a {_model_type(self.model.name)!r} model")
         self._check_rl()
 
     @property
@@ -708,6 +804,19 @@ class RunConfig:
 
     def __str__(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False).rstrip()
+
+
+def _model_type(name: str) -> str | None:
+    """What ``model.name`` names, as far as it is known without loading anything: 'Dream' for
+    tiny-dream, the tiny test models' and the embedded model's types, a local folder's
+    config.json ``model_type``; None for anything else (a hub name, a folder not here)."""
+    known = {"tiny-dream": "Dream", "tiny-llama": "llama", "tiny-t5": "t5", "embedded": "llama"}
+    if name in known:
+        return known[name]
+    try:
+        return str(json.loads((Path(name) / "config.json").read_text()).get("model_type"))
+    except (OSError, ValueError):
+        return None
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
@@ -785,8 +894,8 @@ def _on_top(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]]
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The main job: the dataclass defaults, nothing changed.
     "main": {},
-    # The paper's set-up on CoNaLa (the main job before issue 12; docs/results.md). The
-    # experiment specs start from it and set every choice they compare.
+    # The paper's set-up on CoNaLa (measured: docs/results.md). The experiment specs start
+    # from it and set every choice they compare.
     "paper": PAPER,
     # The paper's set-up on a tiny random model with a handful of steps: the whole path, ~30 s
     # of CPU time (Ray and DeepSpeed start-up add the rest; docs/results.md).

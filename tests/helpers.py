@@ -138,3 +138,48 @@ def load_local_nodes():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_checkpoint(folder: Path, step: int = 0, **denoiser) -> Path:
+    """A real DDPT checkpoint of the smoke configuration (``denoiser`` fields changed), built
+    without an LM (n=4, d=32) and saved as training saves one, in milliseconds."""
+    import dataclasses
+
+    from pipeline.config import PRESETS, RunConfig
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.training.prompt_models import PROMPT_MODELS, LMFacts
+
+    config = RunConfig.from_dict(PRESETS["smoke"])
+    config.denoiser = dataclasses.replace(config.denoiser, **denoiser)
+    model = PROMPT_MODELS["ddpt"].build(config, LMFacts(4, 32, 1.0))
+    return save_checkpoint(folder, model, config, step=step)
+
+
+# how a checkpoint file gets damaged -> (the file, what the error says of it)
+CHECKPOINT_DAMAGE = {
+    "truncated": ("model.safetensors", "not a complete safetensors file"),
+    "empty": ("model.safetensors", "not a complete safetensors file"),
+    "malformed": ("state.json", "not valid JSON"),
+    "missing_field": ("state.json", "field 'hidden_size' is missing"),
+    "wrong_type": ("state.json", "field 'step': got '3', expected an integer >= 0"),
+}
+
+
+def damage_checkpoint(folder: Path, how: str) -> Path:
+    """Damage one file of a checkpoint as a cut-short copy or a careless edit would (a key of
+    CHECKPOINT_DAMAGE); returns the damaged file."""
+    import json
+
+    file = folder / CHECKPOINT_DAMAGE[how][0]
+    if how in ("truncated", "empty"):
+        file.write_bytes(file.read_bytes()[:-100] if how == "truncated" else b"")
+    elif how == "malformed":
+        file.write_text('{"step": 3, "context_tokens": ')
+    else:
+        state = json.loads(file.read_text())
+        if how == "missing_field":
+            del state["hidden_size"]
+        else:
+            state["step"] = "3"
+        file.write_text(json.dumps(state))
+    return file

@@ -16,6 +16,7 @@ from pipeline.scoring.arness import (
     order_from_history,
     plot_arness,
     plot_first_step_confidence,
+    rollout_arness,
 )
 
 V, MASK = 32, 31
@@ -46,6 +47,22 @@ def test_left_to_right_stub_is_fully_ar(alg, steps):
     assert [o.tolist() for o in rec.orders()] == [list(range(16))] * 2
     c = arness_from_record(rec, k_local=9, k_global=4)
     assert np.all(c.local == 1.0) and np.all(c.global_ == 1.0)
+
+
+def test_a_rollout_batch_gets_its_mean_arness_as_loggable_floats():
+    """A batch of one left-to-right and one right-to-left decode: local AR-ness@k is their mean
+    (1 and 0), global@1 the mean of 1 and 1/16; the names the comparisons use."""
+    x = torch.randint(3, 30, (1, 6), generator=torch.Generator().manual_seed(2))
+    s = DiffusionSettings(max_new_tokens=16, steps=16, alg="entropy")
+    forward = diffusion_generate(_ramp_stub(+1), x, None, s, MASK).record
+    backward = diffusion_generate(_ramp_stub(-1), x, None, s, MASK).record
+    forward.positions += backward.positions  # one record of the two rows
+    metrics = rollout_arness(forward, k_local=3, k_global=2)
+    assert list(metrics) == ["arness_local_at_1", "arness_local_at_2", "arness_local_at_3",
+                             "arness_global_at_1", "arness_global_at_2"]
+    assert metrics["arness_local_at_1"] == 0.5 and metrics["arness_local_at_3"] == 0.5
+    assert metrics["arness_global_at_1"] == pytest.approx((1 + 1 / 16) / 2)
+    assert all(type(v) is float for v in metrics.values())
 
 
 def test_right_to_left_stub():

@@ -157,7 +157,7 @@ def test_spread_keeps_a_distribution_where_unrolled_does_not_have_to():
     ("bootstrap", ("ddim", 7, 0.5), ("ddim", 7, 0.5)),
 ])
 def test_chain_names_the_reverse_process_that_sampling_runs(objective, asked, expected):
-    """What MLflow records as a method's chain (comparison._method_params) is what ran."""
+    """What MLflow records as a method's chain (comparison.method_params) is what ran."""
     from pipeline.method.samplers import sample
 
     lm = make_lm("tiny-llama")

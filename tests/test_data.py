@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,24 @@ def test_wrong_type(tmp_path, row, field):
     with pytest.raises(DataError, match="expected") as err:
         load_examples(str(f), "train")
     check(err, f, 2, field)
+
+
+@pytest.mark.parametrize("tests, problem", [
+    ("# a comment only\n", "hold no statement (only comments or blank lines)"),
+    ("pass\n", "hold no statement that can fail (only `pass` or constants)"),
+    ('"""a docstring"""\n...\n', "hold no statement that can fail"),
+    ("assert f(1 ==\n", "do not parse"),
+])
+def test_tests_that_cannot_fail_are_refused_on_loading(tmp_path, tests, problem):
+    """Tests with nothing that can fail would pass every program: refused with the file, the line,
+    the record's id and the field, by the sandbox's own rule (pipeline/sandbox/cases.py)."""
+    f = write_jsonl(tmp_path / "bad.jsonl", [
+        {"id": "fine", "instruction": "a", "output": "b", "tests": "assert b"},
+        {"id": "empty", "instruction": "a", "output": "b", "tests": "  \n"},  # blank: no tests
+        {"id": "t3", "instruction": "a", "output": "b", "tests": tests}])
+    with pytest.raises(DataError, match=f"record 't3': the tests {re.escape(problem)}") as err:
+        load_examples(str(f), "train")
+    check(err, f, 3, "tests")
 
 
 def test_duplicate_id_names_both_lines(tmp_path):

@@ -149,6 +149,15 @@ def test_a_bad_row_names_the_file_row_and_field(tmp_path, write, cell, problem):
     assert str(e).startswith(f"{table}: row 3: field 'output' (column 'solution'): {problem}")
 
 
+def test_a_row_whose_tests_cannot_fail_names_its_row_and_column(tmp_path):
+    rows = tasks(3)
+    rows[1]["check"] = "# TODO: write the tests"
+    table = write_parquet(tmp_path / "untested.parquet", rows)
+    with pytest.raises(DataError, match=r"row 2: field 'tests' \(column 'check'\): record 't1': "
+                       r"the tests hold no statement"):
+        load_examples(str(table), "train", columns=COLUMNS)
+
+
 def test_duplicate_ids_name_both_rows(tmp_path):
     rows = tasks(3)
     rows[2]["task_id"] = "t0"

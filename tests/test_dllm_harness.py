@@ -145,17 +145,16 @@ def test_parity_mode_is_a_setting():
 
 
 @pytest.mark.skipif(not FIXTURE.is_dir(), reason="no dream fixtures")
-def test_the_readme_dllm_example_runs(monkeypatch):
-    """The in-process dLLM example in README.md, verbatim (its paths are the clone's)."""
+def test_the_dllm_page_example_runs(monkeypatch):
+    """The in-process example of docs/dllm.md, verbatim (its paths are the clone's)."""
     import re
-    import textwrap
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = readme.index("**Masked-diffusion code LLMs**")
-    block = re.search(r"```python\n(.*?)```", readme[start:], re.DOTALL).group(1)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "dllm.md").read_text()
+    start = page.index("## In-process API")
+    block = re.search(r"```python\n(.*?)```", page[start:], re.DOTALL).group(1)
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     namespace: dict = {}
-    exec(compile(textwrap.dedent(block), "README.md", "exec"), namespace)  # the project's code
+    exec(compile(block, "docs/dllm.md", "exec"), namespace)  # the project's code
     out = namespace["out"]
     assert out.sequences.shape == (2, 21) and len(out.history) == 16
     assert sum(len(p) for p in out.record.positions[0]) == 16

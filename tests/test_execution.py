@@ -180,6 +180,8 @@ def test_lone_surrogates_from_a_program_or_the_data_lose_no_verdict(tmp_path, ca
     size = (out / "samples.jsonl").stat().st_size
     assert main([*args, "--resume"]) == 0
     assert (out / "samples.jsonl").stat().st_size == size
+    assert main(["report", "--output", str(out)]) == 0  # the page shows them escaped
+    assert "c\\udcff" in (out / "report.html").read_bytes().decode("utf-8")
 
 
 def test_score_execution_stores_test_cases(tmp_path):

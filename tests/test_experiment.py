@@ -2,14 +2,18 @@
 std over seeds, and the whole `ddpt experiment` path on the tiny model."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
+from pipeline.scoring.task_records import compare_to_reference, read_table
 from pipeline.studies.experiment import aggregate, load_experiment, markdown_table
+from pipeline.studies.experiment_paired import read_paired
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
@@ -98,6 +102,24 @@ def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
         assert (out / "charts" / f"{eval_set}_metrics.png").read_bytes()[:4] == b"\x89PNG"
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 * (1 + 2 + 2)  # (baseline + 2 arms x 2 seeds) x 2 evaluation sets
+    # One combined per-task table per evaluation set; each arm against the baseline's manual
+    # prompt pooled over both seeds (tasks x seeds), beside each seed's own figure.
+    rows = read_table(out / "task_records" / "humaneval.csv.gz")
+    assert sorted({(r.method, r.seed) for r in rows}) == [
+        ("baseline/manual", 0), ("ddpt_conditional/ddpt_ddim", 0),
+        ("ddpt_conditional/ddpt_ddim", 1), ("prompt_tuning/prompt_tuning", 0),
+        ("prompt_tuning/prompt_tuning", 1)] and len(rows) == 5 * 3
+    found = {(r.eval_set, r.method): r for r in read_paired(out / "paired.json")}
+    ddpt = found[("humaneval", "ddpt_conditional/ddpt_ddim")]
+    pooled = compare_to_reference([r for r in rows if "prompt_tuning" not in r.method],
+                                  "baseline/manual")["ddpt_conditional/ddpt_ddim"]
+    assert ddpt.pooled == pooled and pooled["code_ce"].n_seeds == 2 and sorted(ddpt.seeds) == [
+        0, 1]
+    assert f"| {pooled['code_ce'].format()} | {ddpt.seeds[0]['code_ce'].format()} |" in tables
+    saved = json.loads((out / "experiment_run.json").read_text())
+    logged = MlflowClient(saved["uri"]).get_run(saved["run_id"]).data.metrics
+    assert logged["humaneval.ddpt_conditional/ddpt_ddim.code_ce_diff"] == pytest.approx(
+        pooled["code_ce"].difference)
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out)]) == 2  # no --resume
     # A resume with other --set settings would mix two configurations in one table.
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--resume",

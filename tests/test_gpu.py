@@ -51,3 +51,70 @@ def test_ray_train_on_gpu_bf16(tmp_path):
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((tmp_path / "gpu" / "checkpoint" / "state.json").read_text())["step"] == 4
+
+
+DIFFUCODER_TRAIN = "cluster/configs/diffucoder-7b-coupled-grpo.yaml"
+
+
+def test_the_diffucoder_training_config_is_the_reference_on_eight_zero3_gpus():
+    """Runs everywhere: the 7B configuration's settings and its learner's DeepSpeed JSON."""
+    import dataclasses
+
+    from pipeline.config import DllmRLConfig
+    from pipeline.distributed.dllm_learner import learner_deepspeed_config
+
+    config = build_config("main", DIFFUCODER_TRAIN)
+    assert config.train.method == "coupled_grpo" and config.model.dtype == "bfloat16"
+    defaults = DllmRLConfig()
+    assert {f.name: getattr(config.dllm_rl, f.name) for f in dataclasses.fields(defaults)} == \
+        dataclasses.asdict(defaults)  # every value written out is the reference's default
+    rl = config.dllm_rl
+    rows = rl.prompts_per_round * rl.group_size
+    ds = learner_deepspeed_config(config, rows, config.distributed.num_workers)
+    assert rows == 80 and ds["train_micro_batch_size_per_gpu"] == 5
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+
+
+def coupled_grpo_gpu_worker(loop: dict) -> None:
+    """One round of the learner on this GPU: bf16, NCCL, gradient checkpointing."""
+    import ray.train
+
+    from pipeline.distributed.dllm_learner import build_learner, learner_update
+    from pipeline.lm.coupled_grpo import rollout_round
+
+    config = build_config("smoke", overrides=loop["overrides"])
+    learner = build_learner(config, 8, 2)
+    g = torch.Generator().manual_seed(0)
+    completions = torch.randint(3, 200, (8, 16), generator=g)
+    data = rollout_round(torch.randint(3, 200, (4, 8), generator=g), lambda p: completions,
+                         lambda c: torch.rand(8, generator=g), learner.end_id, learner.settings)
+    records = learner_update(learner, data)
+    assert next(learner.policy.module.parameters()).dtype == torch.bfloat16
+    assert learner.policy.device.type == "cuda" and learner.step == 2
+    ray.train.report({"loss": records[-1]["loss"], "memory_gb":
+                      torch.cuda.max_memory_allocated() / 2 ** 30})
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_gpu
+def test_the_coupled_grpo_learner_on_a_gpu(tmp_path):
+    import math
+
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.distributed.session import ensure_ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    overrides = ["model.name=tiny-dream", "model.dtype=bfloat16", "model.device=cuda",
+                 "train.method=coupled_grpo", "distributed.use_gpu=true",
+                 "distributed.num_workers=1", "dllm_rl.group_size=2",
+                 "dllm_rl.prompts_per_round=4"]
+    ensure_ray()
+    result = TorchTrainer(coupled_grpo_gpu_worker, train_loop_config={"overrides": overrides},
+                          scaling_config=ScalingConfig(num_workers=1, use_gpu=True),
+                          run_config=RunConfig(storage_path=str(tmp_path))).fit()
+    assert result.error is None and math.isfinite(result.metrics["loss"])

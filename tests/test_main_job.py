@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from pipeline.cli import main
 from pipeline.config import build_config
 from pipeline.scoring.results import ResultStore
+from pipeline.scoring.task_records import FILENAME, read_table
 from pipeline.tracking import child_runs
 
 DDPT = [sys.executable, "-m", "pipeline.cli"]
@@ -37,6 +38,10 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     total = len(SMOKE_METHODS) * 8
     assert len(samples) == total and {"id", "method", "generation", "reference"} <= set(samples[0])
     assert "prompt_tuning" in proc.stdout and "codebleu" in proc.stdout  # the printed table
+    assert "paired against manual" in proc.stdout  # and each method against the reference
+    rows = read_table(out / FILENAME)  # the per-task table: a row per (method, task)
+    assert len(rows) == total and {r.method for r in rows} == set(SMOKE_METHODS)
+    assert all("code_ce_diff_low" in metrics[m] for m in SMOKE_METHODS if m != "manual")
     for name in ("ddpt", "prompt_tuning"):
         assert (out / name / "checkpoint" / "model.safetensors").is_file()
         assert (out / "interpret" / name / "nearest_tokens.json").is_file()
@@ -106,7 +111,7 @@ def test_the_script_lists_every_subcommand_with_its_help():
     out = " ".join(ddpt("--help").stdout.split())
     helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
     assert set(helps) == {"run", "train", "sample", "compare", "sweep", "evaluate", "experiment",
-                          "report", "config", "prepare"}
+                          "report", "tables", "config", "prepare"}
     for name, text in helps.items():
         assert f"{name} {' '.join(text.split())}" in out, name
     assert "--output" in ddpt("train", "--help").stdout

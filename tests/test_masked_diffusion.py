@@ -74,7 +74,7 @@ def _mismatches(model, records: list[dict]) -> list[str]:
 @needs_fixtures
 def test_parity_rng_free_cases_on_any_torch(fixture_model):
     cases = [r for r in _records().values() if not r["draws_random"]]
-    assert len(cases) == 108  # the README's count: nothing silently dropped
+    assert len(cases) == 108  # docs/dllm.md's count: nothing silently dropped
     assert _mismatches(fixture_model, cases) == []
 
 

@@ -1,7 +1,7 @@
 """A finished smoke comparison in MLflow's own UI, in a real headless Chromium: a real
 ``mlflow server`` on loopback serves the comparison's SQLite store and artifacts; the experiment
-page, filtered with the README's ``tags.ddpt.role = 'method'``, lists the method runs; selecting
-them and pressing Compare opens MLflow's compare-runs page, whose metric table holds every
+page, filtered with docs/sampling.md's ``tags.ddpt.role = 'method'``, lists the method runs;
+selecting them and pressing Compare opens MLflow's compare-runs page, whose metric table holds every
 method's values side by side. Screenshots (PNG) go to ``$DDPT_TEST_ARTIFACTS`` (default
 ``<repo>/test-artifacts``), under ``mlflow_browser/``.
 
@@ -42,7 +42,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 # Three methods that need one trained prompt model (ddpt): about 30 s of CPU in this process.
 METHODS = ("manual", "ddpt", "ddpt_ddim")
-METHOD_FILTER = "tags.ddpt.role = 'method'"  # the filter the README documents
+METHOD_FILTER = "tags.ddpt.role = 'method'"  # the filter docs/sampling.md documents
 # Flags that work as root on a machine without network: no sandbox, no GPU, nothing phoned home.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",

@@ -1,6 +1,7 @@
-"""The README's first hour holds: its in-process example runs as written, its map of where the
-math lives names code that exists, and every link and module path in README.md and docs/*.md
-points at a file of this checkout."""
+"""The README's first hour holds: it stays a front page (at most README_MAX_LINES lines), its
+in-process example runs as written, its map of where the math lives names code that exists, and
+every link and module path in README.md, docs/*.md and benchmarks/README.md points at a file of
+this checkout."""
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+README_MAX_LINES = 200  # a front page; everything else lives in docs/
 EXAMPLE_HEADING = "## DDPT in one process: an example"
 MAP_HEADING = "## Where the math lives"
 
@@ -86,6 +88,12 @@ def defined_names(path: Path) -> set[str]:
             [node.target] if isinstance(node, ast.AnnAssign) else [])
         names.update(t.id for t in targets if isinstance(t, ast.Name))
     return names
+
+
+def test_the_readme_stays_a_front_page():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines, at most {README_MAX_LINES}: move the detail to docs/")
 
 
 # ---- the example --------------------------------------------------------------------------------

@@ -19,11 +19,14 @@ from helpers import EXAMPLES, make_lm
 from pipeline.cli import main
 from pipeline.config import PRESETS, RunConfig
 from pipeline.scoring.results import ResultStore
+from pipeline.scoring.stats import as_metrics
+from pipeline.scoring.task_records import FILENAME, compare_to_reference, read_table
 from pipeline.studies.charts import metric_chart, training_chart
 from pipeline.studies.comparison import interpret
 from pipeline.studies.experiment import aggregate, experiment_charts
 from pipeline.studies.interpret import PromptSet, tsne_plot
 from pipeline.studies.report import build_report, write_report
+from pipeline.tracking import child_runs
 from pipeline.training.loop import train_local
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -136,6 +139,24 @@ def test_a_folder_without_metrics_is_refused_by_name(tmp_path, capsys):
     assert f"{tmp_path / 'metrics.json'} is missing" in capsys.readouterr().err
 
 
+def test_lone_surrogates_are_shown_escaped_and_the_page_is_kept(tmp_path, capsys):
+    """chr(0xDCFF) in a generation, a sandbox message, a reference or an instruction (as
+    samples.jsonl reads them back): the page is written, valid UTF-8, each shown as \\udcff."""
+    odd = chr(0xDCFF)
+    RunConfig().with_overrides(["data.extra_eval=[]"]).save(tmp_path / "config.yaml")
+    (tmp_path / "metrics.json").write_text(json.dumps({"manual": {"pass_at_1": 0.0}}))
+    ResultStore(tmp_path / "samples.jsonl").append([{
+        "id": "t0", "method": "manual", "instruction": f"say {odd}", "input": "",
+        "generation": f"print('{odd}')", "reference": f"x = '{odd}'", "status": "error",
+        "exec_message": f"ValueError: {odd}"}])
+    assert main(["report", "--output", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_bytes().decode("utf-8")
+    for shown in ("say \\udcff", "print(&#x27;\\udcff&#x27;)", "x = &#x27;\\udcff&#x27;",
+                  "ValueError: \\udcff"):
+        assert shown in page, shown
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A whole `ddpt run` in this process: tiny model, local training and sampling, MBPP with
@@ -195,6 +216,47 @@ def test_the_report_is_one_self_contained_page(finished_run, capsys):
                       block else len(block)]
         assert html.escape(example["instruction"][:30]) in block
         assert block.count('class="verdict"') == len(metrics)  # each method's verdict
+
+
+@pytest.mark.slow
+def test_a_run_pairs_every_method_with_the_reference(finished_run, capsys):
+    """The per-task table round-trips the run's records; metrics.json, the methods' MLflow
+    runs, `ddpt compare` and the report hold the figures computed from it."""
+    for folder in (finished_run, finished_run / "humaneval"):
+        rows = read_table(folder / FILENAME)
+        records = ResultStore(folder / "samples.jsonl").load()
+        assert sorted((r.method, r.task_id, r.status, r.code_ce, r.cases_passed, r.cases_total)
+                      for r in rows) == sorted(
+            (r["method"], str(r["id"]), r["status"], r["code_ce"], r["cases_passed"],
+             r["cases_total"]) for r in records)
+        figures = compare_to_reference(rows, "manual")
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert set(figures) == set(metrics) - {"manual"}
+        assert metrics["manual"]["code_ce_diff"] == 0  # the reference against itself
+        saved = json.loads((folder / "mlflow_comparison.json").read_text())
+        logged = {run.data.tags["ddpt.method"]: run.data.metrics
+                  for run in child_runs(saved["uri"], saved["run_id"])
+                  if run.data.tags.get("ddpt.role") == "method"}
+        for method, by_metric in figures.items():
+            assert set(by_metric) == {"pass_at_1", "code_ce"}
+            for figure in by_metric.values():
+                for name, value in as_metrics(figure).items():
+                    assert metrics[method][name] == pytest.approx(value, nan_ok=True), name
+                    assert logged[method][name] == pytest.approx(value, nan_ok=True), name
+        client = MlflowClient(saved["uri"])
+        assert FILENAME in {a.path for a in client.list_artifacts(saved["run_id"])}
+    assert main(["compare", "--output", str(finished_run)]) == 0
+    printed = capsys.readouterr().out
+    assert "paired against manual" in printed
+    for method, by_metric in compare_to_reference(read_table(finished_run / FILENAME),
+                                                  "manual").items():
+        for metric, figure in by_metric.items():
+            assert re.search(rf"^{method} +{metric} +{re.escape(figure.format())}", printed,
+                             re.MULTILINE), (method, metric)
+    assert main(["compare", "--output", str(finished_run), "--reference", "nosuch"]) == 2
+    assert "--reference: 'nosuch' is not one of the compared methods" in capsys.readouterr().err
+    page = build_report(finished_run)
+    assert page.count("<h3>Paired against manual</h3>") == 2  # MBPP and HumanEval
 
 
 @pytest.mark.slow

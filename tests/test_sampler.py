@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from helpers import EXAMPLES, make_lm
+from helpers import EXAMPLES, make_lm, write_checkpoint
 from pipeline.cli import main
 from pipeline.config import PRESETS, RunConfig
 from pipeline.decoding.autoregressive import generate
@@ -144,18 +144,23 @@ def test_sample_needs_the_checkpoints_its_methods_use(tmp_path, capsys):
 
 def test_a_training_output_folder_resolves_to_its_checkpoint(tmp_path):
     """``--checkpoint runs/main/ddpt`` works as well as ``runs/main/ddpt/checkpoint``."""
+    from pipeline.config import ConfigError
     from pipeline.studies.sample_job import resolve_checkpoint
-    from pipeline.training.checkpoint import STATE_FILE
 
     job = tmp_path / "ddpt"
-    (job / "checkpoint").mkdir(parents=True)
-    (job / "checkpoint" / STATE_FILE).write_text("{}")
+    write_checkpoint(job / "checkpoint")
     for source in (job, job / "checkpoint"):
         found = resolve_checkpoint(str(source), "ddpt", smoke_config(), tmp_path / "out")
         assert found == (job / "checkpoint").resolve()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty: not a checkpoint folder"):
         resolve_checkpoint(str(tmp_path / "empty"), "ddpt", smoke_config(), tmp_path / "out")
+    # a prompt-tuning checkpoint given as DDPT's
+    config = job / "checkpoint" / "config.yaml"
+    config.write_text(config.read_text().replace("method: ddpt", "method: prompt_tuning"))
+    with pytest.raises(ConfigError, match=r"holds a prompt_tuning prompt model, not a ddpt one: "
+                       r"pass it with --prompt-tuning"):
+        resolve_checkpoint(str(job), "ddpt", smoke_config(), tmp_path / "out")
 
 
 def test_data_with_tests_gets_pass_at_k(checkpoints, tmp_path):

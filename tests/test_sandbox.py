@@ -407,6 +407,8 @@ JUDGE_RULES = {
                                  "def f():\n    return P(1, 2), E.A\n",
                                  "assert f() == ((1, 2), 3)\n"), ("passed", 1, 1)),
     "comment_only_tests": (Program("x = 1\n", "# nothing\n"), ("error", 0, 0)),
+    # nothing that can fail: not a pass for every program
+    "pass_only_tests": (Program("x = 1\n", '"""tests"""\npass\n'), ("error", 0, 0)),
 }
 
 
@@ -419,6 +421,7 @@ def test_the_judge_rules():
             JUDGE_RULES[name][1], (name, result)
     assert "truth of an object of the program's" in results["objects"].message
     assert "no statement" in results["comment_only_tests"].message
+    assert "no statement that can fail" in results["pass_only_tests"].message
 
 
 def test_only_plain_values_cross():

@@ -37,7 +37,8 @@ def store_with_records(path, statuses=None) -> ResultStore:
     for record in sampled:
         i = int(record["id"].split("/")[1])
         passed = i % 3 == 0 if record["method"] == "ddpt" else i == 0
-        record = {**record, "status": "passed" if passed else "failed", "exec_message": ""}
+        record = {**record, "status": "passed" if passed else "failed", "exec_message": "",
+                  "cases_passed": 3 if passed else i % 3, "cases_total": 3}
         if statuses:
             record["statuses"] = statuses
         scored.append(record)
@@ -51,7 +52,8 @@ def test_records_from_the_results_store(tmp_path):
     assert [(r.method, r.task_id) for r in rows][:2] == [("ddpt", "MBPP/0"), ("ddpt", "MBPP/1")]
     first = rows[0]
     assert first == TaskRecord("ddpt", 1, "MBPP/0", "passed", pytest.approx(0.6),
-                               "ddim-3 eta=0 + greedy")
+                               "ddim-3 eta=0 + greedy", 3, 3)
+    assert (rows[1].cases_passed, rows[1].cases_total) == (1, 3)  # the sandbox's counts
     assert first.pass_fraction == 1.0 and rows[1].pass_fraction == 0.0
     sampled = task_records(store_with_records(tmp_path / "n4.jsonl",
                                               ["passed", "failed", "passed", "timeout"]).load(),
@@ -90,7 +92,8 @@ def test_bad_tables_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"header\.csv\.gz:1: header"):
         read_table(bad_header)
     bad_cell = tmp_path / "cell.csv.gz"
-    text = ",".join(COLUMNS) + "\nddpt,0,t1,passed,0.5,greedy,,\nddpt,one,t2,passed,0.5,g,,\n"
+    text = (",".join(COLUMNS) + "\nddpt,0,t1,passed,0.5,greedy,3,3,,\n"
+            "ddpt,one,t2,passed,0.5,g,,,,\n")
     bad_cell.write_bytes(gzip.compress(text.encode()))
     with pytest.raises(ValueError, match=r"cell\.csv\.gz:3: column 'seed': 'one'"):
         read_table(bad_cell)
@@ -132,6 +135,12 @@ def test_pairing_and_comparison_against_the_reference():
     seed_two = compare_to_reference(rows, "manual", seed=2, resamples=2000)["ddpt"]
     assert seed_two["pass_at_1"].test == "mcnemar-exact"
     assert seed_two["pass_at_1"].difference == pytest.approx(4 / 40)
+    # the data's own solutions have no code_ce: pass@1 only
+    solutions = [TaskRecord("canonical", 0, f"t{i:02d}", "passed", None, "canonical")
+                 for i in range(40)]
+    against = compare_to_reference([*rows, *solutions], "manual", resamples=500)
+    assert set(against["canonical"]) == {"pass_at_1"} and set(against["ddpt"]) == {
+        "pass_at_1", "code_ce"}
     # an unexecuted data set gives code_ce only
     text_only = [TaskRecord(r.method, r.seed, r.task_id, "", r.code_ce, r.chain) for r in rows]
     assert set(compare_to_reference(text_only, "manual", resamples=500)["ddpt"]) == {"code_ce"}

@@ -1,12 +1,19 @@
 """DDPT training on tiny models: the LM stays frozen, the denoiser learns, resume is exact."""
 import dataclasses
+import re
+import shutil
 
 import pytest
 import torch
 
-from helpers import EXAMPLES, make_lm
+from helpers import CHECKPOINT_DAMAGE, EXAMPLES, damage_checkpoint, make_lm, write_checkpoint
 from pipeline.config import PRESETS, RunConfig, SampleConfig
-from pipeline.training.checkpoint import load_prompt_model, read_state
+from pipeline.training.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    load_prompt_model,
+    read_state,
+)
 from pipeline.training.loop import batch_indices, train_local
 from pipeline.training.prompt_models import build_trainable, sampling_args
 
@@ -175,3 +182,27 @@ def test_checkpoint_writes_replace_the_old_folder_atomically(tmp_path):
     (new / "x").write_text("1")
     replace_folder(new, tmp_path / "other")
     assert (tmp_path / "other" / "x").read_text() == "1" and not new.exists()
+
+
+@pytest.mark.parametrize("how", list(CHECKPOINT_DAMAGE))
+def test_a_damaged_checkpoint_is_refused_by_file_before_use(tmp_path, how):
+    """A cut-short or empty model.safetensors, a malformed or incomplete state.json: a
+    CheckpointError naming the file from the cheap check and from loading."""
+    folder = write_checkpoint(tmp_path / "ckpt")
+    assert check_checkpoint(folder)["step"] == 0  # the intact one passes
+    file = damage_checkpoint(folder, how)
+    message = CHECKPOINT_DAMAGE[how][1]
+    for read in (check_checkpoint, load_prompt_model):
+        with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+            read(folder)
+        assert str(err.value).startswith(f"{file}: ")
+
+
+def test_weights_that_are_not_the_configured_model_are_named(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt")
+    other = write_checkpoint(tmp_path / "other", hidden_dim=8)
+    shutil.copy(other / "model.safetensors", folder / "model.safetensors")
+    check_checkpoint(folder)  # a whole file: the format is fine
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: does not hold the ddpt "
+                       r"prompt model that .*config\.yaml and state\.json describe"):
+        load_prompt_model(folder)

@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 from pipeline.config import RunConfig, build_config, merge_file
+from pipeline.scoring.task_records import FILENAME
 from pipeline.studies.comparison import format_table
+from pipeline.studies.paired import folder_paired_text
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -39,8 +41,12 @@ def print_tables(config: RunConfig, metrics: dict, output: str | Path) -> None:
     for name in extra:
         tables[(name, "test")] = {m.split("/", 1)[1]: v for m, v in metrics.items()
                                   if m.startswith(f"{name}/")}
-    for (dataset, split), table in tables.items():
+    folders = [Path(output), *(Path(output) / name for name in extra)]
+    for ((dataset, split), table), folder in zip(tables.items(), folders):
         print(f"\n{dataset} / {split} ({config.model.name}):")
         print(format_table(table))
-    print(f"\nwrote {output}/metrics.json and {output}/samples.jsonl"
+        paired = folder_paired_text(folder, config.eval.reference_method)
+        if paired:
+            print(f"\n{paired}")
+    print(f"\nwrote {output}/metrics.json, {output}/{FILENAME} and {output}/samples.jsonl"
           + "".join(f", {output}/{name}/" for name in extra))

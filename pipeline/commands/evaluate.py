@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pipeline.commands.common import overrides
 from pipeline.config import build_config
 from pipeline.distributed.backends import CONFIGURED
+from pipeline.scoring.task_records import FILENAME
 from pipeline.studies.evaluate_job import run_evaluate
+from pipeline.studies.paired import folder_paired_text, is_paired_metric
 
 
 def main(args: argparse.Namespace) -> None:
@@ -21,5 +24,10 @@ def main(args: argparse.Namespace) -> None:
                            progress=not args.no_progress)
     for method, values in metrics.items():
         print(f"{method}: {values['passed']}/{values['total']} passed; " + ", ".join(
-            f"{k} {v:.4f}" for k, v in values.items() if k.startswith("pass_at")))
-    print(f"wrote {args.output}/metrics.json and {args.output}/samples.jsonl")
+            f"{k} {v:.4f}" for k, v in values.items()
+            if k.startswith("pass_at") and not is_paired_metric(k)))
+    paired = folder_paired_text(Path(args.output), config.eval.reference_method)
+    if paired:
+        print(f"\n{paired}\n")
+    print(f"wrote {args.output}/metrics.json, {args.output}/{FILENAME} and "
+          f"{args.output}/samples.jsonl")

@@ -1,11 +1,15 @@
 """What every loader shares: the located `DataError`, the seeded carve, and the checks of a
-user's record (a JSONL line or a table row read through `datasets`) and of its split."""
+user's record (a JSONL line or a table row read through `datasets`), of its tests (the
+sandbox's own rule, :mod:`pipeline.sandbox.cases`) and of its split."""
 from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Callable
 from typing import Any
+
+from pipeline.sandbox import cases
 
 SEED = 0
 
@@ -70,12 +74,29 @@ def user_record(obj: dict, fail: Locate) -> dict[str, Any]:
     split = _user_text(obj, "split", fail, required=False, nonempty=True)
     if split is not None and split not in SPLITS:
         raise fail(f"got {split!r}, expected one of {', '.join(SPLITS)}", "split")
-    return {"id": str(raw_id), "instruction": _user_text(obj, "instruction", fail, required=True,
-                                                         nonempty=True),
-            "input": _user_text(obj, "input", fail, required=False, nonempty=False) or "",
-            "output": _user_text(obj, "output", fail, required=True, nonempty=True),
-            "tests": _user_text(obj, "tests", fail, required=False, nonempty=False),
-            "split": split}
+    record = {"id": str(raw_id), "instruction": _user_text(obj, "instruction", fail,
+                                                           required=True, nonempty=True),
+              "input": _user_text(obj, "input", fail, required=False, nonempty=False) or "",
+              "output": _user_text(obj, "output", fail, required=True, nonempty=True),
+              "tests": _user_text(obj, "tests", fail, required=False, nonempty=False),
+              "split": split}
+    check_tests(record["tests"], lambda problem: fail(f"record {record['id']!r}: {problem}",
+                                                      "tests"))
+    return record
+
+
+def check_tests(tests: str | None, fail: Callable[[str], DataError]) -> None:
+    """Tests that can judge a program, by the sandbox's rule (:func:`cases.split`): they parse and
+    hold a statement that can fail (tests of only comments or ``pass`` would let every program
+    pass); else ``fail(problem)``. Blank tests are no tests: the record is not executed."""
+    if tests is None or not tests.strip():
+        return
+    try:
+        with warnings.catch_warnings():  # "\\d" in a plain string: the test author's business
+            warnings.simplefilter("ignore")
+            cases.split(tests)
+    except ValueError as err:
+        raise fail(str(err)) from None
 
 
 def check_unique(ex_id: str, seen: dict[str, int], at: int, unit: str, fail: Locate) -> None:

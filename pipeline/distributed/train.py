@@ -121,9 +121,8 @@ def build_worker(loop_config: dict[str, Any], ranks: tuple[int, int, int] | None
     from transformers.integrations import HfDeepSpeedConfig
 
     if not config.distributed.use_gpu:
-        # DeepSpeed JIT-builds a shared-memory all-reduce for CPU ranks (a C++ build of about
-        # a minute of CPU, and again for every new venv) that only tensor-parallel inference
-        # calls; ZeRO-3 training never does, so it is marked unusable before the first use.
+        # Never JIT-build DeepSpeed's shared-memory CPU all-reduce: ZeRO-3 training never
+        # calls it (why and what it cost: docs/training.md).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     from pipeline.lm.frozen import FrozenCodeLM

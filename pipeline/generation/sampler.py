@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.config import ConfigError, DecodingConfig, RunConfig, SampleConfig
+from pipeline.config import METHOD_NAMES, ConfigError, DecodingConfig, RunConfig, SampleConfig
 from pipeline.data.example import Example
 from pipeline.decoding.autoregressive import decode_code, generate, generate_samples
 from pipeline.lm.frozen import FrozenCodeLM
@@ -50,6 +50,9 @@ METHODS: dict[str, Method] = {
     "spa": Method(decoding="spa", help="the manual prompt, SPA decoding"),
     "ddpt_spa": Method("ddpt", "ddim", "spa", help="DDPT (DDIM prompts) with SPA decoding"),
 }
+if tuple(METHODS) != METHOD_NAMES:  # eval.reference_method's choices name these, in order
+    raise RuntimeError(f"sampler METHODS {list(METHODS)} differ from pipeline.config's "
+                       f"METHOD_NAMES {list(METHOD_NAMES)}")
 
 
 def check_methods(methods: list[str] | tuple[str, ...], field: str = "methods") -> None:

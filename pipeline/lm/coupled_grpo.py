@@ -10,8 +10,10 @@ shared by the micro-batch), computed for the old, the reference and the current 
 same masks (one mask seed per iteration). Per token: ``-min(rho A, clip(rho, 1 +- eps) A) +
 beta * k3``, summed over the completion tokens up to and including the first end-of-turn
 token and divided by their count per micro-batch. The reference moves toward the policy every
-``ref_sync_every`` optimizer steps (TR-DPO). The Ray glue will split :func:`rollout_round`'s
-generation from :func:`update` and run the update under DeepSpeed.
+``ref_sync_every`` optimizer steps (TR-DPO). :func:`update` runs in this process;
+:func:`run_update` is the same round on any :class:`Optimisation` (the DeepSpeed ZeRO-3 learner,
+:mod:`pipeline.distributed.dllm_learner`, hands in its engines and its share of the slices).
+The settings come from the ``dllm_rl`` section of the configuration (:func:`settings_from_config`).
 
 Fixed here, and flagged where the reference's behaviour is kept behind an option: the mask
 seeds come from this run's seed and round, on local generators (the reference reseeds every
@@ -22,12 +24,16 @@ iterations.
 """
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from pipeline.config import DllmRLConfig
 from pipeline.lm.coupled import coupled_scores
 from pipeline.method.policy_gradient import (
     GroupAdvantages,
@@ -41,11 +47,13 @@ from pipeline.method.policy_gradient import (
 @dataclass(frozen=True)
 class CoupledGRPOSettings:
     """Every hyper-parameter of ``train.method=coupled_grpo``, with the reference's value
-    (``recipes/config_coupled_code.yaml``, ``coupled_grpo.py``) as its default; to move into
-    ``pipeline/config.py`` with the Ray wiring. The ones this module reads:
+    (``recipes/config_coupled_code.yaml``, ``coupled_grpo.py``) as its default; the run's values
+    come from the ``dllm_rl`` section of the configuration (:func:`settings_from_config`, the
+    same names and defaults). The ones this module reads:
 
     group_size (num_generations 10), iterations (mu, num_iterations 2), micro_batches
-    (gradient_accumulation_steps 2: a round's rows in that many slices, one backward each),
+    (gradient_accumulation_steps 2: a round's rows in that many slices, one backward each; per
+    worker under the ZeRO-3 learner, which splits a round into workers x micro_batches),
     beta 0.01, eps_low = eps_high = 0.5, t_range (0.2, 0.8), random_masking (new mask seeds
     every round; False: 42 for every iteration), reference_mask_schedule (the reference's seed
     index quirk; False: iteration j uses seed j), scale_by_std False, skip_uninformative False
@@ -58,7 +66,7 @@ class CoupledGRPOSettings:
     max_completion_length 256, diffusion_steps 256, alg 'entropy', alg_temp 0, temperature 1.0
     (the paper says 1.2), top_p 0.95; end_of_turn '<|im_end|>'; reward = 2.0 x pass fraction +
     0.5 x format, the pass fraction only scored when the format is right
-    (:func:`reference_reward`).
+    (:func:`reference_reward`; through the sandbox: :mod:`pipeline.scoring.code_reward`).
     """
 
     group_size: int = 10
@@ -77,6 +85,7 @@ class CoupledGRPOSettings:
     max_grad_norm: float = 0.2
     lr: float = 1e-6
     adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8
     weight_decay: float = 0.1
     min_lr_rate: float = 0.1
     warmup_ratio: float = 1e-4
@@ -104,12 +113,22 @@ class CoupledGRPOSettings:
             raise ValueError(f"CoupledGRPOSettings: invalid {bad} in {self}")
 
 
-def reference_reward(pass_fraction: torch.Tensor, format_score: torch.Tensor,
-                     settings: CoupledGRPOSettings = CoupledGRPOSettings()) -> torch.Tensor:
+def settings_from_config(section: DllmRLConfig) -> CoupledGRPOSettings:
+    """The settings of a run's ``dllm_rl`` section: the fields of the same name, ``t_range``
+    from ``t_min``/``t_max`` and ``adam_betas`` from ``adam_beta1``/``adam_beta2``."""
+    values = {f.name: getattr(section, f.name) for f in fields(CoupledGRPOSettings)
+              if hasattr(section, f.name)}
+    values["t_range"] = (section.t_min, section.t_max)
+    values["adam_betas"] = (section.adam_beta1, section.adam_beta2)
+    return CoupledGRPOSettings(**values)
+
+
+def reference_reward(pass_fraction: torch.Tensor, format_score: torch.Tensor, *,
+                     pass_weight: float = 2.0, format_weight: float = 0.5) -> torch.Tensor:
     """``pass_weight * pass_fraction * [format == 1] + format_weight * format`` per completion:
-    the reference scores execution only when the format (1, 0.5 or 0) is right."""
-    return (settings.pass_weight * pass_fraction * (format_score == 1)
-            + settings.format_weight * format_score)
+    the reference scores execution only when the format (1, 0.5 or 0) is right. Through the
+    sandbox: :func:`pipeline.scoring.code_reward.execution_rewards`."""
+    return pass_weight * pass_fraction * (format_score == 1) + format_weight * format_score
 
 
 def completion_mask(completion_ids: torch.Tensor, end_id: int) -> torch.Tensor:
@@ -199,39 +218,112 @@ def rollout_round(prompt_ids: torch.Tensor, generate: Callable[[torch.Tensor], t
                           advantages, round_mask_seeds(seed, round_index, settings))
 
 
-def reference_optimizer(params, settings: CoupledGRPOSettings, total_steps: int):
-    """The reference's optimiser: AdamW (lr, betas, weight decay) with a linear warm-up over
-    ``ceil(warmup_ratio * total_steps)`` steps, then cosine decay to ``min_lr_rate * lr``
-    (transformers' ``cosine_with_min_lr``). Returns (optimizer, scheduler)."""
-    import math
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups as the reference's trainer (transformers' ``Trainer``) makes them:
+    weight decay on every trainable parameter but biases and norm weights (names matching
+    :data:`NO_DECAY`), which get none. Empty groups are left out."""
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (plain if NO_DECAY.search(name) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def reference_scheduler(optimizer: torch.optim.Optimizer, settings: CoupledGRPOSettings,
+                        total_steps: int):
+    """A linear warm-up over ``ceil(warmup_ratio * total_steps)`` optimizer steps, then cosine
+    decay to ``min_lr_rate * lr`` at ``total_steps`` (transformers' ``cosine_with_min_lr``)."""
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.adam_betas,
-                                  weight_decay=settings.weight_decay)
     warmup = math.ceil(settings.warmup_ratio * total_steps)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+    return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, warmup, total_steps, min_lr_rate=settings.min_lr_rate)
-    return optimizer, scheduler
 
 
-def _micro_slices(rows: int, settings: CoupledGRPOSettings) -> list[slice]:
-    if rows % settings.micro_batches:
-        raise ValueError(f"{rows} rows do not split into {settings.micro_batches} micro-batches")
-    size = rows // settings.micro_batches
-    return [slice(i * size, (i + 1) * size) for i in range(settings.micro_batches)]
+def reference_optimizer(model: nn.Module, settings: CoupledGRPOSettings, total_steps: int):
+    """The reference's optimiser on ``model``'s trainable parameters: torch's AdamW (lr, betas,
+    eps, weight decay on :func:`decay_groups`) and :func:`reference_scheduler`. Returns
+    (optimizer, scheduler)."""
+    optimizer = torch.optim.AdamW(decay_groups(model, settings.weight_decay), lr=settings.lr,
+                                  betas=settings.adam_betas, eps=settings.adam_eps)
+    return optimizer, reference_scheduler(optimizer, settings, total_steps)
+
+
+def micro_slices(rows: int, parts: int) -> list[slice]:
+    """``rows`` in ``parts`` equal, contiguous slices (ValueError if they do not split)."""
+    if rows % parts:
+        raise ValueError(f"{rows} rows do not split into {parts} micro-batches")
+    size = rows // parts
+    return [slice(i * size, (i + 1) * size) for i in range(parts)]
+
+
+def rank_slices(rows: int, settings: CoupledGRPOSettings, rank: int = 0,
+                world: int = 1) -> list[slice]:
+    """The micro-batches of data-parallel rank ``rank`` of ``world``: a round's rows in
+    ``world * micro_batches`` slices, ``micro_batches`` consecutive ones per rank (each rank
+    accumulates over its own, as the reference's per-device gradient accumulation)."""
+    every = micro_slices(rows, world * settings.micro_batches)
+    return every[rank * settings.micro_batches:(rank + 1) * settings.micro_batches]
+
+
+class Optimisation(Protocol):
+    """How a round's gradients become steps: :class:`LocalOptimisation` in this process, or a
+    DeepSpeed engine pair (:mod:`pipeline.distributed.dllm_learner`)."""
+
+    def accumulate(self, loss: torch.Tensor, count: int) -> None:
+        """Back-propagate one of ``count`` micro-batch losses of an optimizer step."""
+
+    def apply(self) -> torch.Tensor | None:
+        """The optimizer (and scheduler) step; returns the gradient norm before clipping."""
+
+    def sync_reference(self, alpha: float) -> None:
+        """TR-DPO's ``ref <- (1 - alpha) ref + alpha policy``."""
+
+
+@dataclass
+class LocalOptimisation:
+    """One process: gradient accumulation by ``loss / count``, clipping at ``max_grad_norm``
+    (0: none), then the optimizer and the scheduler."""
+
+    policy: nn.Module
+    reference: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    max_grad_norm: float = 0.0
+
+    def accumulate(self, loss: torch.Tensor, count: int) -> None:
+        (loss / count).backward()
+
+    def apply(self) -> torch.Tensor | None:
+        norm = None
+        if self.max_grad_norm:
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def sync_reference(self, alpha: float) -> None:
+        sync_reference(self.reference, self.policy, alpha)
 
 
 @torch.no_grad()
 def _old_and_reference_scores(policy: nn.Module, reference: nn.Module, data: CoupledRollout,
-                              mask_id: int, settings: CoupledGRPOSettings
-                              ) -> tuple[dict, dict]:
+                              mask_id: int, settings: CoupledGRPOSettings,
+                              slices: list[slice]) -> tuple[dict, dict]:
     """Scores of theta_old (only when mu > 1: with mu = 1 the current scores, detached, are
     the old ones) and of the reference (when beta > 0), per (iteration, micro-batch) under the
     seed that micro-step will use, all before the round's first optimizer step."""
     old, ref = {}, {}
     for j in range(settings.iterations):
-        for s, rows in enumerate(_micro_slices(data.completion_ids.shape[0], settings)):
+        for s, rows in enumerate(slices):
             seed = data.mask_seeds[mask_seed_index(j, s, settings)]
             args = (data.prompt_ids[rows], data.completion_ids[rows], mask_id, seed, settings)
             if settings.iterations > 1:
@@ -241,42 +333,52 @@ def _old_and_reference_scores(policy: nn.Module, reference: nn.Module, data: Cou
     return old, ref
 
 
-def update(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer,
-           data: CoupledRollout, mask_id: int, settings: CoupledGRPOSettings, *,
-           scheduler=None, step: int = 0) -> tuple[list[dict], int]:
-    """``iterations`` optimizer steps on one round, each over its ``micro_batches`` slices (the
-    loss of a slice divided by their number, as gradient accumulation does). ``step``: the
-    optimizer steps before this round (the reference sync counts them). Returns one record per
-    micro-step (iteration, micro_batch, mask_seed and the loss's statistics) and the new step."""
-    old, ref = _old_and_reference_scores(policy, reference, data, mask_id, settings)
+def run_update(policy: nn.Module, reference: nn.Module, data: CoupledRollout, mask_id: int,
+               settings: CoupledGRPOSettings, *, optimisation: Optimisation,
+               slices: list[slice] | None = None, step: int = 0) -> tuple[list[dict], int]:
+    """``iterations`` optimizer steps on one round, each accumulating over ``slices`` (default:
+    the round's ``micro_batches`` slices). ``policy`` and ``reference`` are what scores
+    (modules or DeepSpeed engines); ``step``: the optimizer steps before this round (the
+    reference sync counts them). Returns one record per micro-step (iteration, micro_batch,
+    mask_seed and the loss's statistics; ``grad_norm`` on each iteration's last) and the new
+    step."""
+    slices = slices or micro_slices(data.completion_ids.shape[0], settings.micro_batches)
+    old, ref = _old_and_reference_scores(policy, reference, data, mask_id, settings, slices)
     mask = data.mask
     if settings.skip_uninformative:
         mask = mask * data.advantages.row_mask(settings.group_size)[:, None].to(mask)
     advantages = data.advantages.advantages
-    params = [p for p in policy.parameters() if p.requires_grad]
-    slices = _micro_slices(data.completion_ids.shape[0], settings)
     records = []
     for j in range(settings.iterations):
-        optimizer.zero_grad(set_to_none=True)
         for s, rows in enumerate(slices):
             seed = data.mask_seeds[mask_seed_index(j, s, settings)]
             current = score(policy, data.prompt_ids[rows], data.completion_ids[rows], mask_id,
                             seed, settings)
             out = coupled_grpo_loss(current, old.get((j, s), current.detach()), ref.get((j, s)),
                                     advantages[rows], mask[rows], settings)
-            (out.loss / len(slices)).backward()
+            optimisation.accumulate(out.loss, len(slices))
             records.append({"iteration": j, "micro_batch": s, "mask_seed": seed,
                             "loss": out.loss.detach(), **out.stats})
-        if settings.max_grad_norm:
-            records[-1]["grad_norm"] = torch.nn.utils.clip_grad_norm_(params,
-                                                                      settings.max_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        norm = optimisation.apply()
+        if norm is not None:
+            records[-1]["grad_norm"] = torch.as_tensor(norm, dtype=torch.float32)
         step += 1
         if settings.ref_sync_every and step % settings.ref_sync_every == 0:
-            sync_reference(reference, policy, settings.ref_sync_alpha)
+            optimisation.sync_reference(settings.ref_sync_alpha)
     return records, step
+
+
+def update(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer,
+           data: CoupledRollout, mask_id: int, settings: CoupledGRPOSettings, *,
+           scheduler=None, step: int = 0) -> tuple[list[dict], int]:
+    """:func:`run_update` in this process: each slice's loss divided by their number, as
+    gradient accumulation does, clipped at ``max_grad_norm``, then ``optimizer`` and
+    ``scheduler`` step."""
+    optimizer.zero_grad(set_to_none=True)
+    optimisation = LocalOptimisation(policy, reference, optimizer, scheduler,
+                                     settings.max_grad_norm)
+    return run_update(policy, reference, data, mask_id, settings, optimisation=optimisation,
+                      step=step)
 
 
 def summarise(data: CoupledRollout, records: list[dict]) -> dict[str, float]:

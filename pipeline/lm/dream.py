@@ -8,6 +8,7 @@ checkpoint's, so ``config.json`` + safetensors (one file or shards) load here wi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 MASK_TOKEN = "<|mask|>"
@@ -135,9 +137,14 @@ class DreamModel(PreTrainedModel):
 
     config_class = DreamConfig
     base_model_prefix = "model"
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: DreamConfig):
         super().__init__(config)
+        # True: each layer's activations are recomputed in the backward pass instead of kept
+        # (torch's non-reentrant checkpoint, as the reference trainer's use_reentrant=False);
+        # only where gradients are on. ``gradient_checkpointing_enable()`` sets it too.
+        self.gradient_checkpointing = False
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                                padding_idx=config.pad_token_id)
@@ -156,7 +163,8 @@ class DreamModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, nn.Embedding):
             module.weight.normal_(0.0, std)
-            if module.padding_idx is not None:
+            # numel 0: built under deepspeed.zero.Init, a partition filled from a checkpoint
+            if module.padding_idx is not None and module.weight.numel():
                 module.weight[module.padding_idx].zero_()
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
@@ -194,8 +202,12 @@ class DreamModel(PreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(N, device=h.device)[None].expand(B, N)
         cos, sin = self._rope(position_ids, h.dtype)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h = layer(h, cos, sin, attention_mask)
+            if recompute:
+                h = checkpoint(layer, h, cos, sin, attention_mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attention_mask)
         return DreamOutput(logits=self.lm_head(self.model.norm(h)))
 
 
@@ -209,7 +221,7 @@ def is_dream_folder(path: str | Path) -> bool:
         return False
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():  # sharded, as the 7B checkpoints ship
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -241,7 +253,7 @@ def load_dream(folder: str | Path, dtype: torch.dtype = torch.float32,
     with torch.device("meta"):
         model = DreamModel(read_dream_config(folder))
     seen: set[str] = set()
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         state = {k: v.to(dtype) for k, v in load_file(str(path), device=str(device)).items()}
         unexpected = set(state) - set(model.state_dict())
         if unexpected:
@@ -255,6 +267,45 @@ def load_dream(folder: str | Path, dtype: torch.dtype = torch.float32,
     if missing:
         raise ValueError(f"{folder}: missing weights {sorted(missing)[:5]}")
     return model.eval()
+
+
+def save_dream(folder: str | Path, config: DreamConfig,
+               tensors: Iterable[tuple[str, torch.Tensor]], *,
+               max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+    """Write a Dream folder that :func:`load_dream` (and any Dream loader) reads: config.json
+    and the weights as safetensors, one ``model.safetensors`` or, past ``max_shard_bytes``,
+    shards ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
+    ``tensors`` (name, tensor) may be a generator (a ZeRO-3 gather, one parameter at a time):
+    at most one shard is held in memory."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    shards: list[list[str]] = []  # the names in each written shard
+    current: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            save_file(current, str(folder / f".shard-{len(shards)}"), metadata={"format": "pt"})
+            shards.append(list(current))
+            current, size = {}, 0
+        current[name] = tensor.detach().cpu().contiguous()
+        size += nbytes
+    save_file(current, str(folder / f".shard-{len(shards)}"), metadata={"format": "pt"})
+    shards.append(list(current))
+    if len(shards) == 1:
+        (folder / ".shard-0").rename(folder / "model.safetensors")
+        return folder
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (folder / f".shard-{i}").rename(folder / file)
+        weight_map.update(dict.fromkeys(names, file))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return folder
 
 
 def tiny_dream_config(vocab_size: int, mask_token_id: int, pad_token_id: int | None,

@@ -1,5 +1,5 @@
-"""GRPO for DDPT's prompt policies, in one process (method.md section 5; issue 32's ``grpo`` and
-``grpo_gaussian``).
+"""GRPO for DDPT's prompt policies, in one process (method.md section 5: ``grpo`` on the chain,
+and its one-step ablation ``grpo_gaussian``).
 
 A round: G samples per task from the policy (:meth:`ChainPolicy.sample` or
 :meth:`GaussianPromptPolicy.sample`), a reward per sample, advantages relative to the task's

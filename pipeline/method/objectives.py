@@ -231,9 +231,9 @@ def soft_min(losses: torch.Tensor, temperature: float, dim: int = 0) -> torch.Te
 
 
 class SoftMinObjective:
-    """A set of prompts per task (``soft_min``, issue 32): K = ``prompts`` noises per example
-    (``train.soft_min_prompts``; tau = ``temperature``, ``train.soft_min_temperature``), each
-    through the ``unroll_steps`` DDIM chain (eta = 0, gradients through every step) given the
+    """A set of prompts per task (``soft_min``; method.md section 1): K = ``prompts`` noises per
+    example (``train.soft_min_prompts``; tau = ``temperature``, ``train.soft_min_temperature``),
+    each through the ``unroll_steps`` DDIM chain (eta = 0, gradients through every step) given the
     example's condition; CE_k from one LM forward of the K * B rows; loss = mean over examples of
     ``-tau * logsumexp_k(-CE_k / tau)`` (multiple-choice learning, "pass@k training"). The
     condition dropout draws one decision per example, shared by its K prompts.

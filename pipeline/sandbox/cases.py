@@ -11,8 +11,10 @@ split itself. The rule (docs/execution.md, "Test cases"):
 
 Of these, a statement that contains an ``assert`` (outside a nested ``def``, ``class`` or
 ``lambda``) is a case; the others are setup, run in order before the cases that follow them. If
-no statement contains an assert, the whole tests are one case. Tests with no statement (empty,
-or only comments) cannot be judged: ``split`` raises ValueError.
+no statement contains an assert, the whole tests are one case. Tests with no statement that can
+fail (empty, only comments, or only ``pass`` and constants such as a docstring or ``...``) cannot
+judge a program (every program would pass): ``split`` raises ValueError. The data loaders call
+``split`` on a user's tests, so such a record is refused when its file is read.
 """
 from __future__ import annotations
 
@@ -35,11 +37,19 @@ def split(tests: str) -> list[Step]:
         raise ValueError(f"the tests do not parse: {type(err).__name__}") from None
     if not tree.body:
         raise ValueError("the tests hold no statement (only comments or blank lines)")
+    if all(_inert(node) for node in tree.body):
+        raise ValueError("the tests hold no statement that can fail (only `pass` or constants)")
     statements = _humaneval(tree.body) or list(tree.body)
     steps = [("case" if has_assert(node) else "setup", node) for node in statements]
     if not any(kind == "case" for kind, _ in steps):
         return [("case", _ast.Module(body=list(tree.body), type_ignores=[]))]
     return steps
+
+
+def _inert(node) -> bool:
+    """A statement that can never fail: ``pass``, or a constant alone (a docstring, ``...``)."""
+    return isinstance(node, _ast.Pass) or (isinstance(node, _ast.Expr)
+                                           and isinstance(node.value, _ast.Constant))
 
 
 def count(tests: str) -> int:

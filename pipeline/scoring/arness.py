@@ -174,3 +174,13 @@ def plot_first_step_confidence(conf: np.ndarray | torch.Tensor, path: str | Path
 def arness_from_record(record, **kwargs) -> ArnessCurves:
     """:func:`arness_curves` of a :class:`DecodingRecord`'s orders with T = its canvas length."""
     return arness_curves(record.orders(), L=record.canvas_len, **kwargs)
+
+
+def rollout_arness(record, k_local: int = 9, k_global: int = 4) -> dict[str, float]:
+    """Mean AR-ness of one batch of rollouts from its :class:`DecodingRecord` (every row, the
+    whole canvas, T = L): ``arness_local_at_<k>`` for k = 1..k_local and
+    ``arness_global_at_<k>`` for k = 1..k_global, the names the comparisons use, as floats
+    for a training loop's metrics (coupled-GRPO logs them each round)."""
+    local, global_ = arness_from_record(record, k_local=k_local, k_global=k_global).mean()
+    return {**{f"arness_local_at_{k}": float(v) for k, v in enumerate(local, start=1)},
+            **{f"arness_global_at_{k}": float(v) for k, v in enumerate(global_, start=1)}}

@@ -7,11 +7,14 @@ reference per prediction. All are deterministic.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 
 import sacrebleu
-from codebleu import calc_codebleu
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 
@@ -51,9 +54,26 @@ def codebleu(predictions: list[str], references: list[str]) -> float:
     syntax and data-flow parts are approximate there. Library quirk, kept for comparability: the
     data-flow part enters as ``dataflow_match_score or 1``, so a corpus whose data-flow match is 0
     (e.g. empty or unrelated predictions) still gets 0.25 from it; the floor is 0.25, not 0.
+
+    The library's data-flow part numbers variables in ``set`` order (``normalize_dataflow_item``),
+    which follows Python's per-process string hashing: the same corpus scored in two processes
+    differed by up to 4e-4. So it runs in a child interpreter with ``PYTHONHASHSEED=0``: one value
+    per corpus, on every run and machine.
     """
     _validate(predictions, references)
-    return float(calc_codebleu(references, predictions, lang="python")["codebleu"])
+    done = subprocess.run([sys.executable, "-c", _CODEBLEU_CHILD], capture_output=True, text=True,
+                          input=json.dumps([references, predictions]),
+                          env={**os.environ, "PYTHONHASHSEED": "0"}, check=False)
+    if done.returncode:
+        raise RuntimeError(f"codebleu failed: {done.stderr.strip()[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
+_CODEBLEU_CHILD = """import json, sys
+from codebleu import calc_codebleu
+references, predictions = json.load(sys.stdin)
+print(calc_codebleu(references, predictions, lang="python")["codebleu"])
+"""
 
 
 def meteor(predictions: list[str], references: list[str]) -> float:

@@ -3,7 +3,9 @@ re-checked (and, for the tables in docs/results.md, committed under docs/results
 
 One row per (method, seed, task): what the task's code did (``status``), the reference code's
 cross-entropy under the method's prompt (``code_ce``), the prompt chain and decoding that ran
-(``chain``), and with several samples per task how many of them passed. Stored as gzip'd CSV in a
+(``chain``), how many of the task's test cases that code passed (``cases_passed`` of
+``cases_total``, as the sandbox counts them), and with several samples per task how many of them
+passed. Stored as gzip'd CSV in a
 fixed column order, rows sorted, floats in Python's shortest round-trip form and the gzip header's
 time set to 0, so the same records give the same bytes and committed files do not churn.
 """
@@ -35,6 +37,8 @@ PASSED = "passed"  # the sandbox's status of a passing program (pipeline/scoring
 class TaskRecord:
     """One method's result on one task in one seed's comparison. ``status``: passed, failed,
     timeout or error ("" when the task was not executed); ``code_ce``: None when not scored;
+    ``cases_passed`` / ``cases_total``: the test cases the (greedy) program passed, of the
+    task's, None when not executed or not counted (a program that did not run to its tests);
     ``samples_passed`` / ``samples_run``: None with one (greedy) generation per task."""
 
     method: str
@@ -43,6 +47,8 @@ class TaskRecord:
     status: str
     code_ce: float | None
     chain: str
+    cases_passed: int | None = None
+    cases_total: int | None = None
     samples_passed: int | None = None
     samples_run: int | None = None
 
@@ -59,7 +65,7 @@ COLUMNS = tuple(f.name for f in fields(TaskRecord))
 
 
 def chain_label(params: Mapping) -> str:
-    """What ran, from a method's MLflow params (``comparison._method_params``): the prompt's
+    """What ran, from a method's MLflow params (``comparison.method_params``): the prompt's
     chain when the prompt model has one, then the decoding: ``ddim-3 eta=0 + greedy``,
     ``deterministic + greedy``, ``greedy``, ``diffusion+spa-128``."""
     decoding = str(params["decoding"])
@@ -76,7 +82,8 @@ def chain_label(params: Mapping) -> str:
 def task_records(records: Iterable[dict], *, seed: int, chains: Mapping[str, str]
                  ) -> list[TaskRecord]:
     """The table of a comparison from its results store's records (``ResultStore.load()``:
-    ``id``, ``method``, ``code_ce``, ``status``, ``statuses`` when several samples ran).
+    ``id``, ``method``, ``code_ce``, ``status``, ``cases_passed``/``cases_total``, ``statuses``
+    when several samples ran).
     ``chains``: method -> :func:`chain_label` of what ran; ``seed``: the run's training seed."""
     rows = []
     for record in records:
@@ -88,10 +95,16 @@ def task_records(records: Iterable[dict], *, seed: int, chains: Mapping[str, str
         rows.append(TaskRecord(
             method=method, seed=seed, task_id=task, status=record.get("status", ""),
             code_ce=None if record.get("code_ce") is None else float(record["code_ce"]),
-            chain=chains[method],
+            chain=chains[method], cases_passed=_count(record, "cases_passed"),
+            cases_total=_count(record, "cases_total"),
             samples_passed=None if statuses is None else sum(s == PASSED for s in statuses),
             samples_run=None if statuses is None else len(statuses)))
     return sorted(rows, key=_order)
+
+
+def _count(record: dict, name: str) -> int | None:
+    value = record.get(name)
+    return None if value is None else int(value)
 
 
 def _order(row: TaskRecord) -> tuple:
@@ -150,8 +163,8 @@ def _parse(cells: list[str], where: str) -> TaskRecord:
     values = dict(zip(COLUMNS, cells))
     parsed: dict = {"method": values["method"], "task_id": values["task_id"],
                     "status": values["status"], "chain": values["chain"]}
-    for name, kind in (("seed", int), ("code_ce", float), ("samples_passed", int),
-                       ("samples_run", int)):
+    for name, kind in (("seed", int), ("code_ce", float), ("cases_passed", int),
+                       ("cases_total", int), ("samples_passed", int), ("samples_run", int)):
         cell = values[name]
         if cell == "" and name != "seed":
             parsed[name] = None
@@ -215,16 +228,21 @@ def compare_to_reference(rows: Iterable[TaskRecord], reference: str, *,
                          ) -> dict[str, dict[str, PairedDifference]]:
     """{method: {"pass_at_1": ..., "code_ce": ...}} for every method but ``reference``, each
     against it on the same tasks: one seed's (``seed``) or pooled over all seeds. pass@1 only
-    where every task of both was executed."""
+    where both methods' tasks were executed, ``code_ce`` only where both were scored (the data's
+    own solutions, ``canonical``, have no prompt to score); a method with neither is left out.
+    One row of a kind is enough to take that kind: a missing value among them raises."""
     rows = list(rows)
     executed = {row.method for row in rows if not math.isnan(row.pass_fraction)}
+    scored = {row.method for row in rows if row.code_ce is not None}
     out: dict[str, dict[str, PairedDifference]] = {}
     for method in sorted({row.method for row in rows} - {reference}):
         results = {}
         if {method, reference} <= executed:
             _, ours, theirs = paired_values(rows, method, reference, "pass_fraction", seed=seed)
             results["pass_at_1"] = pass_rate_difference(ours, theirs, resamples=resamples)
-        _, ours, theirs = paired_values(rows, method, reference, "code_ce", seed=seed)
-        results["code_ce"] = mean_difference(ours, theirs, resamples=resamples)
-        out[method] = results
+        if {method, reference} <= scored:
+            _, ours, theirs = paired_values(rows, method, reference, "code_ce", seed=seed)
+            results["code_ce"] = mean_difference(ours, theirs, resamples=resamples)
+        if results:
+            out[method] = results
     return out

@@ -1,14 +1,7 @@
 """The comparison harness: every method on the same examples, scored the same way, side by side
-in MLflow.
-
-MLflow layout, one experiment per data set and model (``tracking.experiment_name``)::
-
-    compare                      parent run (tag ddpt.role=comparison): config, metrics.json,
-    |                            samples.jsonl, the table
-    |-- train-ddpt               (ddpt.role=train, ``ddpt run`` only) training curves, checkpoint
-    |-- train-prompt_tuning      (ddpt.role=train)
-    |-- manual, ddpt, ...        (ddpt.role=method) one child per method, all with the same metric
-                                 names, so MLflow's compare view lines them up
+in MLflow: a parent run (tag ``ddpt.role=comparison``) with a child run per method
+(``ddpt.role=method``) and, for ``ddpt run``, per training job (``ddpt.role=train``), all with
+the same metric names. The run tree and how to read it in MLflow's UI: docs/sampling.md.
 
 ``ddpt compare`` reads the table back from MLflow (:func:`comparison_table`).
 """
@@ -31,8 +24,15 @@ from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.scoring.execution import score_execution
 from pipeline.scoring.heldout import score_method
 from pipeline.scoring.results import ResultStore
+from pipeline.scoring.task_records import read_table
 from pipeline.studies.charts import CHARTS, comparison_charts
 from pipeline.studies.interpret import TsneMap
+from pipeline.studies.paired import (
+    comparison_metrics,
+    method_chains,
+    without_paired,
+    write_comparison_table,
+)
 from pipeline.tracking import (
     ROLE_TAG,
     RunTracker,
@@ -226,7 +226,8 @@ def diversity(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
     return out
 
 
-def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path]) -> dict:
+def method_params(config: RunConfig, method: str, checkpoints: dict[str, Path]) -> dict:
+    """What a method ran (its MLflow params): decoding, prompt model, chain, sizes."""
     spec, dc = METHODS[method], config.decoding
     params = {"method": method, "decoding": spec.decoding, "prompt": spec.prompt or "manual"}
     if dc.strategy == "diffusion":  # a masked-diffusion LM: SPA methods run two canvases
@@ -256,10 +257,11 @@ def _method_params(config: RunConfig, method: str, checkpoints: dict[str, Path])
 
 
 def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[str, float]],
-                store: ResultStore, checkpoints: dict[str, Path],
+                store: ResultStore, params: dict[str, dict],
                 interpreted: dict[str, Path], *, tsne: Path | None = None) -> dict[str, str]:
-    """One child run per method under ``parent`` (re-used on resume), with its prompt model's
-    nearest tokens and the t-SNE map ``tsne`` under ``interpret/``; returns method -> run id."""
+    """One child run per method under ``parent`` (re-used on resume) with its ``params``
+    (:func:`method_params`), its prompt model's nearest tokens and the t-SNE map ``tsne`` under
+    ``interpret/``; returns method -> run id."""
     existing = {run.data.tags.get("ddpt.method"): run.info.run_id
                 for run in child_runs(parent.uri, parent.run_id)
                 if run.data.tags.get(ROLE_TAG) == "method"}
@@ -270,7 +272,7 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
             child = RunTracker.resume(parent.uri, existing[method])
         else:
             child = RunTracker.start(parent.uri, config.tracking.experiment_name(config), method,
-                                     params=_method_params(config, method, checkpoints),
+                                     params=params[method],
                                      tags={ROLE_TAG: "method", "ddpt.method": method},
                                      parent_run_id=parent.run_id)
         with child:
@@ -320,7 +322,9 @@ def find_comparison(uri: str, experiment: str | None = None, output: str | Path 
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
-    """``{method: {metric: value}}`` as a fixed-width text table, a row per method."""
+    """``{method: {metric: value}}`` as a fixed-width text table, a row per method (the paired
+    figures are :func:`~pipeline.studies.paired.format_paired`'s)."""
+    metrics = without_paired(metrics)
     names = list(dict.fromkeys(name for values in metrics.values() for name in values))
     widths = [max(10, len(n) + 2) for n in names]
     header = f"{'method':<14}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
@@ -362,10 +366,12 @@ def save_json(path: Path, data: dict) -> None:
 def run_comparison(config: RunConfig, output: Path, methods: list[str],
                    checkpoints: dict[str, Path], examples: list[Example], *,
                    parent: RunTracker, open_pool: Callable[[], SamplerPool], resume: bool,
-                   progress: bool = True, lm: FrozenCodeLM | None = None
-                   ) -> dict[str, dict[str, float]]:
-    """Sample and generate with every method, score, chart (``charts/``), interpret, and log
-    one MLflow child run per method under ``parent``. Returns ``{method: {metric: value}}``."""
+                   progress: bool = True, lm: FrozenCodeLM | None = None,
+                   reference: str | None = None) -> dict[str, dict[str, float]]:
+    """Sample and generate with every method, score, write the per-task table, pair each
+    method with ``reference`` (None: no paired figures), chart (``charts/``), interpret, and
+    log one MLflow child run per method under ``parent``. Returns ``{method: {metric:
+    value}}``, the paired figures (``pass_at_1_diff``, ...) among them."""
     import time
 
     from pipeline.lm.loader import build_lm
@@ -380,6 +386,11 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     lm = lm or build_lm(config)
     for method, spread in diversity(config, checkpoints, lm, examples, methods).items():
         metrics[method].update(spread)
+    params = {method: method_params(config, method, checkpoints) for method in methods}
+    table = write_comparison_table(store, output, (e.id for e in examples),
+                                   seed=config.train.seed, chains=method_chains(params))
+    for method, values in comparison_metrics(read_table(table), reference, methods).items():
+        metrics[method].update(values)
     save_json(output / "metrics.json", metrics)
     pictures = comparison_charts(output / CHARTS, metrics, training_run_files(checkpoints),
                                  title=f"{config.data.dataset} / {config.data.eval_split} "
@@ -387,9 +398,12 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     interpreted, drawn = interpret(config, checkpoints, lm, output / "interpret", examples,
                                    methods)
     tsne = drawn.path if drawn else None
-    log_methods(parent, config, metrics, store, checkpoints, interpreted, tsne=tsne)
+    log_methods(parent, config, metrics, store, params, interpreted, tsne=tsne)
     parent.log_artifact(output / "metrics.json")
     parent.log_artifact(store.path)
+    parent.log_artifact(table)
+    if reference is not None:
+        parent.set_tag("ddpt.reference_method", reference)
     for picture in pictures:
         parent.log_artifact(picture, CHARTS)
     if tsne is not None:

@@ -11,7 +11,11 @@ Writes into the output folder:
     config.yaml        the resolved configuration
     samples.jsonl      one line per (method, example): id, method, instruction, generation,
                        reference, status, exec_message (docs/execution.md)
-    metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n}}
+    task_records.csv.gz  one row per (method, task): status, test cases passed, code_ce
+                       (docs/statistics.md)
+    metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n}},
+                       with two or more methods each one's paired figures against
+                       eval.reference_method (``pass_at_1_diff``, ...)
     charts/metrics.png a bar panel per metric, a bar per method (``ddpt report`` inlines it)
     evaluate_run.json  the MLflow run (re-attached by ``resume``)
     mlflow.db, mlartifacts/   unless MLFLOW_TRACKING_URI / tracking.uri point elsewhere
@@ -23,16 +27,28 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, check_fresh_output
+from pipeline.config import DATA_METHODS, ConfigError, RunConfig, check_fresh_output
 from pipeline.data.example import Example
 from pipeline.data.splits import tested_eval_examples
 from pipeline.generation.sampler import METHODS, task_fields
 from pipeline.sandbox import SandboxError, resolve_isolation
 from pipeline.scoring.execution import score_execution
 from pipeline.scoring.results import ResultStore
+from pipeline.scoring.task_records import chain_label, read_table
 from pipeline.studies.backends import LOCAL, Backends
 from pipeline.studies.charts import CHARTS, METRICS_PNG, metric_chart
-from pipeline.studies.comparison import arness_plots, check_before_work, sample_into, score
+from pipeline.studies.comparison import (
+    arness_plots,
+    check_before_work,
+    method_params,
+    sample_into,
+    score,
+)
+from pipeline.studies.paired import (
+    check_reference,
+    comparison_metrics,
+    write_comparison_table,
+)
 from pipeline.tracking import RunTracker, check_tracking_uri, open_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -42,6 +58,9 @@ RUN_FILE = "evaluate_run.json"
 EVALUATE_METHODS: dict[str, Callable[[Example], str]] = {
     "canonical": lambda example: example.output,
 }
+if tuple(EVALUATE_METHODS) != DATA_METHODS:  # eval.reference_method's choices name these
+    raise RuntimeError(f"EVALUATE_METHODS {list(EVALUATE_METHODS)} differ from pipeline.config's "
+                       f"DATA_METHODS {list(DATA_METHODS)}")
 # The sampler's methods that need no trained prompt model: they generate with model.name.
 MODEL_METHODS = {name: spec for name, spec in METHODS.items() if spec.prompt is None}
 
@@ -66,6 +85,7 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     if not methods or unknown:
         raise ConfigError(f"--method: unknown {unknown or 'none given'}; known: "
                           f"{', '.join(known)}")
+    reference = check_reference(config.eval.reference_method, methods)
     model_methods = [m for m in methods if m in MODEL_METHODS]
     if model_methods:
         check_before_work(config)
@@ -104,6 +124,11 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
                          for ex in examples if ex.id not in done)
             metrics[method] = score_execution(store, method, examples, config.execution,
                                               progress=progress)
+        table = write_comparison_table(store, output, (e.id for e in examples),
+                                       seed=config.train.seed, chains=chains(config, methods))
+        for method, values in comparison_metrics(read_table(table), reference,
+                                                 methods).items():
+            metrics[method].update(values)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         chart = output / CHARTS / METRICS_PNG
         metric_chart(metrics, chart, title=f"{config.data.dataset} / {config.data.eval_split}")
@@ -112,4 +137,11 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
         tracker.log_metrics(metrics[methods[0]] if len(methods) == 1 else metrics)
         tracker.log_artifact(output / "metrics.json")
         tracker.log_artifact(store.path)
+        tracker.log_artifact(table)
     return metrics
+
+
+def chains(config: RunConfig, methods: Sequence[str]) -> dict[str, str]:
+    """What each method ran, for the per-task table: the data's program, or the decoding."""
+    return {m: m if m in EVALUATE_METHODS else chain_label(method_params(config, m, {}))
+            for m in methods}

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, build_config, parse_overrides, preset_config
 from pipeline.generation.sampler import check_methods, prompt_models_needed
+from pipeline.studies.paired import check_reference
 from pipeline.studies.specs import known, mapping, read_spec
 
 SETTINGS = ("preset", "seeds", "baseline_methods")
@@ -50,6 +51,7 @@ class Experiment:
     arms: list[Arm]
     baseline_methods: tuple[str, ...] = ("manual",)
     overrides: tuple[str, ...] = ()  # the command line's --set, already in ``fixed``
+    reference: str = "manual"  # eval.reference_method: every method is paired with its runs
 
     def config(self, dataset: str, arm: Arm | None, seed: int) -> RunConfig:
         """The run of ``arm`` (None: the untrained baselines) with ``seed`` on ``dataset``."""
@@ -97,6 +99,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None,
     if prompt_models_needed(baselines):
         raise ConfigError(f"{source}: experiment.baseline_methods: {list(baselines)} need "
                           "trained prompts; give them to an arm")
+    every_method = [*baselines, *(m for arm in arms for m in arm.methods)]
     if only_arms is not None:  # some arms only: the rest can run later into the same output
         unknown = sorted(set(only_arms) - {arm.name for arm in arms} - {BASELINE})
         if unknown:
@@ -110,7 +113,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None,
     experiment = Experiment(source, preset, seeds, fixed, datasets, arms, baselines,
                             tuple(overrides or ()))
     for dataset, arm, seed in experiment.runs():  # every combination valid, before any work
-        experiment.config(dataset, arm, seed)
+        experiment.reference = experiment.config(dataset, arm, seed).eval.reference_method
+    check_reference(experiment.reference, every_method, where=f"{source}: ")
     return experiment
 
 

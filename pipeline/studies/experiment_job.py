@@ -6,9 +6,13 @@ Each (data set, arm, seed) is one ``ddpt run`` (training on Ray Train + DeepSpee
 on the Ray actor pool by default) into ``<output>/<data set>/<arm>/seed<k>/``, nested under the
 experiment's MLflow run; its results are appended to ``<output>/results.jsonl`` as it finishes,
 so ``--resume`` skips what is done and continues a run that was cut short from its checkpoints.
-Writes ``<output>/tables.md`` (one Markdown table per evaluation set), ``results.json`` (the
-aggregated rows) and ``charts/<eval set>_metrics.png`` (every metric per arm and method, mean ±
-std over seeds as error bars), also as MLflow artifacts; ``ddpt report`` makes a page of them.
+Writes ``<output>/tables.md`` (one Markdown table per evaluation set, and each method against
+``eval.reference_method`` on the same tasks: pooled over seeds beside each seed's figure),
+``results.json`` (the aggregated rows), ``paired.json`` (the paired figures),
+``task_records/<eval set>.csv.gz`` (every run's per-task rows, with ``<eval set>.json``: the
+reference and the training facts; :mod:`pipeline.studies.experiment_paired`) and
+``charts/<eval set>_metrics.png`` (every metric per arm and method, mean ± std over seeds as
+error bars), also as MLflow artifacts; ``ddpt report`` makes a page of them.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, check_fresh_output
+from pipeline.scoring.task_records import FILENAME
 from pipeline.studies.backends import LOCAL, Backends
 from pipeline.studies.charts import CHARTS
 from pipeline.studies.comparison import with_tracking_uri
@@ -34,6 +39,15 @@ from pipeline.studies.experiment import (
     experiment_charts,
     markdown_table,
     read_results,
+)
+from pipeline.studies.experiment_paired import (
+    PAIRED,
+    RECORDS,
+    PairedRow,
+    as_experiment_metrics,
+    log_seed_figures,
+    markdown_paired,
+    write_paired,
 )
 from pipeline.studies.main_job import run_main
 from pipeline.tracking import open_run, read_run_file, resolve_tracking_uri
@@ -75,20 +89,28 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, *,
             began = time.perf_counter()
             metrics = run_main(config, folder, backends=backends, resume=True,
                                methods=experiment.methods(arm), progress=progress,
-                               parent_run_id=parent.run_id)
+                               parent_run_id=parent.run_id, paired=False)
             extra = _training_facts(folder)
             with results_file.open("a") as out:
                 for key, values in metrics.items():
                     eval_set, _, method = key.rpartition("/")
+                    table = folder / eval_set / FILENAME if eval_set else folder / FILENAME
                     out.write(json.dumps({
                         "dataset": dataset, "eval_set": eval_set or config.data.dataset,
                         "arm": arm_name, "seed": seed, "method": method,
                         "metrics": {**values, **extra},
+                        "task_records": str(table.relative_to(output)),
                         "seconds": time.perf_counter() - began}) + "\n")
-        rows = aggregate(with_relative_step_time(read_results(results_file)))
-        write_tables(rows, output)
-        for artifact in (TABLES, SUMMARY, RESULTS):
+        results = with_relative_step_time(read_results(results_file))
+        rows = aggregate(results)
+        found = write_paired(output, results, rows, experiment.reference)
+        write_tables(rows, output, found)
+        for artifact in (TABLES, SUMMARY, RESULTS, PAIRED):
             parent.log_artifact(output / artifact)
+        if (output / RECORDS).is_dir():
+            parent.log_artifacts(output / RECORDS, RECORDS)
+        parent.log_metrics(as_experiment_metrics(found))
+        log_seed_figures(results, output, found)
         for chart in experiment_charts(rows, output / CHARTS):
             parent.log_artifact(chart, CHARTS)
     return rows
@@ -140,9 +162,18 @@ def with_relative_step_time(results: list[dict]) -> list[dict]:
     return results
 
 
-def write_tables(rows: list[Row], output: Path) -> None:
+def write_tables(rows: list[Row], output: Path, found: list[PairedRow]) -> None:
+    """``tables.md``: per evaluation set, mean ± std over seeds, then the paired figures of
+    each method against the reference (pooled over seeds, and each seed's)."""
     eval_sets = list(dict.fromkeys(row.eval_set for row in rows))
-    text = [f"## {eval_set}\n\n{markdown_table(rows, TABLE_METRICS, eval_set)}\n"
-            for eval_set in eval_sets]
+    text = []
+    for eval_set in eval_sets:
+        text.append(f"## {eval_set}\n\n{markdown_table(rows, TABLE_METRICS, eval_set)}\n")
+        paired = markdown_paired(found, eval_set)
+        if paired:
+            text.append(f"Paired against the reference on the same tasks: difference [95% "
+                        f"bootstrap interval] p (tasks x seeds; docs/statistics.md). The pooled "
+                        f"interval resamples tasks and seeds; each seed's is its own.\n\n"
+                        f"{paired}\n")
     (output / TABLES).write_text("\n".join(text))
     (output / SUMMARY).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")

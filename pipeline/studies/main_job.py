@@ -6,8 +6,11 @@ Writes into the output folder:
     ddpt/, prompt_tuning/   one training job each (``ddpt train``'s layout: checkpoint/, ray/)
     samples.jsonl      one line per (method, example): id, method, instruction, generation,
                        reference, code_ce, status (where execution ran), ...
+    task_records.csv.gz  one row per (method, task): status, test cases passed, code_ce, the
+                       chain that ran (docs/statistics.md); the paired figures come from it
     metrics.json       {method: {metric: value}}: text metrics, ``code_ce`` (held-out code
-                       cross-entropy), prompt/generation seconds
+                       cross-entropy), prompt/generation seconds, and each method's paired
+                       figures against eval.reference_method (``pass_at_1_diff``, ...)
     charts/            metrics.png (a bar panel per metric, a bar per method), training.png
                        (loss per step of each training job, from its MLflow run)
     interpret/         nearest tokens per trained prompt model (<model>/nearest_tokens.json);
@@ -43,23 +46,29 @@ from pipeline.studies.comparison import (
     run_comparison,
     with_tracking_uri,
 )
-from pipeline.training.job import run_training
+from pipeline.studies.paired import check_reference
+from pipeline.training.job import resumable_state, run_training
 
 log = logging.getLogger(__name__)
 
 
 def run_main(config: RunConfig, output_dir: str | Path, *, backends: Backends = LOCAL,
              resume: bool = False, methods: tuple[str, ...] | None = None,
-             progress: bool = True, parent_run_id: str | None = None) -> dict:
+             progress: bool = True, parent_run_id: str | None = None,
+             paired: bool = True) -> dict:
     """Train the prompt models the methods need (on ``backends.train``: Ray + DeepSpeed for
     ``ddpt run``), then compare the methods (on ``data.extra_eval`` too). Returns ``{method:
     {metric: value}}``, with ``<data set>/<method>`` keys for the extra data sets. ``methods``:
     default ``eval.methods``. ``parent_run_id``: an experiment's MLflow run the comparisons nest
-    under."""
+    under. ``paired``: pair the methods with ``eval.reference_method`` (an experiment pairs
+    over its runs instead)."""
     output = Path(output_dir).resolve()
     methods = tuple(config.eval.methods if methods is None else methods)
     check_methods(methods, "eval.methods")
+    reference = check_reference(config.eval.reference_method, methods) if paired else None
     check_fresh_output(output, (COMPARISON_FILE,), resume=resume)
+    for name in prompt_models_needed(methods) if resume else ():
+        resumable_state(output / name)  # a damaged checkpoint fails before the model loads
     training, evaluation = train_examples(config.data), eval_examples(config.data)
     extra = extra_examples(config)
     check_before_work(config)  # data, metric and WordNet problems surface before any work
@@ -84,10 +93,10 @@ def run_main(config: RunConfig, output_dir: str | Path, *, backends: Backends = 
             checkpoints[name] = trained.checkpoint
         metrics = run_comparison(config, output, list(methods), checkpoints, evaluation,
                                  parent=parent, open_pool=backends.pool(config, checkpoints, lm),
-                                 resume=resume, progress=progress, lm=lm)
+                                 resume=resume, progress=progress, lm=lm, reference=reference)
     metrics.update(compare_on_extra(config, output, methods, checkpoints, extra,
                                     backends=backends, resume=resume, progress=progress, lm=lm,
-                                    parent_run_id=parent_run_id))
+                                    parent_run_id=parent_run_id, reference=reference))
     return metrics
 
 
@@ -111,7 +120,8 @@ def extra_examples(config: RunConfig) -> dict[str, list[Example]]:
 def compare_on_extra(config: RunConfig, output: Path, methods: tuple[str, ...],
                      checkpoints: dict[str, Path], extra: dict[str, list[Example]], *,
                      backends: Backends, resume: bool, progress: bool,
-                     lm: FrozenCodeLM | None = None, parent_run_id: str | None = None) -> dict:
+                     lm: FrozenCodeLM | None = None, parent_run_id: str | None = None,
+                     reference: str | None = None) -> dict:
     """The same prompts compared on each extra data set (``extra``: name -> examples), each its
     own comparison in ``output/<name>/``. Returns ``{"<name>/<method>": metrics}``."""
     metrics = {}
@@ -123,6 +133,6 @@ def compare_on_extra(config: RunConfig, output: Path, methods: tuple[str, ...],
             other.save(folder / "config.yaml")
             found = run_comparison(other, folder, list(methods), checkpoints, examples,
                                    parent=parent, open_pool=backends.pool(other, checkpoints, lm),
-                                   resume=resume, progress=progress, lm=lm)
+                                   resume=resume, progress=progress, lm=lm, reference=reference)
         metrics.update({f"{name}/{method}": values for method, values in found.items()})
     return metrics

@@ -6,8 +6,11 @@ A comparison folder (``ddpt run``, ``ddpt sample``, ``ddpt evaluate``) needs ``m
 and ``samples.jsonl``; the page shows the configuration, the metrics table, every picture under
 ``charts/``, ``interpret/`` and ``arness/``, and a few examples side by side (instruction,
 reference, each method's generation with its test verdict where execution ran). The extra
-comparisons of ``data.extra_eval`` (``<folder>/<data set>/``) get a section each. An experiment
-folder (``ddpt experiment``) needs ``results.json``: its tables of mean ± std and its charts.
+comparisons of ``data.extra_eval`` (``<folder>/<data set>/``) get a section each. Where the
+folder holds its per-task table (``task_records.csv.gz``), each method against the reference
+method on the same tasks (:mod:`pipeline.studies.paired`). An experiment folder (``ddpt
+experiment``) needs ``results.json``: its tables of mean ± std, its paired figures
+(``paired.json``) and its charts.
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import DataConfig
+from pipeline.paths import OutputFolderError, writable_folder
 from pipeline.scoring.results import ResultStore
+from pipeline.studies.experiment_paired import PAIRED, read_paired
+from pipeline.studies.paired import folder_figures, verdict, without_paired
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,8 @@ CAPTIONS = {
     "training.png": "training curves: loss per optimizer step of each training job",
     "tsne.png": "t-SNE map: the prompts among the vocabulary's token embeddings",
 }
+PAIRED_COLUMNS = ("method", "metric", "difference", "95% interval", "p", "test", "tasks",
+                  "seeds", "detectable", "verdict")
 VERDICT_COLOURS = {"passed": "#1a7f37", "failed": "#cf222e", "timeout": "#bc4c00",
                    "error": "#bc4c00"}
 STYLE = """
@@ -67,12 +75,17 @@ def require(folder: Path, names: tuple[str, ...], what: str) -> None:
 
 
 def write_report(folder: str | Path, path: str | Path | None = None, examples: int = 4) -> Path:
-    """Write the page for ``folder`` to ``path`` (default ``<folder>/report.html``)."""
+    """Write the page for ``folder`` to ``path`` (default ``<folder>/report.html``); where it
+    goes is checked before anything is read."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such output folder")
-    page = build_report(folder, examples)
+        raise FileNotFoundError(f"{folder}: " + ("a file, not an output folder" if folder.exists()
+                                                 else "no such output folder"))
     path = Path(path) if path else folder / REPORT
+    if path.is_dir():
+        raise OutputFolderError(f"{path} is a folder: --report names the page's file")
+    writable_folder(path.parent)
+    page = build_report(folder, examples)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
@@ -99,7 +112,9 @@ def build_report(folder: Path, examples: int = 4) -> str:
 
 
 def _e(text: object) -> str:
-    return html.escape(str(text))
+    """HTML-escaped text; a character UTF-8 cannot hold (a lone surrogate from a program's
+    message or a data file) is shown as its escape (``\\udcff``), as samples.jsonl stores it."""
+    return html.escape(str(text).encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _config(folder: Path) -> dict:
@@ -120,8 +135,34 @@ def _comparison_section(folder: Path, config: dict, examples: int) -> str:
     facts_html = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in facts.items()
                          if v not in (None, ""))
     return (f"<section><h2>{_e(heading or folder.name)}</h2><ul>{facts_html}</ul>"
-            f"<h3>Metrics</h3>{metrics_table(metrics)}<h3>Pictures</h3>{_pictures(folder)}"
+            f"<h3>Metrics</h3>{metrics_table(without_paired(metrics))}{_paired(folder)}"
+            f"<h3>Pictures</h3>{_pictures(folder)}"
             f"<h3>Examples</h3>{_examples(folder, metrics, records, examples)}</section>")
+
+
+def _paired(folder: Path) -> str:
+    """Each method against the reference, from the folder's per-task table (nothing without
+    one, or with one method)."""
+    found = folder_figures(folder)
+    if not found or not found[1]:
+        return ""
+    reference, figures = found
+    head = "".join(f"<th>{name}</th>" for name in PAIRED_COLUMNS)
+    rows = []
+    for method, by_metric in figures.items():
+        for metric, f in by_metric.items():
+            interval = "n/a" if math.isnan(f.low) else f"[{f.low:+.3f}, {f.high:+.3f}]"
+            cells = (method, metric, f"{f.difference:+.3f}", interval, f"{f.p_value:.2g}",
+                     f.test, f.n_tasks, f.n_seeds,
+                     "none" if math.isinf(f.detectable) else f"{f.detectable:.3f}", verdict(f))
+            marked = ' class="best"' if f.decided() else ""
+            rows.append("<tr>" + "".join(f"<td{marked}>{_e(c)}</td>" for c in cells) + "</tr>")
+    return (f"<h3>Paired against {_e(reference)}</h3><p class=\"muted\">Method minus "
+            f"{_e(reference)} on the same tasks: 95% paired bootstrap interval; p from McNemar's "
+            "exact test (pass@1, one seed), the sign-flip test (code_ce) or the bootstrap "
+            "(several seeds); detectable: the smallest difference these tasks find 4 times in 5 "
+            "(docs/statistics.md). Marked: the interval excludes 0 and p &lt;= 0.05.</p>"
+            f"<div class=\"scroll\"><table><tr>{head}</tr>{''.join(rows)}</table></div>")
 
 
 def _format(value: object) -> str:
@@ -229,6 +270,32 @@ def _tasks(folder: Path, records: list[dict]) -> dict[str, dict]:
     return {str(e.id): {"instruction": e.instruction, "input": e.input} for e in examples}
 
 
+def _experiment_paired(folder: Path, eval_set: str) -> str:
+    """An experiment's paired figures of one evaluation set (``paired.json``), pooled over
+    seeds and each seed's."""
+    path = folder / PAIRED
+    found = [row for row in read_paired(path) if row.eval_set == eval_set] if path.is_file() \
+        else []
+    if not found:
+        return ""
+    seeds = sorted({s for row in found for s in row.seeds})
+    head = "".join(f"<th>{_e(n)}</th>" for n in ("method", "against", "metric", "pooled",
+                                                 *(f"seed {s}" for s in seeds), "verdict"))
+    rows = []
+    for row in found:
+        for metric, pooled in row.pooled.items():
+            cells = (row.method, row.reference, metric, pooled.format(),
+                     *(row.seeds.get(s, {})[metric].format() if metric in row.seeds.get(s, {})
+                       else "" for s in seeds), verdict(pooled))
+            rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+        if row.error:
+            rows.append(f"<tr><td>{_e(row.method)}</td><td>{_e(row.reference)}</td>"
+                        f"<td colspan=\"{len(seeds) + 3}\">{_e(row.error)}</td></tr>")
+    return (f"<h4>{_e(eval_set)}: paired against the reference on the same tasks (pooled: "
+            "tasks x seeds bootstrap; docs/statistics.md)</h4>"
+            f"<div class=\"scroll\"><table><tr>{head}</tr>{''.join(rows)}</table></div>")
+
+
 def _experiment_section(folder: Path) -> str:
     rows = json.loads((folder / EXPERIMENT_FILE).read_text())
     sections, pictures = [], []
@@ -239,7 +306,7 @@ def _experiment_section(folder: Path) -> str:
         means = {name: r["mean"] for name, r in zip(names, chosen)}
         std = {name: r["std"] for name, r in zip(names, chosen)}
         sections.append(f"<h3>{_e(eval_set)}: mean ± std over seeds</h3>"
-                        f"{metrics_table(means, std)}")
+                        f"{metrics_table(means, std)}{_experiment_paired(folder, eval_set)}")
         chart = folder / "charts" / f"{eval_set}_metrics.png"
         if chart.is_file():
             pictures.append(image(chart, f"{chart.relative_to(folder)}: every metric per "

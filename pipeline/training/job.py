@@ -3,7 +3,6 @@ caller hands in (Ray Train + DeepSpeed, or this process), export the checkpoint 
 Used by ``ddpt train``, ``jobs/train.py``, ``ddpt run`` and every sweep trial."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import RunConfig, check_fresh_output
+from pipeline.config import ConfigError, RunConfig, check_fresh_output
 from pipeline.data.example import Example
 from pipeline.data.splits import dev_examples, train_examples
 from pipeline.tracking import (
@@ -76,9 +75,16 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
     ``tracker``: an open MLflow run that the caller owns and ends (a sweep's trial run); by
     default the job opens its own run and ends it FINISHED, or FAILED on an exception.
     """
+    if config.train.method == "coupled_grpo":
+        # Its pieces exist (docs/dllm.md): the update in process (pipeline.lm.coupled_grpo),
+        # the reward (pipeline.scoring.code_reward), the ZeRO-3 learner
+        # (pipeline.distributed.dllm_learner); the loop that runs them on Ray is not wired yet.
+        raise ConfigError("train.method: 'coupled_grpo' is not run by this job yet: its Ray "
+                          "loop (rollouts on the sampler pool, the ZeRO-3 learner) is being "
+                          "wired (issue 33); docs/dllm.md lists the parts that run now")
     output = Path(output_dir).resolve()
     check_fresh_output(output, (CHECKPOINT, "ray", "storage.json"), resume=resume)
-    done = _finished(output, config) if resume else None
+    done = _finished(output, config) if resume else None  # checks the checkpoint it resumes
     if done:
         log.info("%s already holds step %d of %d: nothing to train", done.checkpoint,
                  planned_steps(config), planned_steps(config))
@@ -120,12 +126,20 @@ def _parameter_count(checkpoint: Path) -> int:
     return parameter_count(load_prompt_model(checkpoint)[0])
 
 
+def resumable_state(output: Path) -> dict | None:
+    """The checked state of the checkpoint ``--resume`` continues from in a training job's
+    ``output`` (:func:`~pipeline.training.checkpoint.check_checkpoint`: a damaged file fails
+    here, by name, before any model is loaded); None when the job wrote none yet."""
+    from pipeline.training.checkpoint import check_checkpoint, resolve
+
+    folder = resolve(output / CHECKPOINT)
+    return check_checkpoint(folder) if folder.exists() else None
+
+
 def _finished(output: Path, config: RunConfig) -> TrainOutcome | None:
     """The outcome of an earlier run in ``output`` that already reached ``train.steps``."""
-    state, run_file = output / CHECKPOINT / "state.json", output / RUN_FILE
-    if not (state.is_file() and run_file.is_file()):
-        return None
-    if json.loads(state.read_text())["step"] < planned_steps(config):
+    state, run_file = resumable_state(output), output / RUN_FILE
+    if state is None or not run_file.is_file() or state["step"] < planned_steps(config):
         return None
     saved = read_run_file(run_file)
     return TrainOutcome(output / CHECKPOINT, saved["run_id"], saved["uri"], 0.0)
