@@ -786,6 +786,11 @@ class RunConfig:
         """Whether training is execution-reward RL (DDPT with an RL objective)."""
         return self.train.method == "ddpt" and self.train.objective in RL_OBJECTIVES
 
+    @property
+    def runs_rounds(self) -> bool:
+        """Whether training is the RL round loop: DDPT's RL objectives or coupled-GRPO."""
+        return self.is_rl or self.train.method == "coupled_grpo"
+
     def _check_rl(self) -> None:
         """The RL objectives' combinations (the start checkpoint's contents are checked when a
         job starts: pipeline.training.prompt_rl.check_start_checkpoint)."""
