@@ -569,6 +569,10 @@ class DllmRLConfig(_Section):
     reward_whole_canvas: bool = _help(
         False, "score the whole decoded canvas, as the reference does; false (the fix): the "
         "text up to the first end_of_turn, the tokens the loss counts")
+    learner_gpu_share: float = _help(
+        1.0, "share of a GPU each learner rank (Ray Train worker) reserves with "
+        "distributed.use_gpu; 0.5 with pool.gpus_per_actor=0.5 puts one rank and one rollout "
+        "actor on each GPU (the reference generates on the training GPUs)", gt=0, le=1)
 
     def check(self) -> None:
         _check(self.t_min <= self.t_max, "dllm_rl.t_max",

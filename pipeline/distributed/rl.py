@@ -222,15 +222,18 @@ def rl_resources(config: RunConfig) -> dict[str, float]:
     pool, workers = config.pool, learner_workers(config)
     return {"CPU": pool.num_actors * pool.cpus_per_actor
             + workers * learner_resources(config)["CPU"],
-            "GPU": pool.num_actors * pool.gpus_per_actor + workers * float(learner_gpu(config))}
+            "GPU": pool.num_actors * pool.gpus_per_actor
+            + workers * learner_resources(config).get("GPU", float(learner_gpu(config)))}
 
 
 def learner_resources(config: RunConfig) -> dict[str, float]:
-    """A learner worker's Ray resources: coupled-GRPO's ``distributed.cpus_per_worker``; DDPT's
+    """A learner worker's Ray resources: coupled-GRPO's ``distributed.cpus_per_worker`` (and
+    ``dllm_rl.learner_gpu_share`` of a GPU with ``distributed.use_gpu``); DDPT's
     ``rl.learner_cpus`` (0 by default) and some of Ray's logical memory, since Ray refuses a
     bundle of zeros (the learner holds the prompt model twice and AdamW's state: a few MB)."""
     if config.train.method == "coupled_grpo":
-        return {"CPU": config.distributed.cpus_per_worker}
+        gpu = {"GPU": config.dllm_rl.learner_gpu_share} if config.distributed.use_gpu else {}
+        return {"CPU": config.distributed.cpus_per_worker, **gpu}
     return {"CPU": config.rl.learner_cpus, "memory": LEARNER_MEMORY}
 
 
