@@ -105,4 +105,7 @@ def test_ddpt_train_runs_coupled_grpo_through_ray_and_mlflow(tmp_path):
     state = json.loads((ray_run / "checkpoint" / "learner_state.json").read_text())
     assert state == {"step": 4, "rounds": 2, "world": 2}  # mu = 2 steps a round
     assert load_dream(ray_run / "checkpoint").config.model_type == "Dream"
+    # Ray Train's checkpoint holds every rank's part (what a restart of the learner reads)
+    parts = {p.name for p in ray_run.glob("ray/*/checkpoint_*/learner/reference/*")}
+    assert parts == {"rank0.safetensors", "rank1.safetensors"}, parts
     _ddpt("train", "--output", str(ray_run), *common, "--resume")  # finished: nothing to do

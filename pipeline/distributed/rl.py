@@ -11,13 +11,17 @@ loop config. Ray Train, rather than a plain actor, because it gives the learner 
 training already has: checkpoints in ``distributed.storage_path`` reported with their rounds'
 metrics (committed to MLflow only once persisted: :class:`MLflowCommit`), a restart from the
 last checkpoint when the learner dies (``distributed.max_failures``) and ``--resume`` after a
-full stop; and a masked-diffusion LM's learner needs N ranks under DeepSpeed, the same shape
-with more workers. DDPT's learner is one worker: its update is a few denoiser calls.
+full stop; and coupled-GRPO's learner is N ranks under DeepSpeed ZeRO-3, the same shape with
+more workers (:mod:`pipeline.distributed.dllm_policy`: every rank runs the rounds, rank 0 calls
+the actors and sends the rollouts to the others). DDPT's learner is one worker: its update is a
+few denoiser calls.
 
 Ray checkpoints of an RL run::
 
-    prompt_model/       the portable checkpoint (pipeline/training/checkpoint.py) with the
+    prompt_model/       DDPT: the portable checkpoint (pipeline/training/checkpoint.py) with the
                         optimizer and rounds.jsonl, the rollout log of every round so far
+    learner/            coupled-GRPO: the ZeRO-3 checkpoint (every rank's part), its Dream
+                        folder (dream/), learner_state.json and rounds.jsonl
     history.jsonl       the round records since the previous checkpoint (MLflow's)
 """
 from __future__ import annotations
