@@ -116,6 +116,37 @@ def test_the_screen_keeps_tasks_whose_reward_varies_and_caches_its_verdict(tmp_p
                        lambda chunks: Scored([0.0] * 12, {}))
 
 
+@pytest.mark.parametrize("objective", ["grpo", "grpo_gaussian"])
+def test_the_learner_sees_what_the_worker_sampled_ratio_one_kl_zero_at_the_start(start,
+                                                                                 objective):
+    """The wired sides of one round: the learner's weights, sent to the rollout worker, give
+    trajectories whose log-probabilities the learner recomputes (the worker's record); the first
+    update runs at theta = theta_old (every ratio exactly 1, no clip) and at the reference (the
+    start checkpoint: KL exactly 0); after it, the KL is positive."""
+    from pipeline.method.chain_policy import gaussian_log_density
+    from pipeline.method.policy_gradient import group_advantages
+    from pipeline.training.prompt_rl import PromptLearner, PromptRolloutWorker, load_start_model
+    from pipeline.training.rl_loop import rollout_chunks
+
+    config = toy_config(objective, start, 0, "rl.updates_per_round=1")  # G = 16
+    learner = PromptLearner(config, load_start_model(config))
+    worker = PromptRolloutWorker(config, build_lm(config), even_characters)
+    stats = []
+    for index in range(2):
+        worker.set_weights(learner.weights())
+        rollouts = worker.rollout(rollout_chunks(config, EXAMPLES[:2]), index)
+        traj = rollouts.samples.trajectory
+        with torch.no_grad():
+            recomputed = gaussian_log_density(traj.latents[1:], *learner.policy.moments(traj))
+        torch.testing.assert_close(recomputed, traj.log_probs(), rtol=1e-5, atol=1e-3)
+        advantages = group_advantages(rollouts.rewards.view(2, 16), scale_by_std=True)
+        assert advantages.informative_share > 0  # the toy's rewards vary: the update steps
+        stats.append(learner.update(rollouts, advantages, EXAMPLES[:2], index))
+    first, second = stats
+    assert first["ratio_min"] == first["ratio_max"] == 1.0 and first["clip_fraction"] == 0.0
+    assert first["kl"] == 0.0 and second["kl"] > 0.0
+
+
 def _rl_run(config, output, lm, **kwargs):
     return run_training(config, output, rl_local_backend(lm, even_characters),
                         examples=EXAMPLES[:2], progress=False, **kwargs)
