@@ -2,8 +2,8 @@
 ``--set train.method=coupled_grpo`` for a masked-diffusion LM): the policies (DDPT's by
 objective, coupled-GRPO's: :mod:`pipeline.training.dllm_rl`), the checks before any work, the
 task screen (cached in the output folder), the checkpoints with their rollout log, and the local
-backend (one process, ``distributed.backend: local``). The Ray backend is :mod:`pipeline.distributed.rl`; both run
-:func:`pipeline.training.rl_loop.run_rounds`.
+backend (one process, ``distributed.backend: local``). The Ray backend is
+:mod:`pipeline.distributed.rl`; both run :func:`pipeline.training.rl_loop.run_rounds`.
 """
 from __future__ import annotations
 
