@@ -604,6 +604,10 @@ class DllmRLConfig(_Section):
     reward_whole_canvas: bool = _help(
         False, "score the whole decoded canvas, as the reference does; false (the fix): the "
         "text up to the first end_of_turn, the tokens the loss counts")
+    learner_gpu_share: float = _help(
+        1.0, "share of a GPU each learner rank (Ray Train worker) reserves with "
+        "distributed.use_gpu; 0.5 with pool.gpus_per_actor=0.5 puts one rank and one rollout "
+        "actor on each GPU (the reference generates on the training GPUs)", gt=0, le=1)
 
     def check(self) -> None:
         _check(self.t_min <= self.t_max, "dllm_rl.t_max",
@@ -820,6 +824,11 @@ class RunConfig:
     def is_rl(self) -> bool:
         """Whether training is execution-reward RL (DDPT with an RL objective)."""
         return self.train.method == "ddpt" and self.train.objective in RL_OBJECTIVES
+
+    @property
+    def runs_rounds(self) -> bool:
+        """Whether training is the RL round loop: DDPT's RL objectives or coupled-GRPO."""
+        return self.is_rl or self.train.method == "coupled_grpo"
 
     def _check_rl(self) -> None:
         """The RL objectives' combinations (the start checkpoint's contents are checked when a

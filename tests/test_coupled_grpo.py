@@ -287,11 +287,13 @@ def test_weight_decay_spares_biases_and_norms_as_the_references_trainer():
     assert lrs[-1] == pytest.approx(1e-7, rel=1e-3)  # cosine down to 0.1 x lr
 
 
-def test_ddpt_train_refuses_coupled_grpo_before_any_work(tmp_path, capsys):
+def test_ddpt_train_refuses_coupled_grpo_for_a_model_that_is_not_a_dllm(tmp_path, capsys):
     from pipeline.cli import main
 
     out = tmp_path / "run"
     assert main(["train", "--preset", "smoke", "--output", str(out), "--set",
-                 "model.name=tiny-dream", "--set", "train.method=coupled_grpo"]) == 2
-    assert "train.method: 'coupled_grpo' is not run by this job yet" in capsys.readouterr().err
+                 "model.name=tiny-llama", "--set", "train.method=coupled_grpo"]) == 2
+    err = capsys.readouterr().err
+    assert "train.method: 'coupled_grpo' trains a masked-diffusion LM" in err, err
+    assert "model.name='tiny-llama' is a 'llama' model" in err
     assert not out.exists()

@@ -65,9 +65,11 @@ def test_the_diffucoder_training_config_is_the_reference_on_eight_zero3_gpus():
 
     config = build_config("main", DIFFUCODER_TRAIN)
     assert config.train.method == "coupled_grpo" and config.model.dtype == "bfloat16"
-    defaults = DllmRLConfig()
+    # every value written out is the reference's default; a rank and an actor share each GPU
+    defaults = dataclasses.replace(DllmRLConfig(), learner_gpu_share=0.5)
     assert {f.name: getattr(config.dllm_rl, f.name) for f in dataclasses.fields(defaults)} == \
-        dataclasses.asdict(defaults)  # every value written out is the reference's default
+        dataclasses.asdict(defaults)
+    assert (config.pool.num_actors, config.pool.gpus_per_actor) == (8, 0.5)
     rl = config.dllm_rl
     rows = rl.prompts_per_round * rl.group_size
     ds = learner_deepspeed_config(config, rows, config.distributed.num_workers)

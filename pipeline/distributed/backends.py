@@ -19,7 +19,7 @@ def train_backend(config: RunConfig, lm: FrozenCodeLM | None = None) -> TrainBac
     """``distributed.backend``: Ray Train + DeepSpeed ZeRO-3, or this process (reusing ``lm``);
     for the RL objectives, the sampler actors and a Ray Train learner
     (:mod:`pipeline.distributed.rl`), or this process."""
-    if config.distributed.backend == "ray" and config.is_rl:
+    if config.distributed.backend == "ray" and config.runs_rounds:
         from pipeline.distributed.rl import rl_ray_backend
 
         return rl_ray_backend()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -240,19 +240,12 @@ class ZeroOptimisation:
         sync_partitions(self.reference.module, self.policy.module, alpha)
 
 
-def _to_device(data: CoupledRollout, device: torch.device) -> CoupledRollout:
-    advantages = replace(data.advantages, advantages=data.advantages.advantages.to(device))
-    return replace(data, prompt_ids=data.prompt_ids.to(device),
-                   completion_ids=data.completion_ids.to(device), mask=data.mask.to(device),
-                   rewards=data.rewards.to(device), advantages=advantages)
-
-
 def learner_update(learner: Learner, data: CoupledRollout) -> list[dict]:
     """Train on one round (every rank passes the whole round): ``iterations`` optimizer steps,
     each rank on its slices. Returns every rank's micro-step records (floats), in the single
     process's order: by iteration, then ``micro_batch`` (the slice's index in the round)."""
     settings = learner.settings
-    data = _to_device(data, learner.policy.device)
+    data = data.to(learner.policy.device)
     slices = rank_slices(data.completion_ids.shape[0], settings, learner.rank, learner.world)
     records, learner.step = run_update(
         learner.policy, learner.reference, data, learner.mask_id, settings,

@@ -11,19 +11,25 @@ loop config. Ray Train, rather than a plain actor, because it gives the learner 
 training already has: checkpoints in ``distributed.storage_path`` reported with their rounds'
 metrics (committed to MLflow only once persisted: :class:`MLflowCommit`), a restart from the
 last checkpoint when the learner dies (``distributed.max_failures``) and ``--resume`` after a
-full stop; and a masked-diffusion LM's learner needs N ranks under DeepSpeed, the same shape
-with more workers. DDPT's learner is one worker: its update is a few denoiser calls.
+full stop; and coupled-GRPO's learner is N ranks under DeepSpeed ZeRO-3, the same shape with
+more workers (:mod:`pipeline.distributed.dllm_policy`: every rank runs the rounds, rank 0 calls
+the actors and sends the rollouts to the others). DDPT's learner is one worker: its update is a
+few denoiser calls.
 
 Ray checkpoints of an RL run::
 
-    prompt_model/       the portable checkpoint (pipeline/training/checkpoint.py) with the
+    prompt_model/       DDPT: the portable checkpoint (pipeline/training/checkpoint.py) with the
                         optimizer and rounds.jsonl, the rollout log of every round so far
+    learner/            coupled-GRPO: the ZeRO-3 checkpoint (every rank's part), its Dream
+                        folder (dream/), learner_state.json and rounds.jsonl
     history.jsonl       the round records since the previous checkpoint (MLflow's)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,10 +58,12 @@ from pipeline.distributed.storage import (
 from pipeline.distributed.train import export
 from pipeline.quiet import quiet_worker, verbose
 from pipeline.training.job import CHECKPOINT, TrainRequest
+from pipeline.training.rl_loop import round_plan
 
 log = logging.getLogger(__name__)
 RUN_NAME = "rl"  # the Ray run's name (storage.py adds the output's name to a shared storage)
 LEARNER_MEMORY = 256 * 2**20  # bytes of Ray's logical memory the learner reserves
+DLLM_LEARNER_DIR = "learner"  # coupled-GRPO's folder in a Ray checkpoint (DDPT's: prompt_model)
 
 
 # ---- the actor pool as the loop's rollout function ---------------------------------------------
@@ -75,11 +83,11 @@ def on_pool(actors: list, shares: list[list], submit: Callable[[Any, list], Any]
     each, side by side; the results in share order. An actor gone for good (Ray already
     restarted it and retried as ``pool.max_restarts`` says) hands its share to a live one."""
     results: dict[int, Any] = {}
-    live = list(actors)
+    live, last = list(actors), None
     todo = [(index, share) for index, share in enumerate(shares) if share]
     while todo:
         if not live:
-            raise RuntimeError("every sampler actor died; the RL round cannot finish")
+            raise RuntimeError("every sampler actor died; the RL round cannot finish") from last
         calls = [(index, share, live[turn % len(live)])
                  for turn, (index, share) in enumerate(todo)]
         refs = [submit(actor, share) for _, share, actor in calls]
@@ -89,7 +97,8 @@ def on_pool(actors: list, shares: list[list], submit: Callable[[Any, list], Any]
                 results[index] = ray.get(ref)
             except RayActorError as err:
                 log.warning("sampler actor died for good (%s); its share goes to another",
-                            type(err).__name__)
+                            str(err).strip().splitlines()[-1][:300])
+                last = err
                 if actor in live:
                     live.remove(actor)
                 todo.append((index, share))
@@ -126,35 +135,54 @@ class PoolRollout:
 
 
 # ---- inside the Ray Train learner ---------------------------------------------------------------
-def learner_loop(loop_config: dict[str, Any]) -> None:
-    """The learner's Ray Train loop (one worker): build the learner from a copy of the start
-    checkpoint, restore Ray Train's latest checkpoint if any, then drive the rounds."""
-    from pipeline.training.rl_job import RoundCommitter, is_checkpoint_round, read_log, rl_policy
-    from pipeline.training.rl_loop import run_rounds
+def learner_dir(config: RunConfig) -> str:
+    """The learner's folder in a Ray checkpoint: DDPT's portable prompt model, or coupled-GRPO's
+    ZeRO-3 checkpoint with its Dream folder."""
+    return DLLM_LEARNER_DIR if config.train.method == "coupled_grpo" else "prompt_model"
 
-    quiet_worker()
-    config = RunConfig.from_dict(loop_config["config"])
-    torch.set_num_threads(config.distributed.torch_threads or 1)
-    policy = rl_policy(config)
-    lm = None
+
+def _build_learner(config: RunConfig, loop_config: dict[str, Any]):
+    """This rank's learner: coupled-GRPO's ZeRO-3 one, or the policy's own from a copy of the
+    start checkpoint (with the LM when its auxiliary loss needs it)."""
+    from pipeline.training.rl_job import rl_policy
+
+    if config.train.method == "coupled_grpo":
+        from pipeline.distributed.dllm_policy import ZeroDllmLearner
+
+        return ZeroDllmLearner(config, len(loop_config["tasks"]))
+    policy, lm = rl_policy(config), None
     if policy.learner_needs_lm(config):
         from pipeline.lm.loader import build_lm
 
         lm = build_lm(config)
     with tempfile.TemporaryDirectory(prefix="ddpt-rl-start-") as folder:
         start_copy = unpack_checkpoints({"start": loop_config["start"]}, Path(folder))["start"]
-        learner = policy.learner(config, lm, Path(start_copy))
+        return policy.learner(config, lm, Path(start_copy))
+
+
+def learner_loop(loop_config: dict[str, Any]) -> None:
+    """The learner's Ray Train loop: build the learner (every rank: one for DDPT, N under ZeRO-3
+    for coupled-GRPO), restore Ray Train's latest checkpoint if any, then drive the rounds;
+    rank 0 alone calls the actors and sends progress."""
+    from pipeline.distributed.dllm_policy import rank_zero_rollout
+    from pipeline.training.rl_job import RoundCommitter, is_checkpoint_round, read_log
+    from pipeline.training.rl_loop import run_rounds
+
+    quiet_worker()
+    config = RunConfig.from_dict(loop_config["config"])
+    torch.set_num_threads(config.distributed.torch_threads or 1)
+    rank, inner = ray.train.get_context().get_world_rank(), learner_dir(config)
+    learner = _build_learner(config, loop_config)
     start, lines = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as saved:
-            start = learner.load(Path(saved, "prompt_model"))
-            lines = [line for line in read_log(Path(saved, "prompt_model"))
-                     if line["round"] <= start]
+            start = learner.load(Path(saved, inner))
+            lines = [line for line in read_log(Path(saved, inner)) if line["round"] <= start]
         log.info("RL learner resumed at round %d", start)
-    sink: ProgressSink | None = loop_config.get("progress")
+    sink: ProgressSink | None = loop_config.get("progress") if rank == 0 else None
     commit = RoundCommitter(config, lambda r, records, text: save_and_report(
-        learner, r, records, text, start), lines)
+        learner, r, records, text, start, inner=inner, rank=rank), lines)
 
     def on_round(round_number: int, record: dict, line: dict) -> None:
         record[TIME_KEY] = int(time.time() * 1000)
@@ -164,40 +192,60 @@ def learner_loop(loop_config: dict[str, Any]) -> None:
         if not is_checkpoint_round(round_number, config):
             ray.train.report({**report_metrics(record), "resumed_from_step": start})
 
-    run_rounds(learner, PoolRollout(loop_config["actors"], config), loop_config["tasks"],
-               config, start=start, on_round=on_round)
+    rollout = PoolRollout(loop_config["actors"], config)
+    run_rounds(learner, rank_zero_rollout(rollout, rank) if ray.train.get_context()
+               .get_world_size() > 1 else rollout, loop_config["tasks"], config, start=start,
+               on_round=on_round)
 
 
 def save_and_report(learner, round_number: int, records: list[dict], log_text: str,
-                    resumed_from: int) -> None:
-    """The learner's checkpoint (with the rollout log) and the rounds' records since the last
-    one, reported to Ray Train (MLflowCommit logs the records once Ray has persisted it)."""
+                    resumed_from: int, *, inner: str = "prompt_model", rank: int = 0) -> None:
+    """The learner's checkpoint (with the rollout log; each rank its part) and, from rank 0,
+    the rounds' records since the last one, reported to Ray Train (MLflowCommit logs the
+    records once Ray has persisted it)."""
     from pipeline.training.rl_loop import ROLLOUT_LOG
 
     with tempfile.TemporaryDirectory() as folder:
-        learner.save(Path(folder, "prompt_model"), round_number, {ROLLOUT_LOG: log_text})
-        Path(folder, HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+        learner.save(Path(folder, inner), round_number, {ROLLOUT_LOG: log_text})
+        if rank == 0:
+            Path(folder, HISTORY_FILE).write_text("".join(json.dumps(r) + "\n"
+                                                          for r in records))
         ray.train.report({**report_metrics(records[-1]), "resumed_from_step": resumed_from},
                          checkpoint=Checkpoint.from_directory(folder))
 
 
 # ---- on the driver ------------------------------------------------------------------------------
+def learner_workers(config: RunConfig) -> int:
+    """Ray Train workers of the learner: ``distributed.num_workers`` ZeRO-3 ranks for
+    coupled-GRPO, one for DDPT (its update is a few denoiser calls)."""
+    return config.distributed.num_workers if config.train.method == "coupled_grpo" else 1
+
+
 def rl_resources(config: RunConfig) -> dict[str, float]:
-    """What an RL run holds at once: the sampler actors and the learner."""
-    pool, rl = config.pool, config.rl
-    return {"CPU": pool.num_actors * pool.cpus_per_actor + rl.learner_cpus,
-            "GPU": pool.num_actors * pool.gpus_per_actor + float(learner_gpu(config))}
+    """What an RL run holds at once: the sampler actors and the learner's workers."""
+    pool, workers = config.pool, learner_workers(config)
+    return {"CPU": pool.num_actors * pool.cpus_per_actor
+            + workers * learner_resources(config)["CPU"],
+            "GPU": pool.num_actors * pool.gpus_per_actor
+            + workers * learner_resources(config).get("GPU", float(learner_gpu(config)))}
 
 
 def learner_resources(config: RunConfig) -> dict[str, float]:
-    """The learner's Ray resources: ``rl.learner_cpus`` (0 by default) and some of Ray's
-    logical memory, since Ray refuses a bundle of zeros (the learner holds the prompt model
-    twice and AdamW's state: a few MB, and torch)."""
+    """A learner worker's Ray resources: coupled-GRPO's ``distributed.cpus_per_worker`` (and
+    ``dllm_rl.learner_gpu_share`` of a GPU with ``distributed.use_gpu``); DDPT's
+    ``rl.learner_cpus`` (0 by default) and some of Ray's logical memory, since Ray refuses a
+    bundle of zeros (the learner holds the prompt model twice and AdamW's state: a few MB)."""
+    if config.train.method == "coupled_grpo":
+        gpu = {"GPU": config.dllm_rl.learner_gpu_share} if config.distributed.use_gpu else {}
+        return {"CPU": config.distributed.cpus_per_worker, **gpu}
     return {"CPU": config.rl.learner_cpus, "memory": LEARNER_MEMORY}
 
 
 def learner_gpu(config: RunConfig) -> bool:
-    """The learner takes a GPU only to run the LM's auxiliary cross-entropy on one."""
+    """Coupled-GRPO's ranks take a GPU each with ``distributed.use_gpu`` (NCCL); DDPT's learner
+    only to run the LM's auxiliary cross-entropy on one."""
+    if config.train.method == "coupled_grpo":
+        return config.distributed.use_gpu
     return config.distributed.use_gpu and config.rl.ce_weight > 0
 
 
@@ -215,13 +263,12 @@ def rl_on_ray(request: TrainRequest, *, reward=None, actors: list | None = None)
     """Screen the tasks on the actor pool, run the learner's rounds on a TorchTrainer, export
     the final prompt model to ``<output>/checkpoint``; raises if the run failed for good."""
     from pipeline.lm.loader import prepare_embedded
-    from pipeline.training.prompt_rl import check_start_checkpoint
-    from pipeline.training.rl_job import require_tests, reward_name, screened_tasks
+    from pipeline.training.rl_job import loop_config, require_tests, reward_name, screened_tasks
 
     config, output = request.config, request.output
     if reward is None:
         require_tests(config, request.examples)
-    start = check_start_checkpoint(config)
+    start = _start_checkpoint(config)
     storage = run_storage(config, output, RUN_NAME)
     check_storage(storage)  # before Ray starts: a bad URI fails in seconds
     check_fresh_storage(storage, "RL run", resume=request.resume)
@@ -232,19 +279,20 @@ def rl_on_ray(request: TrainRequest, *, reward=None, actors: list | None = None)
     owned = actors is None
     if owned:
         check_fits(rl_resources(config), f"pool: {config.pool.num_actors} actors x "
-                   f"cpus_per_actor {config.pool.cpus_per_actor} + rl.learner_cpus "
-                   f"{config.rl.learner_cpus}")
+                   f"cpus_per_actor {config.pool.cpus_per_actor} + {learner_workers(config)} "
+                   f"learner worker(s) x {learner_resources(config)['CPU']} CPUs")
         keep = ray.put(pack_checkpoints({}))  # alive as long as the actors (see start_pool)
-        actors = start_pool(config, keep, reward=reward)
+        actors = start_pool(pool_config(config), keep, reward=reward)
     try:
         rollout = PoolRollout(actors, config)
         tasks = screened_tasks(config, request.examples, output, rollout.screen,
                                tracker=request.tracker, reward_name=reward_name(reward))
-        packed = pack_checkpoints({"start": Path(start["folder"])})["start"]
+        config = loop_config(config, tasks)
+        packed = pack_checkpoints({"start": Path(start)})["start"] if start else None
         with ProgressRelay(enabled=request.progress) as relay:
-            sink = relay.sink(f"rl {output.name}", config.rl.rounds, label="reward",
+            sink = relay.sink(f"rl {output.name}", round_plan(config).rounds, label="reward",
                               unit="programs/s")
-            result = _fit(request, storage, {"config": config.to_dict(), "start": packed,
+            result = _fit(config, request, storage, {"config": config.to_dict(), "start": packed,
                                              "tasks": tasks, "actors": actors,
                                              "progress": sink})
     finally:
@@ -256,14 +304,56 @@ def rl_on_ray(request: TrainRequest, *, reward=None, actors: list | None = None)
     if result.checkpoint is None:
         raise RuntimeError("Ray Train RL run finished without a checkpoint")
     MLflowCommit(request.tracker).log_history(result.checkpoint)  # again: see MLflowCommit
+    if config.train.method == "coupled_grpo":
+        return export_dream(result.checkpoint, output / CHECKPOINT)
     return export(result.checkpoint, output / CHECKPOINT)
 
 
-def _fit(request: TrainRequest, storage, loop_config: dict) -> ray.train.Result:
-    config, dc = request.config, request.config.distributed
+def pool_config(config: RunConfig) -> RunConfig:
+    """The sampler actors' configuration: a masked-diffusion LM's batch sampler wants
+    ``decoding.strategy=diffusion``; coupled-GRPO's rollouts decode as ``dllm_rl`` says."""
+    if config.train.method != "coupled_grpo":
+        return config
+    return dataclasses.replace(config, decoding=dataclasses.replace(config.decoding,
+                                                                    strategy="diffusion"))
+
+
+def _start_checkpoint(config: RunConfig) -> str | None:
+    """DDPT's RL starts from a trained checkpoint (checked now); coupled-GRPO from the LM."""
+    from pipeline.training.prompt_rl import check_start_checkpoint
+
+    return None if config.train.method == "coupled_grpo" else \
+        check_start_checkpoint(config)["folder"]
+
+
+def export_dream(checkpoint: Checkpoint, target: Path) -> Path:
+    """A coupled-GRPO run's result at ``target`` (atomically): the policy's Dream folder with the
+    rollout log and the learner's counts beside it, as the local backend leaves it."""
+    from pipeline.distributed.dllm_learner import DREAM_DIR, STATE_FILE
+    from pipeline.training.checkpoint import replace_folder
+    from pipeline.training.rl_loop import ROLLOUT_LOG
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-new-"))
+    try:
+        with checkpoint.as_directory() as folder:
+            learner = Path(folder) / DLLM_LEARNER_DIR
+            shutil.copytree(learner / DREAM_DIR, tmp, dirs_exist_ok=True)
+            for name in (ROLLOUT_LOG, STATE_FILE):
+                shutil.copy2(learner / name, tmp / name)
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fit(config: RunConfig, request: TrainRequest, storage, loop_config: dict
+         ) -> ray.train.Result:
+    dc = config.distributed
     trainer = TorchTrainer(
         learner_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=learner_gpu(config),
+        scaling_config=ScalingConfig(num_workers=learner_workers(config),
+                                     use_gpu=learner_gpu(config),
                                      resources_per_worker=learner_resources(config)),
         run_config=ray.train.RunConfig(
             name=storage.name, storage_path=storage.root,

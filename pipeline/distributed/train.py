@@ -288,8 +288,9 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
 
     config, output = request.config, request.output
     dc, tc = config.distributed, config.train
-    if config.is_rl:
-        raise ConfigError(f"train.objective={tc.objective} is RL: its Ray backend is "
+    if config.runs_rounds:
+        raise ConfigError(f"train.objective={tc.objective} / train.method={tc.method} is RL: "
+                          "its Ray backend is "
                           "pipeline.distributed.rl (ddpt train picks it); sweeps of it are not "
                           "built")
     if len(request.examples) < tc.batch_size:

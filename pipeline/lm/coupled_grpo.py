@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -199,6 +199,13 @@ class CoupledRollout:
     rewards: torch.Tensor
     advantages: GroupAdvantages
     mask_seeds: list[int]
+
+    def to(self, device: torch.device) -> CoupledRollout:
+        """The same round with its tensors on ``device``."""
+        advantages = replace(self.advantages, advantages=self.advantages.advantages.to(device))
+        return replace(self, prompt_ids=self.prompt_ids.to(device),
+                       completion_ids=self.completion_ids.to(device), mask=self.mask.to(device),
+                       rewards=self.rewards.to(device), advantages=advantages)
 
 
 def rollout_round(prompt_ids: torch.Tensor, generate: Callable[[torch.Tensor], torch.Tensor],

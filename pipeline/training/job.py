@@ -3,14 +3,16 @@ caller hands in (Ray Train + DeepSpeed, or this process), export the checkpoint 
 Used by ``ddpt train``, ``jobs/train.py``, ``ddpt run`` and every sweep trial."""
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, check_fresh_output
+from pipeline.config import RunConfig, check_fresh_output
 from pipeline.data.example import Example
 from pipeline.data.splits import dev_examples, train_examples
 from pipeline.tracking import (
@@ -75,13 +77,6 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
     ``tracker``: an open MLflow run that the caller owns and ends (a sweep's trial run); by
     default the job opens its own run and ends it FINISHED, or FAILED on an exception.
     """
-    if config.train.method == "coupled_grpo":
-        # Its pieces exist (docs/dllm.md): the update in process (pipeline.lm.coupled_grpo),
-        # the reward (pipeline.scoring.code_reward), the ZeRO-3 learner
-        # (pipeline.distributed.dllm_learner); the loop that runs them on Ray is not wired yet.
-        raise ConfigError("train.method: 'coupled_grpo' is not run by this job yet: its Ray "
-                          "loop (rollouts on the sampler pool, the ZeRO-3 learner) is being "
-                          "wired (issue 33); docs/dllm.md lists the parts that run now")
     output = Path(output_dir).resolve()
     check_fresh_output(output, (CHECKPOINT, "ray", "storage.json"), resume=resume)
     done = _finished(output, config) if resume else None  # checks the checkpoint it resumes
@@ -105,25 +100,52 @@ def run_training(config: RunConfig, output_dir: str | Path, backend: TrainBacken
     with tracker if owned else nullcontext(tracker):
         checkpoint = backend(TrainRequest(config, examples, output, tracker, resume, progress,
                                           dev))
-        count = _parameter_count(checkpoint)
-        log.info("%s: %s prompt model, %d trained parameters", output.name,
-                 config.train.method, count)
-        tracker.log_metrics({"prompt_model_parameters": count})
-        tracker.log_artifacts(checkpoint, CHECKPOINT)
+        _log_checkpoint(tracker, checkpoint, config, output.name)
         tracker.log_artifact(output / "config.yaml")
     return TrainOutcome(checkpoint, tracker.run_id, tracker.uri, time.perf_counter() - began)
 
 
 def planned_steps(config: RunConfig) -> int:
-    """What a finished run's checkpoint counts: optimizer steps, or RL rounds."""
+    """What a finished run's checkpoint counts: optimizer steps, or RL rounds (coupled-GRPO's
+    ``dllm_rl.rounds``, 0 when they are one pass over the tasks)."""
+    if config.train.method == "coupled_grpo":
+        return config.dllm_rl.rounds
     return config.rl.rounds if config.is_rl else config.train.steps
 
 
-def _parameter_count(checkpoint: Path) -> int:
-    from pipeline.training.checkpoint import load_prompt_model
+def _log_checkpoint(tracker: RunTracker, checkpoint: Path, config: RunConfig, name: str
+                    ) -> None:
+    """The trained parameters' count and the checkpoint as MLflow artifacts. A coupled-GRPO
+    checkpoint is a whole LM (15 GB for a 7B in bf16, twice that with its optimizer): its
+    weights stay in the output folder, named by the ``ddpt.checkpoint`` tag; the small files
+    (config.json, the tokenizer, the rollout log, the learner's state) are logged."""
     from pipeline.training.prompt_models import parameter_count
 
-    return parameter_count(load_prompt_model(checkpoint)[0])
+    if config.train.method == "coupled_grpo":
+        from pipeline.lm.dream import weight_files
+
+        count = sum(_safetensors_numel(path) for path in weight_files(checkpoint))
+        tracker.log_metrics({"policy_parameters": count})
+        tracker.set_tag("ddpt.checkpoint", str(checkpoint))
+        for path in sorted(checkpoint.iterdir()):
+            if path.is_file() and path.stat().st_size < 2**24 and ".safetensors" not in \
+                    path.name and path.suffix != ".pt":
+                tracker.log_artifact(path, CHECKPOINT)
+    else:
+        from pipeline.training.checkpoint import load_prompt_model
+
+        count = parameter_count(load_prompt_model(checkpoint)[0])
+        tracker.log_metrics({"prompt_model_parameters": count})
+        tracker.log_artifacts(checkpoint, CHECKPOINT)
+    log.info("%s: %s, %d trained parameters", name, config.train.method, count)
+
+
+def _safetensors_numel(path: Path) -> int:
+    """Elements in a safetensors file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def resumable_state(output: Path) -> dict | None:
@@ -137,11 +159,22 @@ def resumable_state(output: Path) -> dict | None:
 
 
 def _finished(output: Path, config: RunConfig) -> TrainOutcome | None:
-    """The outcome of an earlier run in ``output`` that already reached ``train.steps``."""
+    """The outcome of an earlier run in ``output`` that already reached ``train.steps``
+    (coupled-GRPO's rounds, when they are set: one pass over the tasks re-enters the loop,
+    which finds nothing left to do)."""
+    if config.train.method == "coupled_grpo":
+        saved = output / CHECKPOINT / "learner_state.json"
+        done = saved.is_file() and (output / RUN_FILE).is_file() and planned_steps(config) \
+            and json.loads(saved.read_text())["rounds"] >= planned_steps(config)
+        return _outcome(output) if done else None
     state, run_file = resumable_state(output), output / RUN_FILE
     if state is None or not run_file.is_file() or state["step"] < planned_steps(config):
         return None
-    saved = read_run_file(run_file)
+    return _outcome(output)
+
+
+def _outcome(output: Path) -> TrainOutcome:
+    saved = read_run_file(output / RUN_FILE)
     return TrainOutcome(output / CHECKPOINT, saved["run_id"], saved["uri"], 0.0)
 
 

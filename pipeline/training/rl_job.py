@@ -1,8 +1,9 @@
-"""Execution-reward RL as a training job (``ddpt train --set train.objective=grpo``): the
-policies by objective, the checks before any work, the task screen (cached in the output
-folder), the checkpoints with their rollout log, and the local backend (one process,
-``distributed.backend: local``). The Ray backend is :mod:`pipeline.distributed.rl`; both run
-:func:`pipeline.training.rl_loop.run_rounds`.
+"""Execution-reward RL as a training job (``ddpt train --set train.objective=grpo``, or
+``--set train.method=coupled_grpo`` for a masked-diffusion LM): the policies (DDPT's by
+objective, coupled-GRPO's: :mod:`pipeline.training.dllm_rl`), the checks before any work, the
+task screen (cached in the output folder), the checkpoints with their rollout log, and the local
+backend (one process, ``distributed.backend: local``). The Ray backend is
+:mod:`pipeline.distributed.rl`; both run :func:`pipeline.training.rl_loop.run_rounds`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ from pipeline.data.example import Example, missing_tests
 from pipeline.lm.frozen import FrozenCodeLM
 from pipeline.scoring.rewards import Reward, Scored
 from pipeline.tracking import RunTracker
+from pipeline.training.dllm_rl import (
+    LEARNER_FILE,
+    DllmRolloutWorker,
+    LocalDllmLearner,
+    resolve_rounds,
+)
 from pipeline.training.job import CHECKPOINT, TrainBackend, TrainRequest, local_backend
 from pipeline.training.progress import StepProgress
 from pipeline.training.prompt_rl import PromptLearner, PromptRolloutWorker, load_start_model
@@ -29,6 +36,7 @@ from pipeline.training.rl_loop import (
     Rollouts,
     RolloutWorker,
     Weights,
+    round_plan,
     run_rounds,
     task_chunks,
 )
@@ -46,6 +54,7 @@ class RLPolicy:
     # (config, LM or None, a local copy of the start checkpoint or None) -> the learner
     learner: Callable[[RunConfig, FrozenCodeLM | None, Path | None], Learner]
     learner_needs_lm: Callable[[RunConfig], bool]
+    saved_file: str = "state.json"  # in a checkpoint folder the learner saved: it is whole
 
 
 def _prompt_learner(config: RunConfig, lm: FrozenCodeLM | None,
@@ -55,12 +64,23 @@ def _prompt_learner(config: RunConfig, lm: FrozenCodeLM | None,
 
 _PROMPT_POLICY = RLPolicy(PromptRolloutWorker, _prompt_learner,
                           lambda config: config.rl.ce_weight > 0)
-# train.objective -> its policy (a masked-diffusion LM's coupled-GRPO adds its entry here)
-RL_POLICIES: dict[str, RLPolicy] = {"grpo": _PROMPT_POLICY, "grpo_gaussian": _PROMPT_POLICY}
+# DDPT's train.objective, or train.method=coupled_grpo -> its policy (on Ray, coupled-GRPO's
+# learner is the ZeRO-3 one of pipeline.distributed.dllm_policy instead of LocalDllmLearner)
+RL_POLICIES: dict[str, RLPolicy] = {
+    "grpo": _PROMPT_POLICY, "grpo_gaussian": _PROMPT_POLICY,
+    "coupled_grpo": RLPolicy(DllmRolloutWorker, LocalDllmLearner, lambda config: False,
+                             saved_file=LEARNER_FILE)}
 
 
 def rl_policy(config: RunConfig) -> RLPolicy:
-    return RL_POLICIES[config.train.objective]
+    method = config.train.method
+    return RL_POLICIES[method if method == "coupled_grpo" else config.train.objective]
+
+
+def loop_config(config: RunConfig, tasks: list[Example]) -> RunConfig:
+    """``config`` as the loop runs it on ``tasks`` (coupled-GRPO's rounds made explicit)."""
+    return resolve_rounds(config, len(tasks)) if config.train.method == "coupled_grpo" \
+        else config
 
 
 def require_tests(config: RunConfig, examples: list[Example]) -> None:
@@ -74,7 +94,7 @@ def require_tests(config: RunConfig, examples: list[Example]) -> None:
 
 def is_checkpoint_round(round_number: int, config: RunConfig) -> bool:
     every = config.rl.checkpoint_every
-    return round_number == config.rl.rounds or bool(every and round_number % every == 0)
+    return round_number == round_plan(config).rounds or bool(every and round_number % every == 0)
 
 
 def dump_log(lines: list[dict]) -> str:
@@ -111,7 +131,7 @@ def screened_tasks(config: RunConfig, examples: list[Example], output: Path,
     (the model sometimes solves them, or partly); all of them otherwise. The verdict is cached
     in ``<output>/screen.json`` and reused while its key holds."""
     rl = config.rl
-    if not rl.screen:
+    if not rl.screen or config.train.method == "coupled_grpo":  # the reference screens none
         return list(examples)
     candidates = examples[:rl.screen_tasks or None]
     key, path = screen_key(config, candidates, reward_name), Path(output) / SCREEN_FILE
@@ -194,13 +214,15 @@ def rl_local_backend(lm: FrozenCodeLM | None = None, reward: Reward | None = Non
         policy = rl_policy(config)
         model = lm or build_lm(config)
         worker = policy.rollout_worker(config, model, reward)
-        tasks = screened_tasks(config, request.examples, output, worker.screen,
-                               tracker=tracker, reward_name=reward_name(reward))
+        tasks = screened_tasks(config, request.examples, output,
+                               lambda chunks: worker.screen(chunks), tracker=tracker,
+                               reward_name=reward_name(reward))
+        config = loop_config(config, tasks)
         learner = policy.learner(config, model if policy.learner_needs_lm(config) else None,
                                  None)
         folder = output / CHECKPOINT
         start, lines = 0, []
-        if request.resume and (folder / "state.json").is_file():
+        if request.resume and (folder / policy.saved_file).is_file():
             start, lines = learner.load(folder), read_log(folder)
             lines = [line for line in lines if line["round"] <= start]
             log.info("resumed RL from %s at round %d", folder, start)
@@ -211,7 +233,8 @@ def rl_local_backend(lm: FrozenCodeLM | None = None, reward: Reward | None = Non
                 tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
                                     step=record["step"])
 
-        progress = StepProgress(f"rl {output.name}", config.rl.rounds, enabled=request.progress,
+        progress = StepProgress(f"rl {output.name}", round_plan(config).rounds,
+                                enabled=request.progress,
                                 label="reward", unit="programs/s")
         try:
             run_rounds(learner, local_rollout(worker), tasks, config, start=start,
@@ -226,7 +249,7 @@ def rl_local_backend(lm: FrozenCodeLM | None = None, reward: Reward | None = Non
 def local_train_backend(config: RunConfig, lm: FrozenCodeLM | None = None) -> TrainBackend:
     """The training job's backend in this process for ``config``: RL's rounds for the RL
     objectives, DDPT's (or prompt tuning's) steps otherwise."""
-    return rl_local_backend(lm) if config.is_rl else local_backend(lm)
+    return rl_local_backend(lm) if config.runs_rounds else local_backend(lm)
 
 
 def reward_name(reward: Reward | None) -> str:

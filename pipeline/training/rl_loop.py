@@ -123,9 +123,31 @@ def task_chunks(tasks: list[Example], rows_per_task: int, batch_rows: int
     return [tasks[i:i + size] for i in range(0, len(tasks), size)]
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """The loop's shape, from the policy's own section: ``rl`` for DDPT's RL objectives,
+    ``dllm_rl`` for coupled-GRPO (leave-one-out advantages, as the reference)."""
+
+    rounds: int
+    tasks_per_round: int
+    group_size: int
+    baseline: str
+    scale_by_std: bool
+
+
+def round_plan(config: RunConfig) -> RoundPlan:
+    """The run's :class:`RoundPlan` (``dllm_rl.rounds`` = 0 must be resolved first)."""
+    if config.train.method == "coupled_grpo":
+        d = config.dllm_rl
+        return RoundPlan(d.rounds, d.prompts_per_round, d.group_size, "leave_one_out",
+                         d.scale_by_std)
+    rl = config.rl
+    return RoundPlan(rl.rounds, rl.tasks_per_round, rl.group_size, rl.baseline, rl.scale_by_std)
+
+
 def rollout_chunks(config: RunConfig, tasks: list[Example]) -> list[list[Example]]:
     """The decode batches of a round: ``eval.batch_size`` rows, G rows per task."""
-    return task_chunks(tasks, config.rl.group_size, config.eval.batch_size)
+    return task_chunks(tasks, round_plan(config).group_size, config.eval.batch_size)
 
 
 def run_rounds(learner: Learner, rollout: RolloutFn, tasks: list[Example], config: RunConfig,
@@ -134,9 +156,11 @@ def run_rounds(learner: Learner, rollout: RolloutFn, tasks: list[Example], confi
     advantages, the update; ``on_round(round, record, log_line)`` after each (checkpoints,
     MLflow). Time by part: ``sync`` (weights out and in), ``sample``, ``generate``, ``score``
     (the rollout worker's; the slowest worker's on Ray), ``update``, and the whole round."""
-    rl = config.rl
+    rl = round_plan(config)
     if not tasks:
         raise ValueError("no training tasks for RL")
+    if not rl.rounds:
+        raise ValueError("the run's rounds are 0: resolve them before the loop")
     for index in range(start, rl.rounds):
         began = time.perf_counter()
         chosen = round_tasks(tasks, rl.tasks_per_round, index, config.train.seed)
