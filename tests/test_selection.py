@@ -14,6 +14,7 @@ from pipeline.scoring.execution import score_execution
 from pipeline.scoring.results import ResultStore
 from pipeline.scoring.selection import first_passing
 from pipeline.scoring.task_records import compare_to_reference, task_records
+from pipeline.studies.paired import comparison_metrics
 
 FAST = ExecutionConfig(timeout_s=2.0, cpu_s=1, workers=2, num_samples=3, ks=[1, 3],
                        visible_selection=True)
@@ -113,3 +114,6 @@ def test_selection_keeps_the_first_candidate_that_passes_the_visible_test(tmp_pa
     assert next(r for r in rows if r.task_id == "he/u").visible_passed is None
     figure = compare_to_reference(rows, "m")["other"]["select_pass_at_1"]
     assert figure.difference == pytest.approx(1 / 3) and figure.n_tasks == 3
+    paired = comparison_metrics(rows, "m")  # what metrics.json and MLflow get
+    assert paired["other"]["select_pass_at_1_diff"] == pytest.approx(1 / 3)
+    assert paired["m"]["select_pass_at_1_diff"] == 0.0  # the reference, against itself
