@@ -9,6 +9,8 @@ Record format in ``samples.jsonl`` (one record per (method, id), see pipeline/re
     exec_message    the sandbox's short message for `status` ("" when passed)
     cases_passed, cases_total   of `generation`: how many of the task's test cases passed
     cases           with n > 1: [passed, total] of each of samples[:n]
+    visible_statuses, selected, selected_status   with execution.visible_selection: test-time
+                    selection's (pipeline/scoring/selection.py)
 Scoring re-appends the updated records (the store keeps the last one per key), chunk by chunk,
 so a crash keeps what was scored and a re-run skips it.
 """
@@ -162,6 +164,7 @@ def score_execution(store: ResultStore, method: str, examples: Sequence[Example]
     todo = [r for r in records.values() if not _is_scored(r, n)]
     jobs = [(r, [program_for(by_id[str(r["id"])], t)
                  for t in _texts(r, n, f"{store.path}: {method}/{r['id']}")]) for r in todo]
+
     def write_back(record: dict, outcome: list[ExecResult]) -> None:
         if n > 1:
             record["statuses"] = [r.status for r in outcome[:n]]
