@@ -52,6 +52,8 @@ PROMPT_MODELS = ("ddpt", "prompt_tuning")
 # What `train.method` trains: a prompt model for a frozen LM, or (coupled_grpo) a masked-diffusion
 # LM itself on execution rewards (the dllm_rl section; docs/dllm.md).
 TRAIN_METHODS = (*PROMPT_MODELS, "coupled_grpo")
+# Where prompt tuning's prompt starts (pipeline.baselines.soft_prompt).
+PROMPT_INITS = ("context", "vocab")
 CONDITIONS = ("none", "instruction")  # what DDPT's denoiser may be conditioned on
 # Which masked positions a masked-diffusion step reveals (pipeline.decoding.masked_diffusion).
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -59,6 +61,8 @@ DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 SPANS = ("context", "instruction", "input")
 # How the sandbox isolates a program (docs/execution.md); pipeline.sandbox imports them as MODES.
 ISOLATIONS = ("auto", "bwrap", "process")
+# How max_eval_examples picks its tasks (pipeline.data.splits.take_sample).
+EVAL_SAMPLES = ("spread", "first")
 # The fields of a user's record (pipeline.data.example.Example's, plus its split) that
 # data.columns may map to a file's columns; a test keeps them equal to Example's.
 RECORD_FIELDS = ("id", "instruction", "input", "output", "tests", "split")
@@ -225,8 +229,16 @@ class DataConfig(_Section):
     eval_split: str = _help("test", "split generations are scored on")
     max_train_examples: int = _help(0, "0 = all", ge=0)
     max_eval_examples: int = _help(
-        32, "0 = all; the first N of the eval split, a fixed subset (32: MBPP's test tasks "
-        "11-42)", ge=0)
+        32, "0 = all; else N tasks of the eval split, chosen as data.eval_sample says (the "
+        "main job: 32 spread over MBPP's 500 test tasks)", ge=0)
+    eval_sample: str = _help(
+        "spread", "which N tasks max_eval_examples and max_extra_eval_examples take: 'spread', "
+        "the first N of a seeded order whose every prefix is spread evenly over the split "
+        "(data.sample_seed; the 32-task sample is inside the 64-task one; docs/data.md); "
+        "'first', the first N in file order", choices=EVAL_SAMPLES)
+    sample_seed: int = _help(
+        0, "seed of the 'spread' order; keep it across arms and training seeds so that their "
+        "tasks pair", ge=0)
     dev_split: str = _help(
         "validation", "held-out split of the dev loss (train.eval_every, sweeps); HumanEval has "
         "only 'test'", nonempty=True
@@ -239,7 +251,8 @@ class DataConfig(_Section):
         "compared twice"
     )
     max_extra_eval_examples: int = _help(
-        32, "0 = all; the first N of each extra_eval test split (32: HumanEval/0-31)", ge=0)
+        32, "0 = all; else N tasks of each extra_eval test split, chosen as data.eval_sample "
+        "says (the main job: 32 spread over HumanEval's 164)", ge=0)
 
     def check(self) -> None:
         unknown = sorted(set(self.columns) - set(RECORD_FIELDS))
@@ -310,17 +323,32 @@ class TrainConfig(_Section):
         "between samples), 'deterministic' (the ablation: one step from zero noise)",
         choices=tuple(OBJECTIVES),
     )
+    prompt_init: str = _help(
+        "context", "where prompt tuning's prompt P starts: 'context', the manual context's "
+        "embeddings (step 0 is the manual prompt; PEFT's TEXT init); 'vocab', the embeddings "
+        "of n tokens drawn at random (seeded by train.seed) from the whole vocabulary (PEFT's "
+        "SAMPLE_VOCAB; Lester et al. 2021 draw from the 5,000 most common tokens)",
+        choices=PROMPT_INITS)
     steps: int = _help(28, "optimizer steps", gt=0)
     batch_size: int = _help(
         8, "examples per optimizer step, over all workers (each Ray worker takes "
         "batch_size / distributed.num_workers)", gt=0
     )
-    lr: float = _help(1e-3, "AdamW learning rate", gt=0)
+    lr: float = _help(1e-3, "AdamW learning rate (of DDPT; of prompt tuning too unless "
+                      "train.prompt_tuning_lr is set)", gt=0)
+    prompt_tuning_lr: float | None = _help(
+        None, "prompt tuning's AdamW learning rate, where it is not DDPT's (ddpt run trains "
+        "both from one configuration; sweep and set this key for prompt tuning); null: "
+        "train.lr", gt=0)
     weight_decay: float = _help(0.0, "AdamW weight decay")
-    ema_rate: float = _help(0.1, "rate of the stop-gradient target x0_bar's moving average",
-                            gt=0, le=1)
-    consistency_weight: float = _help(0.01, "lambda on ||x0_hat - x0_bar||^2 (or the teacher's)",
-                                      ge=0)
+    ema_rate: float = _help(
+        0.1, "share of the way the moving averages (bootstrap's target x0_bar, "
+        "bootstrap_teacher's EMA teacher) move toward the new value each step: a half-life of "
+        "ln 2 / -ln(1 - rate) steps, about 6.6 at 0.1", gt=0, le=1)
+    consistency_weight: float = _help(
+        0.01, "lambda on ||x0_hat - x0_bar||^2 (bootstrap; the teacher's sample for "
+        "bootstrap_teacher): each example's squared distance summed over its n x k latent, "
+        "averaged over the batch", ge=0)
     cfg_dropout: float = _help(
         0.1, "probability of dropping a conditional model's condition in training "
         "(classifier-free guidance; sample.guidance uses it)", ge=0, lt=1
@@ -348,6 +376,13 @@ class TrainConfig(_Section):
         "on data.dev_split with a prompt sampled as for evaluation; logged as dev_loss; Ray "
         "backend only); 0 = off", ge=0
     )
+
+    @property
+    def method_lr(self) -> float:
+        """The learning rate of what ``train.method`` trains."""
+        if self.method == "prompt_tuning" and self.prompt_tuning_lr is not None:
+            return self.prompt_tuning_lr
+        return self.lr
 
 
 @dataclass
@@ -789,8 +824,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 PAPER: dict[str, dict[str, Any]] = {
     # The paper's set-up (Li et al. 2025): CoNaLa, one prompt distribution for every task
     # through a fixed random up-projection, the bootstrap objective, 80 steps, every method.
-    "data": {"dataset": "conala", "max_eval_examples": 64, "extra_eval": [],
-             "max_extra_eval_examples": 0},
+    # The first 64 test examples in file order, as the CoNaLa results were measured.
+    "data": {"dataset": "conala", "max_eval_examples": 64, "eval_sample": "first",
+             "extra_eval": [], "max_extra_eval_examples": 0},
     "prompt": {"max_source_tokens": 256},
     "denoiser": {"condition": "none", "up_projection": "fixed"},
     "train": {"objective": "bootstrap", "steps": 80},

@@ -185,6 +185,15 @@ def test_user_jsonl_without_split_is_carved(tmp_path):
     assert splits == {s: ids(load_examples(str(f), s)) for s in splits}
 
 
+def test_all_is_every_record_of_a_file_or_a_built_in_set(tmp_path):
+    rows = [{"id": i, "instruction": f"task {i}", "output": f"x = {i}"} for i in range(30)]
+    f = write_jsonl(tmp_path / "mine.jsonl", rows)
+    assert ids(load_examples(str(f), "all")) == [str(i) for i in range(30)]  # file order
+    mbpp = load_examples("mbpp", "all")
+    assert len(mbpp) == 974 and ids(mbpp)[:2] == ["mbpp-1", "mbpp-2"]
+    assert ids(load_examples("humaneval", "all")) == ids(load_examples("humaneval", "test"))
+
+
 def test_user_jsonl_small_file_keeps_one_held_out_each(tmp_path):
     rows = [{"id": i, "instruction": "t", "output": "pass"} for i in range(3)]
     f = write_jsonl(tmp_path / "mine.jsonl", rows)
@@ -348,3 +357,48 @@ def test_conala_null_rewritten_intent_in_tmp_file(tmp_path):
     test = load_examples("conala", "test", data_dir=str(tmp_path))
     assert [e.instruction for e in test] == ["title", "better"]
     assert ids(test) == ["conala-test-0", "conala-test-1"]
+
+
+# ---------------------------------------------------------------- the evaluated tasks
+def test_the_spread_sample_is_seeded_spread_and_prefix_stable():
+    """data.eval_sample=spread: the same tasks every time for a seed, another set for another
+    seed; spread over the whole split (no long unsampled stretch, unlike the first N); a sample
+    of N holds every smaller one (resumes and comparisons of different sizes stay paired);
+    listed in file order; 0 or N >= the split's size is all of it."""
+    from pipeline.data.splits import spread_order, take_sample
+
+    for count in (1, 2, 7, 90, 164, 500):
+        assert sorted(spread_order(count, seed=3)) == list(range(count))
+    tasks = [Example(f"t{i}", "x", "y") for i in range(164)]
+    sample = take_sample(tasks, 32, "spread", seed=0)
+    assert sample == take_sample(tasks, 32, "spread", seed=0)
+    assert ids(sample) != ids(take_sample(tasks, 32, "spread", seed=1))
+    positions = [int(task.id[1:]) for task in sample]
+    assert positions == sorted(positions) and len(positions) == 32
+    gaps = [b - a for a, b in zip([-1, *positions], [*positions, 164])]
+    assert max(gaps) <= 2.7 * 164 / 32  # the three-gap bound; the first 32 leave a gap of 132
+    for small, large in ((8, 16), (32, 64), (64, 163)):
+        assert set(ids(take_sample(tasks, small, "spread", 0))) <= \
+            set(ids(take_sample(tasks, large, "spread", 0)))
+    assert take_sample(tasks, 32, "first", 0) == tasks[:32]
+    assert take_sample(tasks, 0, "spread", 0) == tasks == take_sample(tasks, 500, "spread", 0)
+
+
+def test_the_main_job_scores_a_spread_sample_of_each_test_set_and_records_it():
+    """`make run`: 32 MBPP test tasks and 32 HumanEval tasks spread over each set (not tasks
+    11-42 and HumanEval/0-31), named in the configuration MLflow records; the paper preset (and
+    so smoke) keeps the first N, as its results were measured."""
+    from pipeline.config import build_config
+    from pipeline.data.splits import eval_examples
+    from pipeline.studies.main_job import extra_config
+
+    config = build_config("main")
+    mbpp = ids(eval_examples(config.data))
+    humaneval = ids(eval_examples(extra_config(config, "humaneval").data))
+    assert len(mbpp) == len(humaneval) == 32
+    assert mbpp != [f"mbpp-{i}" for i in range(11, 43)]
+    assert int(mbpp[-1].split("-")[1]) > 480 and int(humaneval[-1].split("/")[1]) > 150
+    flat = config.to_flat()
+    assert (flat["data.eval_sample"], flat["data.sample_seed"]) == ("spread", 0)
+    paper = build_config("paper").data
+    assert paper.eval_sample == "first" and build_config("smoke").data.eval_sample == "first"

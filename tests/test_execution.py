@@ -87,13 +87,17 @@ def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["evaluate", "--data", str(data), "--method", "canonical", "--output", str(out),
             "--no-progress", "--set", "execution.timeout_s=5", "--set", "execution.workers=2",
-            "--set", "execution.visible_selection=true"]
+            "--set", "execution.visible_selection=true",
+            "--split", "test"]  # the file whole would include the untested train record
     assert main(args) == 0
-    assert "canonical: 1/2 passed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "canonical: 1/2 passed" in printed
+    assert f"2 of the 3 records of {data} judged (split 'test')" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     selection = {"select_pass_at_1": 0.5, "select_k": 1, "select_visible_tasks": 1,
                  "select_visible_found": 1}
-    assert metrics == {"canonical": {"pass_at_1": 0.5, "passed": 1, "total": 2, **selection}}
+    assert metrics == {"canonical": {"pass_at_1": 0.5, "passed": 1, "total": 2,
+                                     "records_in_data": 3, **selection}}
     records = {r["id"]: r for r in ResultStore(out / "samples.jsonl").load()}
     assert {i: r["status"] for i, r in records.items()} == {"ok": "passed", "wrong": "failed"}
     assert records["wrong"]["exec_message"].startswith("AssertionError")
@@ -104,7 +108,10 @@ def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
     client = MlflowClient(tracking_uri=run["uri"])
     logged = client.get_run(run["run_id"])
     assert logged.info.status == "FINISHED"
-    assert logged.data.metrics == {"pass_at_1": 0.5, "passed": 1.0, "total": 2.0, **selection}
+    assert logged.data.metrics == {"pass_at_1": 0.5, "passed": 1.0, "total": 2.0,
+                                   "records_in_data": 3.0, **selection}
+    assert logged.data.tags["ddpt.judged"] == \
+        f"judged 2 of the 3 records of {data} (split 'test')"
     assert logged.data.params["data.dataset"] == str(data)
     assert logged.data.params["execution.timeout_s"] == "5.0"
     assert logged.data.tags["ddpt.isolation"] in ("bwrap", "process")
@@ -122,6 +129,57 @@ def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     assert (out / "samples.jsonl").stat().st_size == size
     assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_a_user_file_without_splits_is_judged_whole_unless_a_split_is_asked(tmp_path,
+                                                                             capsys):
+    """`ddpt evaluate --data my.jsonl`: every record of a file whose records have no split
+    (not the carved test tenth), and the output (and MLflow) says how many of how many."""
+    data = _write_jsonl(tmp_path / "mine.jsonl", [
+        {"id": i, "instruction": f"give {i}", "output": f"def f():\n    return {i}",
+         "tests": f"assert f() == {i if i % 4 else -1}"} for i in range(8)])
+    common = ["evaluate", "--data", str(data), "--no-progress", "--set", "execution.workers=2"]
+    assert main([*common, "--output", str(tmp_path / "whole")]) == 0
+    printed = capsys.readouterr().out
+    assert f"8 of the 8 records of {data} judged (every split)" in printed
+    assert "canonical: 6/8 passed" in printed  # ids 0 and 4 have wrong tests
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())["canonical"]
+    assert (metrics["total"], metrics["records_in_data"]) == (8, 8)
+    run = json.loads((tmp_path / "whole" / "evaluate_run.json").read_text())
+    logged = MlflowClient(tracking_uri=run["uri"]).get_run(run["run_id"]).data
+    assert logged.tags["ddpt.judged"] == f"judged 8 of the 8 records of {data} (every split)"
+    assert (logged.metrics["total"], logged.metrics["records_in_data"]) == (8, 8)
+
+
+def test_evaluate_asks_for_a_split_by_option_set_or_config_file(tmp_path):
+    """A split asked for by --split, --set data.eval_split or a --config file is what is
+    judged; a built-in data set keeps data.eval_split (test); `ddpt run` keeps the carve."""
+    from pipeline.cli import build_parser
+    from pipeline.commands.evaluate import evaluate_config
+    from pipeline.data.splits import eval_examples
+    from pipeline.studies.evaluate_job import judged_line
+
+    data = _write_jsonl(tmp_path / "mine.jsonl", [
+        {"id": i, "instruction": "x", "output": "x = 1", "tests": "assert x"} for i in range(20)])
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("data:\n  eval_split: validation\n")
+
+    def judged(*extra: str) -> tuple[str, int]:
+        args = build_parser().parse_args(["evaluate", "--data", str(data), *extra])
+        config = evaluate_config(args)
+        return config.data.eval_split, len(eval_examples(config.data))
+
+    assert judged() == ("all", 20)
+    assert judged("--split", "test") == ("test", 2)  # the carve: max(1, 20 // 10)
+    assert judged("--set", "data.eval_split=train") == ("train", 16)
+    assert judged("--config", str(config_file)) == ("validation", 2)
+    assert judged("--limit", "3") == ("all", 3)  # 3 spread over the whole file
+    args = build_parser().parse_args(["evaluate", "--data", str(data), "--limit", "3"])
+    assert judged_line(evaluate_config(args), 3, 20) == \
+        f"judged 3 of the 20 records of {data} (every split; 3 of it, spread (seed 0))"
+    args = build_parser().parse_args(["evaluate", "--data", "humaneval"])
+    assert evaluate_config(args).data.eval_split == "test"
+    assert RunConfig().with_overrides([f"data.dataset={data}"]).data.eval_split == "test"
 
 
 def test_bad_inputs_fail_before_work_naming_the_problem(tmp_path, capsys):

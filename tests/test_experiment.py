@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -97,7 +98,7 @@ def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--no-progress"]) == 0
     tables = (out / "tables.md").read_text()
     assert "## mbpp" in tables and "## humaneval" in tables
-    assert "| ddpt_conditional | ddpt_ddim | 2 |" in tables
+    assert "| ddpt_conditional | ddpt_ddim (ddim-10 eta=0 + greedy) | 2 |" in tables
     for eval_set in ("mbpp", "humaneval"):  # every metric per arm, error bars over the seeds
         assert (out / "charts" / f"{eval_set}_metrics.png").read_bytes()[:4] == b"\x89PNG"
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -141,3 +142,58 @@ def test_every_shipped_spec_is_valid(spec):
         config = experiment.config(dataset, arm, seed)
         if "dev" in spec.stem:
             assert config.data.eval_split != "test" and not config.data.extra_eval
+
+
+TABLE = REPO / "experiments" / "mbpp_humaneval_table.yaml"
+
+
+def test_the_table_spec_scores_every_test_task_over_three_seeds_with_tuned_matched_arms():
+    """Issue 31's table: all 500 MBPP test and 164 HumanEval tasks, 3 seeds, the manual prompt,
+    every arm's settings from a sweep on MBPP's dev split at the arm's own budget, the
+    controls of the conditional claim at the conditional arm's parameter count (within 1%)."""
+    from pipeline.data.splits import eval_examples
+    from pipeline.studies.main_job import extra_config
+    from pipeline.studies.sweep import load_sweep
+    from pipeline.training.prompt_models import PROMPT_MODELS, LMFacts, parameter_count
+
+    experiment = load_experiment(TABLE)
+    assert experiment.seeds == [0, 1, 2] and experiment.baseline_methods == ("manual",)
+    arms = {arm.name: arm for arm in experiment.arms}
+    config = experiment.config("mbpp", arms["ddpt_conditional"], 0)
+    assert len(eval_examples(config.data)) == 500
+    assert len(eval_examples(extra_config(config, "humaneval").data)) == 164
+    assert "ddpt_spa" in arms["ddpt_conditional"].methods
+    for arm in arms.values():
+        run = experiment.config("mbpp", arm, 0)
+        assert (run.train.steps, run.train.batch_size) == (28, 8)
+        sweep = load_sweep(arm.sweep)
+        assert sweep.base.data.dev_split == "validation" and sweep.base.data.max_dev_examples == 0
+        assert sweep.asha.grace_period == sweep.asha.max_t == 28  # no trial stopped early
+        assert {"train.lr", "train.prompt_tuning_lr"} & set(sweep.space)
+    # n = 18 context tokens and d = 576: the embedded model's (SmolLM2-135M-Instruct)
+    counts = {name: parameter_count(PROMPT_MODELS["ddpt"].build(
+        experiment.config("mbpp", arms[name], 0), LMFacts(18, 576, 3.2, torch.zeros(18, 576))))
+        for name in ("ddpt_conditional", "ddpt_unconditional",
+                     "ddpt_unconditional_deterministic", "ddpt_deterministic")}
+    assert all(abs(count / counts["ddpt_conditional"] - 1) < 0.01 for count in counts.values()), \
+        counts
+    lr = load_sweep(arms["prompt_tuning"].sweep).space["train.prompt_tuning_lr"].values
+    assert max(lr) >= 0.3 and min(lr) <= 1e-3  # Lester et al.'s 0.3, and the old shared 1e-3
+
+
+@pytest.mark.parametrize("arm, message", [
+    ({"set": {"train.method": "prompt_tuning", "train.prompt_tuning_lr": 0.1,
+              "train.prompt_init": "context", "train.steps": 64}, "methods": ["prompt_tuning"]},
+     "trains another model than the arm: train.steps: 28 in the sweep, 64 here"),
+    ({"set": {"train.method": "prompt_tuning", "train.prompt_tuning_lr": 0.1},
+      "methods": ["prompt_tuning"]},
+     "searches ['train.prompt_init']; set them in the arm's 'set'"),
+])
+def test_an_arm_must_be_the_model_its_sweep_tuned(tmp_path, arm, message):
+    spec = yaml.safe_load(TABLE.read_text())
+    spec["arms"] = {"tuned": {**arm, "sweep": str(REPO / "tune" / "mbpp_prompt_tuning.yaml")}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"spec.yaml: arms.tuned.sweep: .*") as err:
+        load_experiment(path)
+    assert message in str(err.value)

@@ -45,7 +45,8 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     for name in ("ddpt", "prompt_tuning"):
         assert (out / name / "checkpoint" / "model.safetensors").is_file()
         assert (out / "interpret" / name / "nearest_tokens.json").is_file()
-    for picture in ("interpret/tsne.png", "charts/metrics.png", "charts/training.png"):
+    for picture in ("interpret/directions.png", "interpret/positions.png", "charts/metrics.png",
+                    "charts/training.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
 
     # MLflow: the parent comparison run holds the training runs and one run per method.
@@ -55,6 +56,8 @@ def test_smoke_run_writes_metrics_and_samples(tmp_path):
     roles = sorted((c.data.tags["ddpt.role"], c.info.run_name) for c in children)
     assert roles == sorted([("train", "train-ddpt"), ("train", "train-prompt_tuning")]
                            + [("method", m) for m in SMOKE_METHODS])
+    params = client.get_run(saved["run_id"]).data.params  # which tasks were scored
+    assert (params["data.eval_sample"], params["data.sample_seed"]) == ("first", "0")
     train = next(c for c in children if c.info.run_name == "train-ddpt")
     assert [m.step for m in client.get_metric_history(train.info.run_id, "code_loss")] == \
         [1, 2, 3, 4]

@@ -1,4 +1,5 @@
-"""The pictures (metric bars with error bars, training curves, the t-SNE map) and `ddpt report`'s
+"""The pictures (quality metrics with intervals or error bars, training curves, the prompts'
+directions) and `ddpt report`'s
 self-contained page, from a real run of the pipeline on the tiny model in this process."""
 from __future__ import annotations
 
@@ -12,24 +13,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from matplotlib.container import BarContainer
+import torch.nn.functional as F
+from matplotlib.container import BarContainer, ErrorbarContainer
 from mlflow import MlflowClient
 
 from helpers import EXAMPLES, make_lm
 from pipeline.cli import main
 from pipeline.config import PRESETS, RunConfig
+from pipeline.generation.sampler import BatchSampler
+from pipeline.scoring.diversity import pairwise_spread
 from pipeline.scoring.results import ResultStore
-from pipeline.scoring.stats import as_metrics
+from pipeline.scoring.stats import as_metrics, pass_rate_difference
 from pipeline.scoring.task_records import FILENAME, compare_to_reference, read_table
-from pipeline.studies.charts import metric_chart, training_chart
-from pipeline.studies.comparison import interpret
+from pipeline.studies.charts import infer_reference, metric_chart, quality_metrics, training_chart
 from pipeline.studies.experiment import aggregate, experiment_charts
-from pipeline.studies.interpret import PromptSet, tsne_plot
+from pipeline.studies.interpret import PromptSet, interpret
+from pipeline.studies.prompt_pictures import MAX_ROWS, direction_map, position_map, short
 from pipeline.studies.report import build_report, write_report
 from pipeline.tracking import child_runs
 from pipeline.training.loop import train_local
 
 PNG = b"\x89PNG\r\n\x1a\n"
+INTERPRET_PICTURES = ("interpret/directions.png", "interpret/positions.png")
 METRICS = {"manual": {"bleu4": 0.1, "code_ce": 2.5, "unused": float("nan")},
            "ddpt": {"bleu4": 0.3, "code_ce": 2.0, "unused": float("nan")}}
 
@@ -38,15 +43,64 @@ def panels(figure) -> dict[str, object]:
     return {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
 
 
-def test_metric_chart_draws_a_panel_per_metric_and_a_bar_per_method(tmp_path):
+def test_metric_chart_draws_a_panel_per_quality_metric_and_a_bar_per_method(tmp_path):
     figure = metric_chart(METRICS, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG
     found = panels(figure)
-    assert list(found) == ["bleu4", "code_ce"]  # the all-NaN metric is left out
-    ax = found["code_ce"]
+    assert list(found) == ["code_ce (lower is better)", "bleu4"]  # the all-NaN one left out
+    ax = found["code_ce (lower is better)"]
     assert [p.get_height() for p in ax.patches] == [2.5, 2.0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["manual", "ddpt"]
     assert not ax.containers[0].errorbar  # one seed: no error bars
+
+
+def test_the_chart_leaves_out_timings_counts_and_an_all_zero_exact_match(tmp_path):
+    values = {"pass_at_5": 0.4, "pass_at_1": 0.2, "bleu4": 0.1, "meteor": 0.3, "chrf": 30.0,
+              "exact_match": 0.0, "prompt_seconds": 3.0, "generate_seconds": 90.0,
+              "prompt_share": 0.03, "passed": 2, "total": 10, "arness_local_at_1": 0.5,
+              "prompt_spread_per_condition": 0.1, "pass_at_1_diff_detectable": 0.3}
+    metrics = {"manual": values, "ddpt": {**values, "pass_at_1": 0.3}}
+    assert quality_metrics(metrics) == ["pass_at_1", "pass_at_5", "bleu4", "chrf", "meteor"]
+    assert list(panels(metric_chart(metrics, tmp_path / "q.png"))) == [
+        "pass_at_1", "pass_at_5", "bleu4", "chrf", "meteor"]
+    metrics["ddpt"]["exact_match"] = 0.1  # one method matches once: now it says something
+    assert quality_metrics(metrics)[-1] == "exact_match"
+
+
+def test_paired_figures_become_a_forest_panel_with_each_methods_interval(tmp_path):
+    """Each method's difference to the reference (stats.py's figures, as metrics.json holds
+    them) is drawn with its 95% interval; a metric without figures keeps its bars."""
+    rng = np.random.default_rng(0)
+    outcomes = {m: (rng.random(40) < rate).astype(float)
+                for m, rate in (("manual", 0.1), ("prompt_tuning", 0.2), ("ddpt", 0.5))}
+    metrics = {m: {"pass_at_1": o.mean(), "bleu4": 0.2} for m, o in outcomes.items()}
+    figures = {}
+    for method in ("prompt_tuning", "ddpt"):
+        figures[method] = pass_rate_difference(outcomes[method], outcomes["manual"],
+                                               resamples=500)
+        metrics[method].update(as_metrics(figures[method]))
+    assert infer_reference(metrics, "pass_at_1") == "manual"
+    found = panels(metric_chart(metrics, tmp_path / "f.png"))
+    assert list(found) == ["pass_at_1: method − manual", "bleu4"]
+    ax = found["pass_at_1: method − manual"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        f"manual (ref.)  {outcomes['manual'].mean():.3g}",
+        f"prompt_tuning  {outcomes['prompt_tuning'].mean():.3g}",
+        f"ddpt  {outcomes['ddpt'].mean():.3g}"]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    for (row, method), container in zip(enumerate(("prompt_tuning", "ddpt"), start=1), bars):
+        data, _, (spans,) = container.lines
+        assert data.get_xdata().tolist() == [figures[method].difference]
+        [[(low, y0), (high, y1)]] = spans.get_segments()
+        assert (low, high) == pytest.approx((figures[method].low, figures[method].high))
+        assert y0 == y1 == row
+    assert figures["ddpt"].low > 0  # the test data decide: the interval clears zero
+    assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--"] == [0]
+    assert f"p={figures['ddpt'].p_value:.2g}" in [t.get_text() for t in ax.texts]
+    assert isinstance(found["bleu4"].containers[0], BarContainer)
+    # an experiment's chart: seed means (intervals=False), bars only
+    assert isinstance(panels(metric_chart(metrics, tmp_path / "e.png", intervals=False))[
+        "pass_at_1"].containers[0], BarContainer)
 
 
 def test_error_bars_are_mean_plus_minus_std(tmp_path):
@@ -83,35 +137,75 @@ def test_training_chart_draws_a_line_per_job(tmp_path):
     assert lines == {"ddpt": [3.0, 2.5], "prompt_tuning": [3.0, 2.0]}
 
 
-def test_the_tsne_map_marks_each_prompt_kind_and_labels_the_nearest_tokens(tmp_path):
+def test_the_direction_map_has_a_point_per_task_and_method_and_is_deterministic(tmp_path):
+    n, d = 3, 4
+    generator = torch.Generator().manual_seed(0)
+    plane = torch.linalg.qr(torch.randn(n * d, 2, generator=generator))[0]  # (n*d, 2)
+
+    def in_plane(count: int) -> torch.Tensor:  # directions the 2-D projection keeps whole
+        return (torch.randn(count, 2, generator=generator) @ plane.T).reshape(count, n, d)
+
+    ddpt = PromptSet(in_plane(6).reshape(3, 2, n, d), tasks=["a", "b", "c"], label="ddpt_ddim")
+    tuned = PromptSet(in_plane(1)[None], label="prompt_tuning")
+    prompts = {"prompt_tuning": tuned, "ddpt_ddim": ddpt}
+    first = direction_map(prompts, tmp_path / "1.png", token_norm=1.0)
+    again = direction_map(prompts, tmp_path / "2.png", token_norm=1.0)
+    assert first.path.read_bytes()[:8] == PNG
+    assert first.path.read_bytes() == again.path.read_bytes()
+    assert {k: v.shape for k, v in first.coords.items()} == {
+        "manual": (1, 1, 2), "prompt_tuning": (1, 1, 2), "ddpt_ddim": (3, 2, 2)}
+    assert first.coords["manual"].tolist() == [[[0.0, 0.0]]]  # the manual prompt: delta = 0
+    for label, prompt_set in prompts.items():
+        np.testing.assert_array_equal(first.coords[label], again.coords[label])
+        lengths = prompt_set.directions.flatten(2).norm(dim=-1).double().numpy()
+        np.testing.assert_allclose(np.linalg.norm(first.coords[label], axis=-1), lengths,
+                                   rtol=1e-6)
+    assert first.shares.sum() == pytest.approx(1.0)
+    every = np.concatenate([xy.reshape(-1, 2) for xy in first.coords.values()])
+    assert (every.sum(0) >= 0).all()  # the axes' signs: the points lie on their positive side
+    assert first.spreads == {"prompt_tuning": {}, "ddpt_ddim": {
+        "within": pytest.approx(np.mean([pairwise_spread(t) for t in ddpt.directions])),
+        "across": pytest.approx(pairwise_spread(ddpt.directions[:, 0]))}}
+    assert set(first.local) == {"ddpt_ddim"} and first.local["ddpt_ddim"].shape == (3, 2, 2)
+    mean = ddpt.directions.flatten(2).mean((0, 1))
+    assert first.cosines == {("prompt_tuning", "ddpt_ddim"): pytest.approx(F.cosine_similarity(
+        tuned.directions.flatten(), mean, dim=0).item(), abs=1e-6)}
+
+
+def test_the_position_map_names_the_token_a_moved_position_now_sits_on(tmp_path):
     lm = make_lm("tiny-llama")
     context = lm.context_embedding().float()  # (n, d)
-    n = context.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    ddpt = context + 0.05 * torch.randn(3, *context.shape, generator=generator)
-    drawn = tsne_plot(lm, {"prompt_tuning": PromptSet(context[None] + 0.1),
-                           "ddpt": PromptSet(ddpt, tasks=["t1", "t2", "t3"])},
-                      tmp_path / "tsne.png", vocab_sample=200, max_labels=12)
+    table = lm.model.get_input_embeddings().weight.float().detach()
+    target = next(t for t in range(len(table)) if t not in lm.template.context_ids
+                  and lm.tokenizer.decode([t]).strip())
+    delta = torch.zeros(3, 1, *context.shape)  # 3 tasks, one draw each
+    delta[:, 0, 1] = table[target] - context[1]  # every task: position 1 is now that token
+    delta[1:, 0, 2] = table[target] - context[2]  # two tasks of three: position 2 too
+    delta[0, 0, -1] = 0.5 * context[-1]  # the last position moves, and shows among the rows
+    drawn = position_map(lm, {"ddpt": PromptSet(delta, tasks=["a", "b", "c"])},
+                         tmp_path / "p.png")
     assert drawn.path.read_bytes()[:8] == PNG
-    assert drawn.markers == {"manual context": "s", "prompt_tuning": "^", "ddpt": "o"}
-    assert {k: len(v) for k, v in drawn.coords.items() if k != "vocabulary"} == {
-        "manual context": n, "prompt_tuning": n, "ddpt": 3 * n}
-    assert drawn.coords["ddpt"].shape == (3 * n, 2)
-    # The manual context's nearest tokens are its own: the most frequent of them is labelled.
-    ids = lm.template.context_ids
-    top = max(set(ids), key=ids.count)
-    text = lm.tokenizer.decode([top])
-    assert len(drawn.labels) == 12 and ascii(text.strip() or text)[1:-1][:14] in drawn.labels
-    assert drawn.tasks == ["t1", "t2", "t3"] and drawn.seconds > 0
+    name = short(lm.tokenizer.decode([target]))
+    assert drawn.nearest[0] == ["="] and drawn.nearest[1] == [name]
+    assert drawn.nearest[2] == [f"{name} 2/3"]
+    token_norm = lm.mean_token_norm()
+    assert drawn.moved[0, 0] == 0 and drawn.cosine[0, 0] == pytest.approx(1.0)
+    assert drawn.cosine[1, 0] == pytest.approx(F.cosine_similarity(table[target], context[1],
+                                                                   dim=0).item(), abs=1e-5)
+    assert drawn.moved[1, 0] == pytest.approx(
+        (table[target] - context[1]).norm().item() / token_norm, rel=1e-5)
+    n = lm.context_length  # the tiny tokenizer's context is long: the rows are capped
+    assert n > MAX_ROWS and len(drawn.rows) == MAX_ROWS and {1, 2, n - 1} <= set(drawn.rows)
+    assert drawn.rows == sorted(drawn.rows)
 
 
 @pytest.mark.parametrize("condition, prompts, per_task", [
     ("instruction", "shared", True),  # a conditional model: a prompt per task
     ("none", "per_example", True),    # noise per example
-    ("none", "shared", False),        # one prompt for all: noise draws of it, one colour
+    ("none", "shared", False),        # one prompt for all: noise draws of it
 ])
-def test_interpret_maps_the_method_prompts_per_task_where_there_are(tmp_path, condition,
-                                                                    prompts, per_task):
+def test_interpret_shows_the_directions_each_method_used(tmp_path, condition, prompts,
+                                                         per_task):
     lm = make_lm("tiny-llama")
     config = RunConfig.from_dict(PRESETS["smoke"]).with_overrides([
         "train.steps=2", "train.batch_size=3", f"denoiser.condition={condition}",
@@ -122,15 +216,21 @@ def test_interpret_maps_the_method_prompts_per_task_where_there_are(tmp_path, co
         job = config.with_overrides([f"train.method={method}"])
         train_local(job, lm, EXAMPLES, checkpoint_dir=tmp_path / method, progress=False)
         checkpoints[method] = tmp_path / method
-    written, drawn = interpret(config, checkpoints, lm, tmp_path / "interpret", EXAMPLES,
-                               ["manual", "prompt_tuning", "ddpt_ddim"], num_prompts=4)
-    assert set(written) == {"ddpt", "prompt_tuning"}
-    assert all((folder / "nearest_tokens.json").is_file() for folder in written.values())
-    assert drawn.path == tmp_path / "interpret" / "tsne.png"
-    n = lm.context_length
-    assert len(drawn.coords["prompt_tuning"]) == n  # the one learned prompt
-    assert len(drawn.coords["ddpt"]) == 4 * n  # 4 tasks, or 4 noise draws
-    assert drawn.tasks == ([e.id for e in EXAMPLES[:4]] if per_task else [])
+    folder = tmp_path / "interpret"
+    done = interpret(config, checkpoints, lm, folder, EXAMPLES,
+                     ["manual", "prompt_tuning", "ddpt_ddim"], num_tasks=4, draws=3)
+    assert set(done.folders) == {"ddpt", "prompt_tuning"}
+    assert all((f / "nearest_tokens.json").is_file() for f in done.folders.values())
+    assert done.pictures == [folder / "directions.png", folder / "positions.png"]
+    assert all(p.read_bytes()[:8] == PNG for p in done.pictures)
+    n, d = lm.context_length, lm.hidden_size
+    assert done.prompts["prompt_tuning"].directions.shape == (1, 1, n, d)  # nothing random
+    ddpt = done.prompts["ddpt"]
+    assert ddpt.label == "ddpt_ddim" and ddpt.directions.shape == (4 if per_task else 1, 3, n, d)
+    assert ddpt.tasks == ([e.id for e in EXAMPLES[:4]] if per_task else None)
+    used = BatchSampler(config, checkpoints, lm).directions("ddpt_ddim", EXAMPLES[:4])
+    torch.testing.assert_close(ddpt.directions[:, 0], used[:len(ddpt.directions)].float())
+    assert not torch.allclose(ddpt.directions[:, 0], ddpt.directions[:, 1])  # other noise
 
 
 def test_a_folder_without_metrics_is_refused_by_name(tmp_path, capsys):
@@ -179,13 +279,13 @@ def images(page: str) -> list[bytes]:
 @pytest.mark.slow
 def test_a_run_writes_its_pictures_and_logs_them_to_the_comparison(finished_run):
     for folder in (finished_run, finished_run / "humaneval"):
-        for picture in ("charts/metrics.png", "charts/training.png", "interpret/tsne.png"):
+        for picture in ("charts/metrics.png", "charts/training.png", *INTERPRET_PICTURES):
             assert (folder / picture).read_bytes()[:8] == PNG, folder / picture
     saved = json.loads((finished_run / "mlflow_comparison.json").read_text())
     client = MlflowClient(saved["uri"])
     logged = {a.path for folder in ("charts", "interpret")
               for a in client.list_artifacts(saved["run_id"], folder)}
-    assert {"charts/metrics.png", "charts/training.png", "interpret/tsne.png"} <= logged
+    assert {"charts/metrics.png", "charts/training.png", *INTERPRET_PICTURES} <= logged
 
 
 @pytest.mark.slow
@@ -198,7 +298,7 @@ def test_the_report_is_one_self_contained_page(finished_run, capsys):
     assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * page.count(
         "src=")
     pictures = images(page)
-    assert len(pictures) == 6 and all(p[:8] == PNG for p in pictures)  # 3 per comparison
+    assert len(pictures) == 8 and all(p[:8] == PNG for p in pictures)  # 4 per comparison
     sections = page.split("<section>")[1:]
     assert [re.search("<h2>(.*?)</h2>", s).group(1) for s in sections] == [
         "mbpp / test", "humaneval / test"]

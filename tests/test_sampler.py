@@ -82,6 +82,12 @@ def test_nearest_tokens_of_the_manual_context_are_its_tokens():
     assert found["positions"][0]["cosine_to_context"] < 0.99
 
 
+def what_ran_lines(printed: str) -> dict[str, str]:
+    """The "what ran" lines `ddpt run` and `ddpt sample` print: {method: chain label}."""
+    lines = printed.split("what ran (a DDPT prompt's chain, then the decoding):\n")[1]
+    return dict(line.strip().split(maxsplit=1) for line in lines.strip().splitlines())
+
+
 def test_sample_compares_every_method_in_mlflow(checkpoints, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["sample", "--preset", "smoke", "--checkpoint", str(checkpoints["ddpt"]),
@@ -117,11 +123,15 @@ def test_sample_compares_every_method_in_mlflow(checkpoints, tmp_path, capsys):
     assert (ddpt_child.data.params["chain"], ddpt_child.data.params["steps"]) == ("ddpm", "100")
     assert by_method["ddpt_ddim"].data.params["steps"] == "10"
     artifacts = {a.path for a in client.list_artifacts(ddpt_child.info.run_id, "interpret")}
-    assert {"interpret/nearest_tokens.json", "interpret/tsne.png"} <= artifacts
+    assert {"interpret/nearest_tokens.json", "interpret/directions.png",
+            "interpret/positions.png"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "metrics.json", "samples.jsonl"}
 
-    capsys.readouterr()
+    what_ran = what_ran_lines(capsys.readouterr().out)  # under the tables
+    assert what_ran == {"manual": "greedy", "prompt_tuning": "greedy",
+                        "ddpt": "ddpm-100 eta=0 + greedy", "ddpt_ddim": "ddim-10 eta=0 + greedy",
+                        "spa": "spa", "ddpt_spa": "ddim-10 eta=0 + spa"}
     assert main(["compare", "--output", str(out), "--metrics", "bleu4,code_ce"]) == 0
     printed = capsys.readouterr().out
     assert all(method in printed for method in METHODS) and "code_ce" in printed
@@ -231,3 +241,31 @@ def test_sample_compares_on_the_extra_sets_as_run_does(checkpoints, tmp_path, ca
                  "--set", "data.extra_eval=[humaneval]"]) == 0
     assert not (again / "humaneval").exists()
     assert "humaneval / test" in capsys.readouterr().out  # the evaluation split's table
+
+
+def test_a_model_trained_through_its_chain_is_named_by_that_chain(tmp_path, capsys):
+    """An `unrolled` model samples on the 3-step DDIM chain it was trained through, whatever
+    sample.ddim_steps (50) asks: `ddpt sample` prints, MLflow records and an experiment's table
+    names ddim-3, never DDIM-50 (ddpt: the same chain with fresh noise, eta 1)."""
+    lm = make_lm("tiny-llama")
+    config = smoke_config().with_overrides(["train.objective=unrolled", "train.steps=1",
+                                            "sample.ddim_steps=50"])
+    config.prompt = lm.template.config
+    train_local(config, lm, EXAMPLES, checkpoint_dir=tmp_path / "ddpt", progress=False)
+    out = tmp_path / "cmp"
+    assert main(["sample", "--checkpoint", str(tmp_path / "ddpt"), "--methods", "ddpt_ddim,ddpt",
+                 "--output", str(out), "--no-progress", "--set", "pool.backend=local",
+                 "--set", "data.max_eval_examples=1", "--set", "data.extra_eval=[]",
+                 "--set", "eval.max_new_tokens=2", "--set", "eval.metrics=[bleu4]",
+                 "--set", "eval.reference_method=ddpt_ddim"]) == 0
+    assert what_ran_lines(capsys.readouterr().out) == {"ddpt_ddim": "ddim-3 eta=0 + greedy",
+                                                       "ddpt": "ddim-3 eta=1 + greedy"}
+    from pipeline.studies.chains import comparison_chains
+    from pipeline.studies.experiment import Row, markdown_table
+
+    chains = comparison_chains(out)
+    assert chains == {"ddpt_ddim": "ddim-3 eta=0 + greedy", "ddpt": "ddim-3 eta=1 + greedy"}
+    row = Row("mbpp", "ddpt_conditional_unrolled", "ddpt_ddim", 3, {"x": 0.5}, {"x": 0.0},
+              chains["ddpt_ddim"])
+    assert "| ddpt_conditional_unrolled | ddpt_ddim (ddim-3 eta=0 + greedy) | 3 |" in \
+        markdown_table([row], ["x"], "mbpp")

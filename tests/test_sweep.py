@@ -18,7 +18,14 @@ from pipeline.config import ConfigError, RunConfig, build_config
 from pipeline.data.loaders import DataError
 from pipeline.data.splits import dev_examples
 from pipeline.scoring.heldout import heldout_code_loss, sharded_code_loss
-from pipeline.studies.sweep import Sweep, TrialSummary, default_space_file, load_sweep, pick_best
+from pipeline.studies.sweep import (
+    SPACES_DIR,
+    Sweep,
+    TrialSummary,
+    default_space_file,
+    load_sweep,
+    pick_best,
+)
 from pipeline.tracking import child_runs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +62,19 @@ def test_shipped_spaces_load():
     with_smoke = load_sweep(default_space_file("main"), preset="smoke",
                             overrides=["train.steps=40"])
     assert with_smoke.base.model.name == "tiny-llama" and with_smoke.asha.max_t == 40
+
+
+@pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_is_valid_and_chooses_on_a_dev_split(path):
+    """Every space file loads (each value through the configuration's validation); none
+    scores on a test split."""
+    sweep = load_sweep(path)
+    assert sweep.space and sweep.base.data.dev_split != "test"
+    if path.name.startswith("mbpp_"):  # the table's: its budget, to the end, all 90 dev tasks
+        base = sweep.base
+        assert (base.data.dataset, base.data.dev_split, base.data.max_dev_examples) == \
+            ("mbpp", "validation", 0)
+        assert (base.train.steps, base.train.batch_size, sweep.asha.grace_period) == (28, 8, 28)
 
 
 def test_values_are_typed_and_trial_configs_built(tmp_path):

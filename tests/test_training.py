@@ -206,3 +206,86 @@ def test_weights_that_are_not_the_configured_model_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: does not hold the ddpt "
                        r"prompt model that .*config\.yaml and state\.json describe"):
         load_prompt_model(folder)
+
+
+@pytest.mark.parametrize("objective", ["bootstrap", "bootstrap_teacher"])
+def test_the_consistency_term_is_lambda_times_each_examples_squared_norm(objective):
+    """method.md's `lambda ||x0_hat - target||^2`: per example, the squared L2 distance summed
+    over the whole (n, k) latent, averaged over the batch (not a mean over the n k entries,
+    which made lambda n k = 288 times weaker on the embedded model)."""
+    from pipeline.method.objectives import OBJECTIVES, squared_distance
+    from pipeline.method.prompt import DiffusionPrompt
+
+    x0_hat = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]],
+                           [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])  # (B=2, n=3, k=2)
+    assert squared_distance(x0_hat, torch.zeros(3, 2)).item() == (5 + 6) / 2  # by hand
+
+    torch.manual_seed(0)
+    model = DiffusionPrompt(3, 8, 1.0, bottleneck=2, hidden_dim=16, timesteps=50,
+                            teacher=objective == "bootstrap_teacher")
+    torch.nn.init.normal_(model.denoiser.out.weight)  # predictions off zero, off the target
+    model.x0_bar.fill_(0.5)
+    if model.teacher is not None:
+        model.update_teacher(0.5)  # a teacher half way: its samples differ from the denoiser's
+    weight, ce = 0.25, torch.tensor(1.5)
+    objective_ = OBJECTIVES[objective](consistency_weight=weight, cfg_dropout=0.0)
+    generator = torch.Generator().manual_seed(1)
+    output = objective_.loss(model, lambda direction, per_example=False: ce, 4, generator)
+    consistency = output.stats["consistency"]
+    assert output.loss.item() == pytest.approx(1.5 + weight * consistency.item())
+    if objective == "bootstrap":  # the prediction is returned: check the sum by hand
+        by_hand = sum(((row - 0.5) ** 2).sum().item() for row in output.x0_hat) / 4
+        assert consistency.item() == pytest.approx(by_hand)
+        mean_over_entries = ((output.x0_hat - 0.5) ** 2).mean().item()
+        assert consistency.item() == pytest.approx(3 * 2 * mean_over_entries)
+    assert consistency.item() > 0.1
+
+
+def test_prompt_tuning_can_start_from_random_vocabulary_tokens():
+    """train.prompt_init=vocab (PEFT's SAMPLE_VOCAB, Lester et al.'s sampled vocabulary): P
+    starts at n rows of the LM's embedding table drawn with train.seed; 'context' (the
+    default) starts at the manual prompt."""
+    lm = make_lm("tiny-llama")
+    table = lm.model.get_input_embeddings().weight.detach()
+    config = tiny_config("tiny-llama", method="prompt_tuning", prompt_init="vocab")
+    model, _ = build_trainable(lm, config)
+    start = model.prompt.embedding.weight.detach()
+    rows = [torch.isclose(table, row).all(-1).nonzero().flatten().tolist() for row in start]
+    assert all(len(found) >= 1 for found in rows)  # each position is a vocabulary token
+    assert len({found[0] for found in rows}) > 1
+    assert torch.equal(build_trainable(lm, config)[0].prompt.embedding.weight, start)
+    other = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=1))
+    assert not torch.equal(build_trainable(lm, other)[0].prompt.embedding.weight, start)
+    manual = build_trainable(lm, tiny_config("tiny-llama", method="prompt_tuning"))[0]
+    assert manual.direction().abs().max() == 0  # the default: the manual prompt at step 0
+
+
+def test_prompt_tuning_trains_at_its_own_rate_where_one_is_set(tmp_path):
+    """`ddpt run` trains DDPT and prompt tuning from one configuration: train.prompt_tuning_lr
+    is prompt tuning's rate (each arm tuned on its own), train.lr DDPT's; a sweep that
+    searches train.lr for prompt tuning while prompt_tuning_lr is set would change nothing and
+    is refused."""
+    import yaml
+
+    from pipeline.config import ConfigError, TrainConfig
+    from pipeline.studies.sweep import load_sweep
+    from pipeline.training.loop import local_step_fn
+    from pipeline.training.prompt_models import PromptLoss
+
+    both = TrainConfig(lr=3e-3, prompt_tuning_lr=0.1)
+    assert dataclasses.replace(both, method="prompt_tuning").method_lr == 0.1
+    assert both.method_lr == 3e-3  # ddpt
+    assert dataclasses.replace(both, method="prompt_tuning", prompt_tuning_lr=None).method_lr \
+        == 3e-3
+    lm = make_lm("tiny-llama")
+    config = tiny_config("tiny-llama", method="prompt_tuning", prompt_tuning_lr=0.1)
+    model, objective = build_trainable(lm, config)
+    _, optimizer = local_step_fn(PromptLoss(model, lm, objective), config.train)
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "sweep": {"preset": "smoke", "eval_every": 2},
+        "fixed": {"train.method": "prompt_tuning", "train.prompt_tuning_lr": 0.1},
+        "space": {"train.lr": {"grid": [1e-3, 1e-2]}}}))
+    with pytest.raises(ConfigError, match="search train.prompt_tuning_lr"):
+        load_sweep(space)

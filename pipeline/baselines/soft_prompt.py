@@ -10,8 +10,11 @@ from pipeline.method.objectives import CodeLoss, ObjectiveOutput, direction_stat
 
 class SoftPrompt(nn.Module):
     """Prompt tuning (Lester et al. 2021) on the context span: the n prompt embeddings P (n, d)
-    are the parameters, initialised from the manual context's embeddings (PEFT's TEXT init), and
-    the direction is ``P - X_ctx``, so the LM sees P exactly where DDPT's prompt goes.
+    are the parameters, and the direction is ``P - X_ctx``, so the LM sees P exactly where
+    DDPT's prompt goes. P starts at the manual context's embeddings (PEFT's TEXT init: step 0
+    is the manual prompt), or, given ``word_embeddings``, at the embeddings of n tokens drawn
+    from the whole vocabulary with torch's global generator (PEFT's SAMPLE_VOCAB init, which
+    gathers a ZeRO-3-partitioned table itself).
 
     P lives in PEFT's ``PromptEmbedding``. PEFT's ``PeftModel`` wrapper is not used: it prepends
     virtual tokens before the whole input (in front of the chat template's system header), which
@@ -20,22 +23,26 @@ class SoftPrompt(nn.Module):
 
     Args:
         context: X_ctx, (n, d). token_norm: the LM's mean token-embedding norm (kept with the
-        checkpoint, for interpretation).
+        checkpoint, for interpretation). word_embeddings: the LM's input-embedding module, to
+        start from random vocabulary tokens (``train.prompt_init: vocab``); None: from X_ctx.
     """
 
-    def __init__(self, context: torch.Tensor, token_norm: float):
+    def __init__(self, context: torch.Tensor, token_norm: float,
+                 word_embeddings: nn.Module | None = None):
         from peft import PromptTuningConfig
         from peft.tuners.prompt_tuning import PromptEmbedding
 
         super().__init__()
         self.context_tokens, self.hidden_size = context.shape
         self.token_norm = token_norm
-        peft_config = PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init="RANDOM",
+        init = "RANDOM" if word_embeddings is None else "SAMPLE_VOCAB"
+        peft_config = PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init=init,
                                          num_virtual_tokens=self.context_tokens,
                                          token_dim=self.hidden_size, num_transformer_submodules=1)
-        self.prompt = PromptEmbedding(peft_config, word_embeddings=None)
-        with torch.no_grad():
-            self.prompt.embedding.weight.copy_(context.float())
+        self.prompt = PromptEmbedding(peft_config, word_embeddings=word_embeddings)
+        if word_embeddings is None:
+            with torch.no_grad():
+                self.prompt.embedding.weight.copy_(context.float())
         self.register_buffer("context", context.detach().float().clone())  # X_ctx, (n, d)
         self.register_buffer("positions", torch.arange(self.context_tokens), persistent=False)
 

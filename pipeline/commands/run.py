@@ -6,6 +6,7 @@ import argparse
 
 from pipeline.commands.common import config_from_args, print_tables
 from pipeline.distributed.backends import CONFIGURED
+from pipeline.studies.chains import chains_text, comparison_chains
 from pipeline.studies.main_job import run_main
 
 
@@ -14,3 +15,4 @@ def main(args: argparse.Namespace) -> None:
     metrics = run_main(config, args.output, backends=CONFIGURED, resume=args.resume,
                        progress=not args.no_progress)
     print_tables(config, metrics, args.output)
+    print(chains_text(comparison_chains(args.output)))

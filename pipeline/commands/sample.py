@@ -8,6 +8,7 @@ from pathlib import Path
 from pipeline.commands.common import config_from_args, config_on, print_tables
 from pipeline.config import RunConfig
 from pipeline.distributed.backends import CONFIGURED
+from pipeline.studies.chains import chains_text, comparison_chains
 from pipeline.studies.sample_job import run_sample
 from pipeline.training.prompt_models import PROMPT_MODELS
 
@@ -28,3 +29,4 @@ def main(args: argparse.Namespace) -> None:
     metrics = run_sample(config, args.output, sources, methods, backends=CONFIGURED,
                          resume=args.resume, progress=not args.no_progress)
     print_tables(config, metrics, args.output)
+    print(chains_text(comparison_chains(args.output)))

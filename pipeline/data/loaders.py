@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.data.example import Example
 from pipeline.data.records import (
+    ALL_RECORDS,
     MISSING_SPLIT,
     SPLITS,
     USER_FIELDS,
@@ -313,7 +314,7 @@ def load_user_jsonl(path: str | os.PathLike, split: str,
         raise DataError("no records (the file is empty)", path)
     names = user_splits(splits, lambda i: DataError(
         MISSING_SPLIT, path, examples[i].meta["line"], "split", column=keys["split"]))
-    return [ex for ex, name in zip(examples, names) if name == split]
+    return [ex for ex, name in zip(examples, names) if split in (name, ALL_RECORDS)]
 
 
 # ---------------------------------------------------------------- entry point
@@ -334,7 +335,7 @@ def _is_user_file(dataset: str) -> bool:
 
 
 def _check_split(dataset: str, split: str, valid: tuple[str, ...]) -> None:
-    if split not in valid:
+    if split not in valid and split != ALL_RECORDS:
         only = f"{dataset} has only a {valid[0]!r} split" if len(valid) == 1 else ""
         raise DataError(f"unknown split {split!r} for data set {dataset!r}; valid splits: "
                         f"{', '.join(valid)}" + (f" ({only})" if only else ""))
@@ -347,7 +348,8 @@ def load_examples(dataset: str, split: str, data_dir: str | os.PathLike | None =
     a file, folder or hub name read through `datasets` (pipeline.data.tables). ``columns``
     (``data.columns``) maps a user record's fields to the file's columns.
 
-    `limit` keeps the first N in file order (the order is stable across calls).
+    `limit` keeps the first N in file order (the order is stable across calls). ``split``
+    ``all`` (:data:`ALL_RECORDS`) is every record of the data set, split by split.
     """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
@@ -356,7 +358,10 @@ def load_examples(dataset: str, split: str, data_dir: str | os.PathLike | None =
             raise DataError(f"data.columns is for your own files; the built-in data set "
                             f"{dataset!r} has its own field mapping (docs/data.md)")
         _check_split(dataset, split, DATASET_SPLITS[dataset])
-        examples = DATASETS[dataset](resolve_data_dir(data_dir), split)
+        folder = resolve_data_dir(data_dir)
+        examples = [example for name in (DATASET_SPLITS[dataset] if split == ALL_RECORDS
+                                         else (split,))
+                    for example in DATASETS[dataset](folder, name)]
     elif _is_user_file(dataset):
         _check_split(dataset, split, SPLITS)
         examples = load_user_jsonl(dataset, split, columns)

@@ -46,6 +46,8 @@ def carve(n: int, sizes: dict[str, int]) -> list[str]:
 
 
 SPLITS = ("train", "validation", "test")
+# Not a split: every record of a data set, whatever its split (`ddpt evaluate` on your own file).
+ALL_RECORDS = "all"
 USER_FIELDS = ("id", "instruction", "input", "output", "tests", "split")  # of a user's record
 Locate = Callable[[str, str], DataError]  # (problem, field) -> the error, at its file and record
 

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from pipeline.data.example import Example
 from pipeline.data.records import (
+    ALL_RECORDS,
     MISSING_SPLIT,
     SPLITS,
     USER_FIELDS,
@@ -75,8 +76,10 @@ def read_table(dataset: str, columns: dict[str, str] | None = None) -> Table:
 
 def load_table_examples(dataset: str, split: str,
                         columns: dict[str, str] | None = None) -> list[Example]:
-    """Examples of ``split`` of a user's table (see `read_table`)."""
+    """Examples of ``split`` of a user's table (see `read_table`); ``all``: every row."""
     table = read_table(dataset, columns)
+    if split == ALL_RECORDS:
+        return list(table.examples)
     if split not in table.splits:
         raise DataError(f"unknown split {split!r} for data set {dataset!r}; valid splits: "
                         f"{', '.join(table.splits)}")

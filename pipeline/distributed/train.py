@@ -87,7 +87,7 @@ def deepspeed_config(config: RunConfig) -> dict[str, Any]:
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = tc.grad_clip
     ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
-    ds["optimizer"].setdefault("params", {}).update(lr=tc.lr, weight_decay=tc.weight_decay)
+    ds["optimizer"].setdefault("params", {}).update(lr=tc.method_lr, weight_decay=tc.weight_decay)
     if config.model.dtype == "bfloat16":
         ds["bf16"] = {"enabled": True}
     return ds

@@ -49,6 +49,14 @@ class ObjectiveOutput:
     x0_hat: torch.Tensor | None = None
 
 
+def squared_distance(x0_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||x0_hat - target||^2`` as method.md writes it: each example's squared L2 distance
+    over its whole (n, k) latent, averaged over the batch. (B, n, k), (B, n, k) or (n, k) -> 0-d.
+    A sum over the latent, not a mean: a mean would divide lambda by n * k (288 for the
+    embedded model's n = 18, k = 16) and leave the term practically off."""
+    return (x0_hat - target).pow(2).sum(dim=(-2, -1)).mean()
+
+
 def direction_stats(loss: torch.Tensor, code_loss: torch.Tensor, consistency: torch.Tensor,
                     direction: torch.Tensor) -> dict[str, torch.Tensor]:
     """The step statistics every objective reports, detached (0-d tensors)."""
@@ -86,7 +94,7 @@ class BootstrapObjective:
         x0_hat = model.predict(x_t, t, condition, drop=drop)
         direction = model.direction(x0_hat)
         lm_loss = code_loss(direction)
-        consistency = (x0_hat - x0_bar).pow(2).mean()
+        consistency = squared_distance(x0_hat, x0_bar)
         loss = lm_loss + self.weight * consistency
         return ObjectiveOutput(loss, direction_stats(loss, lm_loss, consistency, direction),
                                x0_hat.detach())
@@ -135,7 +143,7 @@ class TeacherBootstrapObjective:
         x0_hat = model.predict(x_t, t, condition, drop=drop)
         direction = model.direction(x0_hat)
         lm_loss = code_loss(direction)
-        consistency = (x0_hat - target).pow(2).mean()
+        consistency = squared_distance(x0_hat, target)
         loss = lm_loss + self.weight * consistency
         return ObjectiveOutput(loss, direction_stats(loss, lm_loss, consistency, direction))
 
@@ -147,7 +155,8 @@ class UnrolledObjective:
     """The LM loss on the end of a short DDIM chain from noise, back-propagated through every
     step of it (``unrolled``): x_T ~ N(0, I); x_0 = DDIM-``unroll_steps`` (eta = 0) given c;
     loss = CE(LM | X_ctx + Up(x_0)). Sample with the same steps: the denoiser only ever sees
-    those timesteps. ``consistency`` reports ||x_0||^2 (not in the loss)."""
+    those timesteps. ``consistency`` reports ||x_0||^2 (per example, as the bootstrap objectives'
+    term; not in the loss)."""
 
     def __init__(self, cfg_dropout: float = 0.1, unroll_steps: int = 3):
         self.cfg_dropout, self.steps = cfg_dropout, unroll_steps
@@ -161,8 +170,8 @@ class UnrolledObjective:
         x0 = ddim_chain(model, x_T, condition, self.steps, drop)
         direction = model.direction(x0)
         lm_loss = code_loss(direction)
-        return ObjectiveOutput(lm_loss, direction_stats(lm_loss, lm_loss, x0.pow(2).mean(),
-                                                        direction))
+        return ObjectiveOutput(lm_loss, direction_stats(
+            lm_loss, lm_loss, squared_distance(x0, torch.zeros_like(x0)), direction))
 
     def after_step(self, model: DiffusionPrompt, output: ObjectiveOutput) -> None:
         pass

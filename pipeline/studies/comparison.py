@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from pipeline.scoring.heldout import score_method
 from pipeline.scoring.results import ResultStore
 from pipeline.scoring.task_records import read_table
 from pipeline.studies.charts import CHARTS, comparison_charts
-from pipeline.studies.interpret import TsneMap
+from pipeline.studies.interpret import interpret
 from pipeline.studies.paired import (
     comparison_metrics,
     method_chains,
@@ -148,48 +148,6 @@ def arness_plots(rows: list[dict], folder: Path, method: str) -> list[Path]:
 
 
 @torch.no_grad()
-def interpret(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
-              folder: Path, examples: list[Example], methods: list[str], *,
-              num_prompts: int = 8, draws: int = 4) -> tuple[dict[str, Path], TsneMap | None]:
-    """Nearest tokens per trained prompt model (``folder/<model>/nearest_tokens.json``) and one
-    t-SNE map of them all with the manual context (``folder/tsne.png``). Prompts per task (a
-    conditional model, or ``sample.prompts: per_example``) are the method's own prompts for the
-    first ``num_prompts`` examples; shared prompts are ``draws`` noise draws. Returns
-    ({model: its folder}, what the map drew, or None without prompt models)."""
-    from pipeline.baselines.soft_prompt import SoftPrompt
-    from pipeline.generation.sampler import BatchSampler
-    from pipeline.studies.interpret import PromptSet, nearest_tokens, tsne_plot
-    from pipeline.training.prompt_models import is_conditional, sampling_args
-
-    if not checkpoints:
-        return {}, None
-    sampler = BatchSampler(config, checkpoints, lm)
-    chunk, written, sets = examples[:num_prompts], {}, {}
-    for name, model in sampler.prompt_models.items():
-        method = next((m for m in methods if METHODS[m].prompt == name), None)
-        fixed = isinstance(model, SoftPrompt)  # one learned prompt, nothing sampled
-        per_task = is_conditional(model) or config.sample.prompts == "per_example"
-        if method and chunk and per_task and not fixed:
-            directions, tasks = sampler.directions(method, chunk), [str(e.id) for e in chunk]
-        else:
-            sample = method_sample_config(METHODS[method], config.sample) if method else \
-                config.sample
-            generator = torch.Generator().manual_seed(config.sample.seed)
-            directions = model.sample_directions(1 if fixed else draws, generator,
-                                                 **sampling_args(sample, model))
-            tasks = None
-        prompts = lm.context_embedding().float() + directions.float()  # (m, n, d)
-        sets[name] = PromptSet(prompts, tasks)
-        written[name] = folder / name
-        written[name].mkdir(parents=True, exist_ok=True)
-        (written[name] / "nearest_tokens.json").write_text(
-            json.dumps(nearest_tokens(lm, prompts[0]), indent=1, ensure_ascii=False) + "\n")
-    drawn = tsne_plot(lm, sets, folder / "tsne.png", seed=config.sample.seed)
-    log.info("t-SNE map of %s in %.0fs: %s", ", ".join(sets), drawn.seconds, drawn.path)
-    return written, drawn
-
-
-@torch.no_grad()
 def diversity(config: RunConfig, checkpoints: dict[str, Path], lm: FrozenCodeLM,
               examples: list[Example], methods: list[str], *, num_examples: int = 8,
               samples: int = 8) -> dict[str, dict[str, float]]:
@@ -258,9 +216,9 @@ def method_params(config: RunConfig, method: str, checkpoints: dict[str, Path]) 
 
 def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[str, float]],
                 store: ResultStore, params: dict[str, dict],
-                interpreted: dict[str, Path], *, tsne: Path | None = None) -> dict[str, str]:
+                interpreted: dict[str, Path], *, pictures: Sequence[Path] = ()) -> dict[str, str]:
     """One child run per method under ``parent`` (re-used on resume) with its ``params``
-    (:func:`method_params`), its prompt model's nearest tokens and the t-SNE map ``tsne`` under
+    (:func:`method_params`), its prompt model's nearest tokens and the prompt ``pictures`` under
     ``interpret/``; returns method -> run id."""
     existing = {run.data.tags.get("ddpt.method"): run.info.run_id
                 for run in child_runs(parent.uri, parent.run_id)
@@ -281,8 +239,8 @@ def log_methods(parent: RunTracker, config: RunConfig, metrics: dict[str, dict[s
                            "samples.json")
             if METHODS[method].prompt in interpreted:
                 child.log_artifacts(interpreted[METHODS[method].prompt], "interpret")
-                if tsne is not None:
-                    child.log_artifact(tsne, "interpret")
+                for picture in pictures:
+                    child.log_artifact(picture, "interpret")
             for plot in arness_plots(by_method.get(method, []), store.path.parent / "arness",
                                      method):
                 child.log_artifact(plot, "arness")
@@ -395,10 +353,9 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
     pictures = comparison_charts(output / CHARTS, metrics, training_run_files(checkpoints),
                                  title=f"{config.data.dataset} / {config.data.eval_split} "
                                  f"({config.model.name}, {len(examples)} examples)")
-    interpreted, drawn = interpret(config, checkpoints, lm, output / "interpret", examples,
-                                   methods)
-    tsne = drawn.path if drawn else None
-    log_methods(parent, config, metrics, store, params, interpreted, tsne=tsne)
+    interpreted = interpret(config, checkpoints, lm, output / "interpret", examples, methods)
+    log_methods(parent, config, metrics, store, params, interpreted.folders,
+                pictures=interpreted.pictures)
     parent.log_artifact(output / "metrics.json")
     parent.log_artifact(store.path)
     parent.log_artifact(table)
@@ -406,7 +363,7 @@ def run_comparison(config: RunConfig, output: Path, methods: list[str],
         parent.set_tag("ddpt.reference_method", reference)
     for picture in pictures:
         parent.log_artifact(picture, CHARTS)
-    if tsne is not None:
-        parent.log_artifact(tsne, "interpret")
+    for picture in interpreted.pictures:
+        parent.log_artifact(picture, "interpret")
     parent.log_dict({"text": format_table(metrics)}, "table.json")
     return metrics

@@ -13,10 +13,13 @@ Writes into the output folder:
                        reference, status, exec_message (docs/execution.md)
     task_records.csv.gz  one row per (method, task): status, test cases passed, code_ce
                        (docs/statistics.md)
-    metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n}},
+    metrics.json       {method: {"pass_at_1": ..., "pass_at_<k>": ..., "passed": n, "total": n,
+                       "records_in_data": N}}: ``total`` tasks judged of the N records the
+                       data set holds (all of a user's file unless a split is asked for);
                        with two or more methods each one's paired figures against
                        eval.reference_method (``pass_at_1_diff``, ...)
-    charts/metrics.png a bar panel per metric, a bar per method (``ddpt report`` inlines it)
+    charts/metrics.png a panel per pass@k: the paired differences to the reference
+                       (``ddpt report`` inlines it)
     evaluate_run.json  the MLflow run (re-attached by ``resume``)
     mlflow.db, mlartifacts/   unless MLFLOW_TRACKING_URI / tracking.uri point elsewhere
 """
@@ -29,7 +32,8 @@ from pathlib import Path
 
 from pipeline.config import DATA_METHODS, ConfigError, RunConfig, check_fresh_output
 from pipeline.data.example import Example
-from pipeline.data.splits import tested_eval_examples
+from pipeline.data.records import ALL_RECORDS
+from pipeline.data.splits import record_count, tested_eval_examples
 from pipeline.generation.sampler import METHODS, task_fields
 from pipeline.sandbox import SandboxError, resolve_isolation
 from pipeline.scoring.execution import score_execution
@@ -72,6 +76,16 @@ def _open_run(config: RunConfig, output: Path, uri: str, methods: Sequence[str],
                     tags={"ddpt.methods": ",".join(methods), "ddpt.isolation": isolation})
 
 
+def judged_line(config: RunConfig, judged: int, records: int) -> str:
+    """'judged 4 of the 40 records of my.jsonl (split 'test')': what was scored, of what."""
+    data = config.data
+    split = "every split" if data.eval_split == ALL_RECORDS else f"split {data.eval_split!r}"
+    if data.max_eval_examples and judged == data.max_eval_examples:
+        split += f"; {judged} of it, {data.eval_sample}"
+        split += f" (seed {data.sample_seed})" if data.eval_sample == "spread" else ""
+    return f"judged {judged} of the {records} records of {data.dataset} ({split})"
+
+
 def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] = ("canonical",),
                  *, backends: Backends = LOCAL, resume: bool = False, progress: bool = False
                  ) -> dict[str, dict[str, float]]:
@@ -97,19 +111,20 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     store = ResultStore(output / "samples.jsonl")
     check_fresh_output(output, (store.path.name, RUN_FILE), "evaluation", resume=resume)
     examples = tested_eval_examples(config.data)  # data errors surface before any work
+    records = record_count(config.data)
     uri = resolve_tracking_uri(output, config.tracking.uri)
     check_tracking_uri(uri)
     try:
         isolation = resolve_isolation(config.execution.isolation)
     except SandboxError as err:
         raise ConfigError(f"execution.isolation: {err}") from err
-    log.info("evaluating %s on %d examples of %s/%s (sandbox: %s isolation)",
-             ", ".join(methods), len(examples), config.data.dataset, config.data.eval_split,
-             isolation)
+    log.info("evaluating %s: %s (sandbox: %s isolation)", ", ".join(methods),
+             judged_line(config, len(examples), records), isolation)
     output.mkdir(parents=True, exist_ok=True)
     config.save(output / "config.yaml")
     metrics: dict[str, dict[str, float]] = {}
     with _open_run(config, output, uri, methods, isolation, resume=resume) as tracker:
+        tracker.set_tag("ddpt.judged", judged_line(config, len(examples), records))
         if model_methods:  # generate what the store lacks, batch by batch
             sample_into(store, config, model_methods, examples,
                         backends.pool(config, {}, None), progress=progress)
@@ -126,6 +141,8 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
                          for ex in examples if ex.id not in done)
             metrics[method] = score_execution(store, method, examples, config.execution,
                                               progress=progress)
+        for values in metrics.values():
+            values["records_in_data"] = float(records)
         table = write_comparison_table(store, output, (e.id for e in examples),
                                        seed=config.train.seed, chains=chains(config, methods))
         for method, values in comparison_metrics(read_table(table), reference,

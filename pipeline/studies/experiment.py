@@ -8,10 +8,14 @@ A spec file (YAML; ``experiments/*.yaml``)::
     experiment: {preset: main, seeds: [0, 1, 2], baseline_methods: [manual]}
     fixed:      {flat config keys set in every run}
     datasets:   {name: {flat config keys: the training data, its eval split, data.extra_eval}}
-    arms:       {name: {set: {flat config keys}, methods: [comparison methods it gives]}}
+    arms:       {name: {set: {flat config keys}, methods: [comparison methods it gives],
+                        sweep: a space file (tune/*.yaml, relative to the spec) that chose
+                        the arm's searched keys}}
 
 Every combination is checked through the configuration's own validation before anything runs,
-and each error names the file and the key.
+and each error names the file and the key. An arm's ``sweep`` must train the arm's own model at
+its budget (:func:`check_arm_sweep`), so a value copied from the sweep's best trial is one chosen
+for this arm.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class Arm:
     name: str
     overrides: dict[str, Any]
     methods: tuple[str, ...]
+    sweep: Path | None = None  # the space file that chose its searched keys
 
 
 @dataclass
@@ -115,13 +120,19 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None,
     for dataset, arm, seed in experiment.runs():  # every combination valid, before any work
         experiment.reference = experiment.config(dataset, arm, seed).eval.reference_method
     check_reference(experiment.reference, every_method, where=f"{source}: ")
+    for arm in experiment.arms:
+        if arm.sweep is not None:
+            for dataset in experiment.datasets:
+                check_arm_sweep(experiment.config(dataset, arm, experiment.seeds[0]), arm,
+                                f"{source}: arms.{arm.name}.sweep")
     return experiment
 
 
 def _arm(name: str, spec: Any, source: str) -> Arm:
-    if not isinstance(spec, dict) or set(spec) - {"set", "methods"} or "methods" not in spec:
-        raise ConfigError(f"{source}: arms.{name}: a mapping with 'set' (config keys) and "
-                          "'methods' (comparison rows)")
+    if not isinstance(spec, dict) or set(spec) - {"set", "methods", "sweep"} or \
+            "methods" not in spec:
+        raise ConfigError(f"{source}: arms.{name}: a mapping with 'set' (config keys), "
+                          "'methods' (comparison rows) and optionally 'sweep' (a space file)")
     methods = tuple(spec["methods"])
     check_methods(methods, f"{source}: arms.{name}.methods")
     if len(prompt_models_needed(methods)) != 1:
@@ -132,7 +143,39 @@ def _arm(name: str, spec: Any, source: str) -> Arm:
     if overrides.get("train.method", "ddpt") != needed:
         raise ConfigError(f"{source}: arms.{name}: methods use {needed!r} but train.method is "
                           f"{overrides.get('train.method', 'ddpt')!r}")
-    return Arm(name, overrides, methods)
+    sweep = spec.get("sweep")
+    if sweep is not None and not (isinstance(sweep, str) and sweep.strip()):
+        raise ConfigError(f"{source}: arms.{name}.sweep: a space file's path, got {sweep!r}")
+    return Arm(name, overrides, methods,
+               None if sweep is None else (Path(source).parent / sweep).resolve())
+
+
+# What a sweep must share with the arm it chose settings for: the trained model, its data and
+# budget. Not: the seed, the report cadence, the hardware (device, dtype, autocast).
+_SWEEP_MATCHED = ("model.", "prompt.", "diffusion.", "denoiser.", "train.", "data.dataset",
+                  "data.train_split", "data.max_train_examples", "data.columns")
+_SWEEP_FREE = ("model.device", "model.dtype", "train.seed", "train.lm_autocast",
+               "train.log_every", "train.checkpoint_every", "train.eval_every")
+
+
+def check_arm_sweep(config: RunConfig, arm: Arm, where: str) -> None:
+    """A ConfigError naming ``where`` unless ``arm.sweep`` (a space file) trains the arm's
+    model (``config``: the arm's run) with the same data and budget, apart from the keys it
+    searches, and the arm sets every key it searches (the chosen values go there)."""
+    from pipeline.studies.sweep import load_sweep
+
+    sweep = load_sweep(arm.sweep)
+    unset = sorted(key for key in sweep.space if key not in arm.overrides)
+    if unset:
+        raise ConfigError(f"{where}: {arm.sweep} searches {unset}; set them in the arm's 'set' "
+                          "(to the sweep's chosen values)")
+    ours, theirs = config.to_flat(), sweep.base.to_flat()
+    differ = [f"{key}: {theirs[key]!r} in the sweep, {ours[key]!r} here" for key in ours
+              if key.startswith(_SWEEP_MATCHED) and key not in _SWEEP_FREE
+              and key not in sweep.space and ours[key] != theirs[key]]
+    if differ:
+        raise ConfigError(f"{where}: {arm.sweep} trains another model than the arm: "
+                          + "; ".join(differ))
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -146,11 +189,12 @@ class Row:
     seeds: int
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
+    chain: str = ""  # what ran: the prompt's chain and the decoding (studies.chains)
 
 
 def read_results(path: Path) -> list[dict]:
     """The results file: one JSON object per line ({dataset, eval_set, arm, seed, method,
-    metrics, ...})."""
+    chain, metrics, ...})."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -159,11 +203,14 @@ def read_results(path: Path) -> list[dict]:
 def aggregate(results: list[dict]) -> list[Row]:
     """Rows in first-seen order; the std is the sample standard deviation (0 for one seed)."""
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    chains: dict[tuple[str, str, str], str] = {}
     for result in results:
-        groups[(result["eval_set"], result["arm"], result["method"])].append(result["metrics"])
+        key = (result["eval_set"], result["arm"], result["method"])
+        groups[key].append(result["metrics"])
+        chains[key] = chains.get(key) or result.get("chain", "")
     rows = []
     for (eval_set, arm, method), runs in groups.items():
-        row = Row(eval_set, arm, method, len(runs))
+        row = Row(eval_set, arm, method, len(runs), chain=chains[(eval_set, arm, method)])
         for name in runs[0]:
             values = [r[name] for r in runs if isinstance(r.get(name), (int, float))]
             values = [v for v in values if not math.isnan(v)]
@@ -175,12 +222,14 @@ def aggregate(results: list[dict]) -> list[Row]:
 
 
 def markdown_table(rows: list[Row], metrics: list[str], eval_set: str) -> str:
-    """One evaluation set's rows as a Markdown table of ``mean ± std`` (n seeds)."""
+    """One evaluation set's rows as a Markdown table of ``mean ± std`` (n seeds); a method is
+    named with what ran (``ddpt_ddim (ddim-3 eta=0 + greedy)``) where that is known."""
     head = "| arm | method | seeds | " + " | ".join(metrics) + " |"
     lines = [head, "| " + " | ".join(["---"] * (3 + len(metrics))) + " |"]
     for row in (r for r in rows if r.eval_set == eval_set):
         cells = [_cell(row, name) for name in metrics]
-        lines.append(f"| {row.arm} | {row.method} | {row.seeds} | " + " | ".join(cells) + " |")
+        method = f"{row.method} ({row.chain})" if row.chain else row.method
+        lines.append(f"| {row.arm} | {method} | {row.seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -194,7 +243,9 @@ def _cell(row: Row, name: str) -> str:
 
 def experiment_charts(rows: list[Row], folder: Path) -> list[Path]:
     """``<folder>/<eval set>_metrics.png`` per evaluation set: a bar per (arm, method) in each
-    metric's panel, with error bars of the standard deviation over seeds where several ran."""
+    quality metric's panel, with error bars of the standard deviation over seeds where several
+    ran. No intervals: a seed's paired figures averaged over seeds are not the pooled interval
+    (that one resamples tasks and seeds together: pipeline/scoring/stats.py)."""
     from pipeline.studies.charts import metric_chart
 
     written = []
@@ -204,6 +255,6 @@ def experiment_charts(rows: list[Row], folder: Path) -> list[Path]:
         path = folder / f"{eval_set}_metrics.png"
         metric_chart({k: r.mean for k, r in chosen.items()}, path,
                      std={k: r.std for k, r in chosen.items()} if several else None,
-                     title=f"{eval_set}: arm/method, mean ± std over seeds")
+                     title=f"{eval_set}: arm/method, mean ± std over seeds", intervals=False)
         written.append(path)
     return written

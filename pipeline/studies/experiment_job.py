@@ -11,7 +11,7 @@ Writes ``<output>/tables.md`` (one Markdown table per evaluation set, and each m
 ``results.json`` (the aggregated rows), ``paired.json`` (the paired figures),
 ``task_records/<eval set>.csv.gz`` (every run's per-task rows, with ``<eval set>.json``: the
 reference and the training facts; :mod:`pipeline.studies.experiment_paired`) and
-``charts/<eval set>_metrics.png`` (every metric per arm and method, mean ± std over seeds as
+``charts/<eval set>_metrics.png`` (each quality metric per arm and method, mean ± std over seeds as
 error bars), also as MLflow artifacts; ``ddpt report`` makes a page of them.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from pipeline.config import ConfigError, check_fresh_output
 from pipeline.scoring.task_records import FILENAME
 from pipeline.studies.backends import LOCAL, Backends
+from pipeline.studies.chains import comparison_chains
 from pipeline.studies.charts import CHARTS
 from pipeline.studies.comparison import with_tracking_uri
 from pipeline.studies.experiment import (
@@ -90,7 +91,7 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, *,
             metrics = run_main(config, folder, backends=backends, resume=True,
                                methods=experiment.methods(arm), progress=progress,
                                parent_run_id=parent.run_id, paired=False)
-            extra = _training_facts(folder)
+            extra, chains = _training_facts(folder), comparison_chains(folder)
             with results_file.open("a") as out:
                 for key, values in metrics.items():
                     eval_set, _, method = key.rpartition("/")
@@ -98,7 +99,7 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, *,
                     out.write(json.dumps({
                         "dataset": dataset, "eval_set": eval_set or config.data.dataset,
                         "arm": arm_name, "seed": seed, "method": method,
-                        "metrics": {**values, **extra},
+                        "chain": chains.get(method, ""), "metrics": {**values, **extra},
                         "task_records": str(table.relative_to(output)),
                         "seconds": time.perf_counter() - began}) + "\n")
         results = with_relative_step_time(read_results(results_file))

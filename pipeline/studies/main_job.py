@@ -11,11 +11,15 @@ Writes into the output folder:
     metrics.json       {method: {metric: value}}: text metrics, ``code_ce`` (held-out code
                        cross-entropy), prompt/generation seconds, and each method's paired
                        figures against eval.reference_method (``pass_at_1_diff``, ...)
-    charts/            metrics.png (a bar panel per metric, a bar per method), training.png
-                       (loss per step of each training job, from its MLflow run)
+    charts/            metrics.png (a panel per quality metric: a bar per method, or each
+                       method's paired difference to the reference with its interval where
+                       metrics.json holds one), training.png (loss per step of each training
+                       job, from its MLflow run)
     interpret/         nearest tokens per trained prompt model (<model>/nearest_tokens.json);
-                       tsne.png, one map of the manual context, prompt tuning's prompt and
-                       DDPT's samples among 3000 vocabulary tokens (about 15 s of one core)
+                       directions.png (the prompt directions per task and method, the manual
+                       prompt at the origin; the spread within and across tasks) and
+                       positions.png (per context position: how far each method moved it and
+                       the token it now sits nearest to)
     <data set>/        the same comparison on each entry of data.extra_eval
     mlflow.db, mlartifacts/, mlflow_comparison.json   the MLflow comparison (unless
                        MLFLOW_TRACKING_URI or tracking.uri says otherwise): a parent run with a

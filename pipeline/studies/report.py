@@ -38,9 +38,13 @@ PICTURE_FOLDERS = ("charts", "interpret", "arness")
 HIGHER_IS_BETTER = {"bleu4", "codebleu", "meteor", "chrf", "rouge_l", "exact_match", "passed"}
 LOWER_IS_BETTER = {"code_ce"}
 CAPTIONS = {
-    "metrics.png": "every metric per method (one panel per metric)",
+    "metrics.png": "quality metrics per method (a panel each; where paired figures exist, "
+                   "each method's difference to the reference with its 95% interval)",
     "training.png": "training curves: loss per optimizer step of each training job",
-    "tsne.png": "t-SNE map: the prompts among the vocabulary's token embeddings",
+    "directions.png": "what the prompts changed: each method's directions per task (the manual "
+                      "prompt at the origin) and their spread within and across tasks",
+    "positions.png": "per context position: how far each method moved it and its nearest "
+                     "token now",
 }
 PAIRED_COLUMNS = ("method", "metric", "difference", "95% interval", "p", "test", "tasks",
                   "seeds", "detectable", "verdict")

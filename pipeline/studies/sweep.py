@@ -116,6 +116,11 @@ def load_sweep(path: str | Path, preset: str | None = None, config_file: str | N
     base = _base_config(path, settings, fixed, raw_space, preset=preset,
                         config_file=config_file, overrides=overrides)
     space = {key: _distribution(key, spec, base, source) for key, spec in raw_space.items()}
+    if "train.lr" in space and base.train.method == "prompt_tuning" and \
+            base.train.prompt_tuning_lr is not None:
+        raise ConfigError(f"{source}: space.train.lr: prompt tuning trains at "
+                          f"train.prompt_tuning_lr={base.train.prompt_tuning_lr}, so train.lr "
+                          "changes nothing; search train.prompt_tuning_lr")
 
     setting = {f.name: f.default for f in dataclasses.fields(Sweep)
                if f.default is not dataclasses.MISSING}

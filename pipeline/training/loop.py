@@ -97,7 +97,7 @@ def local_step_fn(module: PromptLoss, config: TrainConfig
                   ) -> tuple[StepFn, torch.optim.Optimizer]:
     """Plain AdamW on the prompt model's trainable parameters, in this process."""
     params = [p for p in module.prompt.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.method_lr, weight_decay=config.weight_decay)
 
     def step(batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         loss, output = module(batch, generator)

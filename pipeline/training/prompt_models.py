@@ -29,12 +29,15 @@ if TYPE_CHECKING:  # light to import: the command line reads the registry before
 @dataclass(frozen=True)
 class LMFacts:
     """What a prompt model needs to know of the frozen LM: n, d, the mean token-embedding norm
-    and X_ctx (n, d); ``context`` is None when a checkpoint's weights will supply it."""
+    and X_ctx (n, d); ``context`` is None when a checkpoint's weights will supply it.
+    ``word_embeddings``: the LM's input-embedding module (prompt tuning's ``vocab`` start
+    draws its tokens' rows from it); None when restoring a checkpoint."""
 
     context_tokens: int
     hidden_size: int
     token_norm: float
     context: torch.Tensor | None = None
+    word_embeddings: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def _soft_prompt(config: RunConfig, facts: LMFacts) -> SoftPrompt:
     context = facts.context
     if context is None:  # restored from a checkpoint, whose weights hold X_ctx
         context = torch.zeros(facts.context_tokens, facts.hidden_size)
-    return SoftPrompt(context, facts.token_norm)
+    vocab = config.train.prompt_init == "vocab" and facts.context is not None
+    return SoftPrompt(context, facts.token_norm, facts.word_embeddings if vocab else None)
 
 
 PROMPT_MODELS: dict[str, PromptModelSpec] = {
@@ -107,7 +111,8 @@ def lm_facts(lm: FrozenCodeLM, token_norm: float | None = None,
     partitioned (ZeRO-3) and had to be gathered first."""
     return LMFacts(lm.context_length, lm.hidden_size,
                    lm.mean_token_norm() if token_norm is None else token_norm,
-                   lm.context_embedding() if context is None else context)
+                   lm.context_embedding() if context is None else context,
+                   lm.model.get_input_embeddings())
 
 
 def build_trainable(lm: FrozenCodeLM, config: RunConfig, token_norm: float | None = None,
