@@ -646,6 +646,11 @@ class ExecutionConfig(_Section):
         False, "with num_samples n > 1, the DDPT methods draw n prompts per task (n noises) "
         "and decode each with the method's own decoding (greedy, SPA) instead of n "
         "temperature samples under one prompt: pass@k from the prompt distribution")
+    visible_selection: bool = _help(
+        False, "test-time selection: run each task's n candidates (in sampling order) against "
+        "the test its prompt shows (MBPP's first assert, HumanEval's docstring examples) and "
+        "score the first that passes (else the first) on all its tests: metric "
+        "select_pass_at_1, a protocol of its own beside pass@k (docs/execution.md)")
 
     def check(self) -> None:
         for k in self.ks:

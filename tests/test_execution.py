@@ -78,21 +78,26 @@ def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
     data = _write_jsonl(tmp_path / "tasks.jsonl", [
         {"id": "ok", "instruction": "add", "output": "def add(a, b):\n    return a + b",
          "tests": "assert add(2, 3) == 5", "split": "test"},
+        # a visible test of its own (test-time selection): the program passes it, not the tests
         {"id": "wrong", "instruction": "sub", "output": "def sub(a, b):\n    return a + b",
-         "tests": "assert sub(3, 2) == 1", "split": "test"},
+         "tests": "assert sub(3, 2) == 1", "visible_tests": "assert sub(0, 0) == 0",
+         "split": "test"},
         {"id": "unused", "instruction": "x", "output": "x = 1", "split": "train"},
     ])
     out = tmp_path / "out"
     args = ["evaluate", "--data", str(data), "--method", "canonical", "--output", str(out),
             "--no-progress", "--set", "execution.timeout_s=5", "--set", "execution.workers=2",
+            "--set", "execution.visible_selection=true",
             "--split", "test"]  # the file whole would include the untested train record
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "canonical: 1/2 passed" in printed
     assert f"2 of the 3 records of {data} judged (split 'test')" in printed
     metrics = json.loads((out / "metrics.json").read_text())
+    selection = {"select_pass_at_1": 0.5, "select_k": 1, "select_visible_tasks": 1,
+                 "select_visible_found": 1}
     assert metrics == {"canonical": {"pass_at_1": 0.5, "passed": 1, "total": 2,
-                                     "records_in_data": 3}}
+                                     "records_in_data": 3, **selection}}
     records = {r["id"]: r for r in ResultStore(out / "samples.jsonl").load()}
     assert {i: r["status"] for i, r in records.items()} == {"ok": "passed", "wrong": "failed"}
     assert records["wrong"]["exec_message"].startswith("AssertionError")
@@ -104,7 +109,7 @@ def test_cli_evaluates_a_user_file_and_logs_to_mlflow(tmp_path, capsys):
     logged = client.get_run(run["run_id"])
     assert logged.info.status == "FINISHED"
     assert logged.data.metrics == {"pass_at_1": 0.5, "passed": 1.0, "total": 2.0,
-                                   "records_in_data": 3.0}
+                                   "records_in_data": 3.0, **selection}
     assert logged.data.tags["ddpt.judged"] == \
         f"judged 2 of the 3 records of {data} (split 'test')"
     assert logged.data.params["data.dataset"] == str(data)

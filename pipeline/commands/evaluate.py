@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> None:
     for method, values in metrics.items():
         print(f"{method}: {values['passed']}/{values['total']} passed; " + ", ".join(
             f"{k} {v:.4f}" for k, v in values.items()
-            if k.startswith("pass_at") and not is_paired_metric(k)))
+            if k.startswith(("pass_at", "select_pass")) and not is_paired_metric(k)))
     paired = folder_paired_text(Path(args.output), config.eval.reference_method)
     if paired:
         print(f"\n{paired}\n")

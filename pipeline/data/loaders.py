@@ -236,6 +236,9 @@ def load_mbpp(data_dir: Path, split: str) -> list[Example]:
             output=_nl(_str(obj, "code", path, line)),
             tests="\n".join(_nl(t) for t in ([setup] if setup.strip() else []) + asserts) + "\n",
             meta={"task_id": task_id, "challenge_test_list": obj.get("challenge_test_list", []),
+                  # what the prompt shows: selection's visible test (pipeline/data/visible.py)
+                  "visible_tests": "\n".join(_nl(t) for t in (
+                      [setup] if setup.strip() else []) + asserts[:1]) + "\n",
                   "source": str(path), "line": line})
         if lo <= task_id <= hi:
             examples.append(example)

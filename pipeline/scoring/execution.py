@@ -9,20 +9,25 @@ Record format in ``samples.jsonl`` (one record per (method, id), see pipeline/re
     exec_message    the sandbox's short message for `status` ("" when passed)
     cases_passed, cases_total   of `generation`: how many of the task's test cases passed
     cases           with n > 1: [passed, total] of each of samples[:n]
+    visible_statuses, selected, selected_status   with execution.visible_selection: test-time
+                    selection's (pipeline/scoring/selection.py)
 Scoring re-appends the updated records (the store keeps the last one per key), chunk by chunk,
 so a crash keeps what was scored and a re-run skips it.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pipeline.config import ExecutionConfig
 from pipeline.data.example import Example, missing_tests
-from pipeline.sandbox import Program, run_programs
+from pipeline.data.visible import visible_tests
+from pipeline.sandbox import ExecResult, Program, run_programs
+from pipeline.scoring import selection
 from pipeline.scoring.passk import PASSED, pass_at_k_metrics
 from pipeline.scoring.results import ResultStore
 
@@ -110,6 +115,38 @@ def _is_scored(record: dict, n: int) -> bool:
     return n == 1 or len(record.get("statuses") or []) == n
 
 
+Job = tuple[dict, list[Program]]  # (a record, the programs to run for it)
+
+
+def run_in_chunks(store: ResultStore, jobs: Sequence[Job], config: ExecutionConfig,
+                  write_back: Callable[[dict, list[ExecResult]], None], *, desc: str,
+                  progress: bool = False) -> None:
+    """Run every job's programs in the sandbox, in chunks of about CHUNK programs; after each
+    chunk, ``write_back(record, its results in order)`` per job and the chunk's records are
+    re-appended to ``store`` (so a crash keeps what was run)."""
+    bar = None
+    if progress and jobs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(p) for _, p in jobs), desc=desc, unit="program")
+    start = 0
+    while start < len(jobs):
+        end, size = start, 0
+        while end < len(jobs) and (size == 0 or size + len(jobs[end][1]) <= CHUNK):
+            size += len(jobs[end][1])
+            end += 1
+        chunk = jobs[start:end]
+        results = iter(run_programs([p for _, programs in chunk for p in programs], config))
+        for record, programs in chunk:
+            write_back(record, [next(results) for _ in programs])
+        store.append(record for record, _ in chunk)
+        if bar is not None:
+            bar.update(size)
+        start = end
+    if bar is not None:
+        bar.close()
+
+
 def score_execution(store: ResultStore, method: str, examples: Sequence[Example],
                     config: ExecutionConfig, *, progress: bool = False) -> dict[str, float]:
     """Run every unscored record of ``method`` (for ``examples``) in the sandbox, write the
@@ -127,37 +164,53 @@ def score_execution(store: ResultStore, method: str, examples: Sequence[Example]
     todo = [r for r in records.values() if not _is_scored(r, n)]
     jobs = [(r, [program_for(by_id[str(r["id"])], t)
                  for t in _texts(r, n, f"{store.path}: {method}/{r['id']}")]) for r in todo]
-    bar = None
-    if progress and jobs:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(p) for _, p in jobs), desc=f"execute {method}", unit="program")
-    start = 0
-    while start < len(jobs):  # chunks of about CHUNK programs, appended as they finish
-        end, size = start, 0
-        while end < len(jobs) and (size == 0 or size + len(jobs[end][1]) <= CHUNK):
-            size += len(jobs[end][1])
-            end += 1
-        chunk = jobs[start:end]
-        results = iter(run_programs([p for _, programs in chunk for p in programs], config))
-        for record, programs in chunk:
-            outcome = [next(results) for _ in programs]
-            if n > 1:
-                record["statuses"] = [r.status for r in outcome[:n]]
-                record["cases"] = [[r.cases_passed, r.cases_total] for r in outcome[:n]]
-            greedy = outcome[n] if len(outcome) > n else outcome[0]  # see _texts
-            record["status"], record["exec_message"] = greedy.status, greedy.message
-            record["cases_passed"], record["cases_total"] = greedy.cases_passed, greedy.cases_total
-        store.append(record for record, _ in chunk)
-        if bar is not None:
-            bar.update(size)
-        start = end
-    if bar is not None:
-        bar.close()
+    def write_back(record: dict, outcome: list[ExecResult]) -> None:
+        if n > 1:
+            record["statuses"] = [r.status for r in outcome[:n]]
+            record["cases"] = [[r.cases_passed, r.cases_total] for r in outcome[:n]]
+        greedy = outcome[n] if len(outcome) > n else outcome[0]  # see _texts
+        record["status"], record["exec_message"] = greedy.status, greedy.message
+        record["cases_passed"], record["cases_total"] = greedy.cases_passed, greedy.cases_total
+
+    run_in_chunks(store, jobs, config, write_back, desc=f"execute {method}", progress=progress)
     statuses = {i: (r["statuses"] if n > 1 else [r["status"]]) for i, r in records.items()}
     metrics: dict[str, float] = pass_at_k_metrics(statuses, config.ks)
     metrics["passed"] = sum(r["status"] == PASSED for r in records.values())
     metrics["total"] = len(records)
+    if config.visible_selection:
+        metrics.update(_score_selection(store, records.values(), by_id, config,
+                                        progress=progress))
     log.info("%s: %d/%d passed (%s)", method, metrics["passed"], metrics["total"],
-             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("pass_at")))
+             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                       if k.startswith(("pass_at", "select_pass"))))
     return metrics
+
+
+def _score_selection(store: ResultStore, records: Iterable[dict], by_id: dict[str, Example],
+                     config: ExecutionConfig, *, progress: bool) -> dict[str, float]:
+    """Test-time selection (:mod:`pipeline.scoring.selection`) over scored ``records``: each
+    unselected record's candidates run against the task's visible test in the sandbox (same
+    isolation and limits), the selection written back into ``store``; returns
+    :func:`~pipeline.scoring.selection.selection_metrics` over all ``records``."""
+    n, records = config.num_samples, list(records)
+    todo = [r for r in records if not selection.is_selected(r, n)]
+    jobs: list[Job] = []
+    without = []  # tasks with no visible test: nothing to run, the first candidate
+    for record in todo:
+        example = by_id[str(record["id"])]
+        visible = visible_tests(example)
+        if visible is None:
+            selection.select(record, None, n)
+            without.append(record)
+            continue
+        shown = dataclasses.replace(example, tests=visible)
+        texts, _ = selection.candidates(record, n)
+        jobs.append((record, [program_for(shown, text) for text in texts]))
+    if without:
+        store.append(without)
+    run_in_chunks(store, jobs, config,
+                  lambda record, outcome: selection.select(record, [r.status for r in outcome],
+                                                           n),
+                  desc="visible tests", progress=progress)
+    return selection.selection_metrics(records, n)

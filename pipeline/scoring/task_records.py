@@ -4,8 +4,9 @@ re-checked (and, for the tables in docs/results.md, committed under docs/results
 One row per (method, seed, task): what the task's code did (``status``), the reference code's
 cross-entropy under the method's prompt (``code_ce``), the prompt chain and decoding that ran
 (``chain``), how many of the task's test cases that code passed (``cases_passed`` of
-``cases_total``, as the sandbox counts them), and with several samples per task how many of them
-passed. Stored as gzip'd CSV in a
+``cases_total``, as the sandbox counts them), with several samples per task how many of them
+passed, and with test-time selection (``execution.visible_selection``) which candidate the
+visible test selected and its verdict. Stored as gzip'd CSV in a
 fixed column order, rows sorted, floats in Python's shortest round-trip form and the gzip header's
 time set to 0, so the same records give the same bytes and committed files do not churn.
 """
@@ -31,6 +32,7 @@ from pipeline.scoring.stats import (
 
 FILENAME = "task_records.csv.gz"  # next to metrics.json
 PASSED = "passed"  # the sandbox's status of a passing program (pipeline/scoring/passk.py)
+SELECT_METRIC = "select_pass_at_1"  # test-time selection's (pipeline/scoring/selection.py)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,10 @@ class TaskRecord:
     timeout or error ("" when the task was not executed); ``code_ce``: None when not scored;
     ``cases_passed`` / ``cases_total``: the test cases the (greedy) program passed, of the
     task's, None when not executed or not counted (a program that did not run to its tests);
-    ``samples_passed`` / ``samples_run``: None with one (greedy) generation per task."""
+    ``samples_passed`` / ``samples_run``: None with one (greedy) generation per task;
+    ``selected_status``: the full-test status of the candidate test-time selection kept (""
+    without selection), ``selected_sample`` its index, ``visible_passed`` how many candidates
+    passed the visible test (None without selection or without a visible test)."""
 
     method: str
     seed: int
@@ -51,6 +56,9 @@ class TaskRecord:
     cases_total: int | None = None
     samples_passed: int | None = None
     samples_run: int | None = None
+    selected_status: str = ""
+    selected_sample: int | None = None
+    visible_passed: int | None = None
 
     @property
     def pass_fraction(self) -> float:
@@ -60,8 +68,14 @@ class TaskRecord:
             return self.samples_passed / self.samples_run
         return float(self.status == PASSED) if self.status else math.nan
 
+    @property
+    def select_pass(self) -> float:
+        """1/0: did the selected candidate pass all the task's tests (NaN without selection)."""
+        return float(self.selected_status == PASSED) if self.selected_status else math.nan
+
 
 COLUMNS = tuple(f.name for f in fields(TaskRecord))
+OLDEST = COLUMNS.index("samples_run") + 1  # the columns of the first committed tables
 
 
 def chain_label(params: Mapping) -> str:
@@ -98,7 +112,11 @@ def task_records(records: Iterable[dict], *, seed: int, chains: Mapping[str, str
             chain=chains[method], cases_passed=_count(record, "cases_passed"),
             cases_total=_count(record, "cases_total"),
             samples_passed=None if statuses is None else sum(s == PASSED for s in statuses),
-            samples_run=None if statuses is None else len(statuses)))
+            samples_run=None if statuses is None else len(statuses),
+            selected_status=record.get("selected_status", ""),
+            selected_sample=_count(record, "selected"),
+            visible_passed=None if record.get("visible_statuses") is None
+            else sum(s == PASSED for s in record["visible_statuses"])))
     return sorted(rows, key=_order)
 
 
@@ -152,19 +170,25 @@ def read_table(path: str | Path) -> list[TaskRecord]:
         raise ValueError(f"{path}: not a gzip'd UTF-8 task table ({err})") from err
     lines = csv.reader(io.StringIO(text))
     header = next(lines, None)
-    if header is None or tuple(header) != COLUMNS:
+    # a table written before the later columns existed has the first of them, in order
+    if header is None or tuple(header) != COLUMNS[:len(header)] or len(header) < OLDEST:
         raise ValueError(f"{path}:1: header {header} is not {list(COLUMNS)}")
-    return [_parse(cells, f"{path}:{number}") for number, cells in enumerate(lines, start=2)]
+    return [_parse(cells, f"{path}:{number}", tuple(header))
+            for number, cells in enumerate(lines, start=2)]
 
 
-def _parse(cells: list[str], where: str) -> TaskRecord:
-    if len(cells) != len(COLUMNS):
-        raise ValueError(f"{where}: {len(cells)} cells, expected {len(COLUMNS)}")
-    values = dict(zip(COLUMNS, cells))
+def _parse(cells: list[str], where: str, header: tuple[str, ...] = COLUMNS) -> TaskRecord:
+    if len(cells) != len(header):
+        raise ValueError(f"{where}: {len(cells)} cells, expected {len(header)}")
+    values = dict(zip(header, cells))
     parsed: dict = {"method": values["method"], "task_id": values["task_id"],
-                    "status": values["status"], "chain": values["chain"]}
+                    "status": values["status"], "chain": values["chain"],
+                    "selected_status": values.get("selected_status", "")}
     for name, kind in (("seed", int), ("code_ce", float), ("cases_passed", int),
-                       ("cases_total", int), ("samples_passed", int), ("samples_run", int)):
+                       ("cases_total", int), ("samples_passed", int), ("samples_run", int),
+                       ("selected_sample", int), ("visible_passed", int)):
+        if name not in values:
+            continue
         cell = values[name]
         if cell == "" and name != "seed":
             parsed[name] = None
@@ -180,7 +204,8 @@ def _parse(cells: list[str], where: str) -> TaskRecord:
 def paired_values(rows: Iterable[TaskRecord], method: str, reference: str, column: str, *,
                   seed: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The task ids and the (tasks, seeds) values of ``method`` and ``reference``, row for row
-    on the same tasks. ``column``: ``pass_fraction`` or ``code_ce``. ``seed``: that seed only,
+    on the same tasks. ``column``: ``pass_fraction``,
+    ``select_pass`` or ``code_ce``. ``seed``: that seed only,
     else every seed of the method. A reference run once (a seed-free baseline) gives one
     column, set against every seed; otherwise it must have the method's seeds."""
     grids = {name: _grid(rows, name, column) for name in (method, reference)}
@@ -226,20 +251,25 @@ def _grid(rows: Iterable[TaskRecord], method: str, column: str) -> dict[int, dic
 def compare_to_reference(rows: Iterable[TaskRecord], reference: str, *,
                          seed: int | None = None, resamples: int = RESAMPLES
                          ) -> dict[str, dict[str, PairedDifference]]:
-    """{method: {"pass_at_1": ..., "code_ce": ...}} for every method but ``reference``, each
-    against it on the same tasks: one seed's (``seed``) or pooled over all seeds. pass@1 only
-    where both methods' tasks were executed, ``code_ce`` only where both were scored (the data's
+    """{method: {"pass_at_1": ..., "select_pass_at_1": ..., "code_ce": ...}} for every method
+    but ``reference``, each against it on the same tasks: one seed's (``seed``) or pooled over
+    all seeds. pass@1 only where both methods' tasks were executed, select_pass_at_1 only where
+    test-time selection ran for both, ``code_ce`` only where both were scored (the data's
     own solutions, ``canonical``, have no prompt to score); a method with neither is left out.
     One row of a kind is enough to take that kind: a missing value among them raises."""
     rows = list(rows)
     executed = {row.method for row in rows if not math.isnan(row.pass_fraction)}
+    selected = {row.method for row in rows if row.selected_status}
     scored = {row.method for row in rows if row.code_ce is not None}
     out: dict[str, dict[str, PairedDifference]] = {}
     for method in sorted({row.method for row in rows} - {reference}):
         results = {}
-        if {method, reference} <= executed:
-            _, ours, theirs = paired_values(rows, method, reference, "pass_fraction", seed=seed)
-            results["pass_at_1"] = pass_rate_difference(ours, theirs, resamples=resamples)
+        for metric, column, done in (("pass_at_1", "pass_fraction", executed),
+                                     (SELECT_METRIC, "select_pass", selected)):
+            if {method, reference} <= done:
+                _, ours, theirs = paired_values(rows, method, reference, column, seed=seed)
+                results[metric] = pass_rate_difference(ours, theirs, metric=metric,
+                                                       resamples=resamples)
         if {method, reference} <= scored:
             _, ours, theirs = paired_values(rows, method, reference, "code_ce", seed=seed)
             results["code_ce"] = mean_difference(ours, theirs, resamples=resamples)

@@ -103,9 +103,11 @@ def run_evaluate(config: RunConfig, output: str | Path, methods: Sequence[str] =
     model_methods = [m for m in methods if m in MODEL_METHODS]
     if model_methods:
         check_before_work(config)
-    if config.execution.num_samples != 1:
-        raise ConfigError("execution.num_samples: evaluate's methods give one program per task; "
-                          f"use 1 (got {config.execution.num_samples})")
+    data_methods = [m for m in methods if m in EVALUATE_METHODS]
+    if config.execution.num_samples != 1 and data_methods:
+        raise ConfigError(f"execution.num_samples: {', '.join(data_methods)} give(s) one program "
+                          f"per task; use 1 (got {config.execution.num_samples}) or evaluate "
+                          "only the model methods")
     store = ResultStore(output / "samples.jsonl")
     check_fresh_output(output, (store.path.name, RUN_FILE), "evaluation", resume=resume)
     examples = tested_eval_examples(config.data)  # data errors surface before any work

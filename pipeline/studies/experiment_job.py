@@ -169,7 +169,10 @@ def write_tables(rows: list[Row], output: Path, found: list[PairedRow]) -> None:
     eval_sets = list(dict.fromkeys(row.eval_set for row in rows))
     text = []
     for eval_set in eval_sets:
-        text.append(f"## {eval_set}\n\n{markdown_table(rows, TABLE_METRICS, eval_set)}\n")
+        # test-time selection's metric, beside pass@1, where the runs have it
+        selected = ["select_pass_at_1"] if any("select_pass_at_1" in r.mean for r in rows) else []
+        metrics = TABLE_METRICS[:1] + selected + TABLE_METRICS[1:]
+        text.append(f"## {eval_set}\n\n{markdown_table(rows, metrics, eval_set)}\n")
         paired = markdown_paired(found, eval_set)
         if paired:
             text.append(f"Paired against the reference on the same tasks: difference [95% "

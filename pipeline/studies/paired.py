@@ -24,6 +24,7 @@ from pipeline.scoring.stats import (
 )
 from pipeline.scoring.task_records import (
     FILENAME,
+    SELECT_METRIC,
     TaskRecord,
     chain_label,
     compare_to_reference,
@@ -34,7 +35,7 @@ from pipeline.scoring.task_records import (
 )
 
 REFERENCE_FIELD = "eval.reference_method"
-HIGHER_IS_BETTER = {"pass_at_1": True, "code_ce": False}
+HIGHER_IS_BETTER = {"pass_at_1": True, SELECT_METRIC: True, "code_ce": False}
 PAIRED_SUFFIXES = tuple(name.removeprefix("m") for name in metric_names("m").values())
 Figures = dict[str, dict[str, PairedDifference]]  # {method: {metric: figure}}
 
@@ -99,11 +100,12 @@ def reference_figures(rows: Iterable[TaskRecord], reference: str, figures: Figur
     rows = list(rows)
     metrics = {metric for by_metric in figures.values() for metric in by_metric}
     out = {}
-    for metric, column in (("pass_at_1", "pass_fraction"), ("code_ce", "code_ce")):
+    for metric, column in (("pass_at_1", "pass_fraction"), (SELECT_METRIC, "select_pass"),
+                           ("code_ce", "code_ce")):
         if metric in metrics:
             _, values, _ = paired_values(rows, reference, reference, column)
-            compare = pass_rate_difference if metric == "pass_at_1" else mean_difference
-            out[metric] = compare(values, values)
+            compare = mean_difference if metric == "code_ce" else pass_rate_difference
+            out[metric] = compare(values, values, metric=metric)
     return out
 
 
