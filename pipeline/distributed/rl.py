@@ -49,12 +49,7 @@ from pipeline.distributed.checkpoints import HISTORY_FILE, TIME_KEY, MLflowCommi
 from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.sampler_pool import pack_checkpoints, start_pool, unpack_checkpoints
 from pipeline.distributed.session import check_fits, ensure_ray
-from pipeline.distributed.storage import (
-    check_fresh_storage,
-    check_storage,
-    record_storage,
-    run_storage,
-)
+from pipeline.distributed.storage import prepare_storage
 from pipeline.distributed.train import export
 from pipeline.quiet import quiet_worker, verbose
 from pipeline.training.job import CHECKPOINT, TrainRequest
@@ -269,10 +264,7 @@ def rl_on_ray(request: TrainRequest, *, reward=None, actors: list | None = None)
     if reward is None:
         require_tests(config, request.examples)
     start = _start_checkpoint(config)
-    storage = run_storage(config, output, RUN_NAME)
-    check_storage(storage)  # before Ray starts: a bad URI fails in seconds
-    check_fresh_storage(storage, "RL run", resume=request.resume)
-    storage = record_storage(output, storage, resume=request.resume)
+    storage = prepare_storage(config, output, RUN_NAME, "RL run", resume=request.resume)
     if config.model.name == "embedded":
         prepare_embedded()  # convert once here, not in every actor at the same time
     ensure_ray()

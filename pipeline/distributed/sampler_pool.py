@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -61,13 +60,9 @@ class SamplerActor:
                    round_index: int):
         """The learner's weights in, the chunks' rollouts out (time by part, weight loading
         as ``sync_seconds``)."""
-        worker = self._rl_worker(config)
-        began = time.perf_counter()
-        worker.set_weights(weights)
-        synced = time.perf_counter() - began
-        rollouts = worker.rollout(chunks, round_index)
-        rollouts.seconds["sync_seconds"] = synced
-        return rollouts
+        from pipeline.training.rl_job import timed_rollout
+
+        return timed_rollout(self._rl_worker(config), weights, chunks, round_index)
 
     def rl_screen(self, config: dict, chunks: list[list[Example]]):
         return self._rl_worker(config).screen(chunks)

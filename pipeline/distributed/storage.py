@@ -128,3 +128,13 @@ def check_fresh_storage(storage: RunStorage, what: str, *, resume: bool) -> None
     if not resume and storage.exists():
         raise ConfigError(f"{storage.location} holds an earlier {what}: pass --resume to "
                           f"continue it, or choose another --output")
+
+
+def prepare_storage(config: RunConfig, output: Path, name: str, what: str, *, resume: bool,
+                    default_root: Path | None = None) -> RunStorage:
+    """The run's storage, checked before Ray starts (:func:`run_storage`, reachable, not an
+    earlier ``what`` unless ``resume``) and recorded in ``<output>/storage.json``."""
+    storage = run_storage(config, output, name, default_root)
+    check_storage(storage)  # a bad URI fails in seconds
+    check_fresh_storage(storage, what, resume=resume)
+    return record_storage(output, storage, resume=resume)

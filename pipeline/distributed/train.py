@@ -45,10 +45,7 @@ from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.session import check_fits, ensure_ray, training_resources
 from pipeline.distributed.storage import (
     RunStorage,
-    check_fresh_storage,
-    check_storage,
-    record_storage,
-    run_storage,
+    prepare_storage,
 )
 from pipeline.paths import PROJECT_ROOT
 from pipeline.quiet import quiet_worker, verbose
@@ -299,10 +296,7 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
     dev = [{"id": e.id, "instruction": e.instruction, "input": e.input, "output": e.output}
            for e in request.dev] if tc.eval_every else []
     ds_config = deepspeed_config(config)
-    storage = run_storage(config, output, RUN_NAME)
-    check_storage(storage)  # before Ray starts: a bad URI fails in seconds
-    check_fresh_storage(storage, "training run", resume=request.resume)
-    storage = record_storage(output, storage, resume=request.resume)
+    storage = prepare_storage(config, output, RUN_NAME, "training run", resume=request.resume)
     if config.model.name == "embedded":
         prepare_embedded()  # convert once here, not in every worker at the same time
     ensure_ray()

@@ -50,10 +50,7 @@ from pipeline.distributed.progress import ProgressRelay, ProgressSink
 from pipeline.distributed.session import ensure_ray, how_many_fit, training_resources
 from pipeline.distributed.storage import (
     RunStorage,
-    check_fresh_storage,
-    check_storage,
-    record_storage,
-    run_storage,
+    prepare_storage,
 )
 from pipeline.distributed.train import ray_backend
 from pipeline.quiet import verbose
@@ -341,10 +338,8 @@ def _tune(setup: TrialSetup, *, resume: bool, progress: bool) -> list[TrialSumma
         prepare_embedded()  # convert once here, not in every trial at the same time
     # Save Tune's state often: a trial that ends just before the driver dies is then not re-run.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    storage = run_storage(sweep.base, setup.output, TUNE_NAME, default_root=setup.output)
-    check_storage(storage)  # before Ray starts
-    check_fresh_storage(storage, "sweep", resume=resume)
-    storage = record_storage(setup.output, storage, resume=resume)
+    storage = prepare_storage(sweep.base, setup.output, TUNE_NAME, "sweep", resume=resume,
+                              default_root=setup.output)
     ensure_ray()
     parallel = concurrency(sweep, ray.cluster_resources())
     log.info("sweep: %d sample(s) of %s, %d trial(s) at a time", sweep.num_samples,

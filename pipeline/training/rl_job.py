@@ -7,6 +7,7 @@ backend (one process, ``distributed.backend: local``). The Ray backend is
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -165,18 +166,21 @@ def screened_tasks(config: RunConfig, examples: list[Example], output: Path,
 
 
 # ---- the local backend --------------------------------------------------------------------------
+def timed_rollout(worker: RolloutWorker, weights: Weights, chunks: list[list[Example]],
+                  round_index: int) -> Rollouts:
+    """The learner's weights in, the chunks' rollouts out; loading the weights is timed as
+    ``sync_seconds`` (here and on a sampler actor)."""
+    began = time.perf_counter()
+    worker.set_weights(weights)
+    synced = time.perf_counter() - began
+    rollouts = worker.rollout(chunks, round_index)
+    rollouts.seconds["sync_seconds"] = synced
+    return rollouts
+
+
 def local_rollout(worker: RolloutWorker):
     """The rollout function of one worker in this process (weights in, rollouts out)."""
-
-    def rollout(weights: Weights, chunks: list[list[Example]], round_index: int) -> Rollouts:
-        began = time.perf_counter()
-        worker.set_weights(weights)
-        synced = time.perf_counter() - began
-        rollouts = worker.rollout(chunks, round_index)
-        rollouts.seconds["sync_seconds"] = synced
-        return rollouts
-
-    return rollout
+    return functools.partial(timed_rollout, worker)
 
 
 class RoundCommitter:
