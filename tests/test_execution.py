@@ -49,7 +49,7 @@ def test_score_execution_with_samples_writes_statuses(tmp_path):
          "reference": "", "samples": ["def d(x):\n    return x\n", "def d(x):\n    while 1: pass\n",
                                       "def d(x):\n    return 2 * x\n"]},
     ])
-    config = ExecutionConfig(timeout_s=2.0, cpu_s=1, workers=2, num_samples=3, ks=[1, 2, 3])
+    config = ExecutionConfig(timeout_s=20.0, cpu_s=1, workers=2, num_samples=3, ks=[1, 2, 3])
     metrics = score_execution(store, "m", examples, config)
     records = {r["id"]: r for r in store.load()}
     assert records["he/0"]["statuses"] == ["passed", "failed", "passed"]

@@ -83,7 +83,7 @@ def test_the_execution_reward_counts_asserts_and_code_that_parses_and_runs():
              "def f(x) return x",               # a syntax error
              "",                                # nothing (parses, but earns nothing)
              "import time\ntime.sleep(30)"]     # times out while loading
-    scored = ExecutionReward(ExecutionConfig(timeout_s=2), RLConfig())([task] * 5, codes)
+    scored = ExecutionReward(ExecutionConfig(timeout_s=8), RLConfig())([task] * 5, codes)
     assert scored.rewards == pytest.approx([2 / 3 + 0.1, 0.1, 0.0, 0.0, 0.05])
     assert scored.details["run_rate"] == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert scored.details["parse_rate"] == [1.0, 1.0, 0.0, 0.0, 1.0]

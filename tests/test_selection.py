@@ -16,7 +16,7 @@ from pipeline.scoring.selection import first_passing
 from pipeline.scoring.task_records import compare_to_reference, task_records
 from pipeline.studies.paired import comparison_metrics
 
-FAST = ExecutionConfig(timeout_s=2.0, cpu_s=1, workers=2, num_samples=3, ks=[1, 3],
+FAST = ExecutionConfig(timeout_s=20.0, cpu_s=1, workers=2, num_samples=3, ks=[1, 3],
                        visible_selection=True)
 
 
