@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.distributed.train import read_deepspeed_file
 from pipeline.lm.coupled_grpo import (
     CoupledGRPOSettings,
     CoupledRollout,
@@ -38,10 +39,7 @@ from pipeline.lm.coupled_grpo import (
     run_update,
     settings_from_config,
 )
-from pipeline.paths import PROJECT_ROOT
 
-DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
-                      True: "cluster/deepspeed/zero3_gpu_bf16.json"}
 TAG = "coupled_grpo"  # the DeepSpeed checkpoint's tag
 STATE_FILE = "learner_state.json"
 REFERENCE_DIR = "reference"
@@ -71,14 +69,8 @@ def learner_deepspeed_config(config: RunConfig, rows_per_round: int, world: int
     """The policy engine's DeepSpeed JSON: ``distributed.deepspeed_config`` (default: the
     project's ZeRO-3 file for CPU or GPU) without its optimizer (a torch AdamW is handed in),
     with the micro-batch rows, the accumulation steps and the clipping of ``dllm_rl``."""
-    dc, rl = config.distributed, config.dllm_rl
-    path = Path(dc.deepspeed_config or PROJECT_ROOT / DEEPSPEED_DEFAULTS[dc.use_gpu])
-    if not path.is_file():
-        raise ConfigError(f"distributed.deepspeed_config: {path} not found")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    rl = config.dllm_rl
+    path, ds = read_deepspeed_file(config)
     if ds.get("zero_optimization", {}).get("stage") != 3:
         raise ConfigError(f"{path}: zero_optimization.stage must be 3 for train.method="
                           "coupled_grpo (the policy and its reference are partitioned)")

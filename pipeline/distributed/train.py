@@ -58,17 +58,24 @@ DEEPSPEED_DEFAULTS = {False: "cluster/deepspeed/zero3_cpu.json",
 RUN_NAME = "train"  # the Ray run's name (storage.py adds the output's name to a shared storage)
 
 
-def deepspeed_config(config: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run, with batch size, clipping and optimizer settings taken
-    from the project config (one source of truth)."""
-    dc, tc = config.distributed, config.train
+def read_deepspeed_file(config: RunConfig) -> tuple[Path, dict[str, Any]]:
+    """``distributed.deepspeed_config`` (default: the project's ZeRO-3 file for CPU or GPU) and
+    its JSON; a missing or malformed file is a ConfigError naming it."""
+    dc = config.distributed
     path = Path(dc.deepspeed_config or PROJECT_ROOT / DEEPSPEED_DEFAULTS[dc.use_gpu])
     if not path.is_file():
         raise ConfigError(f"distributed.deepspeed_config: {path} not found")
     try:
-        ds = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+
+
+def deepspeed_config(config: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, with batch size, clipping and optimizer settings taken
+    from the project config (one source of truth)."""
+    dc, tc = config.distributed, config.train
+    path, ds = read_deepspeed_file(config)
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") != 3:
         log.warning("%s: zero_optimization.stage is not 3; the LM will not be sharded", path)
