@@ -114,7 +114,8 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
             "clip_fraction": ((low | high) * mask).sum() / count,
             "clip_low": (low * mask).sum() / count,
             "clip_high": (high * mask).sum() / count,
-            "ratio_mean": (ratio * mask).sum() / count,
+            # nothing counted (every group skipped): the ratio of no update is 1, not 0
+            "ratio_mean": (ratio * mask).sum() / count if mask.any() else torch.ones(()),
             "ratio_min": ratio[mask > 0].min() if mask.any() else torch.ones(()),
             "ratio_max": ratio[mask > 0].max() if mask.any() else torch.ones(()),
             "elements": mask.sum(),
