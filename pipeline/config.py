@@ -338,6 +338,9 @@ class RLConfig(_Section):
         0.001, "weight of the KL to the reference chain (the start model); the step into t = 0 "
         "has a tiny sigma, so the KL is large: choose beta on that scale", ge=0)
     updates_per_round: int = _help(2, "optimizer steps on one round's rollouts (mu)", ge=1)
+    lr: float = _help(
+        1e-3, "AdamW learning rate of the RL update (its own: train.lr is the supervised rate "
+        "chosen on dev, and an RL rate is chosen for RL)", gt=0)
     ce_weight: float = _help(
         0.0, "weight of the auxiliary code cross-entropy on the round's tasks (the LM's "
         "backward to the prompt, as DDPT training; the learner then holds the LM); 0 = off",
@@ -381,8 +384,10 @@ class TrainConfig(_Section):
         "Gaussian policy, the ablation). prompt_tuning ignores it",
         choices=(*OBJECTIVES, *RL_OBJECTIVES),
     )
+    # 'vocab' at 0.1: the best of 12 trials on MBPP's dev split (tune/mbpp_prompt_tuning.yaml,
+    # docs/sweeps.md#measured-on-mbpps-dev-split-2026-12-07); 'context' at 0.03 was 0.001 behind
     prompt_init: str = _help(
-        "context", "where prompt tuning's prompt P starts: 'context', the manual context's "
+        "vocab", "where prompt tuning's prompt P starts: 'context', the manual context's "
         "embeddings (step 0 is the manual prompt; PEFT's TEXT init); 'vocab', the embeddings "
         "of n tokens drawn at random (seeded by train.seed) from the whole vocabulary (PEFT's "
         "SAMPLE_VOCAB; Lester et al. 2021 draw from the 5,000 most common tokens)",
@@ -392,12 +397,14 @@ class TrainConfig(_Section):
         8, "examples per optimizer step, over all workers (each Ray worker takes "
         "batch_size / distributed.num_workers)", gt=0
     )
-    lr: float = _help(1e-3, "AdamW learning rate (of DDPT; of prompt tuning too unless "
+    # 0.03: the best of DDPT's rates on MBPP's dev split (tune/mbpp_ddpt.yaml at bottleneck 16;
+    # docs/sweeps.md#measured-on-mbpps-dev-split-2026-12-07); 0.1 was worse
+    lr: float = _help(3e-2, "AdamW learning rate (of DDPT; of prompt tuning too unless "
                       "train.prompt_tuning_lr is set)", gt=0)
     prompt_tuning_lr: float | None = _help(
-        None, "prompt tuning's AdamW learning rate, where it is not DDPT's (ddpt run trains "
+        0.1, "prompt tuning's AdamW learning rate, where it is not DDPT's (ddpt run trains "
         "both from one configuration; sweep and set this key for prompt tuning); null: "
-        "train.lr", gt=0)
+        "train.lr. 0.1: chosen on MBPP's dev split (docs/sweeps.md)", gt=0)
     weight_decay: float = _help(0.0, "AdamW weight decay")
     ema_rate: float = _help(
         0.1, "share of the way the moving averages (bootstrap's target x0_bar, "
@@ -926,7 +933,10 @@ PAPER: dict[str, dict[str, Any]] = {
              "extra_eval": [], "max_extra_eval_examples": 0},
     "prompt": {"max_source_tokens": 256},
     "denoiser": {"condition": "none", "up_projection": "fixed"},
-    "train": {"objective": "bootstrap", "steps": 80},
+    # lr 1e-3 for both methods and prompt tuning from the manual context, as the CoNaLa results
+    # were measured (the main job's rates and start were chosen on MBPP's dev split, not CoNaLa).
+    "train": {"objective": "bootstrap", "steps": 80, "lr": 1e-3, "prompt_tuning_lr": None,
+              "prompt_init": "context"},
     "sample": {"prompts": "shared"},
     "eval": {"methods": ["manual", "prompt_tuning", "ddpt", "ddpt_ddim", "spa", "ddpt_spa"]},
 }

@@ -16,7 +16,7 @@ TOY = ["model.name=tiny-llama", "prompt.context_tokens=4", "denoiser.bottleneck=
 # What made the toy learn on every seed tried (6 of 6, both policies): 2 tasks, G = 16, four
 # updates a round with a wide clip.
 TOY_RL = ["rl.tasks_per_round=2", "rl.group_size=16", "rl.updates_per_round=4",
-          "rl.eps_low=0.5", "rl.eps_high=0.5", "rl.screen=false", "train.lr=3e-3"]
+          "rl.eps_low=0.5", "rl.eps_high=0.5", "rl.screen=false", "rl.lr=3e-3"]
 
 
 def even_characters(tasks, codes) -> Scored:

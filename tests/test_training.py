@@ -257,7 +257,7 @@ def test_prompt_tuning_can_start_from_random_vocabulary_tokens():
     other = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=1))
     assert not torch.equal(build_trainable(lm, other)[0].prompt.embedding.weight, start)
     manual = build_trainable(lm, tiny_config("tiny-llama", method="prompt_tuning"))[0]
-    assert manual.direction().abs().max() == 0  # the default: the manual prompt at step 0
+    assert manual.direction().abs().max() == 0  # the paper preset's start: the manual prompt
 
 
 def test_prompt_tuning_trains_at_its_own_rate_where_one_is_set(tmp_path):

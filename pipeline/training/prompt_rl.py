@@ -199,7 +199,7 @@ class PromptRolloutWorker:
 
 class PromptLearner:
     """DDPT's learner: the policy, a frozen reference (the start model), AdamW
-    (``train.lr``, ``train.weight_decay``), and the LM only for the auxiliary cross-entropy
+    (``rl.lr``, ``train.weight_decay``), and the LM only for the auxiliary cross-entropy
     (``rl.ce_weight`` > 0)."""
 
     def __init__(self, config: RunConfig, start: DiffusionPrompt, lm: FrozenCodeLM | None = None):
@@ -208,7 +208,7 @@ class PromptLearner:
         self.policy = policy_for(config, start.to(device))
         self.reference = frozen_copy(self.policy)
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.train.lr,
+        self.optimizer = torch.optim.AdamW(params, lr=config.rl.lr,
                                            weight_decay=config.train.weight_decay)
         self.aux = None
         if config.rl.ce_weight:
