@@ -10,7 +10,7 @@ from pipeline.config import PRESETS, ConfigError, RunConfig, build_config
 def test_defaults_follow_method_md():
     config = RunConfig()
     assert config.diffusion.timesteps == 2000 and config.diffusion.schedule == "linear"
-    assert config.train.objective == "unrolled" and config.denoiser.bottleneck == 16
+    assert config.train.objective == "unrolled" and config.denoiser.bottleneck == 32
     assert config.prompt.context.startswith("Below is an instruction that describes a task.")
 
 
