@@ -66,6 +66,27 @@ def test_a_page_that_drifted_from_its_records_is_caught_and_rewritten(tmp_path, 
     assert outside(after) == outside(before)  # only the block changed
 
 
+def test_a_block_can_name_its_own_reference(tmp_path):
+    """One set of records, two tables: the sidecar's reference, and a tuned baseline named in
+    the block's marker."""
+    text = ("<!-- table: example -->\n<!-- /table -->\n"
+            "<!-- table: example reference=prompt_tuning/prompt_tuning -->\n<!-- /table -->\n")
+    page = regenerate(text, FIXTURE, tmp_path / "page.md")
+    first, second = page.split("<!-- /table -->")[:2]
+    rows = read_table(FIXTURE / "example.csv.gz")
+    figure = compare_to_reference(rows, "prompt_tuning/prompt_tuning")
+    ddpt = figure["ddpt_conditional/ddpt_ddim"]["code_ce"]
+    row = next(line for line in second.splitlines() if line.startswith("| ddpt_conditional/"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[10] == f"{ddpt.difference:+.3f} [{ddpt.low:+.3f}, {ddpt.high:+.3f}]"
+    assert "minus `prompt_tuning/prompt_tuning`" in second and "| prompt_tuning/prompt_tuning" \
+        " | greedy | 40 | 3 | 0.075 (9/120) | (reference)" in second
+    assert "minus `baseline/manual`" in first
+    with pytest.raises(ResultsPageError, match="the reference 'nosuch' has no rows"):
+        regenerate("<!-- table: example reference=nosuch -->\n<!-- /table -->\n", FIXTURE,
+                   tmp_path / "page.md")
+
+
 @pytest.mark.parametrize("text, message", [
     ("<!-- table: nosuch -->\n<!-- /table -->\n", "page.md:1: table 'nosuch' has no records"),
     ("x\n<!-- table: example -->\nno end\n", "page.md:2: table 'example' is not closed"),

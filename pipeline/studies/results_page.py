@@ -11,7 +11,10 @@ A results folder holds, per table, ``<name>.csv.gz`` (a per-task table,
     (anything: replaced)
     <!-- /table -->
 
-is rewritten with the table of ``<name>``; nothing outside the blocks changes. Every figure is
+is rewritten with the table of ``<name>``; nothing outside the blocks changes. A block opened
+``<!-- table: <name> reference=<method> -->`` compares with that method instead of the
+sidecar's reference (one set of records, two tables: against the manual prompt and against
+a tuned baseline). Every figure is
 computed from the records (paired against the reference on the same tasks, pooled over seeds
 where there are several; docs/statistics.md), so the page cannot drift from its files.
 """
@@ -27,7 +30,8 @@ from pipeline.scoring.stats import PairedDifference
 from pipeline.scoring.task_records import TaskRecord, read_table
 from pipeline.studies.paired import paired_figures
 
-OPEN = re.compile(r"^<!-- table: (?P<name>[\w.\-]+) -->$")
+OPEN = re.compile(r"^<!-- table: (?P<name>[\w.\-]+)"
+                  r"(?: reference=(?P<reference>[\w./\-]+))? -->$")
 CLOSE = "<!-- /table -->"
 HEADER = ("method", "chain", "tasks", "seeds", "pass@1", "pass@1 − reference [95% interval]",
           "p", "detectable", "verdict (pass@1)", "code_ce", "code_ce − reference [95% interval]",
@@ -93,10 +97,12 @@ def _verdict(figure: PairedDifference | None, reference: str) -> str:
     return "no detectable difference"
 
 
-def results_table(rows: list[TaskRecord], sidecar: dict, source: str) -> str:
+def results_table(rows: list[TaskRecord], sidecar: dict, source: str,
+                  reference: str | None = None) -> str:
     """The Markdown table of one results file: a row per method (the reference first), each
-    against the reference on the same tasks, and a line saying how to read it."""
-    reference = sidecar.get("reference", "manual")
+    against the reference (``reference``, else the sidecar's, else ``manual``) on the same
+    tasks, and a line saying how to read it."""
+    reference = reference or sidecar.get("reference", "manual")
     methods = sorted({row.method for row in rows})
     if reference not in methods:
         raise ResultsPageError(f"{source}: the reference {reference!r} has no rows; methods: "
@@ -156,7 +162,7 @@ def regenerate(page_text: str, results: Path, page: Path) -> str:
         rows, sidecar = read_results(results, name, f"{page_name}:{index}")
         source = Path(os.path.relpath(Path(results) / f"{name}.csv.gz",
                                       Path(page).parent)).as_posix()
-        out += ["", results_table(rows, sidecar, source), "", CLOSE]
+        out += ["", results_table(rows, sidecar, source, opened.group("reference")), "", CLOSE]
         index = end + 1
     return "\n".join(out)
 
