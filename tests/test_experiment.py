@@ -162,7 +162,9 @@ def test_the_table_spec_scores_every_test_task_over_three_seeds_with_tuned_match
     config = experiment.config("mbpp", arms["ddpt_conditional"], 0)
     assert len(eval_examples(config.data)) == 500
     assert len(eval_examples(extra_config(config, "humaneval").data)) == 164
-    assert "ddpt_spa" in arms["ddpt_conditional"].methods
+    # SPA on top of the conditional arm: the same training, its own arm so that it can run later
+    assert arms["ddpt_conditional_spa"].methods == ("ddpt_spa",)
+    assert experiment.config("mbpp", arms["ddpt_conditional_spa"], 0) == config
     for arm in arms.values():
         run = experiment.config("mbpp", arm, 0)
         assert (run.train.steps, run.train.batch_size) == (28, 8)
