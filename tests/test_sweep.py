@@ -17,16 +17,24 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, RunConfig, build_config
 from pipeline.data.loaders import DataError
 from pipeline.data.splits import dev_examples
-from pipeline.scoring.heldout import heldout_code_loss, sharded_code_loss
+from pipeline.scoring.heldout import (
+    heldout_code_loss,
+    sharded_code_loss,
+    sharded_example_losses,
+)
+from pipeline.scoring.stats import mean_difference
 from pipeline.studies.sweep import (
     SPACES_DIR,
     Sweep,
     TrialSummary,
+    compare_to_best,
     default_space_file,
+    format_trials,
     load_sweep,
     pick_best,
 )
 from pipeline.tracking import child_runs
+from pipeline.training.dev_losses import dev_losses_record, read_dev_losses, write_dev_losses
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_SPACE = REPO / "tune" / "smoke.yaml"
@@ -190,6 +198,65 @@ def test_best_trial_prefers_trials_that_ran_to_the_end(tmp_path):
     assert pick_best(sweep, trials[3:]) is None
 
 
+def test_trials_get_a_paired_interval_against_the_best(tmp_path):
+    """Completed trials with per-task dev losses: their difference to the best trial, paired by
+    task id (whatever the order), with the interval and p of scoring.stats; everything else
+    shows a dash, the best trial 'reference'."""
+    sweep: Sweep = load_sweep(write_space(tmp_path, space()))
+    tasks = [f"task/{i}" for i in range(12)]
+    best_losses = [1.0 + 0.1 * (i % 5) for i in range(12)]
+    close = [v + (0.02 if i % 2 else -0.01) for i, v in enumerate(best_losses)]  # overlaps 0
+    worse = [v + 0.3 + 0.01 * i for i, v in enumerate(best_losses)]  # clearly worse
+    folders = {}
+    for name, losses in (("best", best_losses), ("close", close), ("worse", worse),
+                         ("early", worse)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        order = list(range(12)) if name == "best" else list(reversed(range(12)))
+        write_dev_losses(folders[name], dev_losses_record(
+            6, [tasks[i] for i in order], [losses[i] for i in order]))
+    # An older sweep's record (no vs_best field) and a completed trial that kept no losses.
+    old = TrialSummary(**{"trial_id": "old", "status": "completed", "params": {}, "step": 6,
+                          "metric": 1.5, "error": None, "run_id": None})
+    trials = [TrialSummary("best", "completed", {}, 6, sum(best_losses) / 12),
+              TrialSummary("close", "completed", {}, 6, sum(close) / 12),
+              TrialSummary("worse", "completed", {}, 6, sum(worse) / 12),
+              TrialSummary("early", "stopped_early", {}, 2, 1.2), old,
+              TrialSummary("failed", "failed", {}, None, None, "boom")]
+    best = pick_best(sweep, trials)
+    assert best.trial_id == "best"  # the selection rule is still the lowest mean
+    compare_to_best(trials, best, lambda t: read_dev_losses(folders.get(t.trial_id, tmp_path)))
+    by_id = {t.trial_id: t for t in trials}
+    expected = mean_difference(close, best_losses, metric="dev_loss")
+    assert by_id["close"].vs_best == expected and not expected.decided()
+    assert by_id["worse"].vs_best.decided() and by_id["worse"].vs_best.low > 0
+    assert by_id["worse"].vs_best.difference == pytest.approx(0.3 + 0.055)
+    assert all(by_id[t].vs_best is None for t in ("best", "early", "old", "failed"))
+
+    table = format_trials(sweep, trials, best).splitlines()
+    assert "dev_loss - best [95% CI]" in table[0]
+    rows = {line.split()[1] if line.startswith("*") else line.split()[0]: line
+            for line in table[2:]}
+    assert expected.format(3) in rows["close"] and "(12 tasks" in rows["close"]
+    assert "reference" in rows["best"]
+    for name in ("early", "old", "failed"):
+        assert " – " in rows[name] and "[" not in rows[name], rows[name]
+    # trials.json: the interval as numbers; an older record reads as it was written.
+    record = by_id["close"].record()
+    assert record["vs_best"]["low"] == expected.low and record["vs_best"]["n_tasks"] == 12
+    assert json.loads(json.dumps(old.record()))["vs_best"] is None
+
+
+def test_malformed_dev_losses_fail_naming_the_file(tmp_path):
+    assert read_dev_losses(tmp_path) is None  # none kept: no comparison, not an error
+    (tmp_path / "dev_losses.json").write_text('{"ids": ["a", "a"], "losses": [1.0, 2.0]}')
+    with pytest.raises(ValueError, match=r"dev_losses.json: task ids repeat"):
+        read_dev_losses(tmp_path)
+    (tmp_path / "dev_losses.json").write_text('{"ids": ["a"]}')
+    with pytest.raises(ValueError, match=r"dev_losses.json: not a dev-losses record"):
+        read_dev_losses(tmp_path)
+
+
 # ---- the dev loss --------------------------------------------------------------------------------
 def _sharded_rank(rank: int, world: int, port: int, results) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
@@ -197,17 +264,26 @@ def _sharded_rank(rank: int, world: int, port: int, results) -> None:
     torch.manual_seed(0)
     lm = make_lm("tiny-llama")
     delta = torch.randn(lm.context_length, lm.hidden_size) * 0.1
-    results[rank] = sharded_code_loss(lm, lm.encode(EXAMPLES[:5]), delta, 2, rank, world)
+    encoded = lm.encode(EXAMPLES[:5])
+    results[rank] = (sharded_code_loss(lm, encoded, delta, 2, rank, world),
+                     sharded_example_losses(lm, encoded, delta, 2, rank, world).tolist())
     torch.distributed.destroy_process_group()
 
 
 def test_sharded_dev_loss_equals_the_held_out_loss():
-    """Two ranks with 3 and 2 of 5 examples (the short one pads) agree with one process."""
+    """Two ranks with 3 and 2 of 5 examples (the short one pads) agree with one process: the
+    mean, and each example's loss in the order of the examples."""
     torch.manual_seed(0)
     lm = make_lm("tiny-llama")
     delta = torch.randn(lm.context_length, lm.hidden_size) * 0.1
     expected = heldout_code_loss(lm, EXAMPLES[:5], delta, batch_size=2)
-    assert sharded_code_loss(lm, lm.encode(EXAMPLES[:5]), delta, 2) == pytest.approx(expected)
+    encoded = lm.encode(EXAMPLES[:5])
+    assert sharded_code_loss(lm, encoded, delta, 2) == pytest.approx(expected)
+    # One example per forward: nothing in a batch can mix examples up.
+    each = [lm.code_loss(lm.collate([e]), delta, per_example=True).item() for e in encoded]
+    alone = sharded_example_losses(lm, encoded, delta, 2)
+    assert alone.dtype == torch.float64 and alone.tolist() == pytest.approx(each, rel=1e-5)
+    assert len(set(each)) == 5  # distinct losses: a permutation would show
     context = torch.multiprocessing.get_context("spawn")
     results = context.Manager().dict()
     with socket.socket() as probe:  # a free port for the gloo rendezvous
@@ -222,7 +298,9 @@ def test_sharded_dev_loss_equals_the_held_out_loss():
         if proc.is_alive():
             proc.kill()
     assert [p.exitcode for p in procs] == [0, 0]
-    assert results[0] == pytest.approx(expected, rel=1e-5) and results[1] == results[0]
+    (mean, losses), other = results[0], results[1]
+    assert mean == pytest.approx(expected, rel=1e-5) and other == results[0]
+    assert losses == pytest.approx(each, rel=1e-5)  # every rank holds every example's loss
 
 
 # ---- real sweeps -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     train_state.json         step and data position (epoch, next batch index)
     buffers.safetensors      the prompt model's buffers (DDPT's target x0_bar, X_ctx, ...)
     history.jsonl            per-step records since the previous checkpoint (with their times)
+    dev_losses.json          the last step's only: per-task dev losses (training/dev_losses.py)
 Metrics reach MLflow (rank 0's, through :class:`MLflowCommit` on the controller) only once the
 checkpoint that covers them is persisted, so a restart after a failure never logs a step twice.
 """
@@ -58,13 +59,15 @@ def restore(worker: Worker) -> tuple[int, int, int, list[dict]]:
 
 
 def save_and_report(worker: Worker, step: int, position: dict, pending: list[dict],
-                    resumed_from: int) -> None:
+                    resumed_from: int, *, dev_losses: dict | None = None) -> None:
     """Write the checkpoint (every rank its DeepSpeed shard; rank 0 the portable prompt model,
-    the data position, the buffers and the step records) and report it to Ray Train."""
+    the data position, the buffers, the step records and, at the last step, ``dev_losses``:
+    the per-task dev losses record) and report it to Ray Train."""
     import deepspeed
     from safetensors.torch import save_file
 
     from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.training.dev_losses import write_dev_losses
     from pipeline.training.loop import plain_record
 
     prompt_model, records = worker.prompt_model, [plain_record(r) for r in pending]
@@ -83,6 +86,8 @@ def save_and_report(worker: Worker, step: int, position: dict, pending: list[dic
             # The steps since the last checkpoint; MLflowCommit logs them from here.
             Path(folder, HISTORY_FILE).write_text(
                 "".join(json.dumps(item) + "\n" for item in records))
+            if dev_losses is not None:
+                write_dev_losses(folder, dev_losses)
         ray.train.report({**report_metrics(records[-1]), "resumed_from_step": resumed_from},
                          checkpoint=Checkpoint.from_directory(folder))
 

@@ -198,6 +198,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train loop of one rank: build, restore, then steps with periodic dev loss,
     checkpoints and reports."""
     from pipeline.distributed.data import shard_batches
+    from pipeline.training.dev_losses import dev_losses_record
     from pipeline.training.loop import plain_record, run_steps
 
     quiet_worker()  # after Ray Train's own logging set-up in this process
@@ -225,12 +226,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                   TIME_KEY: int(time.time() * 1000)}
         if sink is not None:  # the driver's live line
             sink.send(step, float(record["code_loss"]), record["examples_per_second"])
+        final_losses = None  # the last step's per-task dev losses, kept in its checkpoint
         if dev and tc.eval_every and (step == tc.steps or step % tc.eval_every == 0):
-            record["dev_loss"] = dev_loss(worker, dev)  # in history.jsonl: logged exactly once
+            losses = dev_losses(worker, dev)
+            record["dev_loss"] = losses.mean().item()  # in history.jsonl: logged exactly once
+            if step == tc.steps:
+                final_losses = dev_losses_record(step, [e.id for e in dev], losses.tolist())
         pending.append(record)
         every = tc.checkpoint_every
         if step == tc.steps or (every and step % every == 0):
-            save_and_report(worker, step, position, pending, start)
+            save_and_report(worker, step, position, pending, start, dev_losses=final_losses)
             pending.clear()
         elif step % tc.log_every == 0:
             ray.train.report({**report_metrics(plain_record(record)),
@@ -240,10 +245,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
               on_step=on_step, progress=False, device=worker.lm.device)
 
 
-def dev_loss(worker: Worker, dev: list) -> float:
-    """Code cross-entropy on the dev examples given one prompt sampled as evaluation does; all
-    ranks together."""
-    from pipeline.scoring.heldout import sharded_code_loss  # it imports the metrics
+def dev_losses(worker: Worker, dev: list) -> torch.Tensor:
+    """Each dev example's code cross-entropy, (len(dev),) in dev order, given one prompt sampled
+    as evaluation does; all ranks together, every rank gets all of them."""
+    from pipeline.scoring.heldout import sharded_example_losses  # it imports the metrics
     from pipeline.training.prompt_models import is_conditional, sampling_args
 
     config, model, lm = worker.config, worker.prompt_model, worker.lm
@@ -257,7 +262,8 @@ def dev_loss(worker: Worker, dev: list) -> float:
             generators = [torch.Generator().manual_seed(seed) for _ in range(rows)]
             return model.sample_directions(rows, generators, condition=lm.condition(batch),
                                            **args)
-    return sharded_code_loss(lm, dev, delta, config.eval.batch_size, worker.rank, worker.world)
+    return sharded_example_losses(lm, dev, delta, config.eval.batch_size, worker.rank,
+                                  worker.world)
 
 
 def _shard_share(model: torch.nn.Module) -> float:
@@ -320,6 +326,7 @@ def train_on_ray(request: TrainRequest, callbacks: list | None = None,
     if result.checkpoint is None:
         raise RuntimeError("Ray Train run finished without a checkpoint")
     MLflowCommit(request.tracker).log_history(result.checkpoint)  # again: see MLflowCommit
+    keep_dev_losses(result.checkpoint, output, request.tracker)  # before the export marks it done
     return export(result.checkpoint, output / CHECKPOINT)
 
 
@@ -345,6 +352,19 @@ def _fit(request: TrainRequest, storage: RunStorage, callbacks: list | None,
         datasets={"train": dataset},
     )
     return trainer.fit()
+
+
+def keep_dev_losses(checkpoint: Checkpoint, output: Path, tracker) -> None:
+    """The last step's per-task dev losses, if the final checkpoint has them (a run with dev
+    evaluations), into ``output`` and onto the run's MLflow run as an artifact."""
+    from pipeline.training.dev_losses import DEV_LOSSES_FILE
+
+    with checkpoint.as_directory() as folder:
+        source = Path(folder) / DEV_LOSSES_FILE
+        if not source.is_file():
+            return
+        shutil.copyfile(source, output / DEV_LOSSES_FILE)
+    tracker.log_artifact(output / DEV_LOSSES_FILE)
 
 
 def export(checkpoint: Checkpoint, target: Path) -> Path:

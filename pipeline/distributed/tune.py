@@ -20,9 +20,10 @@ The output folder::
     tune/               Tune's experiment state (``Tuner.restore`` resumes from it)
     asha_state.pkl      ASHA's rungs (Tune does not save a scheduler's state)
     trials/<trial_id>/  each trial's training output (config.yaml, checkpoint/, ray/,
-                        mlflow_run.json)
+                        mlflow_run.json; dev_losses.json: its last step's per-task dev losses)
     best_config.yaml    the best trial's configuration, for ``ddpt train --config``
-    trials.json         one summary per trial
+    trials.json         one summary per trial (``vs_best``: its dev loss minus the best
+                        trial's, paired over the dev tasks, with a 95% interval and p)
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,14 @@ from pipeline.distributed.storage import (
 )
 from pipeline.distributed.train import ray_backend
 from pipeline.quiet import verbose
-from pipeline.studies.sweep import Sweep, TrialSummary, load_sweep, pick_best, trial_status
+from pipeline.studies.sweep import (
+    Sweep,
+    TrialSummary,
+    compare_to_best,
+    load_sweep,
+    pick_best,
+    trial_status,
+)
 from pipeline.tracking import (
     MAX_ERROR_CHARS,
     ROLE_TAG,
@@ -64,6 +72,7 @@ from pipeline.tracking import (
     read_run_file,
     resolve_tracking_uri,
 )
+from pipeline.training.dev_losses import read_dev_losses
 from pipeline.training.job import RUN_FILE, open_tracker, run_training
 
 log = logging.getLogger(__name__)
@@ -325,6 +334,7 @@ def run_sweep(sweep: Sweep | None, output_dir: str | Path, *, resume: bool = Fal
         setup = TrialSetup(sweep, output, uri, experiment, parent.run_id)
         trials = _tune(setup, resume=resume, progress=progress)
         best = pick_best(sweep, trials)
+        compare_to_best(trials, best, lambda t: read_dev_losses(setup.trial_dir(t.trial_id)))
         best_file = _record(parent, setup, trials, best)
     return SweepOutcome(sweep, output, uri, parent.run_id, trials, best, best_file,
                         time.perf_counter() - began)
@@ -407,7 +417,7 @@ def _record(parent: RunTracker, setup: TrialSetup, trials: list[TrialSummary],
             best: TrialSummary | None) -> Path | None:
     """Summary, best configuration (file, tag, artifact) and counts on the parent run."""
     sweep, output = setup.sweep, setup.output
-    (output / SUMMARY_FILE).write_text(json.dumps([asdict(t) for t in trials], indent=2) + "\n")
+    (output / SUMMARY_FILE).write_text(json.dumps([t.record() for t in trials], indent=2) + "\n")
     parent.log_artifact(output / SUMMARY_FILE)
     counts = {status: sum(t.status == status for t in trials)
               for status in ("completed", "stopped_early", "failed", "unfinished")}

@@ -28,30 +28,40 @@ def heldout_code_loss(lm: FrozenCodeLM, examples: list[Example], delta: torch.Te
     return torch.cat(losses).mean().item()
 
 
-@torch.no_grad()
 def sharded_code_loss(lm: FrozenCodeLM, encoded: list[EncodedExample],
                       delta: torch.Tensor | None | Callable[[Batch], torch.Tensor],
                       batch_size: int, rank: int = 0, world: int = 1) -> float:
     """:func:`heldout_code_loss` computed by ``world`` ranks that all call this together (the dev
-    loss of Ray Train workers): rank r scores examples r, r + world, ...; each sum is
-    all-reduced. Every rank runs the same number of forwards, because ZeRO-3's are collective:
-    a shorter share is padded with repeats that weigh 0. ``delta``: one direction for every
+    loss of Ray Train workers): the mean of :func:`sharded_example_losses`."""
+    return sharded_example_losses(lm, encoded, delta, batch_size, rank, world).mean().item()
+
+
+@torch.no_grad()
+def sharded_example_losses(lm: FrozenCodeLM, encoded: list[EncodedExample],
+                           delta: torch.Tensor | None | Callable[[Batch], torch.Tensor],
+                           batch_size: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Each example's mean code cross-entropy, (len(encoded),) float64 in the order of
+    ``encoded``, on every rank. Rank r scores examples r, r + world, ... and scatters its losses
+    into zeros; one all-reduce sums the ranks' vectors (each example is scored by one rank).
+    Every rank runs the same number of forwards, because ZeRO-3's are collective: a shorter
+    share is padded with repeats whose losses are dropped. ``delta``: one direction for every
     example, or a function of the batch (per-task prompts)."""
-    share = encoded[rank::world]
+    if not encoded:
+        raise ValueError("sharded_example_losses: no examples to score")
+    positions = list(range(rank, len(encoded), world))
     per_rank = -(-len(encoded) // world)
-    weights = [1.0] * len(share) + [0.0] * (per_rank - len(share))
-    share = share + [encoded[0]] * (per_rank - len(share))
-    total = torch.zeros(2, dtype=torch.float64, device=lm.device)  # (sum of losses, count)
+    share = [encoded[i] for i in positions] + [encoded[0]] * (per_rank - len(positions))
+    scored = []
     for start in range(0, per_rank, batch_size):
         batch = lm.collate(share[start:start + batch_size]).to(lm.device)
         direction = delta(batch) if callable(delta) else delta
-        losses = lm.code_loss(batch, direction, per_example=True).double()
-        weight = torch.tensor(weights[start:start + batch_size], dtype=torch.float64,
-                              device=lm.device)
-        total += torch.stack([(losses * weight).sum(), weight.sum()])
+        scored.append(lm.code_loss(batch, direction, per_example=True).double())
+    losses = torch.zeros(len(encoded), dtype=torch.float64, device=lm.device)
+    if positions:
+        losses[positions] = torch.cat(scored)[:len(positions)]
     if world > 1:
-        torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).item()
+        torch.distributed.all_reduce(losses)
+    return losses.cpu()
 
 
 def score_method(store: ResultStore, method: str, examples: list[Example],

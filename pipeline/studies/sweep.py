@@ -20,17 +20,21 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from pipeline.config import ConfigError, RunConfig, merge_file, preset_config
 from pipeline.paths import PROJECT_ROOT
+from pipeline.scoring.stats import PairedDifference, mean_difference
 from pipeline.studies.specs import integer, known, mapping, read_spec
 
 SPACES_DIR = PROJECT_ROOT / "tune"
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 METRICS = ("dev_loss", "code_loss", "loss")  # what the Train workers report each step
+# The summary's paired column: a trial's last-step dev loss minus the best trial's, per task.
+VS_BEST_HEADER = "dev_loss - best [95% CI]"
 # Keys the sweep sets in every trial itself (report cadence, where MLflow runs go).
 CONTROLLED = ("train.eval_every", "train.log_every", "train.checkpoint_every", "tracking.uri",
               "tracking.experiment")
@@ -269,6 +273,17 @@ class TrialSummary:
     metric: float | None = None  # its last reported value of the sweep's metric
     error: str | None = None
     run_id: str | None = None  # the MLflow child run
+    # Its last step's dev loss minus the best trial's, paired over the dev tasks both scored
+    # (None: no per-task losses, e.g. stopped early, failed, or an older sweep; or the best)
+    vs_best: PairedDifference | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The trial as a JSON-safe dict (trials.json): non-finite figures become null."""
+        record = dataclasses.asdict(self)
+        if record["vs_best"] is not None:
+            record["vs_best"] = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                 for k, v in record["vs_best"].items()}
+        return record
 
 
 def trial_status(sweep: Sweep, params: dict[str, Any], step: int | None, *, failed: bool
@@ -294,13 +309,38 @@ def pick_best(sweep: Sweep, trials: list[TrialSummary]) -> TrialSummary | None:
     return min(pool, key=lambda t: sign * t.metric)
 
 
+def compare_to_best(trials: list[TrialSummary], best: TrialSummary | None,
+                    losses: Callable[[TrialSummary], dict[str, float] | None]) -> None:
+    """Set each completed trial's :attr:`TrialSummary.vs_best`: its per-task dev losses (from
+    ``losses``, None when it kept none) minus the best trial's, on the tasks both scored
+    (:func:`~pipeline.scoring.stats.mean_difference`: bootstrap interval, sign-flip p). Trials
+    stopped early or failed, and pairs with fewer than 2 tasks in common, get none."""
+    reference = losses(best) if best is not None else None
+    for trial in trials:
+        trial.vs_best = None
+        if reference is None or trial.trial_id == best.trial_id or trial.status != "completed":
+            continue
+        own = losses(trial)
+        common = [task for task in reference if own is not None and task in own]
+        if len(common) >= 2:
+            trial.vs_best = mean_difference([own[t] for t in common],
+                                            [reference[t] for t in common], metric="dev_loss")
+
+
+def _vs_best_cell(trial: TrialSummary, best: TrialSummary | None) -> str:
+    if trial.vs_best is not None:
+        return trial.vs_best.format(3)
+    return "reference" if best is not None and trial.trial_id == best.trial_id else "–"
+
+
 def format_trials(sweep: Sweep, trials: list[TrialSummary], best: TrialSummary | None) -> str:
-    """A plain-text table: one line per trial, the searched values, status, step and metric."""
+    """A plain-text table: one line per trial, the searched values, status, step, metric and
+    the paired dev-loss difference to the best trial (``–``: no per-task losses to pair)."""
     keys = list(sweep.space)
-    header = ["trial", "status", "step", sweep.metric, *keys]
+    header = ["trial", "status", "step", sweep.metric, VS_BEST_HEADER, *keys]
     rows = [[("* " if best and t.trial_id == best.trial_id else "  ") + t.trial_id, t.status,
              "" if t.step is None else str(t.step),
-             "" if t.metric is None else f"{t.metric:.4f}",
+             "" if t.metric is None else f"{t.metric:.4f}", _vs_best_cell(t, best),
              *[_short(t.params.get(k)) for k in keys]] for t in trials]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
