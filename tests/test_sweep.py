@@ -321,6 +321,7 @@ def smoke_sweep(tmp_path_factory) -> Path:
                    "--set", f"distributed.storage_path={shared}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "best: trial" in proc.stdout and "ddpt train --config" in proc.stdout
+    (out.parent / "stdout.txt").write_text(proc.stdout)  # the trials table, for the tests
     # Tune's experiment state and every trial's Train run went to the storage only.
     stored = sorted(p.name.split("-")[0] for p in shared.iterdir())
     assert stored == ["train"] * 4 + ["tune"], stored
@@ -399,6 +400,49 @@ def test_smoke_sweep_exports_the_best_configuration(smoke_sweep):
     assert {"best_config.yaml", "space.yaml", "trials.json"} <= artifacts
     assert {"checkpoint", "config.yaml"} <= {a.path for a in
                                             client.list_artifacts(best_child.info.run_id)}
+
+
+@pytest.mark.slow
+def test_smoke_sweep_keeps_per_task_dev_losses_and_pairs_trials(smoke_sweep):
+    """Each trial that ran to its last step kept its per-task dev losses (folder and MLflow);
+    the table and trials.json pair each completed trial with the best."""
+    trials = {t["trial_id"]: t for t in json.loads((smoke_sweep / "trials.json").read_text())}
+    sweep = load_sweep(smoke_sweep / "space.yaml", preset="main",
+                       config_file=str(smoke_sweep / "base_config.yaml"))
+    dev_ids = [e.id for e in dev_examples(sweep.base.data)]
+    assert len(dev_ids) == 8
+    client, parent, children = sweep_runs(smoke_sweep)
+    runs = {c.data.tags["ddpt.trial_id"]: c.info.run_id for c in children}
+    best = parent.data.tags["ddpt.best_trial"]
+    table = (smoke_sweep.parent / "stdout.txt").read_text()
+    rows = {line[2:].split()[0]: line for line in table.splitlines()
+            if line[:2] in ("* ", "  ") and line[2:].split()}
+    assert set(rows) == set(trials)
+    compared = 0
+    for trial_id, trial in trials.items():
+        folder = smoke_sweep / "trials" / trial_id
+        saved = json.loads((folder / "dev_losses.json").read_text()) \
+            if (folder / "dev_losses.json").is_file() else None
+        artifacts = {a.path for a in client.list_artifacts(runs[trial_id])}
+        if trial["status"] != "completed":
+            # Stopped at a rung: not compared. (Tune's stop is asynchronous: on a slow host the
+            # trial may still have reached its last step and kept its losses.)
+            assert trial["vs_best"] is None and " – " in rows[trial_id]
+            continue
+        assert saved["ids"] == dev_ids and saved["step"] == 6
+        assert sum(saved["losses"]) / 8 == pytest.approx(trial["metric"], rel=1e-6)
+        assert "dev_losses.json" in artifacts
+        if trial_id == best:
+            assert trial["vs_best"] is None and "reference" in rows[trial_id]
+            continue
+        paired = trial["vs_best"]
+        assert paired["n_tasks"] == 8 and paired["metric"] == "dev_loss"
+        assert paired["low"] <= paired["difference"] <= paired["high"]
+        assert paired["difference"] == pytest.approx(trial["metric"] - trials[best]["metric"])
+        assert f"{paired['difference']:+.3f} [{paired['low']:+.3f}, {paired['high']:+.3f}]" \
+            in rows[trial_id]
+        compared += 1
+    assert compared >= 1  # the grid fixes ASHA's choices: two trials run to the end
 
 
 @pytest.fixture
