@@ -255,6 +255,15 @@ def test_malformed_dev_losses_fail_naming_the_file(tmp_path):
     (tmp_path / "dev_losses.json").write_text('{"ids": ["a"]}')
     with pytest.raises(ValueError, match=r"dev_losses.json: not a dev-losses record"):
         read_dev_losses(tmp_path)
+    # In a sweep's summary a damaged file costs that trial its comparison, not the summary.
+    good = tmp_path / "good"
+    good.mkdir()
+    write_dev_losses(good, dev_losses_record(6, ["a", "b"], [1.0, 2.0]))
+    trials = [TrialSummary("good", "completed", {}, 6, 1.5),
+              TrialSummary("bad", "completed", {}, 6, 1.6)]
+    compare_to_best(trials, trials[0],
+                    lambda t: read_dev_losses(good if t.trial_id == "good" else tmp_path))
+    assert trials[1].vs_best is None
 
 
 # ---- the dev loss --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from pipeline.config import ConfigError, RunConfig, merge_file, preset_config
 from pipeline.paths import PROJECT_ROOT
 from pipeline.scoring.stats import PairedDifference, mean_difference
 from pipeline.studies.specs import integer, known, mapping, read_spec
+
+log = logging.getLogger(__name__)
 
 SPACES_DIR = PROJECT_ROOT / "tune"
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -314,13 +317,22 @@ def compare_to_best(trials: list[TrialSummary], best: TrialSummary | None,
     """Set each completed trial's :attr:`TrialSummary.vs_best`: its per-task dev losses (from
     ``losses``, None when it kept none) minus the best trial's, on the tasks both scored
     (:func:`~pipeline.scoring.stats.mean_difference`: bootstrap interval, sign-flip p). Trials
-    stopped early or failed, and pairs with fewer than 2 tasks in common, get none."""
-    reference = losses(best) if best is not None else None
+    stopped early or failed, and pairs with fewer than 2 tasks in common, get none; so does a
+    trial whose losses file is damaged (a warning names it: the sweep's summary is still
+    written)."""
+    def read(trial: TrialSummary) -> dict[str, float] | None:
+        try:
+            return losses(trial)
+        except ValueError as err:
+            log.warning("trial %s: not paired with the best trial: %s", trial.trial_id, err)
+            return None
+
+    reference = read(best) if best is not None else None
     for trial in trials:
         trial.vs_best = None
         if reference is None or trial.trial_id == best.trial_id or trial.status != "completed":
             continue
-        own = losses(trial)
+        own = read(trial)
         common = [task for task in reference if own is not None and task in own]
         if len(common) >= 2:
             trial.vs_best = mean_difference([own[t] for t in common],
