@@ -453,7 +453,11 @@ def test_smoke_sweep_keeps_per_task_dev_losses_and_pairs_trials(smoke_sweep):
         assert f"{paired['difference']:+.3f} [{paired['low']:+.3f}, {paired['high']:+.3f}]" \
             in rows[trial_id]
         compared += 1
-    assert compared >= 1  # the grid fixes ASHA's choices: two trials run to the end
+    # Every completed trial but the best is paired. How many complete depends on when Tune's
+    # asynchronous stops land (one on a slow host, two on a fast one); the pairing itself is
+    # checked on fixed losses in test_trials_get_a_paired_interval_against_the_best.
+    completed = [t for t in trials.values() if t["status"] == "completed"]
+    assert completed and compared == len(completed) - 1
 
 
 @pytest.fixture
