@@ -19,7 +19,6 @@ from pipeline.data.loaders import DataError
 from pipeline.data.splits import dev_examples
 from pipeline.scoring.heldout import (
     heldout_code_loss,
-    sharded_code_loss,
     sharded_example_losses,
 )
 from pipeline.scoring.stats import mean_difference
@@ -273,7 +272,7 @@ def _sharded_rank(rank: int, world: int, port: int, results) -> None:
     torch.manual_seed(0)
     lm = make_lm("tiny-llama")
     delta = torch.randn(lm.context_length, lm.hidden_size) * 0.1
-    # One pass (sharded_code_loss is its mean): the ranks' forwards are the test's slow part.
+    # One pass (the dev loss is its mean): the ranks' forwards are the test's slow part.
     results[rank] = sharded_example_losses(lm, lm.encode(EXAMPLES[:5]), delta, 2, rank,
                                            world).tolist()
     torch.distributed.destroy_process_group()
@@ -287,7 +286,7 @@ def test_sharded_dev_loss_equals_the_held_out_loss():
     delta = torch.randn(lm.context_length, lm.hidden_size) * 0.1
     expected = heldout_code_loss(lm, EXAMPLES[:5], delta, batch_size=2)
     encoded = lm.encode(EXAMPLES[:5])
-    assert sharded_code_loss(lm, encoded, delta, 2) == pytest.approx(expected)
+    assert sharded_example_losses(lm, encoded, delta, 2).mean().item() == pytest.approx(expected)
     # The single-process per-example losses (batches [0, 1], [2, 3], [4]; the two ranks below
     # batch [0, 2], [4, pad] and [1, 3]: a mix-up of order or padding would show).
     each = torch.cat([lm.code_loss(lm.collate(encoded[i:i + 2]), delta, per_example=True)

@@ -28,21 +28,15 @@ def heldout_code_loss(lm: FrozenCodeLM, examples: list[Example], delta: torch.Te
     return torch.cat(losses).mean().item()
 
 
-def sharded_code_loss(lm: FrozenCodeLM, encoded: list[EncodedExample],
-                      delta: torch.Tensor | None | Callable[[Batch], torch.Tensor],
-                      batch_size: int, rank: int = 0, world: int = 1) -> float:
-    """:func:`heldout_code_loss` computed by ``world`` ranks that all call this together (the dev
-    loss of Ray Train workers): the mean of :func:`sharded_example_losses`."""
-    return sharded_example_losses(lm, encoded, delta, batch_size, rank, world).mean().item()
-
-
 @torch.no_grad()
 def sharded_example_losses(lm: FrozenCodeLM, encoded: list[EncodedExample],
                            delta: torch.Tensor | None | Callable[[Batch], torch.Tensor],
                            batch_size: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Each example's mean code cross-entropy, (len(encoded),) float64 in the order of
-    ``encoded``, on every rank. Rank r scores examples r, r + world, ... and scatters its losses
-    into zeros; one all-reduce sums the ranks' vectors (each example is scored by one rank).
+    ``encoded``, on every rank: :func:`heldout_code_loss` (its mean) computed by ``world`` ranks
+    that all call this together (the dev loss of Ray Train workers). Rank r scores examples r,
+    r + world, ... and scatters its losses into zeros; one all-reduce sums the ranks' vectors
+    (each example is scored by one rank).
     Every rank runs the same number of forwards, because ZeRO-3's are collective: a shorter
     share is padded with repeats whose losses are dropped. ``delta``: one direction for every
     example, or a function of the batch (per-task prompts)."""
