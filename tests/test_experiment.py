@@ -117,6 +117,11 @@ def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
     assert ddpt.pooled == pooled and pooled["code_ce"].n_seeds == 2 and sorted(ddpt.seeds) == [
         0, 1]
     assert f"| {pooled['code_ce'].format()} | {ddpt.seeds[0]['code_ce'].format()} |" in tables
+    # Each arm's training facts beside its table, the prompt's last-step norm among them.
+    facts = json.loads((out / "task_records" / "mbpp.json").read_text())["facts"]
+    assert facts["baseline/manual"] == {}
+    assert facts["ddpt_conditional/ddpt_ddim"]["prompt_norm"] > 0
+    assert facts["prompt_tuning/prompt_tuning"]["prompt_model_parameters"] > 0
     saved = json.loads((out / "experiment_run.json").read_text())
     logged = MlflowClient(saved["uri"]).get_run(saved["run_id"]).data.metrics
     assert logged["humaneval.ddpt_conditional/ddpt_ddim.code_ce_diff"] == pytest.approx(
@@ -125,9 +130,16 @@ def test_the_smoke_experiment_runs_resumes_and_tabulates(tmp_path):
     # A resume with other --set settings would mix two configurations in one table.
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--resume",
                  "--set", "train.lr=0.5"]) == 2
+    # Lines written before a fact was kept (here: stripped of prompt_norm) get it from their run
+    # folders when the experiment tabulates again.
+    stripped = [json.loads(line) for line in lines]
+    for result in stripped:
+        result["metrics"].pop("prompt_norm", None)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stripped))
     assert main(["experiment", "--spec", str(SMOKE), "--output", str(out), "--resume",
                  "--no-progress"]) == 0
-    assert (out / "results.jsonl").read_text().splitlines() == lines  # nothing ran twice
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)  # none ran twice
+    assert json.loads((out / "task_records" / "mbpp.json").read_text())["facts"] == facts
 
 
 @pytest.mark.parametrize("spec", sorted((REPO / "experiments").glob("*.yaml")),

@@ -38,7 +38,7 @@ def test_each_row_is_computed_from_the_records(tmp_path):
     pass_at_1 = figure["pass_at_1"]
     assert cells[5] == (f"{pass_at_1.difference:+.3f} [{pass_at_1.low:+.3f}, "
                         f"{pass_at_1.high:+.3f}]")
-    assert cells[6] == f"{pass_at_1.p_value:.2g}" and cells[-2:] == ["851,136", "1.12x"]
+    assert cells[6] == f"{pass_at_1.p_value:.2g}" and cells[-3:] == ["851,136", "470", "1.12x"]
     assert cells[8] == ("beats baseline/manual" if pass_at_1.decided()
                         else "no detectable difference")
     assert page.startswith("# A results page") and page.endswith("stays as it is.\n")

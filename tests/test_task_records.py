@@ -158,3 +158,19 @@ def test_pairing_and_comparison_against_the_reference():
                                                       "t39")], "manual")
     with pytest.raises(ValueError, match="no rows for method 'prompt_tuning'"):
         paired_values(rows, "ddpt", "prompt_tuning", "code_ce")
+
+
+def test_a_method_run_once_is_set_against_every_seed_of_the_reference():
+    """The manual prompt (one run) against a baseline trained over 3 seeds: its column beside
+    each seed's, so the figure is the negative of the baseline against it, pooled over the
+    same seeds; one seed's figure pairs that seed alone."""
+    rows = seeded_rows()
+    tasks, ours, theirs = paired_values(rows, "manual", "ddpt", "pass_fraction")
+    assert ours.shape == theirs.shape == (40, 3) and (ours == ours[:, :1]).all()
+    forward = compare_to_reference(rows, "manual", resamples=2000)["ddpt"]
+    backward = compare_to_reference(rows, "ddpt", resamples=2000)["manual"]
+    for metric in ("pass_at_1", "code_ce"):
+        assert backward[metric].difference == pytest.approx(-forward[metric].difference)
+        assert backward[metric].n_seeds == forward[metric].n_seeds == 3
+    seed_zero = compare_to_reference(rows, "ddpt", seed=0, resamples=500)["manual"]
+    assert seed_zero["pass_at_1"].n_seeds == 1

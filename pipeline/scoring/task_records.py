@@ -207,7 +207,10 @@ def paired_values(rows: Iterable[TaskRecord], method: str, reference: str, colum
     on the same tasks. ``column``: ``pass_fraction``,
     ``select_pass`` or ``code_ce``. ``seed``: that seed only,
     else every seed of the method. A reference run once (a seed-free baseline) gives one
-    column, set against every seed; otherwise it must have the method's seeds."""
+    column, set against every seed; otherwise it must have the method's seeds. The other way
+    round too: pooled (no ``seed``), a method run once is set against every seed of a reference
+    run several times, so that the manual prompt against a trained baseline is the negative of
+    the trained baseline against it, not a comparison with its first seed only."""
     grids = {name: _grid(rows, name, column) for name in (method, reference)}
     seeds = sorted(grids[method]) if seed is None else [seed]
     if not set(seeds) <= set(grids[method]):
@@ -215,6 +218,9 @@ def paired_values(rows: Iterable[TaskRecord], method: str, reference: str, colum
                          f"{sorted(grids[method])}")
     reference_seeds = (seeds if set(seeds) <= set(grids[reference])
                        else list(grids[reference]) if len(grids[reference]) == 1 else None)
+    if seed is None and len(seeds) == 1 and len(grids[reference]) > 1:
+        reference_seeds = sorted(grids[reference])
+        seeds = seeds * len(reference_seeds)  # its one column beside each of the reference's
     if reference_seeds is None:
         raise ValueError(f"task records: reference {reference!r} ran with seeds "
                          f"{sorted(grids[reference])}, not once and not with {method!r}'s {seeds}")

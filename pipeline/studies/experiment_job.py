@@ -57,9 +57,10 @@ from pipeline.training.job import CHECKPOINT, RUN_FILE
 log = logging.getLogger(__name__)
 RESULTS, TABLES, SUMMARY, RUN_POINTER = "results.jsonl", "tables.md", "results.json", \
     "experiment_run.json"
+TRAINING_FACTS = ("prompt_model_parameters", "train_step_seconds", "prompt_norm")
 OVERRIDES = "overrides.json"  # the command line's --set, kept so --resume runs the same
 TABLE_METRICS = ["pass_at_1", "code_ce", "bleu4", "codebleu", "prompt_spread_per_condition",
-                 "prompt_spread_across_conditions", "prompt_model_parameters",
+                 "prompt_spread_across_conditions", "prompt_model_parameters", "prompt_norm",
                  "train_step_seconds", "step_time_vs_prompt_tuning"]
 
 
@@ -102,7 +103,8 @@ def run_experiment(experiment: Experiment, output_dir: str | Path, *,
                         "chain": chains.get(method, ""), "metrics": {**values, **extra},
                         "task_records": str(table.relative_to(output)),
                         "seconds": time.perf_counter() - began}) + "\n")
-        results = with_relative_step_time(read_results(results_file))
+        results = with_relative_step_time(with_training_facts(read_results(results_file),
+                                                              output))
         rows = aggregate(results)
         found = write_paired(output, results, rows, experiment.reference)
         write_tables(rows, output, found)
@@ -130,8 +132,10 @@ def check_same_overrides(path: Path, overrides: list[str]) -> None:
 
 
 def _training_facts(folder: Path) -> dict[str, float]:
-    """The run's training job: its prompt model's trained parameters and its median step time
-    (from its MLflow run)."""
+    """The run's training job: its prompt model's trained parameters, its median step time and
+    ``prompt_norm``, the mean norm of the direction added at a context position at the last
+    step (``direction_norm``; compare with the LM's mean token-embedding norm), from its MLflow
+    run."""
     from pipeline.training.checkpoint import load_prompt_model
     from pipeline.training.prompt_models import parameter_count
 
@@ -142,11 +146,30 @@ def _training_facts(folder: Path) -> dict[str, float]:
         model = load_prompt_model(run_file.parent / CHECKPOINT)[0]
         facts["prompt_model_parameters"] = float(parameter_count(model))
         saved = read_run_file(run_file)
-        history = MlflowClient(tracking_uri=saved["uri"]).get_metric_history(saved["run_id"],
-                                                                             "step_seconds")
+        client = MlflowClient(tracking_uri=saved["uri"])
+        history = client.get_metric_history(saved["run_id"], "step_seconds")
         if history:
             facts["train_step_seconds"] = statistics.median(m.value for m in history)
+        norms = client.get_metric_history(saved["run_id"], "direction_norm")
+        if norms:
+            facts["prompt_norm"] = max(norms, key=lambda m: m.step).value
     return facts
+
+
+def with_training_facts(results: list[dict], output: Path) -> list[dict]:
+    """Each result with the training facts its run folder gives and its line lacks (a line
+    written before a fact was kept gets it at the next tabulation); the folder is read only
+    where something is missing, and a folder that is gone changes nothing."""
+    found: dict[Path, dict[str, float]] = {}
+    for r in results:
+        folder = output / r["dataset"] / r["arm"] / f"seed{r['seed']}"
+        if r["arm"] == BASELINE or not folder.is_dir() or all(
+                name in r["metrics"] for name in TRAINING_FACTS):
+            continue
+        if folder not in found:
+            found[folder] = _training_facts(folder)
+        r["metrics"] = {**found[folder], **r["metrics"]}
+    return results
 
 
 def with_relative_step_time(results: list[dict]) -> list[dict]:

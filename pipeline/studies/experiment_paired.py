@@ -7,7 +7,8 @@ seeds (a bootstrap over tasks x seeds) beside each seed's own figure (docs/stati
 A run's table is ``task_records.csv.gz`` in its comparison folder (``ddpt run``'s, written as it
 finishes); the combined tables are rebuilt from them whenever the experiment tabulates. Beside
 each combined table, ``<eval set>.json`` holds its reference and each method's training facts
-(trained parameters, step time relative to prompt tuning): the two files are what
+(trained parameters, the prompt's norm at the last step, step time relative to prompt
+tuning): the two files are what
 ``docs/results/`` commits behind a table of docs/results.md (``ddpt tables``).
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pipeline.studies.experiment import BASELINE, Row
 log = logging.getLogger(__name__)
 RECORDS = "task_records"  # <output>/task_records/<eval set>.csv.gz and .json
 PAIRED = "paired.json"
-FACTS = ("prompt_model_parameters", "train_step_seconds", "step_time_vs_prompt_tuning")
+FACTS = ("prompt_model_parameters", "prompt_norm", "train_step_seconds",
+         "step_time_vs_prompt_tuning")
 
 
 @dataclass

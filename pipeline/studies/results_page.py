@@ -4,7 +4,7 @@ docs/results/ (``ddpt tables``; the format: docs/results/README.md).
 A results folder holds, per table, ``<name>.csv.gz`` (a per-task table,
 :mod:`pipeline.scoring.task_records`, of one evaluation set) and optionally ``<name>.json``
 (``{"reference": "baseline/manual", "facts": {method: {"prompt_model_parameters": ...,
-"step_time_vs_prompt_tuning": ...}}}``): what ``ddpt experiment`` writes as
+"prompt_norm": ..., "step_time_vs_prompt_tuning": ...}}}``): what ``ddpt experiment`` writes as
 ``task_records/<eval set>.csv.gz`` and ``.json``. In the page, each block::
 
     <!-- table: <name> -->
@@ -35,7 +35,7 @@ OPEN = re.compile(r"^<!-- table: (?P<name>[\w.\-]+)"
 CLOSE = "<!-- /table -->"
 HEADER = ("method", "chain", "tasks", "seeds", "pass@1", "pass@1 − reference [95% interval]",
           "p", "detectable", "verdict (pass@1)", "code_ce", "code_ce − reference [95% interval]",
-          "p (code_ce)", "parameters", "step time vs prompt tuning")
+          "p (code_ce)", "parameters", "prompt norm", "step time vs prompt tuning")
 
 
 class ResultsPageError(ValueError):
@@ -83,9 +83,12 @@ def _pass_cell(rows: list[TaskRecord]) -> str:
 
 
 def _facts(values: dict) -> list[str]:
-    parameters = values.get("prompt_model_parameters")
+    """The training facts' cells: parameters, the prompt's norm per context position at the
+    last step (the direction added to the manual context), step time over prompt tuning's."""
+    parameters, norm = values.get("prompt_model_parameters"), values.get("prompt_norm")
     ratio = values.get("step_time_vs_prompt_tuning")
     return [f"{round(parameters):,}" if parameters is not None else "–",
+            f"{norm:.3g}" if norm is not None else "–",
             f"{ratio:.2f}x" if ratio is not None else "–"]
 
 

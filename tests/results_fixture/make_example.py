@@ -27,7 +27,9 @@ write_table(folder / "example.csv.gz", rows)
 (folder / "example.json").write_text(json.dumps({
     "reference": "baseline/manual",
     "facts": {"prompt_tuning/prompt_tuning": {"prompt_model_parameters": 23040,
+                                              "prompt_norm": 14.7,
                                               "step_time_vs_prompt_tuning": 1.0},
               "ddpt_conditional/ddpt_ddim": {"prompt_model_parameters": 851136,
+                                             "prompt_norm": 470.0,
                                              "step_time_vs_prompt_tuning": 1.12}}},
     indent=1, sort_keys=True) + "\n")
