@@ -216,12 +216,14 @@ def paired_values(rows: Iterable[TaskRecord], method: str, reference: str, colum
     if not set(seeds) <= set(grids[method]):
         raise ValueError(f"task records: {method!r} has no rows for seed {seed}; it has "
                          f"{sorted(grids[method])}")
-    reference_seeds = (seeds if set(seeds) <= set(grids[reference])
-                       else list(grids[reference]) if len(grids[reference]) == 1 else None)
     if seed is None and len(seeds) == 1 and len(grids[reference]) > 1:
         reference_seeds = sorted(grids[reference])
         seeds = seeds * len(reference_seeds)  # its one column beside each of the reference's
-    if reference_seeds is None:
+    elif set(seeds) <= set(grids[reference]):
+        reference_seeds = seeds
+    elif len(grids[reference]) == 1:
+        reference_seeds = list(grids[reference])
+    else:
         raise ValueError(f"task records: reference {reference!r} ran with seeds "
                          f"{sorted(grids[reference])}, not once and not with {method!r}'s {seeds}")
     tasks = sorted(grids[method][seeds[0]])

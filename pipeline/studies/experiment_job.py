@@ -44,6 +44,7 @@ from pipeline.studies.experiment import (
 from pipeline.studies.experiment_paired import (
     PAIRED,
     RECORDS,
+    TRAINING_FACTS,
     PairedRow,
     as_experiment_metrics,
     log_seed_figures,
@@ -57,7 +58,6 @@ from pipeline.training.job import CHECKPOINT, RUN_FILE
 log = logging.getLogger(__name__)
 RESULTS, TABLES, SUMMARY, RUN_POINTER = "results.jsonl", "tables.md", "results.json", \
     "experiment_run.json"
-TRAINING_FACTS = ("prompt_model_parameters", "train_step_seconds", "prompt_norm")
 OVERRIDES = "overrides.json"  # the command line's --set, kept so --resume runs the same
 TABLE_METRICS = ["pass_at_1", "code_ce", "bleu4", "codebleu", "prompt_spread_per_condition",
                  "prompt_spread_across_conditions", "prompt_model_parameters", "prompt_norm",

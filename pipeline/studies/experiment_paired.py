@@ -32,8 +32,10 @@ from pipeline.studies.experiment import BASELINE, Row
 log = logging.getLogger(__name__)
 RECORDS = "task_records"  # <output>/task_records/<eval set>.csv.gz and .json
 PAIRED = "paired.json"
-FACTS = ("prompt_model_parameters", "prompt_norm", "train_step_seconds",
-         "step_time_vs_prompt_tuning")
+# what a run's training job gives (experiment_job._training_facts), then what is derived from
+# several runs
+TRAINING_FACTS = ("prompt_model_parameters", "prompt_norm", "train_step_seconds")
+FACTS = (*TRAINING_FACTS, "step_time_vs_prompt_tuning")
 
 
 @dataclass
